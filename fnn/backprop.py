@@ -1,0 +1,107 @@
+"""Manual backpropagation: gradients from the layers' hand-derived ``backward`` rules alone.
+
+Two entry points:
+
+- :func:`value_and_grad` — the lesson's algorithm generalised to any composition of layers:
+  forward (caching each layer's input), the output error from the loss's hand-derived gradient,
+  errors propagated backward through every layer's ``backward``, weight gradients formed on the
+  way. No autodiff is involved; the result is jittable.
+- :func:`custom_vjp` — the same model as a layer whose ``apply`` is a ``jax.custom_vjp``, so that
+  ``jax.grad`` of *any* function of its output (your own loss, an optax loss, a regulariser
+  added outside) runs the hand rules for the model's part.
+
+>>> vg = jax.jit(backprop.value_and_grad(model, losses.mse))
+>>> (loss, state), grads = vg(params, state, x, y)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnn.core import Layer
+
+__all__ = ["value_and_grad", "grad", "custom_vjp"]
+
+
+def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None):
+    """Build ``f(params, state, x, target, *, key=None, train=True, **kw)
+    -> ((loss_value, new_state), grads)`` from hand-derived rules only.
+
+    **Arguments:** ``model``: any :class:`fnn.Layer`. ``loss``: an :class:`fnn.losses.Loss`
+    (anything with ``loss(pred, target, **loss_kwargs)`` and
+    ``loss.grad(pred, target, **loss_kwargs)``). Extra keywords ``**kw`` (``lengths=``,
+    ``mask=``) go to the model.
+
+    The gradient with respect to ``params`` is ``model.backward(params, state, x,
+    loss.grad(y, target))`` — backpropagation of the output error. ``new_state`` is the state
+    ``apply`` returns (batch-norm running statistics), ready for the next step.
+    """
+    if not hasattr(loss, "grad"):
+        raise TypeError(f"value_and_grad: the loss needs a hand-derived .grad(pred, target); "
+                        f"{loss!r} has none (use a loss from fnn.losses)")
+    lkw = dict(loss_kwargs or {})
+
+    def f(params, state, x, target, *, key=None, train=True, **kw):
+        y, new_state = model.apply(params, state, x, key=key, train=train, **kw)
+        value = loss(y, target, **lkw)
+        dy = loss.grad(y, target, **lkw)                      # output error ∂L/∂ŷ
+        grads, _ = model.backward(params, state, x, dy, key=key, train=train, **kw)
+        return (value, new_state), grads
+
+    return f
+
+
+def grad(model: Layer, loss, **options):
+    """Like :func:`value_and_grad` but returns only ``grads``."""
+    vg = value_and_grad(model, loss, **options)
+
+    def f(*args, **kw):
+        return vg(*args, **kw)[1]
+    return f
+
+
+def custom_vjp(model: Layer) -> Layer:
+    """``model`` as a layer whose ``apply`` carries its hand-derived backward as a
+    ``jax.custom_vjp``: ``jax.grad`` through it runs ``model.backward``, never autodiff of
+    ``model.apply``.
+
+    The cotangent reaching ``apply``'s ``new_state`` output is ignored (state is not
+    differentiated, as everywhere in fnn); ``state``, ``key`` and the extra keywords get zero
+    cotangents. ``init`` and ``backward`` are the model's own.
+    """
+
+    def make(train: bool):
+        @jax.custom_vjp
+        def run(params, state, x, key, kw):
+            return model.apply(params, state, x, key=key, train=train, **kw)
+
+        def fwd(params, state, x, key, kw):
+            return run(params, state, x, key, kw), (params, state, x, key, kw)
+
+        def bwd(res, cotangent):
+            params, state, x, key, kw = res
+            dy, _ = cotangent
+            dparams, dx = model.backward(params, state, x, dy, key=key, train=train, **kw)
+            if dx is None:
+                dx = jax.tree.map(_zero_cotangent, x)
+            return (dparams, jax.tree.map(_zero_cotangent, state), dx,
+                    None if key is None else _zero_cotangent(key),
+                    jax.tree.map(_zero_cotangent, kw))
+
+        run.defvjp(fwd, bwd)
+        return run
+
+    runs = {True: make(True), False: make(False)}
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        return runs[bool(train)](params, state, x, key, kw)
+
+    return model._replace(apply=apply, name=f"custom_vjp({model.name})")
+
+
+def _zero_cotangent(a):
+    """A zero cotangent for ``a``: zeros for floats, ``float0`` for ints, bools and keys."""
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)

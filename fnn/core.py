@@ -1,0 +1,386 @@
+"""The Layer protocol, the combinators built from it, and small tree helpers.
+
+A layer is three pure functions (see ``DESIGN.md``)::
+
+    params, state, out_shape = layer.init(key, input_shape)
+    y, new_state             = layer.apply(params, state, x, *, key=None, train=False, **kw)
+    dparams, dx              = layer.backward(params, state, x, dy, *, key=None, train=False, **kw)
+
+``backward`` is the hand-derived vector-Jacobian product of ``apply`` with respect to
+``(params, x)``, evaluated at the *incoming* ``state`` (the one ``apply`` received). ``dx`` is
+``None`` where the input is not differentiable (integer token ids).
+
+Per-call inputs beyond ``x`` (``lengths=``, ``mask=``, ...) are keyword arguments. A layer names
+the ones it takes in ``Layer.keywords``; combinators pass each child only the keywords it names
+and take the union themselves, so ``serial(Embedding, LSTM, Dense)(..., lengths=l)`` reaches the
+LSTM alone.
+
+Randomness: a combinator gives child ``i`` the key ``jax.random.fold_in(key, i)``, in ``apply``
+and ``backward`` alike, so a backward pass sees the same dropout masks as its forward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Shape = tuple  # (batch, ...) of ints; a layer taking several inputs gets a tuple of shapes
+PyTree = Any
+
+__all__ = [
+    "Layer", "Example", "examples", "serial", "parallel", "residual", "stack",
+    "count_params", "summary", "default_dtype", "cast", "is_shape", "split_key",
+]
+
+
+class Layer(NamedTuple):
+    """A layer: ``init``, ``apply`` and hand-derived ``backward``, all pure functions.
+
+    **Fields:**
+      - ``init(key, input_shape) -> (params, state, output_shape)``
+      - ``apply(params, state, x, *, key=None, train=False, **kw) -> (y, new_state)``
+      - ``backward(params, state, x, dy, *, key=None, train=False, **kw) -> (dparams, dx)``
+      - ``name``: shown in errors and ``summary``.
+      - ``keywords``: names of the extra per-call keywords ``apply``/``backward`` take.
+      - ``children``: ``((name, layer), ...)`` for combinators, for ``summary``.
+      - ``stochastic``: ``True`` if ``apply(train=True)`` needs a ``key``.
+    """
+
+    init: Callable
+    apply: Callable
+    backward: Callable
+    name: str = "layer"
+    keywords: frozenset = frozenset()
+    children: tuple = ()
+    stochastic: bool = False
+
+    def __repr__(self):
+        return f"<fnn.Layer {self.name}>"
+
+
+class Example(NamedTuple):
+    """An example construction of a layer, for the shared test sweeps.
+
+    ``args``/``kwargs`` go to the constructor, ``input_shape`` to ``init``. ``make_input(key,
+    shape, dtype)`` builds an input (default: standard normal of ``dtype``); ``call_kwargs(key,
+    shape)`` builds extra ``apply``/``backward`` keywords (``lengths=`` ...).
+    """
+
+    input_shape: Any
+    args: tuple = ()
+    kwargs: dict = {}
+    make_input: Callable | None = None
+    call_kwargs: Callable | None = None
+
+
+def examples(*cases: Example):
+    """Decorator attaching example constructions to a layer constructor.
+
+    Every public constructor in ``fnn.layers`` must carry at least one; the test suite builds each
+    example and checks ``backward`` against ``jax.vjp``, jit against eager, and shape inference.
+    """
+    def attach(constructor):
+        constructor.examples = tuple(cases)
+        return constructor
+    return attach
+
+
+# --------------------------------------------------------------------------- helpers
+
+def default_dtype():
+    """The default float dtype: float64 when ``jax_enable_x64`` is on, else float32."""
+    return jnp.zeros(()).dtype
+
+
+def cast(tree: PyTree, dtype) -> PyTree:
+    """Cast every floating-point leaf of ``tree`` to ``dtype`` (integer leaves are kept)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+
+
+def is_shape(s) -> bool:
+    """True for a single shape: a tuple of ints (not a tuple of shapes)."""
+    return isinstance(s, tuple) and all(isinstance(d, (int, np.integer)) for d in s)
+
+
+def split_key(key, i: int):
+    """The key a combinator hands its ``i``-th child (``None`` stays ``None``)."""
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def _kw_for(layer: Layer, kw: dict) -> dict:
+    return {k: v for k, v in kw.items() if k in layer.keywords}
+
+
+def _check_kw(name: str, accepted: frozenset, kw: dict):
+    unknown = set(kw) - set(accepted)
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword(s) {sorted(unknown)}; "
+                        f"this model takes {sorted(accepted) or 'none'}")
+
+
+def _named(items) -> list[tuple[str, Layer]]:
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Layer):
+            out.append((str(i), item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) \
+                and isinstance(item[1], Layer):
+            out.append(item)
+        else:
+            raise TypeError(f"expected a Layer or a (name, Layer) pair at position {i}, "
+                            f"got {type(item).__name__}")
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"child names must be unique, got {names}")
+    return out
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return jax.tree.map(jnp.add, a, b)
+
+
+# --------------------------------------------------------------------------- serial
+
+def serial(*layers) -> Layer:
+    """Compose layers in sequence: ``y = f_n(... f_2(f_1(x)))``.
+
+    Children are ``Layer``s or ``(name, Layer)`` pairs; params and state are dicts keyed by the
+    names (``"0"``, ``"1"``, ... by default). ``backward`` runs the forward pass once to collect
+    each child's input, then the children's ``backward`` rules in reverse — backpropagation.
+
+    >>> model = serial(Dense(64), Relu(), Dense(10))
+    """
+    named = _named(layers)
+    keywords = frozenset().union(*(l.keywords for _, l in named)) if named else frozenset()
+
+    def init(key, input_shape):
+        params, state, shape = {}, {}, input_shape
+        for i, (n, l) in enumerate(named):
+            try:
+                params[n], state[n], shape = l.init(split_key(key, i), shape)
+            except ValueError as e:
+                raise ValueError(f"serial[{n}] ({l.name}): {e}") from None
+        return params, state, shape
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        _check_kw("serial", keywords, kw)
+        new_state = {}
+        for i, (n, l) in enumerate(named):
+            x, new_state[n] = l.apply(params[n], state[n], x, key=split_key(key, i),
+                                      train=train, **_kw_for(l, kw))
+        return x, new_state
+
+    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+        _check_kw("serial", keywords, kw)
+        inputs = []
+        for i, (n, l) in enumerate(named):              # forward, caching each child's input
+            inputs.append(x)
+            x, _ = l.apply(params[n], state[n], x, key=split_key(key, i), train=train,
+                           **_kw_for(l, kw))
+        grads = {}
+        for i in reversed(range(len(named))):           # errors flow back through the children
+            n, l = named[i]
+            grads[n], dy = l.backward(params[n], state[n], inputs[i], dy, key=split_key(key, i),
+                                      train=train, **_kw_for(l, kw))
+        return grads, dy
+
+    return Layer(init, apply, backward, "serial", keywords, tuple(named),
+                 any(l.stochastic for _, l in named))
+
+
+# --------------------------------------------------------------------------- parallel
+
+def parallel(*layers, concat: bool | int = False) -> Layer:
+    """Apply every layer to the same input; outputs as a tuple, or concatenated.
+
+    ``concat=True`` joins the outputs along the last axis (``concat=k``: along axis ``k``);
+    their other dimensions must agree. ``backward`` sums the children's input gradients.
+    """
+    named = _named(layers)
+    keywords = frozenset().union(*(l.keywords for _, l in named)) if named else frozenset()
+    axis = None if concat is False else (-1 if concat is True else int(concat))
+
+    def init(key, input_shape):
+        params, state, shapes = {}, {}, []
+        for i, (n, l) in enumerate(named):
+            try:
+                params[n], state[n], s = l.init(split_key(key, i), input_shape)
+            except ValueError as e:
+                raise ValueError(f"parallel[{n}] ({l.name}): {e}") from None
+            shapes.append(s)
+        if axis is None:
+            return params, state, tuple(shapes)
+        rest = {tuple(d for j, d in enumerate(s) if j != axis % len(s)) for s in shapes}
+        if len(rest) != 1 or len({len(s) for s in shapes}) != 1:
+            raise ValueError(f"parallel: cannot concatenate outputs of shapes {shapes} "
+                             f"along axis {axis}")
+        out = list(shapes[0])
+        out[axis] = sum(s[axis] for s in shapes)
+        return params, state, tuple(out)
+
+    def _run(params, state, x, key, train, kw):
+        ys, new_state = [], {}
+        for i, (n, l) in enumerate(named):
+            y, new_state[n] = l.apply(params[n], state[n], x, key=split_key(key, i), train=train,
+                                      **_kw_for(l, kw))
+            ys.append(y)
+        return ys, new_state
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        _check_kw("parallel", keywords, kw)
+        ys, new_state = _run(params, state, x, key, train, kw)
+        return (tuple(ys) if axis is None else jnp.concatenate(ys, axis=axis)), new_state
+
+    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+        _check_kw("parallel", keywords, kw)
+        if axis is None:
+            dys = list(dy)
+        else:
+            ys, _ = _run(params, state, x, key, train, kw)
+            cuts = np.cumsum([y.shape[axis] for y in ys])[:-1]
+            dys = jnp.split(dy, cuts, axis=axis)
+        grads, dx = {}, None
+        for i, (n, l) in enumerate(named):
+            grads[n], dxi = l.backward(params[n], state[n], x, dys[i], key=split_key(key, i),
+                                       train=train, **_kw_for(l, kw))
+            dx = _add(dx, dxi)
+        return grads, dx
+
+    return Layer(init, apply, backward, "parallel", keywords, tuple(named),
+                 any(l.stochastic for _, l in named))
+
+
+# --------------------------------------------------------------------------- residual
+
+def residual(layer: Layer) -> Layer:
+    """Skip connection: ``y = x + f(x)``; ``f`` must keep the input shape.
+
+    Backward: ``dx = dy + f.backward(dy)`` — the identity path carries the error unchanged.
+    """
+
+    def init(key, input_shape):
+        params, state, out = layer.init(key, input_shape)
+        if tuple(out) != tuple(input_shape):
+            raise ValueError(f"residual({layer.name}): the wrapped layer maps shape "
+                             f"{tuple(input_shape)} to {tuple(out)}; a residual needs them equal")
+        return params, state, out
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        y, new_state = layer.apply(params, state, x, key=key, train=train, **kw)
+        return x + y, new_state
+
+    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+        grads, dx = layer.backward(params, state, x, dy, key=key, train=train, **kw)
+        return grads, dy + dx
+
+    return Layer(init, apply, backward, f"residual({layer.name})", layer.keywords,
+                 (("f", layer),), layer.stochastic)
+
+
+# --------------------------------------------------------------------------- stack
+
+def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
+    """``n`` copies of ``layer`` applied in sequence with one ``lax.scan``.
+
+    Parameters (and state) of the copies are stacked along a new leading axis of size ``n``, so
+    compile time does not grow with depth. ``layer`` must map its input shape to itself. Layer
+    ``i`` gets the key ``fold_in(key, i)``.
+
+    ``backward`` scans forward once to keep each copy's input (``n`` activations), then scans the
+    copies' ``backward`` rules in reverse. ``remat=True`` wraps each copy's ``apply`` in
+    ``jax.checkpoint`` so that ``jax.grad`` of the stack recomputes activations instead of storing
+    them; the hand-derived backward already recomputes inside each copy.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"stack: n must be a positive int, got {n!r}")
+
+    def init(key, input_shape):
+        ps, ss = [], []
+        for i in range(n):
+            p, s, out = layer.init(jax.random.fold_in(key, i), input_shape)
+            if tuple(out) != tuple(input_shape):
+                raise ValueError(f"stack({layer.name}): a stacked layer must keep its input shape, "
+                                 f"but maps {tuple(input_shape)} to {tuple(out)}")
+            ps.append(p)
+            ss.append(s)
+        stacked = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+        return stacked(ps), stacked(ss), tuple(input_shape)
+
+    def keys(key):
+        return None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+    def one(p, s, x, k, train, kw):
+        return layer.apply(p, s, x, key=k, train=train, **kw)
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        f = jax.checkpoint(one, static_argnums=(4,)) if remat else one
+
+        def body(h, pskey):
+            p, s, k = pskey
+            h, s_new = f(p, s, h, k, train, kw)
+            return h, s_new
+        return jax.lax.scan(body, x, (params, state, keys(key)))
+
+    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+        ks = keys(key)
+
+        def fwd(h, pskey):
+            p, s, k = pskey
+            y, _ = layer.apply(p, s, h, key=k, train=train, **kw)
+            return y, h
+        _, inputs = jax.lax.scan(fwd, x, (params, state, ks))
+
+        def bwd(d, args):
+            p, s, k, h = args
+            dp, d = layer.backward(p, s, h, d, key=k, train=train, **kw)
+            return d, dp
+        dx, grads = jax.lax.scan(bwd, dy, (params, state, ks, inputs), reverse=True)
+        return grads, dx
+
+    return Layer(init, apply, backward, f"stack({layer.name}, {n})", layer.keywords,
+                 ((f"0..{n - 1}", layer),), layer.stochastic)
+
+
+# --------------------------------------------------------------------------- inspection
+
+def count_params(params: PyTree) -> int:
+    """Total number of scalar parameters in a pytree."""
+    return int(sum(math.prod(np.shape(a)) for a in jax.tree.leaves(params)))
+
+
+def summary(model: Layer, input_shape, *, key=None, print_fn=print) -> str:
+    """Print (and return) a table of each top-level child: name, output shape, parameters.
+
+    For a ``serial`` the rows follow the children in order; any other layer is one row.
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    rows = []
+    if model.name == "serial" and model.children:
+        shape = input_shape
+        for i, (n, l) in enumerate(model.children):
+            p, _, shape = l.init(split_key(key, i), shape)
+            rows.append((n, l.name, shape, count_params(p)))
+    else:
+        p, _, shape = model.init(key, input_shape)
+        rows.append(("", model.name, shape, count_params(p)))
+    total = sum(r[3] for r in rows)
+    head = ("#", "layer", "output shape", "params")
+    cells = [head] + [(n, name, str(tuple(s)) if is_shape(s) else str(s), f"{c:,}")
+                      for n, name, s, c in rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(4)]
+    fmt = lambda r: "  ".join(c.rjust(w) if j == 3 else c.ljust(w)
+                              for j, (c, w) in enumerate(zip(r, widths)))
+    rule = "-" * len(fmt(head))
+    text = "\n".join([fmt(head), rule] + [fmt(r) for r in cells[1:]] + [rule,
+                     f"input {tuple(input_shape)}   total params {total:,}"])
+    if print_fn is not None:
+        print_fn(text)
+    return text

@@ -1,0 +1,141 @@
+"""Fully connected layers: ``Dense``, ``Flatten``, ``Embedding`` — op, backward, layer.
+
+The dense op is the lesson's ``z = W·a + b`` in row-major batch form, ``y = x @ w + b`` with
+``w`` of shape ``(in, out)`` (Flax's layout; PyTorch's ``nn.Linear.weight`` is ``wᵀ``).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fnn import initializers as inits
+from fnn.core import Example, Layer, default_dtype, examples, is_shape
+
+__all__ = ["dense", "dense_backward", "Dense", "Flatten", "Embedding"]
+
+
+def dense(x, w, b=None):
+    """``y = x @ w + b``.
+
+    **Arguments:** ``x: [..., in]``, ``w: [in, out]``, ``b: [out]`` or ``None``.
+    **Returns:** ``[..., out]``.
+    """
+    y = jnp.matmul(x, w)
+    return y if b is None else y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+
+
+def dense_backward(x, w, dy, use_bias=True):
+    """Hand-derived VJP of :func:`dense` — the lesson's delta rule.
+
+    ``dw = xᵀ·dy`` (summed over every leading axis), ``db = Σ dy``, ``dx = dy·wᵀ``.
+    Returns ``(dw, db or None, dx)``.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dw = x2.T @ dy2
+    db = jnp.sum(dy2, axis=0) if use_bias else None
+    dx = jnp.matmul(dy, w.T)
+    return dw, db, dx
+
+
+def _check_input(name, x, features_in):
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name}: expected an array input, got {type(x).__name__}")
+    if x.ndim < 2 or x.shape[-1] != features_in:
+        raise ValueError(f"{name}: expected input of shape (batch, ..., {features_in}), "
+                         f"got shape {tuple(x.shape)}")
+
+
+@examples(Example((4, 5), (3,)), Example((2, 3, 4), (6,), {"use_bias": False}))
+def Dense(features: int, *, w_init=None, b_init=inits.zeros, use_bias: bool = True) -> Layer:
+    """Fully connected layer ``y = x @ w + b`` over the last axis.
+
+    **Arguments:** ``features``: output width. ``w_init``: kernel initializer, default He normal
+    (variance ``2 / fan_in``), the lesson's advice for ReLU networks; use
+    ``initializers.glorot_uniform()`` before tanh/sigmoid. ``b_init``: zeros.
+    **Params:** ``{"w": (in, features), "b": (features,)}``.
+    **Input:** ``[batch, ..., in]`` → **output** ``[batch, ..., features]``.
+    """
+    if not isinstance(features, (int,)) or features < 1:
+        raise ValueError(f"Dense: features must be a positive int, got {features!r}")
+    w_init = w_init or inits.he_normal()
+
+    def init(key, input_shape):
+        if not is_shape(input_shape) or len(input_shape) < 2:
+            raise ValueError(f"Dense: expected input shape (batch, ..., features), "
+                             f"got {input_shape}")
+        kw, kb = jax.random.split(key)
+        params = {"w": w_init(kw, (input_shape[-1], features), default_dtype())}
+        if use_bias:
+            params["b"] = b_init(kb, (features,), default_dtype())
+        return params, {}, tuple(input_shape[:-1]) + (features,)
+
+    def apply(params, state, x, *, key=None, train=False):
+        _check_input("Dense", x, params["w"].shape[0])
+        return dense(x, params["w"], params.get("b")), state
+
+    def backward(params, state, x, dy, *, key=None, train=False):
+        _check_input("Dense", x, params["w"].shape[0])
+        dw, db, dx = dense_backward(x, params["w"], dy, use_bias)
+        return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
+
+    return Layer(init, apply, backward, f"Dense({features})")
+
+
+@examples(Example((2, 3, 4)), Example((3, 5)))
+def Flatten() -> Layer:
+    """Flatten every axis but the batch axis: ``[batch, d1, d2, ...] → [batch, d1·d2·...]``."""
+
+    def init(key, input_shape):
+        if not is_shape(input_shape) or len(input_shape) < 1:
+            raise ValueError(f"Flatten: expected input shape (batch, ...), got {input_shape}")
+        return {}, {}, (input_shape[0], math.prod(input_shape[1:]))
+
+    def apply(params, state, x, *, key=None, train=False):
+        return x.reshape(x.shape[0], -1), state
+
+    def backward(params, state, x, dy, *, key=None, train=False):
+        return {}, dy.reshape(x.shape)
+
+    return Layer(init, apply, backward, "Flatten")
+
+
+def _token_ids(key, shape, dtype):
+    return jax.random.randint(key, shape, 0, 7)
+
+
+@examples(Example((4, 3), (7, 5), make_input=_token_ids))
+def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
+    """Lookup table from integer ids to vectors: ``y = w[x]``.
+
+    **Params:** ``{"w": (vocab, features)}``, default ``N(0, 1)`` (PyTorch's ``nn.Embedding``).
+    **Input:** integer ids ``[batch, ...]`` → **output** ``[batch, ..., features]``.
+    Backward: ``dw[v] = Σ_{positions with x = v} dy`` (a scatter-add); ``dx`` is ``None``.
+    Ids outside ``[0, vocab)`` are clamped by JAX's gather under ``jit``; they are not checked.
+    """
+    w_init = w_init or inits.normal(1.0)
+
+    def init(key, input_shape):
+        if not is_shape(input_shape):
+            raise ValueError(f"Embedding: expected an input shape, got {input_shape}")
+        return ({"w": w_init(key, (vocab, features), default_dtype())}, {},
+                tuple(input_shape) + (features,))
+
+    def _check(x):
+        if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"Embedding: expected integer token ids, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+
+    def apply(params, state, x, *, key=None, train=False):
+        _check(x)
+        return jnp.take(params["w"], x, axis=0), state
+
+    def backward(params, state, x, dy, *, key=None, train=False):
+        _check(x)
+        w = params["w"]
+        dw = jnp.zeros_like(w).at[x.reshape(-1)].add(dy.reshape(-1, w.shape[1]))
+        return {"w": dw}, None
+
+    return Layer(init, apply, backward, f"Embedding({vocab}, {features})")

@@ -1,0 +1,60 @@
+"""Named, runnable training tasks: what ``fnn list`` shows and ``fnn train NAME`` runs.
+
+A task module in this package calls :func:`register` at import time; :func:`load_all` imports
+every module here, so a new file joins the CLI without further wiring.
+
+A :class:`Task` has
+
+- ``train(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) -> dict``: runs
+  the whole story (data, model, training with progress, evaluation, checkpoint and plots written
+  under ``out``) and returns its final metrics (e.g. ``{"test_accuracy": 0.985}``); ``None``
+  means the task's default; ``quick`` a tiny run for tests.
+- ``problem(seed=0) -> (model, loss, params, state, x, target)``: a small batch for
+  ``fnn gradcheck NAME``, which checks the hand-derived gradient against autodiff and finite
+  differences on it.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable, NamedTuple
+
+__all__ = ["Task", "register", "get", "names", "load_all"]
+
+
+class Task(NamedTuple):
+    name: str
+    summary: str
+    train: Callable
+    problem: Callable
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to the registry (its name must be new)."""
+    if task.name in _TASKS and _TASKS[task.name] is not task:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    _TASKS[task.name] = task
+    return task
+
+
+def load_all() -> None:
+    """Import every task module in this package."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> list[str]:
+    """The registered task names, sorted."""
+    load_all()
+    return sorted(_TASKS)
+
+
+def get(name: str) -> Task:
+    """The task called ``name``; ``KeyError`` listing the known names otherwise."""
+    load_all()
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]

@@ -1,0 +1,139 @@
+"""Shared sweep over every public layer constructor in ``fnn.layers``.
+
+Each constructor declares example constructions with ``@fnn.examples``. For every example:
+hand-derived ``backward`` against ``jax.vjp`` of ``apply`` (float64, relative error < 1e-9) in
+train and eval mode, with autodiff patched to raise while ``backward`` runs; ``jit`` equal to
+eager; ``init``'s inferred output shape equal to the real one; params free of state.
+A new layer without examples, or with a wrong backward, fails here without anyone adding a test.
+"""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnn.layers
+from fnn.core import Layer, is_shape
+
+CONSTRUCTORS = sorted(n for n in fnn.layers.__all__ if n[:1].isupper() and n != "Activation")
+CASES = [(n, i, ex) for n in CONSTRUCTORS
+         for i, ex in enumerate(getattr(getattr(fnn.layers, n), "examples", ()))]
+
+AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
+
+
+@contextlib.contextmanager
+def no_autodiff(monkeypatch):
+    """Make every autodiff entry point raise while the block runs."""
+    def boom(*a, **k):
+        raise AssertionError("autodiff called inside a hand-derived backward")
+    with monkeypatch.context() as m:
+        for name in AUTODIFF:
+            m.setattr(jax, name, boom)
+        yield
+
+
+def build(name, ex):
+    layer = getattr(fnn.layers, name)(*ex.args, **ex.kwargs)
+    assert isinstance(layer, Layer), f"{name} did not return a Layer"
+    return layer
+
+
+def make_input(ex, key):
+    def one(k, shape):
+        if ex.make_input is not None:
+            return ex.make_input(k, shape, jnp.float64)
+        return jax.random.normal(k, shape, jnp.float64)
+    shape = ex.input_shape
+    if isinstance(shape, tuple) and shape and isinstance(shape[0], tuple):
+        return tuple(one(jax.random.fold_in(key, i), s) for i, s in enumerate(shape))
+    return one(key, shape)
+
+
+def call_kwargs(ex, key):
+    return {} if ex.call_kwargs is None else ex.call_kwargs(jax.random.fold_in(key, 99),
+                                                             ex.input_shape)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+
+
+def shapes_of(y):
+    return tuple(y.shape) if hasattr(y, "shape") else tuple(shapes_of(a) for a in y)
+
+
+def norm_shape(s):
+    return tuple(s) if is_shape(s) else tuple(norm_shape(a) for a in s)
+
+
+def is_float(x):
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_every_constructor_declares_examples(name):
+    assert getattr(getattr(fnn.layers, name), "examples", ()), \
+        f"fnn.layers.{name} has no @examples(...) — the sweep cannot check its backward"
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
+def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
+    layer = build(name, ex)
+    k_init, k_x, k_call = jax.random.split(jax.random.PRNGKey(i), 3)
+    params, state, _ = layer.init(k_init, ex.input_shape)
+    x = make_input(ex, k_x)
+    kw = call_kwargs(ex, k_x)
+    key = k_call if layer.stochastic else None
+    y, _ = layer.apply(params, state, x, key=key, train=train, **kw)
+    dy = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(7), a.shape, a.dtype), y)
+
+    float_x = all(is_float(a) for a in jax.tree.leaves(x))
+    if float_x:
+        f = lambda p, x: layer.apply(p, state, x, key=key, train=train, **kw)[0]
+        _, vjp = jax.vjp(f, params, x)
+        ref_p, ref_x = vjp(dy)
+    else:
+        f = lambda p: layer.apply(p, state, x, key=key, train=train, **kw)[0]
+        _, vjp = jax.vjp(f, params)
+        (ref_p,), ref_x = vjp(dy), None
+
+    with no_autodiff(monkeypatch):
+        dp, dx = layer.backward(params, state, x, dy, key=key, train=train, **kw)
+
+    assert jax.tree.structure(dp) == jax.tree.structure(ref_p), \
+        f"{name}: dparams structure {jax.tree.structure(dp)} != params {jax.tree.structure(ref_p)}"
+    for path, a in jax.tree_util.tree_leaves_with_path(dp):
+        b = dict(jax.tree_util.tree_leaves_with_path(ref_p))[path]
+        assert a.shape == b.shape, f"{name}{jax.tree_util.keystr(path)}: shape {a.shape} != {b.shape}"
+        assert rel_err(a, b) < 1e-9, f"{name}{jax.tree_util.keystr(path)}: rel err {rel_err(a, b):.2e}"
+    if float_x:
+        for a, b in zip(jax.tree.leaves(dx), jax.tree.leaves(ref_x)):
+            assert a.shape == b.shape
+            assert rel_err(a, b) < 1e-9, f"{name} dx: rel err {rel_err(a, b):.2e}"
+    else:
+        assert dx is None, f"{name}: dx must be None for a non-float input"
+
+
+@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
+def test_jit_equals_eager_and_shape_inference(name, i, ex):
+    layer = build(name, ex)
+    k_init, k_x, k_call = jax.random.split(jax.random.PRNGKey(i), 3)
+    params, state, out_shape = layer.init(k_init, ex.input_shape)
+    x = make_input(ex, k_x)
+    kw = call_kwargs(ex, k_x)
+    key = k_call if layer.stochastic else None
+    for train in (False, True):
+        eager, _ = layer.apply(params, state, x, key=key, train=train, **kw)
+        jitted, _ = jax.jit(lambda p, s, x, k, kw: layer.apply(p, s, x, key=k, train=train, **kw))(
+            params, state, x, key, kw)
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert shapes_of(eager) == norm_shape(out_shape), \
+        f"{name}: init inferred {out_shape}, apply gave {shapes_of(eager)}"
+    # params must hold no state: both are plain pytrees of arrays
+    for leaf in jax.tree.leaves((params, state)):
+        assert isinstance(leaf, jax.Array)
