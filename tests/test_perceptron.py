@@ -1,0 +1,62 @@
+"""The perceptron rule against a NumPy transcription of Rosenblatt's loop."""
+import numpy as np
+import pytest
+
+from fnn.perceptron import perceptron_fit, perceptron_predict
+
+
+def numpy_perceptron(x, y, epochs, lr):
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(epochs):
+        for xi, yi in zip(x, y):
+            update = lr * (yi - (1 if xi @ w + b > 0 else 0))
+            w, b = w + update * xi, b + update
+    return w, b
+
+
+def separable(rng, n=60):
+    x = rng.normal(size=(n, 3))
+    y = (x @ np.array([1.0, -2.0, 0.5]) + 0.3 > 0).astype(np.int64)
+    return x, y
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.1])
+def test_matches_numpy_loop(rng, lr):
+    x, y = separable(rng)
+    params, _ = perceptron_fit(x, y, epochs=7, lr=lr)
+    w, b = numpy_perceptron(x, y, 7, lr)
+    np.testing.assert_allclose(params["w"], w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(params["b"], b, rtol=1e-12, atol=1e-12)
+
+
+def test_converges_on_separable_data(rng):
+    x, y = separable(rng)
+    params, mistakes = perceptron_fit(x, y, epochs=200)
+    assert int(mistakes[-1]) == 0
+    assert np.array_equal(np.asarray(perceptron_predict(params, x)), y)
+
+
+def test_cannot_learn_xor():
+    x = np.array([[0.0, 0], [0, 1], [1, 0], [1, 1]])
+    y = np.array([0, 1, 1, 0])
+    params, mistakes = perceptron_fit(x, y, epochs=100)
+    assert int(mistakes[-1]) > 0
+    assert np.mean(np.asarray(perceptron_predict(params, x)) == y) <= 0.75
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"perceptron_fit: expected x of shape \(n, features\)"):
+        perceptron_fit(np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match=r"expected y of shape \(4,\), got \(4, 1\)"):
+        perceptron_fit(np.zeros((4, 2)), np.zeros((4, 1)))
+
+
+def test_xor_example_end_to_end(tmp_path):
+    import importlib.util, pathlib
+    path = pathlib.Path(__file__).parents[1] / "examples" / "xor.py"
+    spec = importlib.util.spec_from_file_location("xor_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p_acc, m_acc = mod.main(["--out", str(tmp_path)])
+    assert p_acc <= 0.75 and m_acc == 1.0
+    assert (tmp_path / "xor.png").stat().st_size > 0
