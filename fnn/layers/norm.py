@@ -1,0 +1,465 @@
+"""Normalization: ``BatchNorm``, ``LayerNorm``, ``InstanceNorm``, ``GroupNorm``, ``RMSNorm``,
+``WeightNorm`` — plain ops, hand-derived backward, layers.
+
+Every normalizer standardizes over some *reduction* axes, then applies a learned affine map on
+the *feature* axes::
+
+    x̂ = (x − μ) / σ,   σ = √(var + eps)          (RMSNorm: x̂ = x / √(mean(x²) + eps))
+    y = scale · x̂ + offset
+
+``var`` is the biased variance (divide by ``N``). The backward of the standardization is one
+compact formula, means taken over the reduction axes::
+
+    dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂)) / σ      (RMSNorm: without the mean(dx̂) term)
+
+with ``dx̂ = scale · dy``, ``dscale = Σ dy · x̂`` and ``doffset = Σ dy`` over the non-feature axes.
+For batch norm this is the closed form ``dx = (scale/σ)/N · (N·dy − Σdy − x̂·Σ(dy·x̂))``.
+
+Inputs are channels-last (``(batch, ..., features)``, Flax's layout). Each plain op takes
+``scale``/``offset`` as arrays or ``None`` (no scale / no offset); each ``*_backward`` returns
+``(dscale or None, doffset, dx)``, where ``doffset = Σ dy`` is returned even without an offset.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.layers.dense import Dense
+
+__all__ = [
+    "batch_norm", "batch_norm_backward", "layer_norm", "layer_norm_backward",
+    "instance_norm", "instance_norm_backward", "group_norm", "group_norm_backward",
+    "rms_norm", "rms_norm_backward", "weight_norm", "weight_norm_backward",
+    "BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "RMSNorm", "WeightNorm",
+]
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+def _axes(name, ndim, axis) -> tuple:
+    """``axis`` (int or tuple) as sorted non-negative ints, checked against ``ndim``."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not axes or any(not isinstance(a, int) or not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"{name}: axis {axis!r} is out of range for an input of rank {ndim}")
+    axes = tuple(sorted(a % ndim for a in axes))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{name}: axis {axis!r} repeats an axis")
+    return axes
+
+
+def _others(ndim, axes) -> tuple:
+    return tuple(i for i in range(ndim) if i not in axes)
+
+
+def _bshape(x_shape, axes) -> tuple:
+    """Shape that broadcasts a ``[x_shape[a] for a in axes]`` array against ``x``."""
+    return tuple(d if i in axes else 1 for i, d in enumerate(x_shape))
+
+
+def _standardize(x, axes, eps, center=True):
+    """``(x̂, 1/σ)`` over ``axes`` (``1/σ`` keeps dims); ``center=False`` is RMS scaling."""
+    if center:
+        x = x - jnp.mean(x, axes, keepdims=True)
+    inv = lax.rsqrt(jnp.mean(x * x, axes, keepdims=True) + eps)
+    return x * inv, inv
+
+
+def _standardize_backward(xhat, inv, dxhat, axes, center=True):
+    """``dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) / σ`` over ``axes``."""
+    d = dxhat - xhat * jnp.mean(dxhat * xhat, axes, keepdims=True)
+    if center:
+        d = d - jnp.mean(dxhat, axes, keepdims=True)
+    return d * inv
+
+
+def _affine(xhat, scale, offset, feat):
+    bs = _bshape(xhat.shape, feat)
+    y = xhat if scale is None else xhat * scale.reshape(bs)
+    return y if offset is None else y + offset.reshape(bs)
+
+
+def _affine_backward(xhat, scale, dy, feat):
+    """``(dscale or None, doffset, dx̂)`` of ``y = scale·x̂ + offset``."""
+    rest = _others(dy.ndim, feat)
+    dscale = None if scale is None else jnp.sum(dy * xhat, rest)
+    dxhat = dy if scale is None else dy * scale.reshape(_bshape(dy.shape, feat))
+    return dscale, jnp.sum(dy, rest), dxhat
+
+
+def _xhat(x, red, feat, eps, center, stats):
+    """``(x̂, 1/σ)``: from the statistics over ``red``, or from given ``stats = (mean, var)``."""
+    if stats is None:
+        return _standardize(x, red, eps, center)
+    bs = _bshape(x.shape, feat)
+    inv = lax.rsqrt(stats[1].reshape(bs) + eps)
+    return (x - stats[0].reshape(bs)) * inv, inv
+
+
+def _normalize(x, scale, offset, red, feat, eps, center=True, stats=None):
+    """Standardize over ``red`` (or with fixed ``stats``), then the affine map on ``feat``."""
+    return _affine(_xhat(x, red, feat, eps, center, stats)[0], scale, offset, feat)
+
+
+def _normalize_backward(x, scale, dy, red, feat, eps, center=True, stats=None):
+    """VJP of :func:`_normalize`; with fixed ``stats`` the map is affine: ``dx = dx̂ / σ``."""
+    xhat, inv = _xhat(x, red, feat, eps, center, stats)
+    dscale, doffset, dxhat = _affine_backward(xhat, scale, dy, feat)
+    dx = dxhat * inv if stats is not None else _standardize_backward(xhat, inv, dxhat, red, center)
+    return dscale, doffset, dx
+
+
+# --------------------------------------------------------------------------- plain ops
+
+def _bn_args(x, mean, var, axis):
+    if (mean is None) != (var is None):
+        raise ValueError("batch_norm: give both mean and var (evaluation) or neither (training)")
+    feat = _axes("batch_norm", x.ndim, axis)
+    return _others(x.ndim, feat), feat, None if mean is None else (mean, var)
+
+
+def batch_norm(x, scale=None, offset=None, mean=None, var=None, *, eps=1e-5, axis=-1):
+    """Batch norm over every axis but the feature ``axis``: ``scale·(x − μ)/√(σ² + eps) + offset``.
+
+    ``mean``/``var`` ``None``: batch statistics (training; biased variance, as PyTorch and Flax);
+    given (``[features]``): those running statistics (evaluation).
+    **Arguments:** ``x: [batch, ..., features]``; ``scale``, ``offset``: ``[features]`` or ``None``.
+    """
+    red, feat, stats = _bn_args(x, mean, var, axis)
+    return _normalize(x, scale, offset, red, feat, eps, stats=stats)
+
+
+def batch_norm_backward(x, scale, dy, mean=None, var=None, *, eps=1e-5, axis=-1):
+    """VJP of :func:`batch_norm`: ``(dscale, doffset, dx)``. Training (``mean is None``):
+    ``dx = (scale/σ)/N · (N·dy − Σdy − x̂·Σ(dy·x̂))``; evaluation: ``dx = scale·dy/√(var+eps)``.
+    """
+    red, feat, stats = _bn_args(x, mean, var, axis)
+    return _normalize_backward(x, scale, dy, red, feat, eps, stats=stats)
+
+
+def layer_norm(x, scale=None, offset=None, eps=1e-5, axis=-1):
+    """Layer norm over ``axis`` (default the last, as PyTorch ``nn.LayerNorm`` and Flax);
+    ``scale``/``offset`` have the shape of the normalized axes (PyTorch's ``normalized_shape``)."""
+    axes = _axes("layer_norm", x.ndim, axis)
+    return _normalize(x, scale, offset, axes, axes, eps)
+
+
+def layer_norm_backward(x, scale, dy, eps=1e-5, axis=-1):
+    """VJP of :func:`layer_norm`: ``(dscale, doffset, dx)``."""
+    axes = _axes("layer_norm", x.ndim, axis)
+    return _normalize_backward(x, scale, dy, axes, axes, eps)
+
+
+def rms_norm(x, scale=None, offset=None, eps=1e-6, axis=-1):
+    """RMS norm (Zhang & Sennrich 2019): ``y = scale · x / √(mean(x²) + eps) + offset``."""
+    axes = _axes("rms_norm", x.ndim, axis)
+    return _normalize(x, scale, offset, axes, axes, eps, center=False)
+
+
+def rms_norm_backward(x, scale, dy, eps=1e-6, axis=-1):
+    """VJP of :func:`rms_norm`: ``dx = (dx̂ − x̂·mean(dx̂·x̂)) / rms``."""
+    axes = _axes("rms_norm", x.ndim, axis)
+    return _normalize_backward(x, scale, dy, axes, axes, eps, center=False)
+
+
+def instance_norm(x, scale=None, offset=None, eps=1e-5):
+    """Instance norm: per example and channel over the spatial axes of ``x: [b, *spatial, c]``."""
+    return _normalize(x, scale, offset, tuple(range(1, x.ndim - 1)), (x.ndim - 1,), eps)
+
+
+def instance_norm_backward(x, scale, dy, eps=1e-5):
+    """VJP of :func:`instance_norm`: ``(dscale, doffset, dx)``."""
+    return _normalize_backward(x, scale, dy, tuple(range(1, x.ndim - 1)), (x.ndim - 1,), eps)
+
+
+def _grouped(x, groups):
+    """``[b, *spatial, c] → [b, *spatial, groups, c/groups]`` and the axes to reduce over."""
+    if x.shape[-1] % groups:
+        raise ValueError(f"group_norm: {x.shape[-1]} channels do not split into {groups} groups; "
+                         f"x shape {tuple(x.shape)}")
+    xg = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,)
+
+
+def group_norm(x, scale=None, offset=None, groups=1, eps=1e-5):
+    """Group norm (Wu & He 2018): channels split into ``groups``, each standardized per example
+    over its channels and the spatial axes; ``scale``/``offset`` per channel ``[c]``."""
+    xg, red = _grouped(x, groups)
+    xhat = _standardize(xg, red, eps)[0].reshape(x.shape)
+    return _affine(xhat, scale, offset, (x.ndim - 1,))
+
+
+def group_norm_backward(x, scale, dy, groups=1, eps=1e-5):
+    """VJP of :func:`group_norm`: ``(dscale, doffset, dx)``."""
+    xg, red = _grouped(x, groups)
+    xhat_g, inv = _standardize(xg, red, eps)
+    dscale, doffset, dxhat = _affine_backward(xhat_g.reshape(x.shape), scale, dy, (x.ndim - 1,))
+    dx = _standardize_backward(xhat_g, inv, dxhat.reshape(xg.shape), red)
+    return dscale, doffset, dx.reshape(x.shape)
+
+
+def _vnorm(v):
+    """``‖v‖`` over every axis but the last, kept as ``[1, ..., 1, out]``."""
+    return jnp.sqrt(jnp.sum(v * v, tuple(range(v.ndim - 1)), keepdims=True))
+
+
+def weight_norm(v, g):
+    """Weight normalization (Salimans & Kingma 2016): ``w = g · v / ‖v‖``, the norm over every axis
+    but the last (output features). ``v: [..., out]``, ``g: [out]`` → ``w`` shaped like ``v``."""
+    if tuple(g.shape) != tuple(v.shape[-1:]):
+        raise ValueError(f"weight_norm: g must have shape {tuple(v.shape[-1:])} (one per output "
+                         f"feature of v {tuple(v.shape)}), got {tuple(g.shape)}")
+    return v * (g.reshape(_bshape(v.shape, (v.ndim - 1,))) / _vnorm(v))
+
+
+def weight_norm_backward(v, g, dw):
+    """VJP of :func:`weight_norm`: ``dg = Σ dw·v / ‖v‖``, ``dv = g/‖v‖ · (dw − (dg/‖v‖)·v)``.
+
+    Returns ``(dv, dg)``.
+    """
+    n = _vnorm(v)                                              # [1, ..., 1, out]
+    dg = jnp.sum(dw * v / n, tuple(range(v.ndim - 1)))         # [out]
+    gb, dgb = (a.reshape(n.shape) for a in (g, dg))
+    return gb / n * (dw - dgb / n * v), dg
+
+
+# --------------------------------------------------------------------------- layers
+
+def _check_array(name, x):
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name}: expected an array input, got {type(x).__name__}")
+
+
+def _new_params(feature_shape, use_scale, use_offset):
+    params = {}
+    if use_scale:
+        params["scale"] = jnp.ones(feature_shape, default_dtype())
+    if use_offset:
+        params["offset"] = jnp.zeros(feature_shape, default_dtype())
+    return params
+
+
+def _check_params(name, params, x_shape, feature_shape):
+    for k, p in params.items():
+        if tuple(p.shape) != tuple(feature_shape):
+            raise ValueError(f"{name}: input of shape {tuple(x_shape)} has feature shape "
+                             f"{tuple(feature_shape)}, but {k!r} has shape {tuple(p.shape)}")
+
+
+def _grads(dscale, doffset, params):
+    return {k: g for k, g in (("scale", dscale), ("offset", doffset)) if k in params}
+
+
+def _affine_layer(name, features, op, op_backward, use_scale, use_offset) -> Layer:
+    """A stateless normalizer: ``features(shape)`` validates an input shape and returns the
+    params' shape; ``op(x, scale, offset)``; ``op_backward(x, scale, dy)``."""
+
+    def init(key, input_shape):
+        if not is_shape(input_shape):
+            raise ValueError(f"{name}: expected an input shape (batch, ...), got {input_shape}")
+        return _new_params(features(tuple(input_shape)), use_scale, use_offset), {}, \
+            tuple(input_shape)
+
+    def check(params, x):
+        _check_array(name, x)
+        _check_params(name, params, x.shape, features(tuple(x.shape)))
+
+    def apply(params, state, x, *, key=None, train=False):
+        check(params, x)
+        return op(x, params.get("scale"), params.get("offset")), state
+
+    def backward(params, state, x, dy, *, key=None, train=False):
+        check(params, x)
+        dscale, doffset, dx = op_backward(x, params.get("scale"), dy)
+        return _grads(dscale, doffset, params), dx
+
+    return Layer(init, apply, backward, name)
+
+
+def _axis_features(name, axis):
+    def features(shape):
+        axes = _axes(name, len(shape), axis)
+        if len(shape) < 2 or 0 in axes:
+            raise ValueError(f"{name}: expected input (batch, ...) with axis {axis!r} not the "
+                             f"batch axis, got shape {shape}")
+        return tuple(shape[a] for a in axes)
+    return features
+
+
+@examples(Example((3, 5)), Example((2, 3, 4), kwargs={"axis": (-2, -1)}),
+          Example((2, 3, 4), kwargs={"use_scale": False}))
+def LayerNorm(eps: float = 1e-5, axis=-1, use_scale: bool = True,
+              use_offset: bool = True) -> Layer:
+    """Layer norm: each example standardized over ``axis`` (default the last), then
+    ``scale·x̂ + offset``; PyTorch ``nn.LayerNorm`` / Flax ``LayerNorm`` (eps ``1e-5`` as PyTorch).
+
+    **Params:** ``{"scale", "offset"}`` of the normalized axes' shape. ``[batch, ...]`` → same.
+    """
+    name = f"LayerNorm(axis={axis})"
+    return _affine_layer(
+        name, _axis_features(name, axis),
+        lambda x, s, o: layer_norm(x, s, o, eps, axis),
+        lambda x, s, dy: layer_norm_backward(x, s, dy, eps, axis), use_scale, use_offset)
+
+
+@examples(Example((3, 5)), Example((2, 3, 4), kwargs={"use_offset": True}))
+def RMSNorm(eps: float = 1e-6, axis=-1, use_scale: bool = True,
+            use_offset: bool = False) -> Layer:
+    """RMS norm (Zhang & Sennrich 2019): ``y = scale · x / √(mean(x²) + eps)`` over ``axis``; no
+    centering, no offset by default (as Flax ``RMSNorm``, eps ``1e-6``).
+
+    **Params:** ``{"scale"}`` (and ``"offset"`` if ``use_offset``). ``[batch, ...]`` → same.
+    """
+    name = f"RMSNorm(axis={axis})"
+    return _affine_layer(
+        name, _axis_features(name, axis),
+        lambda x, s, o: rms_norm(x, s, o, eps, axis),
+        lambda x, s, dy: rms_norm_backward(x, s, dy, eps, axis), use_scale, use_offset)
+
+
+@examples(Example((2, 3, 4, 3)), Example((2, 5, 3), kwargs={"use_offset": False}))
+def InstanceNorm(eps: float = 1e-5, use_scale: bool = True, use_offset: bool = True) -> Layer:
+    """Instance norm: each example and channel standardized over the spatial axes.
+
+    Channels-last ``[batch, *spatial, c]``; affine on by default (Flax ``InstanceNorm``; PyTorch's
+    ``InstanceNorm2d`` defaults to ``affine=False``); no running statistics.
+    **Params:** ``{"scale": (c,), "offset": (c,)}``.
+    """
+    def features(shape):
+        if len(shape) < 3:
+            raise ValueError(f"InstanceNorm: expected input of rank >= 3 (batch, *spatial, "
+                             f"channels), got shape {shape}")
+        return shape[-1:]
+
+    return _affine_layer("InstanceNorm", features,
+                         lambda x, s, o: instance_norm(x, s, o, eps),
+                         lambda x, s, dy: instance_norm_backward(x, s, dy, eps),
+                         use_scale, use_offset)
+
+
+@examples(Example((2, 3, 3, 4), (2,)), Example((3, 6), (3,)))
+def GroupNorm(groups: int, eps: float = 1e-5, use_scale: bool = True,
+              use_offset: bool = True) -> Layer:
+    """Group norm (Wu & He 2018): the ``c`` channels split into ``groups`` groups, each standardized
+    per example over its channels and the spatial axes. ``groups=1`` is layer norm over all
+    non-batch axes, ``groups=c`` instance norm. Channels-last (Flax); PyTorch ``nn.GroupNorm``
+    is channels-first.
+
+    **Params:** ``{"scale": (c,), "offset": (c,)}``. ``[batch, *spatial, c]`` → same.
+    """
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"GroupNorm: groups must be a positive int, got {groups!r}")
+
+    def features(shape):
+        if len(shape) < 2 or shape[-1] % groups:
+            raise ValueError(f"GroupNorm({groups}): expected input (batch, ..., channels) with "
+                             f"channels divisible by {groups}, got shape {shape}")
+        return shape[-1:]
+
+    return _affine_layer(f"GroupNorm({groups})", features,
+                         lambda x, s, o: group_norm(x, s, o, groups, eps),
+                         lambda x, s, dy: group_norm_backward(x, s, dy, groups, eps),
+                         use_scale, use_offset)
+
+
+@examples(Example((6, 4)), Example((2, 3, 3, 4), kwargs={"use_offset": False}),
+          Example((3, 4, 5), kwargs={"axis": 1, "momentum": 0.5}))
+def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, use_scale: bool = True,
+              use_offset: bool = True) -> Layer:
+    """Batch norm (Ioffe & Szegedy 2015) over every axis but the feature ``axis``.
+
+    ``train=True``: normalize with the batch mean and biased variance, and return the updated
+    running statistics ``new = momentum·old + (1 − momentum)·batch`` (Flax/Keras momentum; PyTorch's
+    ``momentum=0.1`` is ours ``0.9``), the running variance fed by the *unbiased* batch variance
+    ``N/(N−1)·var`` (PyTorch's convention; Flax uses the biased one). ``train=False``: normalize
+    with the running statistics; the state is returned unchanged.
+    After ``Dense`` (``[batch, features]``) and ``Conv`` (``[batch, h, w, c]``) alike.
+    **Params:** ``{"scale": (c,), "offset": (c,)}``. **State:** ``{"mean": (c,) zeros,
+    "var": (c,) ones}``.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
+    name = f"BatchNorm(axis={axis})"
+
+    def features(shape):
+        feat = _axes(name, len(shape), axis)
+        if len(shape) < 2 or feat == (0,) or len(feat) != 1:
+            raise ValueError(f"{name}: expected input (batch, ..., features) with one feature "
+                             f"axis that is not the batch axis, got shape {shape}")
+        return (shape[feat[0]],)
+
+    def init(key, input_shape):
+        if not is_shape(input_shape):
+            raise ValueError(f"{name}: expected an input shape (batch, ...), got {input_shape}")
+        c = features(tuple(input_shape))
+        state = {"mean": jnp.zeros(c, default_dtype()), "var": jnp.ones(c, default_dtype())}
+        return _new_params(c, use_scale, use_offset), state, tuple(input_shape)
+
+    def check(params, state, x, train):
+        _check_array(name, x)
+        c = features(tuple(x.shape))
+        _check_params(name, {**params, **state}, x.shape, c)
+        n = x.size // c[0]
+        if train and n < 2:
+            raise ValueError(f"{name}: train=True needs more than one value per feature to "
+                             f"estimate the variance, got input shape {tuple(x.shape)}")
+        return n
+
+    def apply(params, state, x, *, key=None, train=False):
+        n = check(params, state, x, train)
+        s, o = params.get("scale"), params.get("offset")
+        if not train:
+            return batch_norm(x, s, o, state["mean"], state["var"], eps=eps, axis=axis), state
+        red = _others(x.ndim, _axes(name, x.ndim, axis))
+        mean, var = jnp.mean(x, red), jnp.var(x, red)                    # [c], biased
+        new = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
+               "var": momentum * state["var"] + (1 - momentum) * var * (n / (n - 1))}
+        return batch_norm(x, s, o, eps=eps, axis=axis), new
+
+    def backward(params, state, x, dy, *, key=None, train=False):
+        check(params, state, x, train)
+        stats = (None, None) if train else (state["mean"], state["var"])
+        dscale, doffset, dx = batch_norm_backward(x, params.get("scale"), dy, *stats, eps=eps,
+                                                  axis=axis)
+        return _grads(dscale, doffset, params), dx
+
+    return Layer(init, apply, backward, name)
+
+
+@examples(Example((4, 5), (Dense(3),)), Example((2, 3, 4), (Dense(2, use_bias=False),)))
+def WeightNorm(layer: Layer) -> Layer:
+    """Weight normalization (Salimans & Kingma 2016) of a layer with a kernel ``params["w"]``
+    (last axis = output features, as ``Dense`` and ``Conv``): ``w = g · v / ‖v‖``, the norm over
+    every axis but the last (PyTorch ``weight_norm`` with ``dim=0`` on its ``(out, in)`` layout).
+
+    **Params:** ``{"v": w's shape, "g": (out,), **the layer's other params}``, initialised so that
+    ``w`` equals the wrapped layer's initial kernel (``g = ‖v‖``, as PyTorch). Backward: the layer's
+    backward gives ``dw``, then :func:`weight_norm_backward`. State, keys, keywords pass through.
+    """
+    name = f"WeightNorm({layer.name})"
+
+    def init(key, input_shape):
+        params, state, out = layer.init(key, input_shape)
+        if "w" not in params or params["w"].ndim < 2:
+            raise ValueError(f"{name}: the wrapped layer needs a kernel params['w'] of rank >= 2, "
+                             f"got params {sorted(params)}")
+        rest = {k: p for k, p in params.items() if k != "w"}
+        return {**rest, "v": params["w"], "g": _vnorm(params["w"]).reshape(-1)}, state, out
+
+    def inner(params):
+        if "v" not in params or "g" not in params:
+            raise ValueError(f"{name}: expected params with 'v' and 'g', got {sorted(params)}")
+        rest = {k: p for k, p in params.items() if k not in ("v", "g")}
+        return {**rest, "w": weight_norm(params["v"], params["g"])}
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        return layer.apply(inner(params), state, x, key=key, train=train, **kw)
+
+    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+        grads, dx = layer.backward(inner(params), state, x, dy, key=key, train=train, **kw)
+        grads = dict(grads)
+        dv, dg = weight_norm_backward(params["v"], params["g"], grads.pop("w"))
+        return {**grads, "v": dv, "g": dg}, dx
+
+    return Layer(init, apply, backward, name, layer.keywords, (("layer", layer),),
+                 layer.stochastic)
