@@ -1,0 +1,176 @@
+"""Plots for training (matplotlib, an optional extra; the Agg backend, PNG files).
+
+Every function draws one figure, saves it to ``path`` (parent folders created), closes it and
+returns ``path``::
+
+    plot.training_curves(result.history, "out/curves.png")
+    plot.lr_finder(train.lr_find(...), "out/lr_find.png")
+    plot.decision_boundary(lambda x: model.apply(params, state, x)[0], x, y, "out/boundary.png")
+    plot.activations(["relu", "tanh", "gelu"], "out/activations.png")
+    plot.histograms(params, "out/weights.png", title="weights")
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+__all__ = ["training_curves", "lr_finder", "decision_boundary", "activations", "histograms"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("fnn.plot needs matplotlib: pip install 'fnn[examples]'") from e
+    if matplotlib.get_backend().lower() != "agg":
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    plt = _pyplot()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: dict, path) -> str:
+    """Loss (train and validation), accuracy, learning rate and gradient norm per epoch.
+
+    ``history``: the per-epoch lists of :func:`fnn.train.fit` (``epoch``, ``loss``, optional
+    ``val_loss``, ``accuracy``, ``val_accuracy``, ``lr``, ``grad_norm``).
+    """
+    plt = _pyplot()
+    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
+              ("learning rate", ["lr"]), ("gradient norm", ["grad_norm"])]
+    panels = [(t, [k for k in ks if k in history]) for t, ks in panels]
+    panels = [(t, ks) for t, ks in panels if ks]
+    if "epoch" not in history or not panels:
+        raise ValueError(f"plot.training_curves: expected a fit history with 'epoch' and "
+                         f"'loss', got keys {sorted(history)}")
+    epochs = history["epoch"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            ax.plot(epochs, history[k], marker="." if len(epochs) < 30 else None, label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        if title in ("loss", "gradient norm") and all(
+                v > 0 for k in keys for v in history[k] if np.isfinite(v)):
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend()
+    return _save(fig, path)
+
+
+def lr_finder(result, path) -> str:
+    """Loss against learning rate (log axis) from :func:`fnn.train.lr_find`, with the
+    suggested rate marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(result.lrs, result.losses, label="loss")
+    ax.axvline(result.suggestion, color="tab:red", linestyle="--",
+               label=f"suggestion {result.suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("LR range test")
+    ax.legend()
+    return _save(fig, path)
+
+
+def decision_boundary(predict, x, y, path, *, resolution: int = 200, margin: float = 0.5,
+                      title: str | None = None) -> str:
+    """2-D decision regions of ``predict`` with the points ``x: [n, 2]`` coloured by ``y``.
+
+    ``predict(grid: [m, 2]) -> [m, classes]`` scores (the arg-max class is shaded) or
+    ``[m]``/``[m, 1]`` (a binary score; shaded by value, the 0.5 level drawn).
+    """
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"plot.decision_boundary: expected points of shape (n, 2), "
+                         f"got {x.shape}")
+    lo, hi = x.min(axis=0) - margin, x.max(axis=0) + margin
+    g0, g1 = np.meshgrid(np.linspace(lo[0], hi[0], resolution),
+                         np.linspace(lo[1], hi[1], resolution))
+    grid = np.stack([g0.ravel(), g1.ravel()], axis=1).astype(x.dtype)   # (res², 2)
+    z = np.asarray(predict(grid))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    labels = y.reshape(len(y), -1)[:, 0]
+    if z.ndim == 2 and z.shape[1] > 1:                  # class k gets colour k of tab10
+        k = z.shape[1]
+        cmap = ListedColormap(plt.get_cmap("tab10").colors[:k])
+        ax.contourf(g0, g1, z.argmax(axis=1).reshape(g0.shape), alpha=0.45, cmap=cmap,
+                    levels=np.arange(k + 1) - 0.5)
+        ax.scatter(x[:, 0], x[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=k - 0.5,
+                   edgecolors="k", s=25)
+    else:
+        z = z.reshape(g0.shape)
+        ax.contourf(g0, g1, z, levels=20, cmap="RdBu_r", alpha=0.6)
+        ax.contour(g0, g1, z, levels=[0.5], colors="k", linewidths=1)
+        ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="RdBu_r", edgecolors="k", s=25)
+    ax.set_title(title or "decision boundary")
+    return _save(fig, path)
+
+
+def activations(fns=("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "swish",
+                     "softplus"), path="activations.png", *, lo: float = -4.0,
+                hi: float = 4.0) -> str:
+    """Each activation ``f`` and its hand-derived derivative ``f.grad`` on ``[lo, hi]``.
+
+    ``fns``: names in :mod:`fnn.activations` or the functions themselves.
+    """
+    from fnn import activations as acts
+    plt = _pyplot()
+    fns = [getattr(acts, f) if isinstance(f, str) else f for f in fns]
+    cols = min(4, len(fns))
+    rows = math.ceil(len(fns) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    z = np.linspace(lo, hi, 401)
+    for ax, f in zip(axes.ravel(), fns):
+        ax.plot(z, np.asarray(f(jax.numpy.asarray(z))), label="f(z)")
+        if hasattr(f, "grad"):
+            ax.plot(z, np.asarray(f.grad(jax.numpy.asarray(z))), "--", label="f'(z)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(getattr(f, "__name__", "f"))
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(fns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def histograms(tree, path, *, title: str = "weights", bins: int = 40) -> str:
+    """One histogram per array of ``tree`` (params or gradients), titled by its key path,
+    with its mean absolute value: a quick look for dead, exploding or vanishing layers."""
+    plt = _pyplot()
+    flat = [(_path_name(p), np.asarray(a, np.float64).ravel())
+            for p, a in jax.tree_util.tree_flatten_with_path(tree)[0] if np.size(a) > 1]
+    if not flat:
+        raise ValueError(f"plot.histograms: {title} has no array with more than one entry")
+    cols = min(4, len(flat))
+    rows = math.ceil(len(flat) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, v) in zip(axes.ravel(), flat):
+        ax.hist(v[np.isfinite(v)], bins=bins, color="tab:blue", alpha=0.8)
+        ax.set_title(f"{name}\nmean|x| {np.mean(np.abs(v)):.2e}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(flat):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _path_name(path) -> str:
+    """``('0', 'w')`` key path as ``0/w``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path) or "value"

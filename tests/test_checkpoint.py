@@ -1,0 +1,163 @@
+"""fnn.checkpoint: bit-exact round trips, safetensors interoperability, atomic writes, and
+clear errors for truncated, corrupt and mismatched files."""
+import json
+import os
+import pickle
+import struct
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fnn import checkpoint, train
+from fnn.checkpoint import CheckpointError, CheckpointMismatchError
+from fnn.layers import Dense, Tanh, serial
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+class Running(NamedTuple):
+    mean: jax.Array
+    count: jax.Array
+
+
+def _tree(key):
+    """A TrainState with params, a batch-norm-like state and Adam state, plus odd leaves."""
+    model = serial(Dense(3), Tanh(), Dense(2))
+    ts = train.create_train_state(model, optax.adam(1e-3), key, (4, 5))
+    ts = ts._replace(state={"bn": Running(jnp.linspace(-1, 1, 3), jnp.array(7, jnp.int32))},
+                     opt_state=jax.tree.map(lambda a: a + 0.25 if a.dtype.kind == "f" else a,
+                                            ts.opt_state))
+    odd = {"flags": jnp.array([True, False, True]), "i8": jnp.arange(-3, 3, dtype=jnp.int8),
+           "u16": jnp.arange(4, dtype=jnp.uint16), "f16": jnp.array([0.1, -2.5], jnp.float16),
+           "bf16": jnp.array([1.5, -0.3], jnp.bfloat16), "f32": jnp.full((2, 0), 1, jnp.float32),
+           "i64": jnp.array(2 ** 40, jnp.int64), "none": None, "empty": {}, "py": 3,
+           "typed_key": jax.random.key(3)}
+    return {"train_state": ts, "odd": odd, "list": [jnp.float64(np.pi), (jnp.ones(2),)]}
+
+
+def _bits(a):
+    if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a = jax.random.key_data(a)
+    a = np.asarray(a)
+    return a.dtype.str, a.shape, a.tobytes()
+
+
+def _assert_bit_exact(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert type(g) is type(w) or isinstance(w, jax.Array)
+        assert _bits(g) == _bits(w)
+
+
+def test_round_trip_is_bit_exact(key, tmp_path):
+    tree = _tree(key)
+    path = checkpoint.save(tmp_path / "ckpt.safetensors", tree, metadata={"epoch": 3})
+    _assert_bit_exact(checkpoint.load(path, like=tree), tree)
+    abstract = {"ts": tree["train_state"], "key": tree["odd"]["typed_key"]}  # like= shapes
+    got = checkpoint.load(checkpoint.save(tmp_path / "b.safetensors", abstract),
+                          like=jax.eval_shape(lambda: abstract))
+    _assert_bit_exact(got, abstract)
+    bare = checkpoint.load(path)                        # rebuilt from the metadata alone
+    ts = bare["train_state"]
+    assert type(ts).__name__ == "TrainState" and ts._fields == train.TrainState._fields
+    assert type(ts.state["bn"]).__name__ == "Running" and ts.state["bn"].count.dtype == np.int32
+    assert bare["odd"]["none"] is None and bare["odd"]["empty"] == {} and bare["odd"]["py"] == 3
+    assert isinstance(bare["list"], list) and isinstance(bare["list"][1], tuple)
+    assert _bits(bare["odd"]["typed_key"]) == _bits(tree["odd"]["typed_key"])
+    np.testing.assert_array_equal(bare["train_state"].params["0"]["w"],
+                                  tree["train_state"].params["0"]["w"])
+    meta = checkpoint.read_metadata(path)
+    assert meta["epoch"] == "3" and meta["fnn.format"] == checkpoint.FORMAT
+
+
+def test_files_interoperate_with_safetensors(key, tmp_path):
+    tree = {"params": jax.tree.map(np.asarray, _tree(key)["train_state"].params),
+            "step": np.int32(5), "mask": np.array([True, False])}
+    ours = checkpoint.save(tmp_path / "ours.safetensors", tree)
+    theirs = safetensors_numpy.load_file(ours)
+    assert sorted(theirs) == ["mask", "params/0/b", "params/0/w", "params/2/b", "params/2/w",
+                              "step"]
+    for name, arr in theirs.items():
+        want = tree
+        for part in name.split("/"):
+            want = want[part]
+        assert _bits(arr) == _bits(want)
+    flat = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int64)}
+    safetensors_numpy.save_file(flat, tmp_path / "theirs.safetensors")
+    for got in (checkpoint.load(tmp_path / "theirs.safetensors"),
+                checkpoint.load(tmp_path / "theirs.safetensors", like=flat)):
+        assert sorted(got) == ["a", "b"] and all(_bits(got[k]) == _bits(flat[k]) for k in flat)
+
+
+def test_header_layout_is_the_safetensors_format(tmp_path):
+    path = checkpoint.save(tmp_path / "c.safetensors", {"w": np.arange(3, dtype=np.float64)})
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0 and header["w"] == {"dtype": "F64", "shape": [3], "data_offsets": [0, 24]}
+    assert raw[8 + n:] == np.arange(3, dtype="<f8").tobytes()
+
+
+def _corruptions(raw):
+    n = struct.unpack("<Q", raw[:8])[0]
+    bad_json = raw[:8] + b"#" + raw[9:]
+    flipped = bytearray(raw)
+    flipped[-1] ^= 0xFF
+    return {
+        "empty": (b"", "fewer than the 8-byte header length"),
+        "cut in the header": (raw[:8 + n // 2], "truncated or corrupt file"),
+        "cut in the data": (raw[:-5], "truncated file: the arrays need"),
+        "header not JSON": (bad_json, "corrupt header"),
+        "flipped data byte": (bytes(flipped), "corrupt data: the SHA-256"),
+        "a pickle": (pickle.dumps({"w": np.ones(2)}), "truncated or corrupt|corrupt header"),
+    }
+
+
+def test_truncated_and_corrupt_files_raise_clear_errors(tmp_path):
+    good = checkpoint.save(tmp_path / "good.safetensors", {"w": np.ones((2, 3))})
+    raw = open(good, "rb").read()
+    for what, (content, message) in _corruptions(raw).items():
+        path = tmp_path / f"{what.replace(' ', '_')}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=message) as info:
+            checkpoint.load(path, like={"w": np.ones((2, 3))})
+        assert str(path) in str(info.value), what
+        assert path.read_bytes() == content             # reading never touches the file
+    assert open(good, "rb").read() == raw
+
+
+def test_mismatched_tree_lists_every_difference(tmp_path):
+    path = checkpoint.save(tmp_path / "c.safetensors",
+                           {"w": np.ones((2, 3)), "b": np.zeros(3), "n": np.int32(1)})
+    before = open(path, "rb").read()
+    like = {"w": np.ones((3, 2)), "b": np.zeros(3, np.float32), "extra": np.ones(1)}
+    with pytest.raises(CheckpointMismatchError, match="4 differences") as info:
+        checkpoint.load(path, like=like)
+    msg = str(info.value)
+    for part in ["missing from the file: 'extra'", "in the file but not in like: 'n'",
+                 "'w': shape (2, 3) in the file, (3, 2) in like",
+                 "'b': dtype float64 in the file, float32 in like", str(path)]:
+        assert part in msg
+    assert open(path, "rb").read() == before
+
+
+def test_failed_saves_leave_the_old_checkpoint_in_place(tmp_path, monkeypatch):
+    path = checkpoint.save(tmp_path / "c.safetensors", {"w": np.ones(3)})
+    before = open(path, "rb").read()
+    with pytest.raises(TypeError, match="leaf 'w' has dtype complex128"):
+        checkpoint.save(path, {"w": np.ones(3, complex)})
+
+    def crash(*args):
+        raise OSError("simulated crash before the rename")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        checkpoint.save(path, {"w": np.zeros(3)})
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.safetensors"]   # no temporary file left behind
+    with pytest.raises(ValueError, match="reserved"):
+        checkpoint.save(path, {"w": np.zeros(3)}, metadata={"fnn.tree": "x"})
