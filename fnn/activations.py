@@ -183,9 +183,15 @@ softmax.vjp = _softmax_vjp
 log_softmax.vjp = _log_softmax_vjp
 
 
+def _prelu_grad(z, alpha):
+    return jnp.where(z > 0, 1.0, jnp.broadcast_to(alpha, z.shape)).astype(z.dtype)
+
+
+@_elementwise(_prelu_grad)
 def prelu(z, alpha):
     """Parametric ReLU (He et al., 2015): ``z`` for ``z > 0``, else ``alpha·z``, where
-    ``alpha`` (shape ``(features,)``, broadcast over the last axis) is learned."""
+    ``alpha`` (shape ``(features,)``, broadcast over the last axis) is learned.
+    ``grad``/``vjp`` are with respect to ``z`` (``1`` or ``alpha``); ``PRelu`` adds ``dalpha``."""
     a = jnp.broadcast_to(alpha, z.shape)
     return jnp.where(z > 0, z, a * z)
 

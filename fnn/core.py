@@ -174,8 +174,11 @@ def serial(*layers) -> Layer:
         _check_kw("serial", keywords, kw)
         new_state = {}
         for i, (n, l) in enumerate(named):
-            x, new_state[n] = l.apply(params[n], state[n], x, key=split_key(key, i),
-                                      train=train, **_kw_for(l, kw))
+            try:
+                x, new_state[n] = l.apply(params[n], state[n], x, key=split_key(key, i),
+                                          train=train, **_kw_for(l, kw))
+            except ValueError as e:
+                raise ValueError(f"serial[{n}] ({l.name}): {e}") from None
         return x, new_state
 
     def backward(params, state, x, dy, *, key=None, train=False, **kw):
@@ -274,10 +277,12 @@ def residual(layer: Layer) -> Layer:
         return params, state, out
 
     def apply(params, state, x, *, key=None, train=False, **kw):
+        _check_kw("residual", layer.keywords, kw)
         y, new_state = layer.apply(params, state, x, key=key, train=train, **kw)
         return x + y, new_state
 
     def backward(params, state, x, dy, *, key=None, train=False, **kw):
+        _check_kw("residual", layer.keywords, kw)
         grads, dx = layer.backward(params, state, x, dy, key=key, train=train, **kw)
         return grads, dy + dx
 
@@ -299,8 +304,9 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     ``jax.checkpoint`` so that ``jax.grad`` of the stack recomputes activations instead of storing
     them; the hand-derived backward already recomputes inside each copy.
     """
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"stack: n must be a positive int, got {n!r}")
+    n = int(n)
 
     def init(key, input_shape):
         ps, ss = [], []
@@ -327,7 +333,7 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
             p, s, k = pskey
             h, s_new = f(p, s, h, k, train, kw)
             return h, s_new
-        return jax.lax.scan(body, x, (params, state, keys(key)))
+        return jax.lax.scan(body, x, (params, state, keys(key)), length=n)
 
     def backward(params, state, x, dy, *, key=None, train=False, **kw):
         ks = keys(key)
@@ -336,13 +342,13 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
             p, s, k = pskey
             y, _ = layer.apply(p, s, h, key=k, train=train, **kw)
             return y, h
-        _, inputs = jax.lax.scan(fwd, x, (params, state, ks))
+        _, inputs = jax.lax.scan(fwd, x, (params, state, ks), length=n)
 
         def bwd(d, args):
             p, s, k, h = args
             dp, d = layer.backward(p, s, h, d, key=k, train=train, **kw)
             return d, dp
-        dx, grads = jax.lax.scan(bwd, dy, (params, state, ks, inputs), reverse=True)
+        dx, grads = jax.lax.scan(bwd, dy, (params, state, ks, inputs), reverse=True, length=n)
         return grads, dx
 
     return Layer(init, apply, backward, f"stack({layer.name}, {n})", layer.keywords,

@@ -145,10 +145,12 @@ def orthogonal(gain: float = 1.0):
             raise ValueError(f"orthogonal: needs a shape of rank >= 2, got {tuple(shape)}")
         cols = shape[-1]
         rows = math.prod(shape[:-1])
-        a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), _dtype(dtype))
+        dtype = _dtype(dtype)
+        work = jnp.promote_types(dtype, jnp.float32)     # LAPACK has no QR in bfloat16/float16
+        a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), work)
         q, r = jnp.linalg.qr(a)
         q = q * jnp.sign(jnp.diagonal(r))[None, :]
         if rows < cols:
             q = q.T
-        return (gain * q).reshape(shape)
+        return (gain * q).reshape(shape).astype(dtype)
     return init

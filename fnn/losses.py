@@ -211,7 +211,7 @@ softmax_cross_entropy_with_integer_labels = Loss(
     _labels("softmax_cross_entropy_with_integer_labels"), True)
 """Categorical cross-entropy from logits ``[..., classes]`` and integer labels ``[...]``:
 ``-log softmax(z)_y``; ``∂/∂z = softmax(z) - onehot(y)``. Labels outside ``[0, classes)``
-are not checked under ``jit`` (their one-hot row is zero)."""
+are not checked (values are unknown under ``jit``): a label ``>= classes`` gives a NaN loss."""
 
 categorical_cross_entropy = softmax_cross_entropy
 sparse_categorical_cross_entropy = softmax_cross_entropy_with_integer_labels

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, default_dtype, examples, is_shape
@@ -58,8 +59,9 @@ def Dense(features: int, *, w_init=None, b_init=inits.zeros, use_bias: bool = Tr
     **Params:** ``{"w": (in, features), "b": (features,)}``.
     **Input:** ``[batch, ..., in]`` → **output** ``[batch, ..., features]``.
     """
-    if not isinstance(features, (int,)) or features < 1:
+    if not isinstance(features, (int, np.integer)) or isinstance(features, bool) or features < 1:
         raise ValueError(f"Dense: features must be a positive int, got {features!r}")
+    features = int(features)                  # NumPy ints (n_classes = y.max() + 1) are fine
     w_init = w_init or inits.he_normal()
 
     def init(key, input_shape):
@@ -113,7 +115,8 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
     **Params:** ``{"w": (vocab, features)}``, default ``N(0, 1)`` (PyTorch's ``nn.Embedding``).
     **Input:** integer ids ``[batch, ...]`` → **output** ``[batch, ..., features]``.
     Backward: ``dw[v] = Σ_{positions with x = v} dy`` (a scatter-add); ``dx`` is ``None``.
-    Ids outside ``[0, vocab)`` are clamped by JAX's gather under ``jit``; they are not checked.
+    Ids are not range-checked (shapes only are static under ``jit``): an id ``>= vocab`` gives a
+    NaN row (JAX's gather fills), negative ids wrap as in NumPy; backward drops out-of-range ids.
     """
     w_init = w_init or inits.normal(1.0)
 
