@@ -31,7 +31,8 @@ def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None):
     **Arguments:** ``model``: any :class:`fnn.Layer`. ``loss``: an :class:`fnn.losses.Loss`
     (anything with ``loss(pred, target, **loss_kwargs)`` and
     ``loss.grad(pred, target, **loss_kwargs)``). Extra keywords ``**kw`` (``lengths=``,
-    ``mask=``) go to the model.
+    ``mask=``) go to the model. Under ``jax.jit`` mark ``train`` static
+    (``jax.jit(f, static_argnames="train")``): layers branch on it in Python.
 
     The gradient with respect to ``params`` is ``model.backward(params, state, x,
     loss.grad(y, target))`` — backpropagation of the output error. ``new_state`` is the state
@@ -77,7 +78,8 @@ def custom_vjp(model: Layer) -> Layer:
             return model.apply(params, state, x, key=key, train=train, **kw)
 
         def fwd(params, state, x, key, kw):
-            return run(params, state, x, key, kw), (params, state, x, key, kw)
+            out = model.apply(params, state, x, key=key, train=train, **kw)
+            return out, (params, state, x, key, kw)
 
         def bwd(res, cotangent):
             params, state, x, key, kw = res
