@@ -1,9 +1,10 @@
 """fnn: neural networks as pure functions over parameter pytrees, for JAX.
 
 Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived and checked
-against ``jax.vjp``. See ``DESIGN.md`` and the README.
+against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
-from fnn import activations, initializers, layers, losses
+from fnn import (activations, backprop, checkpoint, data, gradcheck, initializers, layers,
+                 losses, optim, regularizers, train)
 from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
                       stack, summary)
 
@@ -11,5 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
-    "summary", "cast", "activations", "initializers", "layers", "losses",
+    "summary", "cast", "activations", "backprop", "checkpoint", "data", "gradcheck",
+    "initializers", "layers", "losses", "optim", "regularizers", "train",
 ]
