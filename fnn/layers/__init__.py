@@ -5,11 +5,30 @@ The test suite sweeps ``__all__``: each CamelCase constructor must carry ``@exam
 from fnn.activations import (Activation, Elu, Gelu, LeakyRelu, LogSoftmax, PRelu, Relu, Selu,
                              Sigmoid, Softmax, Softplus, Swish, Tanh)
 from fnn.core import parallel, residual, serial, stack
+from fnn.layers.attention import (MultiHeadAttention, decode_step, dot_product_attention,
+                                  dot_product_attention_backward, init_cache)
+from fnn.layers.positional import PositionalEmbedding, SinusoidalPositions, rope, sinusoidal
+from fnn.layers.transformer import MLP, TransformerBlock
+from fnn.layers.conv import Conv, ConvTranspose
 from fnn.layers.dense import Dense, Embedding, Flatten
+from fnn.layers.dropout import Dropout, SpatialDropout
+from fnn.layers.pooling import AvgPool, GlobalAvgPool, GlobalMaxPool, MaxPool
+from fnn.layers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from fnn.layers.weight_norm import WeightNorm
+from fnn.layers.recurrent import (GRU, LSTM, Bidirectional, SimpleRNN, gru_cell, lstm_cell,
+                                  rnn_cell, scan_rnn, scan_rnn_backward)
 
 __all__ = [
     "Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Swish",
     "Softplus", "Softmax", "LogSoftmax", "PRelu",
     "Dense", "Flatten", "Embedding",
+    "Conv", "ConvTranspose", "MaxPool", "AvgPool", "GlobalAvgPool", "GlobalMaxPool",
+    "BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "RMSNorm", "WeightNorm",
+    "Dropout", "SpatialDropout",
+    "SimpleRNN", "LSTM", "GRU", "Bidirectional", "rnn_cell", "lstm_cell", "gru_cell",
+    "scan_rnn", "scan_rnn_backward",
     "serial", "parallel", "residual", "stack",
+    "dot_product_attention", "dot_product_attention_backward", "MultiHeadAttention",
+    "init_cache", "decode_step", "sinusoidal", "rope", "SinusoidalPositions",
+    "PositionalEmbedding", "MLP", "TransformerBlock",
 ]

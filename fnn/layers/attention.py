@@ -1,0 +1,393 @@
+"""Attention: scaled dot-product attention (plain and chunked) with its hand-derived backward,
+``MultiHeadAttention`` (grouped kv heads, rotary positions, dropout) and a KV cache for decoding.
+
+Layout of ``jax.nn.dot_product_attention``: ``q: [batch, T, heads, d]``, ``k: [batch, S,
+kv_heads, d]``, ``v: [batch, S, kv_heads, dv]``; query head ``h`` reads kv head
+``h // (heads / kv_heads)`` (grouped-query attention; ``kv_heads = 1`` is multi-query)::
+
+    S = scale · Q Kᵀ + bias,   P = softmax(S over allowed keys),   O = P V
+
+and the backward, written out (``dS = P ⊙ (dP − rowsum(dP ⊙ P))`` is the softmax's VJP)::
+
+    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − rowsum(dP ⊙ P)),   dQ = scale·dS K,   dK = scale·dSᵀ Q
+
+A query row allowed no key gets ``P = 0`` and so ``O = 0`` (never NaN; ``jax.nn`` gives the mean
+of ``V`` there). ``bias`` is an additive constant (no gradient is returned for it).
+
+**Chunked** (``chunk_size=c``, Rabe & Staats 2021; Dao et al. 2022): queries and keys in blocks of
+``c``; each query block runs an online softmax over the key blocks (running max ``m``, sum ``l``,
+unnormalized output), so no ``T × S`` matrix is ever held; with ``causal=True`` blocks above the
+diagonal are skipped. Its backward recomputes each block's ``P = exp(S − lse)`` from the saved
+log-sum-exp and uses ``rowsum(dP ⊙ P) = rowsum(dO ⊙ O)``; memory is linear in the length.
+
+**Decoding.** Layers with positions take the keyword ``cache_len=L``: ``state`` is then the
+explicit cache (``{}`` starts an empty one of capacity ``L``), the input holds the next positions,
+and ``apply`` returns ``(y, new_cache)``. Composed with ``serial``/``residual``/``stack`` the whole
+model's cache is its state pytree. :func:`init_cache` and :func:`decode_step` wrap this.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fnn import initializers as inits
+from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.layers.dense import dense, dense_backward
+from fnn.layers._chunked_attention import Tiles, allowed, chunked_backward, chunked_forward
+from fnn.layers.dropout import dropout_mask
+from fnn.layers.positional import check_room, rope as rope_op, rope_backward
+
+__all__ = ["dot_product_attention", "dot_product_attention_backward", "MultiHeadAttention",
+           "init_cache", "decode_step"]
+
+_NAME = "dot_product_attention"
+
+
+# --------------------------------------------------------------------------- checks, masks
+
+def _dims(q, k, v):
+    for n, a in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(a, "ndim") or a.ndim != 4:
+            raise ValueError(f"{_NAME}: expected {n} of shape (batch, time, heads, head_dim), "
+                             f"got shape {getattr(a, 'shape', type(a).__name__)}")
+    (b, t, h, d), (bk, s, kh, dk) = q.shape, k.shape
+    if dk != d:
+        raise ValueError(f"{_NAME}: q and k must have the same head_dim, got q {q.shape} "
+                         f"and k {k.shape}")
+    if bk != b or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{_NAME}: q, k, v must share the batch and k, v the (time, kv_heads) "
+                         f"axes, got q {q.shape}, k {k.shape}, v {v.shape}")
+    if h % kh:
+        raise ValueError(f"{_NAME}: the {h} query heads must be a multiple of the {kh} "
+                         f"key/value heads")
+    return b, t, h, d, s, kh, v.shape[3]
+
+
+def _as5(what, a, b, h, kh, t, s):
+    """Check ``a`` broadcasts to ``(b, h, t, s)``; reshape to rank 5 ``(b|1, kh|1, g|1, t|1, s|1)``."""
+    if a is None:
+        return None
+    full = (b, h, t, s)
+    if not hasattr(a, "ndim") or a.ndim > 4 or any(
+            x not in (1, f) for x, f in zip(a.shape[::-1], full[::-1])):
+        raise ValueError(f"{_NAME}: {what} of shape {getattr(a, 'shape', a)} does not broadcast "
+                         f"to (batch, heads, q_time, k_time) = {full}")
+    if what == "mask" and a.dtype != jnp.bool_:
+        raise TypeError(f"{_NAME}: mask must be boolean (True = may attend), got {a.dtype}")
+    a = a.reshape((1,) * (4 - a.ndim) + a.shape)
+    heads = (kh, h // kh) if a.shape[1] == h else (1, 1)
+    return a.reshape(a.shape[:1] + heads + a.shape[2:])
+
+
+def _softmax(s, ok):
+    """``P`` over the last axis, zero outside ``ok`` and on rows with no allowed key."""
+    if ok is not None:
+        s = jnp.where(ok, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(l == 0, 1, l)
+
+
+def _drop(p, rate, key):
+    """``(p ⊙ z / (1 − rate), z)`` with ``z ~ Bernoulli(1 − rate)``; ``z`` is ``None`` at rate 0."""
+    if not rate:
+        return p, None
+    keep = dropout_mask(key, rate, p.shape)
+    return jnp.where(keep, p / (1 - rate), 0), keep
+
+
+# --------------------------------------------------------------------------- plain form
+
+def _plain_probs(q, k, mask5, bias5, causal, scale, q_offset):
+    b, t, h, d = q.shape
+    s_len, kh = k.shape[1], k.shape[2]
+    q5 = q.reshape(b, t, kh, h // kh, d)                                      # (b, t, kh, g, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", q5, k) * scale                        # (b, kh, g, t, s)
+    if bias5 is not None:
+        s = s + bias5
+    ok = allowed(mask5, q_offset + jnp.arange(t), jnp.arange(s_len), causal)
+    return q5, _softmax(s, ok)
+
+
+def _plain(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key):
+    q5, p = _plain_probs(q, k, mask5, bias5, causal, scale, q_offset)
+    pd, _ = _drop(p, rate, key)
+    o = jnp.einsum("bkgts,bskd->btkgd", pd, v)                                # (b, t, kh, g, dv)
+    return o.reshape(q.shape[:3] + (v.shape[3],))
+
+
+def _plain_backward(q, k, v, do, mask5, bias5, causal, scale, q_offset, rate, key):
+    q5, p = _plain_probs(q, k, mask5, bias5, causal, scale, q_offset)
+    b, t, kh, g, _ = q5.shape
+    do5 = do.reshape(b, t, kh, g, v.shape[3])                                 # (b, t, kh, g, dv)
+    pd, keep = _drop(p, rate, key)
+    dv = jnp.einsum("bkgts,btkgd->bskd", pd, do5)                             # dV = Pᵀ dO
+    dp = jnp.einsum("btkgd,bskd->bkgts", do5, v)                              # dP = dO Vᵀ
+    if keep is not None:
+        dp = jnp.where(keep, dp / (1 - rate), 0)
+    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale          # softmax VJP
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k).reshape(q.shape)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q5)
+    o = jnp.einsum("bkgts,bskd->btkgd", pd, v).reshape(do.shape)             # the forward's O
+    return o, (dq, dk, dv)
+
+
+# --------------------------------------------------------------------------- public op
+
+def _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key):
+    b, t, h, d, s, kh, dv = _dims(q, k, v)
+    mask5 = _as5("mask", mask, b, h, kh, t, s)
+    bias5 = _as5("bias", bias, b, h, kh, t, s)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{_NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not 0 <= rate < 1:
+        raise ValueError(f"{_NAME}: dropout_rate must be in [0, 1), got {rate!r}")
+    if rate and key is None:
+        raise ValueError(f"{_NAME}: dropout_rate > 0 needs a dropout_key")
+    return mask5, bias5, (1 / math.sqrt(d) if scale is None else scale), t == 0 or s == 0
+
+
+def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=None,
+                          chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
+    """Scaled dot-product attention ``softmax(scale·QKᵀ + bias, allowed keys) V``.
+
+    **Arguments:** ``q: [batch, T, heads, d]``; ``k: [batch, S, kv_heads, d]``;
+    ``v: [batch, S, kv_heads, dv]`` (``heads`` a multiple of ``kv_heads``); ``mask``: boolean,
+    broadcastable to ``(batch, heads, T, S)``, ``True`` where a query may attend; ``causal``: query
+    ``i`` (at position ``q_offset + i``) sees keys ``0 .. q_offset + i`` (top-left aligned, as
+    ``jax.nn`` and PyTorch's ``is_causal``); ``bias``: additive float, same broadcast;
+    ``scale``: default ``1/√d``; ``chunk_size``: blocks of this many queries/keys with an online
+    softmax (memory linear in length); ``dropout_rate``/``dropout_key``: dropout on ``P``
+    (chunked: one mask per block from ``fold_in(fold_in(key, i), j)``).
+    **Returns:** ``[batch, T, heads, dv]``; rows allowed no key are zero.
+    """
+    mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, dropout_rate,
+                                          dropout_key)
+    if empty:
+        return jnp.zeros(q.shape[:3] + v.shape[3:], jnp.result_type(q, v))
+    if chunk_size is None:
+        return _plain(q, k, v, mask5, bias5, causal, scale, q_offset, dropout_rate, dropout_key)
+    tl = Tiles(q, k, v, mask5, bias5, causal, scale, q_offset, chunk_size, dropout_rate,
+                dropout_key)
+    return tl.untile(chunked_forward(tl)[0])
+
+
+def _attention_vjp(q, k, v, dout, mask=None, *, causal=False, bias=None, scale=None,
+                   chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
+    """``(O, (dq, dk, dv))``: the forward output and the hand-derived VJP, sharing the work."""
+    rate, key = dropout_rate, dropout_key
+    mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key)
+    out_shape = q.shape[:3] + v.shape[3:]
+    if not hasattr(dout, "shape") or dout.shape != out_shape:
+        raise ValueError(f"{_NAME}: dout shape {getattr(dout, 'shape', dout)} differs from the "
+                         f"output shape {out_shape}")
+    if empty:
+        return jnp.zeros(out_shape, dout.dtype), (jnp.zeros_like(q), jnp.zeros_like(k),
+                                                  jnp.zeros_like(v))
+    if chunk_size is None:
+        return _plain_backward(q, k, v, dout, mask5, bias5, causal, scale, q_offset, rate, key)
+    tl = Tiles(q, k, v, mask5, bias5, causal, scale, q_offset, chunk_size, rate, key)
+    o, lse = chunked_forward(tl)
+    return tl.untile(o), chunked_backward(tl, dout, o, lse)
+
+
+def dot_product_attention_backward(q, k, v, dout, mask=None, *, causal=False, bias=None,
+                                   scale=None, chunk_size=None, q_offset=0, dropout_rate=0.0,
+                                   dropout_key=None):
+    """Hand-derived VJP of :func:`dot_product_attention` (same arguments, plus ``dout`` shaped
+    like its output): ``(dq, dk, dv)``. Recomputes ``P`` (chunked: block by block)."""
+    return _attention_vjp(q, k, v, dout, mask, causal=causal, bias=bias, scale=scale,
+                          chunk_size=chunk_size, q_offset=q_offset, dropout_rate=dropout_rate,
+                          dropout_key=dropout_key)[1]
+
+
+# --------------------------------------------------------------------------- layer
+
+def _mask_example(key, input_shape):
+    b, t = input_shape[:2]
+    mask = jax.random.bernoulli(key, 0.7, (b, 1, t, t))
+    return {"mask": mask.at[0, 0, 1, :].set(False)}                         # one empty row
+
+
+# use_bias=False in the sweep: the key bias's gradient is exactly zero in exact arithmetic
+# (softmax ignores a constant added to a row), so vjp and backward agree only to roundoff, which
+# the sweep's relative test cannot tell from an error; tests/test_attention.py checks use_bias=True.
+@examples(Example((2, 5, 8), (2,), {"use_bias": False}),
+          Example((2, 6, 8), (4,), {"num_kv_heads": 2, "causal": True, "rope": True,
+                                    "use_bias": False}, call_kwargs=_mask_example),
+          Example(((2, 4, 6), (2, 5, 3)), (2,), {"head_dim": 3, "out_features": 5,
+                                                 "use_bias": False}),
+          Example((2, 7, 4), (2,), {"dropout": 0.25, "causal": True, "chunk_size": 3,
+                                    "use_bias": False}))
+def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
+                       num_kv_heads: int | None = None, out_features: int | None = None,
+                       dropout: float = 0.0, use_bias: bool = True, *, causal: bool = False,
+                       rope: bool = False, rope_base: float = 10000.0,
+                       chunk_size: int | None = None, w_init=None) -> Layer:
+    """Multi-head attention ``y = concat_h(softmax(q_h k_hᵀ/√d) v_h) W_o + b_o`` (Vaswani et al.).
+
+    **Input:** ``x: [batch, T, F]`` (self-attention) or a pair ``(x, context: [batch, S, Fc])``
+    (cross-attention; ``backward`` then returns ``(dx, dcontext)``). **Output:** ``[batch, T,
+    out_features or F]``. Keywords: ``mask`` (boolean, broadcastable to ``(batch, heads, T, S)``),
+    ``cache_len`` (decoding, causal self-attention only; see the module docstring).
+    ``head_dim`` defaults to ``F / num_heads``; ``num_kv_heads`` (default ``num_heads``) gives
+    grouped-query attention; ``rope`` rotates q and k by their positions (cache offset included);
+    ``dropout`` drops attention probabilities when ``train=True`` (needs a ``key``, as PyTorch);
+    ``chunk_size`` selects the memory-efficient form.
+    **Params:** ``{"q", "k", "v", "o"}``, each ``{"w": (in, out), "b": (out,)}``: ``q.w: (F, heads·d)``,
+    ``k.w, v.w: (Fc, kv_heads·d)``, ``o.w: (heads·d, out)``; Glorot-uniform kernels, zero biases.
+    From ``torch.nn.MultiheadAttention`` (``E`` = embed_dim, same head split):
+    ``q.w = in_proj_weight[:E].T``, ``k.w = in_proj_weight[E:2E].T``, ``v.w = in_proj_weight[2E:].T``,
+    biases the matching slices of ``in_proj_bias``, ``o.w = out_proj.weight.T``, ``o.b = out_proj.bias``.
+    """
+    kv = num_kv_heads or num_heads
+    for what, n in (("num_heads", num_heads), ("num_kv_heads", kv)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"MultiHeadAttention: {what} must be a positive int, got {n!r}")
+    if num_heads % kv:
+        raise ValueError(f"MultiHeadAttention: num_heads {num_heads} must be a multiple of "
+                         f"num_kv_heads {kv}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
+    name = f"MultiHeadAttention({num_heads})"
+    w_init = w_init or inits.glorot_uniform()
+
+    def shapes(shape):
+        cross = not is_shape(shape)
+        xs, cs = (shape if cross and len(shape) == 2 else (shape, shape))
+        if not (is_shape(xs) and is_shape(cs) and len(xs) == 3 and len(cs) == 3
+                and xs[0] == cs[0]):
+            raise ValueError(f"{name}: expected input shape (batch, time, features) or a pair "
+                             f"((batch, T, F), (batch, S, Fc)), got {shape}")
+        d = head_dim or xs[2] // num_heads
+        if head_dim is None and xs[2] % num_heads:
+            raise ValueError(f"{name}: features {xs[2]} not divisible by num_heads {num_heads}; "
+                             f"pass head_dim")
+        if rope and d % 2:
+            raise ValueError(f"{name}: rope needs an even head_dim, got {d}")
+        return tuple(xs), tuple(cs), cross, d
+
+    def init(key, input_shape):
+        xs, cs, cross, d = shapes(input_shape)
+        fo = out_features or xs[2]
+        ks = jax.random.split(key, 4)
+        sizes = {"q": (xs[2], num_heads * d), "k": (cs[2], kv * d), "v": (cs[2], kv * d),
+                 "o": (num_heads * d, fo)}
+        params = {n: {"w": w_init(k, s, default_dtype())} for k, (n, s) in zip(ks, sizes.items())}
+        if use_bias:
+            for n, s in sizes.items():
+                params[n]["b"] = jnp.zeros((s[1],), default_dtype())
+        return params, {}, xs[:2] + (fo,)
+
+    def split(params, x):
+        cross = isinstance(x, (tuple, list))
+        xq, ctx = (x if cross and len(x) == 2 else (x, x))
+        shapes((tuple(getattr(xq, "shape", ())), tuple(getattr(ctx, "shape", ()))))
+        if xq.shape[2] != params["q"]["w"].shape[0] or ctx.shape[2] != params["k"]["w"].shape[0]:
+            raise ValueError(f"{name}: input features {xq.shape[2]}/{ctx.shape[2]} do not match "
+                             f"params q.w {params['q']['w'].shape}, k.w {params['k']['w'].shape}")
+        return xq, ctx, cross, params["q"]["w"].shape[1] // num_heads
+
+    def project(params, xq, ctx, d, q_pos, k_pos):
+        b, t, s = xq.shape[0], xq.shape[1], ctx.shape[1]
+        q = dense(xq, params["q"]["w"], params["q"].get("b")).reshape(b, t, num_heads, d)
+        k = dense(ctx, params["k"]["w"], params["k"].get("b")).reshape(b, s, kv, d)
+        v = dense(ctx, params["v"]["w"], params["v"].get("b")).reshape(b, s, kv, d)
+        if rope:
+            q, k = rope_op(q, q_pos, rope_base), rope_op(k, k_pos, rope_base)
+        return q, k, v
+
+    def att_kw(key, train):
+        rate = dropout if train else 0.0
+        if rate and key is None:
+            raise ValueError(f"{name}: train=True needs a key for attention dropout; pass "
+                             f"key=jax.random.PRNGKey(...) to apply and backward (the same key)")
+        return dict(causal=causal, chunk_size=chunk_size, dropout_rate=rate, dropout_key=key)
+
+    def apply(params, state, x, *, key=None, train=False, mask=None, cache_len=None):
+        if cache_len is not None:
+            return decode(params, state, x, mask, cache_len)
+        xq, ctx, cross, d = split(params, x)
+        t, s = xq.shape[1], ctx.shape[1]
+        q, k, v = project(params, xq, ctx, d, jnp.arange(t), jnp.arange(s))
+        a = dot_product_attention(q, k, v, mask, **att_kw(key, train))          # (b, t, h, d)
+        return dense(_merge(a), params["o"]["w"], params["o"].get("b")), state
+
+    def backward(params, state, x, dy, *, key=None, train=False, mask=None, cache_len=None):
+        if cache_len is not None:
+            raise ValueError(f"{name}: backward does not run in decoding mode (cache_len given)")
+        xq, ctx, cross, d = split(params, x)
+        (b, t, _), s = xq.shape, ctx.shape[1]
+        q_pos, k_pos = jnp.arange(t), jnp.arange(s)
+        q, k, v = project(params, xq, ctx, d, q_pos, k_pos)
+        da = jnp.matmul(dy, params["o"]["w"].T).reshape(b, t, num_heads, d)    # dA = dy W_oᵀ
+        a, (dq, dk, dv) = _attention_vjp(q, k, v, da, mask, **att_kw(key, train))
+        grads = {"o": _pack(*dense_backward(_merge(a), params["o"]["w"], dy, use_bias)[:2])}
+        if rope:
+            dq, dk = rope_backward(dq, q_pos, rope_base), rope_backward(dk, k_pos, rope_base)
+        gq, gk, gv = (dense_backward(inp, params[n]["w"], _merge(g), use_bias)
+                      for n, inp, g in (("q", xq, dq), ("k", ctx, dk), ("v", ctx, dv)))
+        grads.update(q=_pack(*gq[:2]), k=_pack(*gk[:2]), v=_pack(*gv[:2]))
+        dctx = gk[2] + gv[2]
+        return grads, ((gq[2], dctx) if cross else gq[2] + dctx)
+
+    def decode(params, cache, x, mask, cache_len):
+        if isinstance(x, (tuple, list)) or not causal:
+            raise ValueError(f"{name}: decoding (cache_len=) needs causal self-attention")
+        xq, _, _, d = split(params, x)
+        (b, t, _), dt = xq.shape, jnp.result_type(xq, params["k"]["w"])
+        if not isinstance(cache_len, int) or cache_len < 1:
+            raise ValueError(f"{name}: cache_len must be a positive int, got {cache_len!r}")
+        if not cache:
+            cache = {"k": jnp.zeros((b, cache_len, kv, d), dt),
+                     "v": jnp.zeros((b, cache_len, kv, d), dt), "index": jnp.zeros((), jnp.int32)}
+        if set(cache) != {"k", "v", "index"} or cache["k"].shape != (b, cache_len, kv, d):
+            raise ValueError(f"{name}: expected a cache {{'k', 'v': {(b, cache_len, kv, d)}, "
+                             f"'index'}}, got {jax.tree.map(jnp.shape, cache)}")
+        idx = cache["index"]
+        check_room(name, idx, t, cache_len)
+        pos = idx + jnp.arange(t)
+        q, k, v = project(params, xq, xq, d, pos, pos)
+        kc = lax.dynamic_update_slice_in_dim(cache["k"], k.astype(dt), idx, axis=1)
+        vc = lax.dynamic_update_slice_in_dim(cache["v"], v.astype(dt), idx, axis=1)
+        a = dot_product_attention(q, kc, vc, mask, causal=True, q_offset=idx,
+                                  chunk_size=chunk_size)                      # (b, t, h, d)
+        y = dense(_merge(a), params["o"]["w"], params["o"].get("b"))
+        return y, {"k": kc, "v": vc, "index": idx + t}
+
+    return Layer(init, apply, backward, name, frozenset({"mask", "cache_len"}),
+                 stochastic=dropout > 0)
+
+
+def _merge(a):
+    """``(b, t, heads, d)`` → ``(b, t, heads·d)`` (explicit sizes: ``t`` may be 0)."""
+    return a.reshape(a.shape[:2] + (a.shape[2] * a.shape[3],))
+
+
+def _pack(dw, db):
+    return {"w": dw} if db is None else {"w": dw, "b": db}
+
+
+# --------------------------------------------------------------------------- decoding
+
+def init_cache(layer: Layer, params, state, x, max_len: int):
+    """An empty decoding cache of capacity ``max_len`` for ``layer`` — its state pytree in
+    decoding form (``{"k", "v": [batch, max_len, kv_heads, d], "index"}`` per attention layer).
+
+    ``x``: an input with the right batch, feature shape and dtype (e.g. the prompt); only
+    ``x[:, :0]`` is used. Works for any model whose positional/attention layers take
+    ``cache_len`` (``serial``, ``residual``, ``stack`` thread the cache as state).
+    """
+    return layer.apply(params, state, x[:, :0], cache_len=max_len)[1]
+
+
+def decode_step(layer: Layer, params, cache, x, max_len: int):
+    """Feed the next positions ``x: [batch, t, ...]`` through ``layer`` with ``cache``:
+    ``(y, new_cache)``, equal to the matching rows of one causal forward over the whole sequence.
+    Raises ``ValueError`` when the positions would run past ``max_len``."""
+    return layer.apply(params, cache, x, cache_len=max_len)

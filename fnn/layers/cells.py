@@ -1,0 +1,309 @@
+"""Recurrent cells — Elman RNN, LSTM, GRU: one step, its hand-derived backward, initialization.
+
+A cell is a :class:`Cell`; calling it is the plain op ``cell(params, carry, x_t) -> (carry, h_t)``
+and ``cell.backward`` is the step's hand-derived VJP. ``fnn.layers.recurrent`` scans cells over
+sequences. Every cell splits into an input projection ``xp = x @ wi + b_in`` (done for all time
+steps in one matmul by the runner) and a recurrent ``step(params, carry, xp_t)`` holding the only
+matmul that must sit inside the scan, ``gh = h @ wh (+ bh)``. Each step *emits* a few arrays
+(LSTM: its pre-activations and cell state); the outputs ``h_t`` of all steps are formed from
+them in bulk, and so are the gate activations that the backward pass needs, so that the forward
+scan of ``apply`` and of ``backward`` is one and the same computation.
+
+Layouts follow PyTorch's gate order with the weights transposed (``x @ wi`` rather than
+``W_ih @ x``), so that ``torch.nn.LSTM``/``GRU``/``RNN`` weights load by a transpose:
+
+- ``rnn_cell``:  ``h' = act(x wi + h wh + b)``; params ``{"wi": (in, H), "wh": (H, H), "b": (H,)}``.
+- ``lstm_cell``: ``z = x wi + h wh + b`` split into gates ``i, f, g, o`` (input, forget, cell,
+  output); ``i, f, o = σ(·)``, ``g = tanh(·)``; ``c' = f c + i g``, ``h' = o tanh(c')``.
+  Params ``{"wi": (in, 4H), "wh": (H, 4H), "b": (4H,)}``; carry ``(h, c)`` (PyTorch's order).
+- ``gru_cell``: ``gi = x wi + bi``, ``gh = h wh + bh``, each split ``r, z, n`` (reset, update,
+  new); ``r = σ(gi_r + gh_r)``, ``z = σ(gi_z + gh_z)``, ``n = tanh(gi_n + r ⊙ gh_n)``,
+  ``h' = (1 - z) n + z h``. The reset gate multiplies the recurrent term *after* its matmul,
+  bias included (PyTorch's and cuDNN's form; Keras ``reset_after=True``).
+  Params ``{"wi": (in, 3H), "wh": (H, 3H), "bi": (3H,), "bh": (3H,)}``.
+
+Loading PyTorch weights: ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``; for RNN and LSTM
+``b = bias_ih_l0 + bias_hh_l0``; for GRU ``bi = bias_ih_l0``, ``bh = bias_hh_l0``.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnn import activations as acts
+from fnn import initializers as inits
+
+__all__ = ["Cell", "rnn_cell", "lstm_cell", "gru_cell", "make_rnn_cell"]
+
+sigmoid = jax.nn.sigmoid  # lax.logistic: one fused op, as plain-JAX references use
+
+
+class Cell(NamedTuple):
+    """A recurrent cell: the op, its hand-derived backward and what the scan runner needs.
+
+    Carries are tuples inside (``(h,)`` or ``(h, c)``); arrays ``[T, B, ...]`` hold all steps.
+
+    **Fields:** ``name``; ``gates`` (the projections have ``gates·H`` columns); ``n_carry``;
+    ``bias`` (key of the input-side bias) and ``rec_bias`` (of a recurrent-side bias or
+    ``None``); ``init(key, in, H, dtype, wi_init, wh_init) -> params``;
+
+    - ``step(params, carry, xp_t) -> (carry, emitted)``: one step inside the scan;
+    - ``output(params, emitted, xp) -> h``: every step's output from the emitted arrays;
+    - ``unpack(params, emitted, xp, hs, carry0, mask, reverse) -> (carries_prev, residuals)``:
+      every step's incoming carry and the residuals ``step_back`` needs, in bulk;
+    - ``step_back(params, carry_prev, residuals, dcarry) -> (dxp, dgh, dcarry_prev)``: ``dxp``
+      is the gradient of the input projection, ``dgh`` that of ``h @ wh (+ bh)`` (``None`` when
+      equal to ``dxp``), ``dcarry_prev`` that of the previous carry *except* the recurrent term
+      ``dgh @ whᵀ`` which the runner adds (a ``None`` entry means zero).
+    """
+
+    name: str
+    gates: int
+    n_carry: int
+    bias: str
+    rec_bias: str | None
+    init: Callable
+    step: Callable
+    output: Callable
+    unpack: Callable
+    step_back: Callable
+
+    def __call__(self, params, carry, x_t):
+        """One step: ``(params, carry, x_t [batch, in]) -> (carry, h_t [batch, H])``."""
+        xp = x_t @ params["wi"] + bias(params[self.bias], 2)
+        new, _ = self.step(params, as_tuple(self, carry), xp)
+        return from_tuple(self, new), new[0]
+
+    def backward(self, params, carry, x_t, dcarry, dh=None):
+        """Hand-derived VJP of one step with respect to ``(params, carry, x_t)``.
+
+        ``dcarry``: gradient of the new carry; ``dh``: of the output ``h_t`` (added to the
+        carry's ``h``, which it equals). Returns ``(dparams, dcarry_prev, dx_t)``.
+        """
+        c = as_tuple(self, carry)
+        xp = x_t @ params["wi"] + bias(params[self.bias], 2)
+        new, emitted = self.step(params, c, xp)
+        one = lambda a: a[None]                                  # a sequence of one step
+        _, res = self.unpack(params, tuple(map(one, emitted)), one(xp), one(new[0]),
+                             c, None, False)
+        d = as_tuple(self, dcarry)
+        d = (d[0] if dh is None else d[0] + dh,) + d[1:]
+        dxp, dgh, dprev = self.step_back(params, c, tuple(a[0] for a in res), d)
+        dgh = dxp if dgh is None else dgh
+        dprev = with_recurrent(dprev, dgh @ params["wh"].T)
+        grads = {"wi": x_t.T @ dxp, "wh": c[0].T @ dgh, self.bias: jnp.sum(dxp, axis=0)}
+        if self.rec_bias:
+            grads[self.rec_bias] = jnp.sum(dgh, axis=0)
+        return grads, from_tuple(self, dprev), dxp @ params["wi"].T
+
+
+def as_tuple(cell: Cell, carry):
+    """The public carry (``h`` or ``(h, c)``) as the internal tuple."""
+    return tuple(carry) if cell.n_carry > 1 else (carry,)
+
+
+def from_tuple(cell: Cell, carry: tuple):
+    """The internal carry tuple as the public carry."""
+    return tuple(carry) if cell.n_carry > 1 else carry[0]
+
+
+def with_recurrent(dprev: tuple, rec):
+    """Add the recurrent term ``dgh @ whᵀ`` to the ``h`` entry of a ``step_back`` result."""
+    return (rec if dprev[0] is None else dprev[0] + rec,) + tuple(dprev[1:])
+
+
+def bias(b, ndim):
+    """``b`` shaped to broadcast against an array of rank ``ndim`` (explicit, no promotion)."""
+    return b.reshape((1,) * (ndim - 1) + b.shape)
+
+
+def previous(seq, first, mask, reverse):
+    """The value entering each step, ``[T, B, H]``: the neighbouring step's ``seq`` entry, or
+    ``first`` (the initial carry) at each sequence's first step — for ``reverse`` the step
+    before the padding, which ``mask [T, B, 1]`` tells."""
+    if not reverse:
+        return jnp.concatenate([first[None], seq[:-1]], axis=0)
+    prev = jnp.concatenate([seq[1:], first[None]], axis=0)
+    if mask is None:
+        return prev
+    m = jnp.concatenate([mask[1:], jnp.zeros_like(mask[:1])], axis=0)
+    return jnp.where(m, prev, first[None])
+
+
+# --------------------------------------------------------------------------- input checks
+
+def check_sequence(name, x, features):
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name}: expected an array input, got {type(x).__name__}")
+    if x.ndim != 3 or x.shape[-1] != features:
+        raise ValueError(f"{name}: expected a batch of sequences of shape (batch, time, "
+                         f"{features}), got shape {tuple(x.shape)}")
+
+
+def check_lengths(name, lengths, batch, time):
+    """``(time, batch, 1)`` boolean mask of real steps, or ``None`` without ``lengths``."""
+    if lengths is None:
+        return None
+    lengths = lengths if isinstance(lengths, jax.Array) else jnp.asarray(lengths)
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"{name}: lengths must be an integer array of shape (batch,) = "
+                         f"({batch},), got {lengths.dtype} of shape {tuple(lengths.shape)}")
+    if not isinstance(lengths, jax.core.Tracer):          # values known: a concrete array
+        values = np.asarray(lengths)
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi > time:
+            raise ValueError(f"{name}: lengths must lie in [0, {time}] (the time axis), "
+                             f"got values from {lo} to {hi}")
+    return (jnp.arange(time)[:, None] < lengths[None, :])[:, :, None]   # (T, B, 1)
+
+
+def check_carry(name, cell, carry, batch, hidden, what="initial_carry"):
+    want = "h" if cell.n_carry == 1 else "(h, c)"
+    parts = as_tuple(cell, carry) if (cell.n_carry == 1 or isinstance(carry, (tuple, list))) \
+        else None
+    if parts is None or len(parts) != cell.n_carry or not all(
+            hasattr(a, "shape") and tuple(a.shape) == (batch, hidden) for a in parts):
+        got = jax.tree.map(lambda a: tuple(np.shape(a)), carry)
+        raise ValueError(f"{name}: {what} must be {want} with each of shape (batch, hidden) = "
+                         f"({batch}, {hidden}), got shapes {got}")
+    return parts
+
+
+def zeros_carry(cell, batch, hidden, dtype):
+    return tuple(jnp.zeros((batch, hidden), dtype) for _ in range(cell.n_carry))
+
+
+def _split(z, n):
+    """``z [..., n·H]`` into its ``n`` gate blocks (``lax.split``: under autodiff its transpose
+    is one concatenate, where ``n`` slices would each pad a full-width array)."""
+    return tuple(jnp.split(z, n, axis=-1))
+
+
+def _blocks(init, key, rows, hidden, gates, dtype):
+    """``gates`` blocks of shape ``(rows, H)``, each drawn on its own, side by side."""
+    keys = jax.random.split(key, gates)
+    return jnp.concatenate([init(k, (rows, hidden), dtype) for k in keys], axis=1)
+
+
+def _init(gates, bias_keys, forget_bias=None):
+    def init(key, n_in, hidden, dtype, wi_init=None, wh_init=None):
+        ki, kh = jax.random.split(key)
+        params = {"wi": _blocks(wi_init or inits.glorot_uniform(), ki, n_in, hidden, gates, dtype),
+                  "wh": _blocks(wh_init or inits.orthogonal(), kh, hidden, hidden, gates, dtype)}
+        for k in bias_keys:
+            params[k] = jnp.zeros((gates * hidden,), dtype)
+        if forget_bias is not None:
+            params["b"] = params["b"].at[hidden:2 * hidden].set(forget_bias)
+        return params
+    return init
+
+
+# --------------------------------------------------------------------------- Elman RNN
+
+def make_rnn_cell(activation=acts.tanh) -> Cell:
+    """An Elman cell ``h' = act(a)``, ``a = x wi + h wh + b``, for any fnn activation with a
+    ``.grad``. Emits ``a``. Backward: ``da = dh ⊙ act'(a)``; ``dxp = dgh = da``.
+    """
+    if not hasattr(activation, "grad"):
+        raise TypeError(f"rnn_cell: activation must be an fnn activation with a .grad "
+                        f"(fnn.activations.tanh, relu, ...), got {activation!r}")
+    is_tanh = activation is acts.tanh
+    act = jnp.tanh if is_tanh else activation
+
+    def step(p, carry, xp):
+        a = xp + carry[0] @ p["wh"]                              # (B, H)
+        return (act(a),), (a,)
+
+    def unpack(p, emitted, xp, hs, carry0, mask, reverse):
+        return (previous(hs, carry0[0], mask, reverse),), ((hs,) if is_tanh else emitted)
+
+    def step_back(p, carry, res, dcarry):
+        d = (1 - res[0] * res[0]) if is_tanh else activation.grad(res[0])
+        return dcarry[0] * d, None, (None,)
+
+    name = "rnn" if is_tanh else f"rnn_{getattr(activation, '__name__', 'act')}"
+    return Cell(name, 1, 1, "b", None, _init(1, ("b",)), step,
+                lambda p, emitted, xp: act(emitted[0]), unpack, step_back)
+
+
+rnn_cell = make_rnn_cell(acts.tanh)
+
+
+# --------------------------------------------------------------------------- LSTM
+
+def _lstm_step(p, carry, xp):
+    h, c = carry
+    z = xp + h @ p["wh"]                                         # (B, 4H): i, f, g, o
+    i, f, g, o = _split(z, 4)
+    c_new = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
+    return (sigmoid(o) * jnp.tanh(c_new), c_new), (z, c_new)
+
+
+def _lstm_output(p, emitted, xp):
+    z, c = emitted
+    return sigmoid(_split(z, 4)[3]) * jnp.tanh(c)
+
+
+def _lstm_unpack(p, emitted, xp, hs, carry0, mask, reverse):
+    z, c = emitted
+    i, f, g, o = _split(z, 4)                                    # each (T, B, H)
+    prevs = (previous(hs, carry0[0], mask, reverse), previous(c, carry0[1], mask, reverse))
+    return prevs, (sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o), jnp.tanh(c))
+
+
+def _lstm_step_back(p, carry, res, dcarry):
+    """``dc ← dc + dh ⊙ o ⊙ (1 - tanh²c')``; ``di = dc ⊙ g``, ``df = dc ⊙ c``, ``dg = dc ⊙ i``,
+    ``do = dh ⊙ tanh c'``, each times its activation's derivative; ``dc_prev = dc ⊙ f``."""
+    i, f, g, o, tc = res
+    dh, dc = dcarry
+    dc = dc + dh * o * (1 - tc * tc)
+    dz = jnp.concatenate([dc * g * i * (1 - i), dc * carry[1] * f * (1 - f),
+                          dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)  # (B, 4H)
+    return dz, None, (None, dc * f)
+
+
+lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0),
+                 _lstm_step, _lstm_output, _lstm_unpack, _lstm_step_back)
+
+
+# --------------------------------------------------------------------------- GRU
+
+def _gru_step(p, carry, xp):
+    h = carry[0]
+    gh = h @ p["wh"] + bias(p["bh"], 2)                          # (B, 3H): r, z, n
+    xr, xz, xn = _split(xp, 3)
+    hr, hz, hn = _split(gh, 3)
+    r, z = sigmoid(xr + hr), sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    return (n + z * (h - n),), (jnp.concatenate([r, z, n, hn], axis=-1), h)  # (B, 4H), (B, H)
+
+
+def _gru_output(p, emitted, xp):
+    s, h = emitted
+    _, z, n, _ = _split(s, 4)
+    return n + z * (h - n)
+
+
+def _gru_unpack(p, emitted, xp, hs, carry0, mask, reverse):
+    s, h = emitted
+    return (h,), _split(s, 4)
+
+
+def _gru_step_back(p, carry, res, dcarry):
+    """``dn = dh(1-z)``, ``dz = dh(h - n)``, ``dan = dn(1-n²)``, ``dr = dan ⊙ gh_n``;
+    ``dxp = [dr σ', dz σ', dan]``, ``dgh = [dr σ', dz σ', dan ⊙ r]``, ``dh_prev ∋ dh ⊙ z``."""
+    r, z, n, ghn = res
+    dh = dcarry[0]
+    dan = dh * (1 - z) * (1 - n * n)
+    dar = dan * ghn * r * (1 - r)
+    daz = dh * (carry[0] - n) * z * (1 - z)
+    dxp = jnp.concatenate([dar, daz, dan], axis=-1)              # (B, 3H)
+    dgh = jnp.concatenate([dar, daz, dan * r], axis=-1)
+    return dxp, dgh, (dh * z,)
+
+
+gru_cell = Cell("gru", 3, 1, "bi", "bh", _init(3, ("bi", "bh")), _gru_step, _gru_output,
+                _gru_unpack, _gru_step_back)

@@ -1,0 +1,4 @@
+"""Models assembled from fnn layers: each a ``fnn.Layer`` plus the functions that use it."""
+from fnn.models.gpt import GPT, decode_step, init_cache, lm_loss, sample, value_and_grad
+
+__all__ = ["GPT", "init_cache", "decode_step", "sample", "value_and_grad", "lm_loss"]

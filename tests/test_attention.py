@@ -1,0 +1,328 @@
+"""Scaled dot-product attention (plain and chunked) and MultiHeadAttention against float64 NumPy
+references written from the equations; hand-derived backward against jax.vjp with autodiff
+patched to raise; the KV cache against the full causal forward; error messages."""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fnn.core import cast
+from fnn.layers import MultiHeadAttention, decode_step, init_cache
+from fnn.layers.attention import dot_product_attention as dpa
+from fnn.layers.attention import dot_product_attention_backward as dpa_backward
+
+@pytest.fixture(autouse=True)
+def fast_threefry():
+    """With ``jax_threefry_partitionable`` on (the default), XLA:CPU spends ~7 s compiling every
+    jitted random draw; the other threefry lowering gives equally valid bits in ~0.5 s."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
+AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
+
+
+@contextlib.contextmanager
+def no_autodiff(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("autodiff called inside a hand-derived backward")
+    with monkeypatch.context() as m:
+        for name in AUTODIFF:
+            m.setattr(jax, name, boom)
+        yield
+
+
+def vjp_and_hand(f, args, dout, hand, monkeypatch):
+    """``(jax.vjp of f, hand(*args, dout))`` in one jit, traced with autodiff patched to raise
+    (the reference holds the real ``jax.vjp``, taken before the patch)."""
+    real_vjp = jax.vjp
+
+    def both(args, dout):
+        return real_vjp(f, *args)[1](dout), hand(*args, dout)
+    with no_autodiff(monkeypatch):
+        return jax.jit(both)(args, dout)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+
+
+def tree_rel_err(a, b):
+    """Max error over a tree relative to the largest reference entry anywhere in it (a leaf whose
+    exact gradient is zero — the key bias — then compares at the scale of the others)."""
+    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
+    return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+
+
+def np_attention(q, k, v, mask=None, causal=False, q_offset=0, bias=None):
+    """softmax(q kᵀ/√d + bias over allowed keys) v, head by head, row by row; empty rows → 0."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    (b, t, h, d), s, g = q.shape, k.shape[1], q.shape[2] // k.shape[2]
+    ok = np.ones((b, h, t, s), bool)
+    if mask is not None:
+        ok &= np.broadcast_to(np.asarray(mask), (b, h, t, s))
+    if causal:
+        ok &= np.arange(s)[None, :] <= q_offset + np.arange(t)[:, None]
+    extra = 0 if bias is None else np.broadcast_to(np.asarray(bias), (b, h, t, s))
+    out = np.zeros((b, t, h, v.shape[3]))
+    for bi in range(b):
+        for hi in range(h):
+            logits = q[bi, :, hi] @ k[bi, :, hi // g].T / np.sqrt(d) + \
+                (0 if bias is None else extra[bi, hi])
+            for ti in range(t):
+                row = ok[bi, hi, ti]
+                if row.any():
+                    e = np.exp(logits[ti, row] - logits[ti, row].max())
+                    out[bi, ti, hi] = (e / e.sum()) @ v[bi, row, hi // g]
+    return out
+
+
+def qkv(rng, b=2, t=7, s=9, h=4, kh=2, d=3, dv=5, dtype=np.float64):
+    return (jnp.asarray(rng.normal(size=(b, t, h, d)), dtype),
+            jnp.asarray(rng.normal(size=(b, s, kh, d)), dtype),
+            jnp.asarray(rng.normal(size=(b, s, kh, dv)), dtype))
+
+
+def random_mask(rng, shape, empty_row=True):
+    m = rng.random(shape) > 0.35
+    if empty_row:
+        m[0, 0, 1, :] = False                     # a query allowed no key at all
+    return jnp.asarray(m)
+
+
+CASES = {   # name: keyword arguments (mask shapes broadcast to (2, 4, 7, 9))
+    "plain": {},
+    "plain-causal-mask": {"causal": True, "mask": (2, 1, 7, 9)},
+    "plain-bias-offset": {"causal": True, "q_offset": 2, "bias": (4, 7, 9)},
+    "chunked-causal-mask": {"causal": True, "mask": (1, 4, 7, 9), "chunk_size": 3},
+    "chunked-bias-mask": {"mask": (7, 9), "bias": (2, 1, 1, 9), "chunk_size": 4},
+    "chunked-offset": {"causal": True, "q_offset": 3, "chunk_size": 2},
+}
+
+
+def build(rng, case):
+    kw = dict(CASES[case])
+    if "mask" in kw:
+        kw["mask"] = random_mask(rng, kw["mask"], empty_row=len(kw["mask"]) == 4)
+    if "bias" in kw:
+        kw["bias"] = jnp.asarray(rng.normal(size=kw["bias"]))
+    return kw
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_numpy(case, rng):
+    q, k, v = qkv(rng)
+    kw = build(rng, case)
+    ref = np_attention(q, k, v, kw.get("mask"), kw.get("causal", False), kw.get("q_offset", 0),
+                       kw.get("bias"))
+    np.testing.assert_allclose(dpa(q, k, v, **kw), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "plain-bias-offset"])
+def test_backward_matches_vjp(case, rng, monkeypatch):
+    q, k, v = qkv(rng)
+    kw = build(rng, case)
+    if "causal-mask" in case:          # with dropout on P: the same masks in both passes
+        kw.update(dropout_rate=0.3, dropout_key=jax.random.PRNGKey(5))
+    dout = jnp.asarray(rng.normal(size=(2, 7, 4, 5)))
+    ref, got = vjp_and_hand(lambda q, k, v: dpa(q, k, v, **kw), (q, k, v), dout,
+                            lambda q, k, v, do: dpa_backward(q, k, v, do, **kw), monkeypatch)
+    for a, b in zip(got, ref):
+        assert np.isfinite(np.asarray(a)).all()
+        assert rel_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float64, 1e-12)])
+def test_chunked_equals_plain(dtype, tol, rng):
+    q, k, v = qkv(rng, b=1, t=37, s=37, h=2, kh=1, d=16, dv=16, dtype=dtype)
+    mask = random_mask(rng, (1, 1, 37, 37))
+    kw = {"mask": mask, "causal": True}
+    plain = jax.jit(lambda q, k, v: dpa(q, k, v, **kw))(q, k, v)
+    chunked = jax.jit(lambda q, k, v: dpa(q, k, v, chunk_size=8, **kw))(q, k, v)
+    assert chunked.dtype == dtype
+    assert np.max(np.abs(np.asarray(chunked) - np.asarray(plain))) < tol
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_fully_masked_rows_are_zero_not_nan(chunk):
+    q, k, v = (jnp.ones((1, 3, 1, 2)),) * 3
+    mask = jnp.array([True, False, True])[None, None, :, None] & jnp.ones((1, 1, 3, 3), bool)
+    f = lambda q, k, v: dpa(q, k, v, mask, chunk_size=chunk)
+
+    @jax.jit
+    def run(q, k, v):
+        out = f(q, k, v)
+        grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), (0, 1, 2))(q, k, v)
+        return out, grads, dpa_backward(q, k, v, 2 * out, mask, chunk_size=chunk)
+    out, grads, hand = run(q, k, v)
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+    np.testing.assert_allclose(out[0, 0], 1.0)
+    for g, h in zip(grads, hand):
+        assert np.isfinite(np.asarray(g)).all() and np.isfinite(np.asarray(h)).all()
+        np.testing.assert_allclose(h, g, atol=1e-12)
+
+
+def test_chunked_memory_is_linear():
+    """The compiled chunked forward+backward never holds a T×S matrix; the plain one does."""
+    t = 2048
+    x = jax.ShapeDtypeStruct((1, t, 1, 16), jnp.float32)
+
+    def temp_bytes(chunk):
+        f = lambda q, k, v: dpa_backward(q, k, v, q, causal=True, chunk_size=chunk)
+        return jax.jit(f).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+    square = t * t * 4
+    assert temp_bytes(None) >= square
+    assert temp_bytes(128) < square / 8
+
+
+def test_dropout_uses_the_key(rng):
+    q, k, v = qkv(rng)
+    drop = jax.jit(lambda key: dpa(q, k, v, dropout_rate=0.5, dropout_key=key))
+    a, b, c = drop(jax.random.PRNGKey(0)), drop(jax.random.PRNGKey(0)), drop(jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a - c)).max() > 1e-3
+    assert np.abs(np.asarray(a - dpa(q, k, v))).max() > 1e-3
+    with pytest.raises(ValueError, match="needs a dropout_key"):
+        dpa(q, k, v, dropout_rate=0.5)
+
+
+def test_errors(rng):
+    q, k, v = qkv(rng)
+    with pytest.raises(ValueError, match="same head_dim"):
+        dpa(q, k[..., :2], v)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 3, 7, 9\) does not broadcast"):
+        dpa(q, k, v, jnp.ones((2, 3, 7, 9), bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        dpa(q, k, v, jnp.ones((7, 8), bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        dpa(q, k, v, jnp.ones((7, 9)))
+    with pytest.raises(ValueError, match="multiple of the 3 key/value heads"):
+        dpa(q, jnp.zeros((2, 9, 3, 3)), jnp.zeros((2, 9, 3, 5)))
+    with pytest.raises(ValueError, match=r"expected q of shape \(batch, time, heads, head_dim\)"):
+        dpa(q[0], k, v)
+    with pytest.raises(ValueError, match="k, v the"):
+        dpa(q, k, v[:, :4])
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        dpa(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match="dout shape"):
+        dpa_backward(q, k, v, jnp.zeros((2, 7, 4, 3)))
+
+
+# --------------------------------------------------------------------------- MultiHeadAttention
+
+def np_linear(x, p):
+    return np.asarray(x) @ np.asarray(p["w"]) + (np.asarray(p["b"]) if "b" in p else 0)
+
+
+def test_mha_matches_equations(rng):
+    """Self-attention with grouped kv heads and given weights, against NumPy projections +
+    per-head attention + output projection."""
+    layer = MultiHeadAttention(4, head_dim=3, num_kv_heads=2, out_features=5)
+    params, _, out_shape = layer.init(jax.random.PRNGKey(0), (2, 6, 8))
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    x = jnp.asarray(rng.normal(size=(2, 6, 8)))
+    mask = random_mask(rng, (2, 1, 6, 6))
+    y, _ = layer.apply(params, {}, x, mask=mask)
+    q = np_linear(x, params["q"]).reshape(2, 6, 4, 3)
+    k = np_linear(x, params["k"]).reshape(2, 6, 2, 3)
+    v = np_linear(x, params["v"]).reshape(2, 6, 2, 3)
+    ref = np_linear(np_attention(q, k, v, mask).reshape(2, 6, 12), params["o"])
+    assert out_shape == (2, 6, 5)
+    np.testing.assert_allclose(y, ref, rtol=1e-11, atol=1e-12)
+
+
+def test_mha_cross_attention_matches_equations(rng):
+    layer = MultiHeadAttention(2)
+    params, _, out_shape = layer.init(jax.random.PRNGKey(0), ((2, 3, 4), (2, 5, 6)))
+    x, ctx = jnp.asarray(rng.normal(size=(2, 3, 4))), jnp.asarray(rng.normal(size=(2, 5, 6)))
+    y, _ = layer.apply(params, {}, (x, ctx))
+    q = np_linear(x, params["q"]).reshape(2, 3, 2, 2)
+    k = np_linear(ctx, params["k"]).reshape(2, 5, 2, 2)
+    v = np_linear(ctx, params["v"]).reshape(2, 5, 2, 2)
+    np.testing.assert_allclose(y, np_linear(np_attention(q, k, v).reshape(2, 3, 4), params["o"]),
+                               rtol=1e-11, atol=1e-12)
+    assert out_shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_mha_backward_with_biases(cross, rng, monkeypatch):
+    """use_bias=True (the sweep runs use_bias=False): the key bias's exact gradient is zero."""
+    layer = MultiHeadAttention(2, causal=not cross, rope=not cross)
+    shape = ((2, 4, 6), (2, 5, 3)) if cross else (2, 5, 8)
+    params, _, out = layer.init(jax.random.PRNGKey(1), shape)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    x = tuple(jnp.asarray(rng.normal(size=s)) for s in shape) if cross else \
+        jnp.asarray(rng.normal(size=shape))
+    dy = jnp.asarray(rng.normal(size=out))
+    ref, got = vjp_and_hand(lambda p, x: layer.apply(p, {}, x)[0], (params, x), dy,
+                            lambda p, x, dy: layer.backward(p, {}, x, dy), monkeypatch)
+    assert tree_rel_err(got, ref) < 1e-9
+    if cross:    # without rope the key bias adds a constant to each row of logits
+        assert np.abs(np.asarray(got[0]["k"]["b"])).max() < 1e-12 * np.abs(got[0]["k"]["w"]).max()
+
+
+def test_mha_dropout_needs_key():
+    layer = MultiHeadAttention(2, dropout=0.1)
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 3, 4))
+    with pytest.raises(ValueError, match="train=True needs a key"):
+        layer.apply(params, state, jnp.ones((1, 3, 4)), train=True)
+    assert layer.stochastic
+
+
+def test_mha_decode_matches_full_forward(rng):
+    """Token-by-token (after a 3-token prefill) equals one causal forward, float32, with rotary
+    positions and grouped kv heads."""
+    layer = MultiHeadAttention(4, num_kv_heads=2, causal=True, rope=True)
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (2, 7, 8))
+    params = cast(params, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+    full, _ = layer.apply(params, state, x)
+    cache = init_cache(layer, params, state, x, 10)
+    assert cache["k"].shape == (2, 10, 2, 2) and int(cache["index"]) == 0
+    step = jax.jit(lambda p, c, x: decode_step(layer, p, c, x, 10))
+    y, cache = step(params, cache, x[:, :3])
+    ys = [y]
+    for t in range(3, 7):
+        y, cache = step(params, cache, x[:, t:t + 1])
+        ys.append(y)
+    assert int(cache["index"]) == 7
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_errors(rng):
+    layer = MultiHeadAttention(2, causal=True)
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 3, 4))
+    x = jnp.ones((1, 3, 4))
+    cache = init_cache(layer, params, state, x, 4)
+    _, cache = decode_step(layer, params, cache, x, 4)
+    with pytest.raises(ValueError, match=r"decoding past the end of the cache: position 3 \+ 3"):
+        decode_step(layer, params, cache, x, 4)
+    step = jax.jit(lambda c, x: decode_step(layer, params, c, x, 4)[0])
+    with pytest.raises(Exception, match="decoding past the end of the cache"):
+        jax.block_until_ready(step(cache, x[:, :2]))
+    with pytest.raises(ValueError, match="do not fit a cache of capacity 4"):
+        decode_step(layer, params, {}, jnp.ones((1, 5, 4)), 4)
+    with pytest.raises(ValueError, match="backward does not run in decoding mode"):
+        layer.backward(params, state, x, x, cache_len=4)
+    bidir = MultiHeadAttention(2)
+    with pytest.raises(ValueError, match="needs causal self-attention"):
+        bidir.apply(params, state, x, cache_len=4)
+
+
+def test_mha_errors():
+    with pytest.raises(ValueError, match="num_heads 4 must be a multiple of num_kv_heads 3"):
+        MultiHeadAttention(4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+        MultiHeadAttention(3).init(jax.random.PRNGKey(0), (1, 2, 8))
+    with pytest.raises(ValueError, match="rope needs an even head_dim"):
+        MultiHeadAttention(2, head_dim=3, rope=True).init(jax.random.PRNGKey(0), (1, 2, 8))
+    layer = MultiHeadAttention(2)
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 2, 8))
+    with pytest.raises(ValueError, match=r"input features 6/6 do not match"):
+        layer.apply(params, state, jnp.ones((1, 2, 6)))
+    with pytest.raises(ValueError, match=r"expected input shape \(batch, time, features\)"):
+        layer.apply(params, state, jnp.ones((2, 8)))

@@ -1,0 +1,186 @@
+"""MLP and TransformerBlock against NumPy written from the equations, their hand-derived backward
+against jax.vjp, and ``stack(block, n)`` against n unrolled copies (outputs and gradients, hand
+and autodiff, with dropout keys; ``remat`` changes neither)."""
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fnn.activations import relu
+from fnn.core import serial, stack
+from fnn.layers import MLP, TransformerBlock
+
+
+@pytest.fixture(autouse=True)
+def fast_threefry():
+    """XLA:CPU compiles partitionable threefry draws ~10x slower (see tests/test_attention.py)."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
+@contextlib.contextmanager
+def no_autodiff(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("autodiff called inside a hand-derived backward")
+    with monkeypatch.context() as m:
+        for name in ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose"):
+            m.setattr(jax, name, boom)
+        yield
+
+
+def tree_rel_err(a, b):
+    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
+    return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+
+
+def randomize(params, rng):
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(0.0, 0.5, p.shape)), params)
+
+
+# --------------------------------------------------------------------------- NumPy references
+
+def np_gelu(z):
+    return 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+
+
+def np_linear(x, p):
+    return x @ np.asarray(p["w"]) + (np.asarray(p["b"]) if "b" in p else 0)
+
+
+def np_layer_norm(x, p, eps=1e-5):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * np.asarray(p["scale"]) + np.asarray(p["offset"])
+
+
+def np_causal_mha(x, p, heads):
+    b, t, f = x.shape
+    q, k, v = (np_linear(x, p[n]).reshape(b, t, heads, -1) for n in "qkv")
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a = a / a.sum(-1, keepdims=True)
+    return np_linear(np.einsum("bhts,bshd->bthd", a, v).reshape(b, t, -1), p["o"])
+
+
+def np_mlp(x, p):
+    return np_linear(np_gelu(np_linear(x, p["fc1"])), p["fc2"])
+
+
+# --------------------------------------------------------------------------- MLP
+
+def test_mlp_matches_numpy_and_vjp(rng, monkeypatch):
+    layer = MLP(6, 3)
+    params, _, out = layer.init(jax.random.PRNGKey(0), (2, 4, 5))
+    params = randomize(params, rng)
+    x, dy = jnp.asarray(rng.normal(size=(2, 4, 5))), jnp.asarray(rng.normal(size=(2, 4, 3)))
+    real_vjp = jax.vjp
+
+    def run(params, x, dy):
+        y, pull = real_vjp(lambda p, x: layer.apply(p, {}, x)[0], params, x)
+        return y, pull(dy), layer.backward(params, {}, x, dy)
+    with no_autodiff(monkeypatch):
+        y, ref, got = jax.jit(run)(params, x, dy)
+    np.testing.assert_allclose(y, np_mlp(np.asarray(x), params), rtol=1e-12, atol=1e-12)
+    assert tree_rel_err(got, ref) < 1e-12 and out == (2, 4, 3)
+
+
+# --------------------------------------------------------------------------- block
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_block_matches_equations(norm, rng):
+    block = TransformerBlock(2, 12, norm=norm, causal=True)
+    params, state, out = block.init(jax.random.PRNGKey(0), (2, 5, 8))
+    params = randomize(params, rng)
+    x = rng.normal(size=(2, 5, 8))
+    y = jax.jit(lambda p, x: block.apply(p, state, x)[0])(params, jnp.asarray(x))
+    if norm == "pre":
+        a, m = params["attn"], params["mlp"]
+        h = x + np_causal_mha(np_layer_norm(x, a["norm"]), a["mha"], 2)
+        ref = h + np_mlp(np_layer_norm(h, m["norm"]), m["mlp"])
+    else:
+        h = np_layer_norm(x + np_causal_mha(x, params["attn"]["mha"], 2), params["norm1"])
+        ref = np_layer_norm(h + np_mlp(h, params["mlp"]["mlp"]), params["norm2"])
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    assert out == (2, 5, 8)
+
+
+def test_block_backward_matches_vjp(rng, monkeypatch):
+    """Biases on, dropout on, RMS norm, rope, grouped kv heads (the sweep covers use_bias=False)."""
+    block = TransformerBlock(4, 12, dropout=0.2, causal=True, norm_type="rms", rope=True,
+                             num_kv_heads=2)
+    params, state, _ = block.init(jax.random.PRNGKey(0), (2, 5, 8))
+    params = randomize(params, rng)
+    x, dy = (jnp.asarray(rng.normal(size=(2, 5, 8))) for _ in range(2))
+    key, real_vjp = jax.random.PRNGKey(3), jax.vjp
+
+    def both(params, x, dy):
+        ref = real_vjp(lambda p, x: block.apply(p, state, x, key=key, train=True)[0], params, x)[1]
+        return ref(dy), block.backward(params, state, x, dy, key=key, train=True)
+    with no_autodiff(monkeypatch):
+        ref, got = jax.jit(both)(params, x, dy)
+    assert tree_rel_err(got, ref) < 1e-9
+
+
+# --------------------------------------------------------------------------- stack
+
+def unstack(tree, n):
+    return {str(i): jax.tree.map(lambda a: a[i], tree) for i in range(n)}
+
+
+def test_stack_equals_unrolled_copies(rng, monkeypatch):
+    """stack(block, 3) against serial(block, block, block) with the same params and keys: outputs,
+    hand-derived gradients, autodiff gradients, in training mode with dropout."""
+    block = TransformerBlock(2, 6, dropout=0.1, causal=True)
+    deep, unrolled = stack(block, 3), serial(block, block, block)
+    params, state, out = deep.init(jax.random.PRNGKey(0), (2, 3, 4))
+    assert jax.tree.leaves(params)[0].shape[0] == 3 and out == (2, 3, 4)
+    params_u, state_u = unstack(params, 3), unstack(state, 3)
+    x, dy = (jnp.asarray(rng.normal(size=(2, 3, 4))) for _ in range(2))
+    key, real_vjp = jax.random.PRNGKey(1), jax.vjp
+    kw = dict(key=key, train=True)
+
+    def run(model, params, state, hand):
+        f = lambda p, x: model.apply(p, state, x, **kw)[0]
+        y, pull = real_vjp(f, params, x)
+        return y, pull(dy), (model.backward(params, state, x, dy, **kw) if hand else None)
+    with no_autodiff(monkeypatch):
+        (ys, auto_s, hand_s), (yu, auto_u, _) = jax.jit(
+            lambda p, s, pu, su: (run(deep, p, s, True), run(unrolled, pu, su, False)))(
+            params, state, params_u, state_u)
+    np.testing.assert_allclose(ys, yu, rtol=1e-12, atol=1e-12)
+    for dps, dxs in (auto_s, hand_s):            # stack's autodiff and hand rules vs unrolled
+        assert tree_rel_err((unstack(dps, 3), dxs), auto_u) < 1e-10
+
+
+def test_remat_changes_nothing(rng):
+    block = TransformerBlock(2, 8, causal=True)
+    plain, remat = stack(block, 2), stack(block, 2, remat=True)
+    params, state, _ = plain.init(jax.random.PRNGKey(0), (2, 4, 8))
+    x = jnp.asarray(rng.normal(size=(2, 4, 8)))
+
+    def run(model):
+        loss = lambda p, x: jnp.sum(jnp.sin(model.apply(p, state, x)[0]))
+        return loss(params, x), jax.grad(loss, (0, 1))(params, x), \
+            model.backward(params, state, x, jnp.cos(model.apply(params, state, x)[0]))
+    a, b = jax.jit(lambda: (run(plain), run(remat)))()
+    assert tree_rel_err(b, a) < 1e-12
+    assert tree_rel_err(a[2], a[1]) < 1e-9          # and the hand backward agrees with grad
+
+
+def test_block_errors():
+    with pytest.raises(ValueError, match="norm must be 'pre' or 'post'"):
+        TransformerBlock(2, 8, norm="middle")
+    with pytest.raises(ValueError, match="norm_type must be 'layer' or 'rms'"):
+        TransformerBlock(2, 8, norm_type="batch")
+    with pytest.raises(ValueError, match=r"expected input shape \(batch, time, features\)"):
+        TransformerBlock(2, 8).init(jax.random.PRNGKey(0), (2, 8))
+    with pytest.raises(TypeError, match="activation must carry a hand-derived .vjp"):
+        MLP(4, activation=jnp.tanh)
+    with pytest.raises(ValueError, match=r"expected input of shape \(batch, ..., 5\)"):
+        layer = MLP(4, activation=relu)
+        params, _, _ = layer.init(jax.random.PRNGKey(0), (2, 5))
+        layer.apply(params, {}, jnp.ones((2, 6)))
