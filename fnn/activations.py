@@ -78,8 +78,8 @@ def tanh(z):
 @_elementwise(lambda z: (z > 0).astype(z.dtype))
 def relu(z):
     """``max(0, z)``; derivative ``1`` for ``z > 0`` and ``0`` otherwise (``0`` at ``z = 0``,
-    as in PyTorch and ``jax.nn.relu``)."""
-    return jnp.maximum(z, 0)
+    as in PyTorch and ``jax.nn.relu``; written as a ``where`` so autodiff agrees at 0)."""
+    return jnp.where(z > 0, z, jnp.zeros_like(z))
 
 
 @_elementwise(lambda z, alpha=0.01: jnp.where(z > 0, 1.0, alpha).astype(z.dtype))
