@@ -106,7 +106,7 @@ def fnn_steps(model):
 
 # --------------------------------------------------------------------------- torch (optional)
 
-def torch_step(cell, params):
+def torch_step(cell):
     try:
         import torch
     except ImportError:
@@ -175,7 +175,7 @@ def run(cell, reps, inner):
     lr = float(ref(p, x, t)[1])
     fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)),
            "fnn-ad-ns": (ad_ns, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t))}
-    tstep = torch_step(cell, p)
+    tstep = torch_step(cell)
     if tstep is not None:
         fns["torch"] = (tstep, (None, x, t))
     med = time_all(fns, reps, inner)

@@ -7,8 +7,9 @@ additively. For a loss on the *last* output only, this script prints and plots t
 norm reaching each input step, ``‖∂L/∂x_t‖`` (from the layers' hand-derived BPTT), for Elman
 RNNs whose recurrent weights are orthogonal times a gain (0.5, 1, 2) and for an LSTM, shows that
 clipping by global norm caps the exploding case, and then trains both kinds on a task that
-needs a 40-step memory (report the sign of the first input at the end): the RNN stays at chance,
-the LSTM learns it. Figures go to ``OUT/sequence_gradients.png``.
+needs a 40-step memory (report the sign of the first input at the end): the RNN stays far
+from it (about 65%; chance is 50%), the LSTM learns it (about 99%). Figures go to
+``OUT/sequence_gradients.png``.
 
     python examples/sequence_gradients.py [--steps 400] [--out out] [--quick]
 """
@@ -61,7 +62,7 @@ def memory_task(key, n, delay):
     return x, (x[:, 0, :1] > 0).astype(x.dtype)
 
 
-def train_memory(layer, key, steps, delay, lr=3e-3):
+def train_memory(layer, key, steps, delay, lr=1e-2):
     """Adam on fresh batches of the memory task with hand-derived gradients; returns
     the accuracy curve (every 20 steps) and the final accuracy on 1000 new sequences."""
     net = serial(layer, Dense(1))

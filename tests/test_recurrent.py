@@ -311,12 +311,17 @@ def test_errors(key):
     with pytest.raises(ValueError, match=r"LSTM: lengths must lie in \[0, 5\] \(the time axis\), "
                                          r"got values from 1 to 7"):
         layer.backward(params, state, x, x[..., :1].repeat(H, -1), lengths=jnp.array([1, 7, 2]))
-    with pytest.raises(ValueError, match=r"LSTM: initial_carry must be \(h, c\) with each of shape "
+    with pytest.raises(ValueError, match=r"LSTM: initial_carry must be \(h, c\), each of shape "
                                          r"\(batch, hidden\) = \(3, 4\), got shapes"):
         layer.apply(params, state, x, initial_carry=(jnp.ones((B, 5)), jnp.ones((B, 5))))
-    with pytest.raises(ValueError, match=r"GRU: initial_carry must be h with each of shape"):
+    with pytest.raises(ValueError, match=r"GRU: initial_carry must be h of shape \(batch, hidden\)"):
         gp, _, _ = init(GRU(H), (B, T, F))
         GRU(H).apply(gp, {}, x, initial_carry=(jnp.ones((B, H)), jnp.ones((B, H))))
+    stateful = LSTM(H, stateful=True)
+    sp, ss, _ = init(stateful, (B, T, F))
+    with pytest.raises(ValueError, match=r"LSTM: the stateful carry must be \(h, c\), each of "
+                                         r"shape \(batch, hidden\) = \(2, 4\)"):
+        stateful.apply(sp, ss, x[:2])
     with pytest.raises(ValueError, match=r"scan_rnn\(lstm\): expected a batch of sequences"):
         scan_rnn(lstm_cell, params, jnp.ones((T, F)))
     with pytest.raises(ValueError, match=r"LSTM: hidden must be a positive int, got 0"):
@@ -327,3 +332,16 @@ def test_errors(key):
         Bidirectional(LSTM(3), "mean")
     with pytest.raises(TypeError, match=r"rnn_cell: activation must be an fnn activation"):
         SimpleRNN(3, activation=np.tanh)
+
+
+def test_char_lstm_windows_continue_each_stream():
+    """Truncated BPTT data: unshuffled minibatches of ``batch`` rows continue every stream."""
+    from fnn.tasks.char_lstm import windows
+    ids = np.arange(50, dtype=np.int32)
+    x, y = windows(ids, batch=2, window=4)                      # 2 streams of 24 steps
+    assert x.shape == (12, 4)
+    np.testing.assert_array_equal(y, x + 1)                     # targets: the next character
+    streams = x.reshape(6, 2, 4).transpose(1, 0, 2).reshape(2, -1)
+    np.testing.assert_array_equal(streams, np.arange(48).reshape(2, 24))
+    with pytest.raises(ValueError, match="char-lstm: text of 5 characters is too short"):
+        windows(ids[:5], batch=2, window=4)

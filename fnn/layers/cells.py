@@ -27,6 +27,7 @@ Loading PyTorch weights: ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``; for R
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -136,6 +137,7 @@ def previous(seq, first, mask, reverse):
 # --------------------------------------------------------------------------- input checks
 
 def check_sequence(name, x, features):
+    """``x`` must be ``[batch, time, features]``."""
     if not hasattr(x, "shape"):
         raise TypeError(f"{name}: expected an array input, got {type(x).__name__}")
     if x.ndim != 3 or x.shape[-1] != features:
@@ -161,18 +163,20 @@ def check_lengths(name, lengths, batch, time):
 
 
 def check_carry(name, cell, carry, batch, hidden, what="initial_carry"):
-    want = "h" if cell.n_carry == 1 else "(h, c)"
+    """``carry`` (``h`` or ``(h, c)``) with every part ``[batch, hidden]``, as a tuple."""
+    want = "h of shape" if cell.n_carry == 1 else "(h, c), each of shape"
     parts = as_tuple(cell, carry) if (cell.n_carry == 1 or isinstance(carry, (tuple, list))) \
         else None
     if parts is None or len(parts) != cell.n_carry or not all(
             hasattr(a, "shape") and tuple(a.shape) == (batch, hidden) for a in parts):
         got = jax.tree.map(lambda a: tuple(np.shape(a)), carry)
-        raise ValueError(f"{name}: {what} must be {want} with each of shape (batch, hidden) = "
+        raise ValueError(f"{name}: {what} must be {want} (batch, hidden) = "
                          f"({batch}, {hidden}), got shapes {got}")
     return parts
 
 
 def zeros_carry(cell, batch, hidden, dtype):
+    """The all-zero carry tuple."""
     return tuple(jnp.zeros((batch, hidden), dtype) for _ in range(cell.n_carry))
 
 
@@ -203,9 +207,11 @@ def _init(gates, bias_keys, forget_bias=None):
 
 # --------------------------------------------------------------------------- Elman RNN
 
+@functools.lru_cache(maxsize=None)
 def make_rnn_cell(activation=acts.tanh) -> Cell:
     """An Elman cell ``h' = act(a)``, ``a = x wi + h wh + b``, for any fnn activation with a
-    ``.grad``. Emits ``a``. Backward: ``da = dh ⊙ act'(a)``; ``dxp = dgh = da``.
+    ``.grad``. Emits ``a``. Backward: ``da = dh ⊙ act'(a)``; ``dxp = dgh = da``. (Cached per
+    activation, so that layers sharing one share its compiled scans.)
     """
     if not hasattr(activation, "grad"):
         raise TypeError(f"rnn_cell: activation must be an fnn activation with a .grad "
