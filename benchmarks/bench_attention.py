@@ -87,9 +87,12 @@ def plain_init(key, depth):
 
 
 def _ln(x, p):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + 1e-5) * p["s"] + p["b"]
+    x = x - x.mean(-1, keepdims=True)
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * p["s"] + p["b"]
+
+
+def _gelu(z):     # exact GELU written out: jax.nn.gelu(approximate=False) measured ~3x slower
+    return 0.5 * z * (1 + jax.lax.erf(z / math.sqrt(2)))
 
 
 def plain_block(x, p):
@@ -100,7 +103,7 @@ def plain_block(x, p):
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
     a = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, D)
     x = x + a @ p["wo"] + p["bo"]
-    h = jax.nn.gelu(_ln(x, p["ln2"]) @ p["w1"] + p["b1"], approximate=False)
+    h = _gelu(_ln(x, p["ln2"]) @ p["w1"] + p["b1"])
     return x + h @ p["w2"] + p["b2"]
 
 
@@ -131,8 +134,9 @@ def fnn_steps(model, state):
         loss, g = jax.value_and_grad(f)(params)
         return sgd(params, g), loss
 
-    def hand(params, tokens, targets):
-        (loss, _), g = value_and_grad(model)(params, state, tokens, targets, train=False)
+    def hand(params, tokens, targets, unroll=False):
+        (loss, _), g = value_and_grad(model, unroll=unroll)(params, state, tokens, targets,
+                                                            train=False)
         return sgd(params, g), loss
 
     generic_vg = backprop.value_and_grad(model, lm_loss)
@@ -140,7 +144,9 @@ def fnn_steps(model, state):
     def generic(params, tokens, targets):
         (loss, _), g = generic_vg(params, state, tokens, targets, train=False)
         return sgd(params, g), loss
-    return {"fnn-autodiff": auto, "fnn-hand": hand, "fnn-hand (backprop.value_and_grad)": generic}
+    return {"fnn-autodiff": auto, "fnn-hand": hand,
+            "fnn-hand unrolled": lambda p, x, y: hand(p, x, y, unroll=True),
+            "fnn-hand (backprop.value_and_grad)": generic}
 
 
 def data(key):

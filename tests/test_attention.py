@@ -1,6 +1,7 @@
 """Scaled dot-product attention (plain and chunked) and MultiHeadAttention against float64 NumPy
 references written from the equations; hand-derived backward against jax.vjp with autodiff
-patched to raise; the KV cache against the full causal forward; error messages."""
+patched to raise; error messages. (Decoding with the cache against the full causal forward, for
+all three kinds of positions, is in tests/test_gpt.py.)"""
 import contextlib
 
 import jax
@@ -8,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn.core import cast
 from fnn.layers import MultiHeadAttention, decode_step, init_cache
 from fnn.layers.attention import dot_product_attention as dpa
 from fnn.layers.attention import dot_product_attention_backward as dpa_backward
@@ -101,6 +101,8 @@ CASES = {   # name: keyword arguments (mask shapes broadcast to (2, 4, 7, 9))
     "chunked-causal-mask": {"causal": True, "mask": (1, 4, 7, 9), "chunk_size": 3},
     "chunked-bias-mask": {"mask": (7, 9), "bias": (2, 1, 1, 9), "chunk_size": 4},
     "chunked-offset": {"causal": True, "q_offset": 3, "chunk_size": 2},
+    "chunked-all": {"mask": (7, 9), "bias": (2, 1, 1, 9), "causal": True, "q_offset": 3,
+                    "chunk_size": 4},
 }
 
 
@@ -122,7 +124,8 @@ def test_attention_matches_numpy(case, rng):
     np.testing.assert_allclose(dpa(q, k, v, **kw), ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "plain-bias-offset"])
+@pytest.mark.parametrize("case", ["plain", "plain-causal-mask", "chunked-causal-mask",
+                                  "chunked-all"])
 def test_backward_matches_vjp(case, rng, monkeypatch):
     q, k, v = qkv(rng)
     kw = build(rng, case)
@@ -273,31 +276,12 @@ def test_mha_dropout_needs_key():
     assert layer.stochastic
 
 
-def test_mha_decode_matches_full_forward(rng):
-    """Token-by-token (after a 3-token prefill) equals one causal forward, float32, with rotary
-    positions and grouped kv heads."""
-    layer = MultiHeadAttention(4, num_kv_heads=2, causal=True, rope=True)
-    params, state, _ = layer.init(jax.random.PRNGKey(0), (2, 7, 8))
-    params = cast(params, jnp.float32)
-    x = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
-    full, _ = layer.apply(params, state, x)
-    cache = init_cache(layer, params, state, x, 10)
-    assert cache["k"].shape == (2, 10, 2, 2) and int(cache["index"]) == 0
-    step = jax.jit(lambda p, c, x: decode_step(layer, p, c, x, 10))
-    y, cache = step(params, cache, x[:, :3])
-    ys = [y]
-    for t in range(3, 7):
-        y, cache = step(params, cache, x[:, t:t + 1])
-        ys.append(y)
-    assert int(cache["index"]) == 7
-    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), full, atol=1e-5, rtol=1e-5)
-
-
 def test_decode_errors(rng):
     layer = MultiHeadAttention(2, causal=True)
     params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 3, 4))
     x = jnp.ones((1, 3, 4))
     cache = init_cache(layer, params, state, x, 4)
+    assert cache["k"].shape == (1, 4, 2, 2) and int(cache["index"]) == 0
     _, cache = decode_step(layer, params, cache, x, 4)
     with pytest.raises(ValueError, match=r"decoding past the end of the cache: position 3 \+ 3"):
         decode_step(layer, params, cache, x, 4)

@@ -28,8 +28,8 @@ def tokens(shape, vocab=11, seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
 
 
-@pytest.mark.parametrize("tie,depth", [(True, 2), (False, 1)])
-def test_hand_gradients_match_autodiff(tie, depth, monkeypatch):
+@pytest.mark.parametrize("tie,unroll,depth", [(True, False, 2), (False, True, 1)])
+def test_hand_gradients_match_autodiff(tie, unroll, depth, monkeypatch):
     """GPT.backward and value_and_grad (hand rules, autodiff patched to raise) against
     jax.value_and_grad of the same loss, in training mode with dropout."""
     model = GPT(11, 8, 2, depth, 16, 8, tie=tie, dropout=0.1, num_kv_heads=1)
@@ -43,7 +43,7 @@ def test_hand_gradients_match_autodiff(tie, depth, monkeypatch):
     def run(params):
         logits = model.apply(params, state, x, **kw)[0]
         auto = real_vg(lambda p: loss(model.apply(p, state, x, **kw)[0], y))(params)
-        return auto, value_and_grad(model)(params, state, x, y, **kw), \
+        return auto, value_and_grad(model, unroll=unroll)(params, state, x, y, **kw), \
             model.backward(params, state, x, loss.grad(logits, y), **kw)
     with monkeypatch.context() as m:
         for name in ("vjp", "grad", "value_and_grad", "jvp", "linearize", "linear_transpose"):

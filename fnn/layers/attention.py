@@ -216,14 +216,14 @@ def _mask_example(key, input_shape):
 
 # use_bias=False in the sweep: the key bias's gradient is exactly zero in exact arithmetic
 # (softmax ignores a constant added to a row), so vjp and backward agree only to roundoff, which
-# the sweep's relative test cannot tell from an error; tests/test_attention.py checks use_bias=True.
+# the sweep's relative test cannot tell from an error; tests/test_attention.py checks use_bias=True
+# and the chunked form (slow to run eagerly here).
 @examples(Example((2, 5, 8), (2,), {"use_bias": False}),
           Example((2, 6, 8), (4,), {"num_kv_heads": 2, "causal": True, "rope": True,
                                     "use_bias": False}, call_kwargs=_mask_example),
           Example(((2, 4, 6), (2, 5, 3)), (2,), {"head_dim": 3, "out_features": 5,
                                                  "use_bias": False}),
-          Example((2, 7, 4), (2,), {"dropout": 0.25, "causal": True, "chunk_size": 3,
-                                    "use_bias": False}))
+          Example((2, 7, 4), (2,), {"dropout": 0.25, "causal": True, "use_bias": False}))
 def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
                        num_kv_heads: int | None = None, out_features: int | None = None,
                        dropout: float = 0.0, use_bias: bool = True, *, causal: bool = False,
@@ -293,14 +293,32 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
                              f"params q.w {params['q']['w'].shape}, k.w {params['k']['w'].shape}")
         return xq, ctx, cross, params["q"]["w"].shape[1] // num_heads
 
-    def project(params, xq, ctx, d, q_pos, k_pos):
+    def project(params, xq, ctx, d, q_pos, k_pos, fused):
         b, t, s = xq.shape[0], xq.shape[1], ctx.shape[1]
-        q = dense(xq, params["q"]["w"], params["q"].get("b")).reshape(b, t, num_heads, d)
-        k = dense(ctx, params["k"]["w"], params["k"].get("b")).reshape(b, s, kv, d)
-        v = dense(ctx, params["v"]["w"], params["v"].get("b")).reshape(b, s, kv, d)
+        if fused:                   # self-attention: one matmul with [W_q | W_k | W_v]
+            w, bias = _fused(params, use_bias)
+            q, k, v = jnp.split(dense(xq, w, bias), [num_heads * d, (num_heads + kv) * d], -1)
+        else:
+            q, k, v = (dense(inp, params[n]["w"], params[n].get("b"))
+                       for n, inp in (("q", xq), ("k", ctx), ("v", ctx)))
+        q, k, v = q.reshape(b, t, num_heads, d), k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
         if rope:
             q, k = rope_op(q, q_pos, rope_base), rope_op(k, k_pos, rope_base)
         return q, k, v
+
+    def project_backward(params, xq, ctx, dq, dk, dv, fused):
+        """``(grads of q, k, v params, dx, dcontext)`` from the heads' gradients."""
+        if fused:
+            w, _ = _fused(params, use_bias)
+            dw, db, dx = dense_backward(xq, w, jnp.concatenate(
+                [_merge(dq), _merge(dk), _merge(dv)], axis=-1), use_bias)
+            cuts = [dq.shape[2] * dq.shape[3], (dq.shape[2] + dk.shape[2]) * dq.shape[3]]
+            dws, dbs = jnp.split(dw, cuts, 1), (jnp.split(db, cuts) if use_bias else [None] * 3)
+            return {n: _pack(a, c) for n, a, c in zip("qkv", dws, dbs)}, dx, 0
+        gq, gk, gv = (dense_backward(inp, params[n]["w"], _merge(g), use_bias)
+                      for n, inp, g in (("q", xq, dq), ("k", ctx, dk), ("v", ctx, dv)))
+        grads = {n: _pack(*g[:2]) for n, g in zip("qkv", (gq, gk, gv))}
+        return grads, gq[2], gk[2] + gv[2]
 
     def att_kw(key, train):
         rate = dropout if train else 0.0
@@ -314,7 +332,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
             return decode(params, state, x, mask, cache_len)
         xq, ctx, cross, d = split(params, x)
         t, s = xq.shape[1], ctx.shape[1]
-        q, k, v = project(params, xq, ctx, d, jnp.arange(t), jnp.arange(s))
+        q, k, v = project(params, xq, ctx, d, jnp.arange(t), jnp.arange(s), not cross)
         a = dot_product_attention(q, k, v, mask, **att_kw(key, train))          # (b, t, h, d)
         return dense(_merge(a), params["o"]["w"], params["o"].get("b")), state
 
@@ -324,17 +342,14 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
         xq, ctx, cross, d = split(params, x)
         (b, t, _), s = xq.shape, ctx.shape[1]
         q_pos, k_pos = jnp.arange(t), jnp.arange(s)
-        q, k, v = project(params, xq, ctx, d, q_pos, k_pos)
+        q, k, v = project(params, xq, ctx, d, q_pos, k_pos, not cross)
         da = jnp.matmul(dy, params["o"]["w"].T).reshape(b, t, num_heads, d)    # dA = dy W_oᵀ
         a, (dq, dk, dv) = _attention_vjp(q, k, v, da, mask, **att_kw(key, train))
-        grads = {"o": _pack(*dense_backward(_merge(a), params["o"]["w"], dy, use_bias)[:2])}
         if rope:
             dq, dk = rope_backward(dq, q_pos, rope_base), rope_backward(dk, k_pos, rope_base)
-        gq, gk, gv = (dense_backward(inp, params[n]["w"], _merge(g), use_bias)
-                      for n, inp, g in (("q", xq, dq), ("k", ctx, dk), ("v", ctx, dv)))
-        grads.update(q=_pack(*gq[:2]), k=_pack(*gk[:2]), v=_pack(*gv[:2]))
-        dctx = gk[2] + gv[2]
-        return grads, ((gq[2], dctx) if cross else gq[2] + dctx)
+        grads, dx, dctx = project_backward(params, xq, ctx, dq, dk, dv, not cross)
+        grads["o"] = _pack(*dense_backward(_merge(a), params["o"]["w"], dy, use_bias)[:2])
+        return {n: grads[n] for n in "qkvo"}, ((dx, dctx) if cross else dx + dctx)
 
     def decode(params, cache, x, mask, cache_len):
         if isinstance(x, (tuple, list)) or not causal:
@@ -352,7 +367,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
         idx = cache["index"]
         check_room(name, idx, t, cache_len)
         pos = idx + jnp.arange(t)
-        q, k, v = project(params, xq, xq, d, pos, pos)
+        q, k, v = project(params, xq, xq, d, pos, pos, True)
         kc = lax.dynamic_update_slice_in_dim(cache["k"], k.astype(dt), idx, axis=1)
         vc = lax.dynamic_update_slice_in_dim(cache["v"], v.astype(dt), idx, axis=1)
         a = dot_product_attention(q, kc, vc, mask, causal=True, q_offset=idx,
@@ -362,6 +377,12 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
 
     return Layer(init, apply, backward, name, frozenset({"mask", "cache_len"}),
                  stochastic=dropout > 0)
+
+
+def _fused(params, use_bias):
+    """``[W_q | W_k | W_v]`` and its bias: one projection matmul for self-attention."""
+    w = jnp.concatenate([params[n]["w"] for n in "qkv"], axis=1)
+    return w, (jnp.concatenate([params[n]["b"] for n in "qkv"]) if use_bias else None)
 
 
 def _merge(a):

@@ -104,9 +104,8 @@ def _norm(norm_type, eps):
 
 
 @examples(Example((2, 5, 8), (2, 16), {"use_bias": False}),           # see MultiHeadAttention
-          Example((2, 4, 8), (4, 12), {"norm": "post", "norm_type": "rms", "causal": True,
-                                       "num_kv_heads": 2, "rope": True, "dropout": 0.2,
-                                       "use_bias": False}))
+          Example((2, 4, 8), (2, 12), {"norm": "post", "norm_type": "rms", "causal": True,
+                                       "dropout": 0.2, "use_bias": False}))
 def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
                      norm: str = "pre", causal: bool = False, *, norm_type: str = "layer",
                      eps: float | None = None, head_dim: int | None = None,

@@ -109,7 +109,20 @@ def _tied(params, z):
     return jnp.einsum("btd,vd->btv", z, params["embed"]["w"])                   # z Eᵀ
 
 
-def _forward(parts, block, params, state, tokens, key, train, kw):
+def _scan(f, init, xs, unroll, reverse=False):
+    """``lax.scan(f, init, xs)``, or the same as a Python loop (``unroll``): then XLA sees the
+    blocks' forward and the forward each block's backward recomputes in one computation and
+    merges them (CSE), at the price of compile time growing with depth."""
+    if not unroll:
+        return lax.scan(f, init, xs, reverse=reverse)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    ys = [None] * n
+    for i in (reversed(range(n)) if reverse else range(n)):
+        init, ys[i] = f(init, jax.tree.map(lambda a: a[i], xs))
+    return init, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _forward(parts, block, params, state, tokens, key, train, kw, unroll=False):
     """The forward pass keeping what the backward needs: each block's input."""
     names = list(parts)
     kb = split_key(key, names.index("blocks"))
@@ -124,14 +137,14 @@ def _forward(parts, block, params, state, tokens, key, train, kw):
     def body(h, xs):
         p, s, k = xs
         return block.apply(p, s, h, key=k, train=train, **bkw)[0], h
-    hl, inputs = lax.scan(body, h, (params["blocks"], state["blocks"], keys))   # inputs: (L,b,t,d)
+    hl, inputs = _scan(body, h, (params["blocks"], state["blocks"], keys), unroll)  # (L,b,t,d)
     z = parts["norm"].apply(params["norm"], state["norm"], hl)[0]
     logits = parts["head"].apply(params["head"], state["head"], z)[0] if "head" in parts \
         else _tied(params, z)
     return logits, (emb, inputs, keys, hl, z)
 
 
-def _backward(parts, block, params, state, tokens, tape, dlogits, key, train, kw):
+def _backward(parts, block, params, state, tokens, tape, dlogits, key, train, kw, unroll=False):
     emb, inputs, keys, hl, z = tape
     grads = {}
     if "head" in parts:
@@ -147,8 +160,8 @@ def _backward(parts, block, params, state, tokens, tape, dlogits, key, train, kw
         p, s, k, h = xs
         dp, d = block.backward(p, s, h, d, key=k, train=train, **bkw)
         return d, dp
-    dh, grads["blocks"] = lax.scan(body, dh, (params["blocks"], state["blocks"], keys, inputs),
-                                   reverse=True)
+    dh, grads["blocks"] = _scan(body, dh, (params["blocks"], state["blocks"], keys, inputs),
+                                unroll, reverse=True)
     if "pos" in parts:
         grads["pos"], dh = parts["pos"].backward(params["pos"], state["pos"], emb, dh)
     de, _ = parts["embed"].backward(params["embed"], state["embed"], tokens, dh)
@@ -164,18 +177,22 @@ def _parts_of(model, who):
     return parts, parts["blocks"].children[0][1]
 
 
-def value_and_grad(model: Layer):
+def value_and_grad(model: Layer, *, unroll: bool = False):
     """Hand-derived training step for next-token cross-entropy (mean over tokens, nats):
     ``f(params, state, tokens, targets, *, key=None, train=True, **kw) -> ((loss, state), grads)``
     (the signature of ``fnn.backprop.value_and_grad``). One forward pass keeps each block's
-    input; the loss's gradient ``(softmax − onehot)/N`` then runs back through the hand rules."""
+    input; the loss's gradient ``(softmax − onehot)/N`` then runs back through the hand rules,
+    each block recomputing its own forward. ``unroll=True`` loops over the blocks in Python
+    instead of ``lax.scan``, so XLA merges that recomputation with the forward pass (faster
+    steps, compile time growing with depth); the params stay stacked either way."""
     parts, block = _parts_of(model, "value_and_grad")
 
     def f(params, state, tokens, targets, *, key=None, train=True, **kw):
         _check_tokens(tokens)
-        logits, tape = _forward(parts, block, params, state, tokens, key, train, kw)
+        logits, tape = _forward(parts, block, params, state, tokens, key, train, kw, unroll)
         loss, dlogits = lm_loss(logits, targets), lm_loss.grad(logits, targets)
-        grads, _ = _backward(parts, block, params, state, tokens, tape, dlogits, key, train, kw)
+        grads, _ = _backward(parts, block, params, state, tokens, tape, dlogits, key, train, kw,
+                             unroll)
         return (loss, state), grads
     return f
 
