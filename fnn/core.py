@@ -323,16 +323,14 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     def keys(key):
         return None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
-    def one(p, s, x, k, train, kw):
-        return layer.apply(p, s, x, key=k, train=train, **kw)
-
     def apply(params, state, x, *, key=None, train=False, **kw):
-        f = jax.checkpoint(one, static_argnums=(4,)) if remat else one
+        def run(p, s, h, k):            # keywords stay Python values (cache_len is static)
+            return layer.apply(p, s, h, key=k, train=train, **kw)
+        f = jax.checkpoint(run) if remat else run
 
         def body(h, pskey):
             p, s, k = pskey
-            h, s_new = f(p, s, h, k, train, kw)
-            return h, s_new
+            return f(p, s, h, k)
         return jax.lax.scan(body, x, (params, state, keys(key)), length=n)
 
     def backward(params, state, x, dy, *, key=None, train=False, **kw):

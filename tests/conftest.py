@@ -5,6 +5,8 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Each jitted random draw compiles ~10x faster on XLA:CPU with the non-partitionable threefry.
+jax.config.update("jax_threefry_partitionable", False)
 
 
 @pytest.fixture

@@ -56,18 +56,20 @@ def test_hand_gradients_match_autodiff(tie, unroll, depth, monkeypatch):
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope"])
 def test_decoding_equals_full_forward(positions):
-    """Prefill 3 tokens, then one at a time: the logits equal the full causal forward's rows
-    (float32, 1e-5)."""
-    model = GPT(13, 8, 4, 1, 16, 12, positions=positions, num_kv_heads=2)
+    """Token by token (after a 3-token prefill for one of them): the logits equal the full causal
+    forward's rows (float32, 1e-5). Grouped kv heads; the sinusoidal model has an untied head."""
+    model = GPT(13, 8, 4, 1, 16, 12, positions=positions, num_kv_heads=2,
+                tie=positions != "sinusoidal")
     params, state, _ = model.init(jax.random.PRNGKey(0), (2, 8))
     params = cast(params, jnp.float32)
     x = tokens((2, 8), 13)
     full = jax.jit(lambda p: model.apply(p, state, x)[0])(params)
     step = jax.jit(lambda p, c, t: decode_step(model, p, c, t, 10))
     cache = init_cache(model, params, state, 2, 10)
-    logits, cache = step(params, cache, x[:, :3])
+    first = 3 if positions == "learned" else 1          # a multi-token prefill once
+    logits, cache = step(params, cache, x[:, :first])
     rows = [logits]
-    for t in range(3, 8):
+    for t in range(first, 8):
         logits, cache = step(params, cache, x[:, t:t + 1])
         rows.append(logits)
     got = jnp.concatenate(rows, axis=1)
@@ -100,6 +102,8 @@ def test_gpt_errors():
     params, state, _ = model.init(jax.random.PRNGKey(0), (1, 3))
     with pytest.raises(ValueError, match="expected integer token ids"):
         model.apply(params, state, jnp.ones((1, 3)))
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['masks'\]"):
+        model.apply(params, state, jnp.ones((1, 3), jnp.int32), masks=None)
     prompt = jnp.array([[1, 2]])
     with pytest.raises(ValueError, match="exceed the model's learned max_len 6"):
         sample(model, params, state, jax.random.PRNGKey(0), prompt, 5)

@@ -80,7 +80,7 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
         return params, state, input_shape + (vocab,)
 
     def apply(params, state, x, *, key=None, train=False, **kw):
-        _check_tokens(x)
+        _check_tokens(x, kw)
         new, h = {}, x
         for i, n in enumerate(names):
             l = decoder if n == "blocks" and kw.get("cache_len") is not None else parts[n]
@@ -89,7 +89,7 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
         return (_tied(params, h) if tie else h), new
 
     def backward(params, state, x, dy, *, key=None, train=False, **kw):
-        _check_tokens(x)
+        _check_tokens(x, kw)
         if kw.get("cache_len") is not None:
             raise ValueError("GPT: backward does not run in decoding mode (cache_len given)")
         _, tape = _forward(parts, block, params, state, x, key, train, kw)
@@ -99,7 +99,10 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
                  tuple((n, parts[n]) for n in names), dropout > 0)
 
 
-def _check_tokens(x):
+def _check_tokens(x, kw=None):
+    unknown = set(kw or {}) - {"mask", "cache_len"}
+    if unknown:
+        raise TypeError(f"GPT: unexpected keyword(s) {sorted(unknown)}; it takes mask, cache_len")
     if not hasattr(x, "dtype") or x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"GPT: expected integer token ids of shape (batch, time), got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
@@ -188,7 +191,7 @@ def value_and_grad(model: Layer, *, unroll: bool = False):
     parts, block = _parts_of(model, "value_and_grad")
 
     def f(params, state, tokens, targets, *, key=None, train=True, **kw):
-        _check_tokens(tokens)
+        _check_tokens(tokens, kw)
         logits, tape = _forward(parts, block, params, state, tokens, key, train, kw, unroll)
         loss, dlogits = lm_loss(logits, targets), lm_loss.grad(logits, targets)
         grads, _ = _backward(parts, block, params, state, tokens, tape, dlogits, key, train, kw,
@@ -255,6 +258,8 @@ def sample(model: Layer, params, state, key, prompt, steps: int, *, temperature:
     if table is not None and p + steps > table.shape[0]:
         raise ValueError(f"sample: {p} + {steps} positions exceed the model's learned max_len "
                          f"{table.shape[0]}")
+    if not temperature >= 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= params["embed"]["w"].shape[0]:
         raise ValueError(f"sample: top_k must be in [1, vocab], got {top_k}")
     return _sampler(model, steps, max_len, float(temperature), top_k)(params, state, key, prompt)

@@ -1,16 +1,19 @@
 """Task ``char-transformer``: a character-level GPT on Python's own documentation text.
 
-Text: ``pydoc_data.topics.topics`` joined in sorted key order (~465k characters, 103 distinct);
-the first 90% trains, the last 10% validates — the split of the recurrent character model, so
-the two validation bits/char compare directly. Non-overlapping windows of ``SEQ + 1``
-characters give ``(input, next-character target)`` pairs. The model is
+Text: ``pydoc_data.topics.topics`` joined in sorted key order (~465k characters), read by
+``fnn.tasks.char_lstm.load_text``: the first 90% trains, the last 10% validates, the vocabulary
+is every character of the whole text — the same text, split and vocabulary as ``char-lstm``, so
+the two validation bits/char compare directly (the LSTM reads the validation text as long
+streams with a carried state; here each window starts from scratch, so context is shorter).
+Non-overlapping windows of ``SEQ + 1`` characters give ``(input, next-character target)``
+pairs. The model is
 ``fnn.models.GPT`` (learned positions, pre-norm blocks, tied embedding), trained by
 ``fnn.train.fit`` with the hand-derived backward (``grad="manual"``), AdamW with warmup and
 cosine decay, gradients clipped at norm 1.
 
 Writes to ``out``: ``char_transformer_curves.png`` (validation bits/char per epoch),
 ``char_transformer_attention.png`` (every head's attention map for a sampled sequence),
-``char_transformer_sample.txt`` (text sampled with the KV cache) and
+``char_transformer_sample.txt`` (texts sampled with the KV cache) and
 ``char_transformer.safetensors``.
 """
 from __future__ import annotations
@@ -27,17 +30,16 @@ from fnn import checkpoint, optim, train
 from fnn.layers.attention import dot_product_attention
 from fnn.layers.norm import layer_norm
 from fnn.models import GPT, lm_loss, sample
-from fnn.tasks import Task, register
+from fnn.tasks import Task, char_lstm, register
 
 SEQ, BATCH, D, HEADS, DEPTH, MLP = 64, 32, 96, 4, 3, 384
-EPOCHS, LR = 5, 3e-3
-PROMPT = "The "
+EPOCHS, LR = 4, 3e-3
+PROMPTS = ("The ", "def ", "For ", "In a")
 
 
 def load_text():
-    """``(train_text, val_text, alphabet)``: the sorted topics joined, split at 90%."""
-    from pydoc_data.topics import topics
-    text = "".join(topics[k] for k in sorted(topics))
+    """``(train_text, val_text, alphabet)``: char-lstm's text, split at 90%."""
+    text = char_lstm.load_text()
     cut = int(0.9 * len(text))
     return text[:cut], text[cut:], sorted(set(text))
 
@@ -108,7 +110,8 @@ def _plots(history, maps, text, out):
 
 def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) -> dict:
     """Train, report validation bits/char per epoch, sample; returns ``val_bpc`` (last epoch),
-    ``history`` (per-epoch ``train_bpc``/``val_bpc``) and ``sample``."""
+    ``history`` (per-epoch ``train_bpc``/``val_bpc``), ``samples`` (one text per prompt in
+    ``PROMPTS``, 64 characters: the context the positions were trained on) and ``epochs``."""
     epochs = epochs or (1 if quick else EPOCHS)
     lr = lr or LR
     train_text, val_text, alphabet = load_text()
@@ -131,26 +134,28 @@ def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) ->
     ts, hist = result.train_state, result.history
     history = {"epoch": hist["epoch"], "train_bpc": [l / math.log(2) for l in hist["loss"]],
                "val_bpc": [l / math.log(2) for l in hist["val_loss"]]}
-    prompt = jnp.asarray([[index[c] for c in PROMPT]], jnp.int32)
+    prompt = jnp.asarray([[index[c] for c in p] for p in PROMPTS], jnp.int32)    # (4, 4)
     ids = sample(net, ts.params, ts.state, jax.random.PRNGKey(seed + 1), prompt,
                  SEQ - prompt.shape[1], temperature=0.8, top_k=20)
-    text = "".join(alphabet[i] for i in np.asarray(ids[0]))
+    texts = ["".join(alphabet[i] for i in row) for row in np.asarray(ids)]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "char_transformer_sample.txt"), "w") as f:
-        f.write(text + "\n")
+        f.write("\n\n".join(texts) + "\n")
     checkpoint.save(os.path.join(out, "char_transformer.safetensors"), ts.params)
-    _plots(history, attention_maps(net, ts.params, ts.state, ids, 2 if quick else HEADS), text,
-           out)
-    return {"val_bpc": history["val_bpc"][-1], "history": history, "sample": text,
+    maps = attention_maps(net, ts.params, ts.state, ids[:1], 2 if quick else HEADS)
+    _plots(history, maps, texts[0], out)
+    return {"val_bpc": history["val_bpc"][-1], "history": history, "samples": texts,
             "epochs": len(history["epoch"])}
 
 
 def problem(seed=0):
-    """Two 16-character windows and a fresh 1-block GPT, for ``fnn gradcheck``."""
+    """Two 16-character windows and a fresh 1-block GPT, for ``fnn gradcheck``. Rotary positions:
+    with learned ones the key bias's gradient is exactly zero (it shifts every logit of a row
+    alike), which a per-leaf relative comparison cannot tell from an error."""
     train_text, _, alphabet = load_text()
     index = {c: i for i, c in enumerate(alphabet)}
     x, y = windows([index[c] for c in train_text[:40]], 16)
-    net = GPT(len(alphabet), 16, 2, 1, 32, 16)
+    net = GPT(len(alphabet), 16, 2, 1, 32, 16, positions="rope")
     params, state, _ = net.init(jax.random.PRNGKey(seed), x[:2].shape)
     return net, lm_loss, params, state, x[:2], y[:2]
 
