@@ -139,6 +139,45 @@ def test_backward_matches_vjp(case, rng, monkeypatch):
         assert rel_err(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("t,s,h,kh,q_offset", [(70, 70, 2, 1, 0), (130, 140, 2, 2, 5)])
+def test_causal_blocks_match_numpy_and_vjp(t, s, h, kh, q_offset, rng, monkeypatch):
+    """Long enough for the plain form's causal block skipping: each query block against its key
+    prefix, with a mask (one empty row), a bias, grouped heads and an offset."""
+    from fnn.layers.attention import _spans
+    assert len(_spans(t, s, True, q_offset)) > 1
+    q, k, v = qkv(rng, b=2, t=t, s=s, h=h, kh=kh, d=4, dv=3)
+    kw = dict(causal=True, q_offset=q_offset, mask=random_mask(rng, (2, 1, t, s)),
+              bias=jnp.asarray(rng.normal(size=(h, t, s))))
+    ref = np_attention(q, k, v, kw["mask"], True, q_offset, kw["bias"])
+    np.testing.assert_allclose(dpa(q, k, v, **kw), ref, rtol=1e-12, atol=1e-12)
+    kw.update(dropout_rate=0.2, dropout_key=jax.random.PRNGKey(3))
+    dout = jnp.asarray(rng.normal(size=(2, t, h, 3)))
+    ref, got = vjp_and_hand(lambda q, k, v: dpa(q, k, v, **kw), (q, k, v), dout,
+                            lambda q, k, v, do: dpa_backward(q, k, v, do, **kw), monkeypatch)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-9
+
+
+def test_autodiff_of_the_forward_matches_finite_differences(rng):
+    """jax.grad through dot_product_attention itself (not the hand rule) against central
+    differences of the NumPy reference; causal, so query 0 has a lone allowed key, where a
+    clamp written as max(rowsum, 1) would hand autodiff half the gradient."""
+    q, k, v = qkv(rng)
+    w = rng.normal(size=(2, 7, 4, 5))
+    f = lambda q, k, v: jnp.sum(dpa(q, k, v, causal=True) * w)
+    grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    for i, g in enumerate(grads):
+        direction = rng.normal(size=g.shape)
+        args = [np.asarray(a) for a in (q, k, v)]
+
+        def at(eps):
+            shifted = list(args)
+            shifted[i] = args[i] + eps * direction
+            return np.sum(np_attention(*shifted, causal=True) * w)
+        fd = (at(1e-6) - at(-1e-6)) / 2e-6
+        assert abs(np.sum(np.asarray(g) * direction) - fd) < 1e-7 * max(1, abs(fd))
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float64, 1e-12)])
 def test_chunked_equals_plain(dtype, tol, rng):
     q, k, v = qkv(rng, b=1, t=37, s=37, h=2, kh=1, d=16, dv=16, dtype=dtype)

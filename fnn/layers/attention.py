@@ -31,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fnn import initializers as inits
@@ -82,59 +83,154 @@ def _as5(what, a, b, h, kh, t, s):
     return a.reshape(a.shape[:1] + heads + a.shape[2:])
 
 
-def _softmax(s, ok):
-    """``P`` over the last axis, zero outside ``ok`` and on rows with no allowed key."""
-    if ok is not None:
-        s = jnp.where(ok, s, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    return p / jnp.where(l == 0, 1, l)
-
-
-def _drop(p, rate, key):
-    """``(p ⊙ z / (1 − rate), z)`` with ``z ~ Bernoulli(1 − rate)``; ``z`` is ``None`` at rate 0."""
-    if not rate:
-        return p, None
-    keep = dropout_mask(key, rate, p.shape)
-    return jnp.where(keep, p / (1 - rate), 0), keep
-
-
 # --------------------------------------------------------------------------- plain form
+#
+# Laid out heads-first, ``(b, kv_heads, g·t, d)``: the ``g`` query heads that share a kv head are
+# stacked along time, so each (batch, kv head) is one matmul. Written for XLA:CPU's library
+# fusions (YNNPACK): with the mask as an additive 0/−inf term, the scale folded into ``q``, O
+# normalized after ``P̃V`` and the empty-row guards as ``max`` (no select), the whole forward
+# fuses into one kernel — about twice as fast as the same maths with a boolean select and an
+# ``isfinite`` guard. In the backward every product is arranged so that its left operand
+# contracts over its last axis (``dVᵀ = dOᵀ P``, ``dKᵀ = Qᵀ dS``), the form those kernels take.
 
-def _plain_probs(q, k, mask5, bias5, causal, scale, q_offset):
-    b, t, h, d = q.shape
-    s_len, kh = k.shape[1], k.shape[2]
-    q5 = q.reshape(b, t, kh, h // kh, d)                                      # (b, t, kh, g, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", q5, k) * scale                        # (b, kh, g, t, s)
-    if bias5 is not None:
-        s = s + bias5
+def _heads_first(a, kh, last=False):
+    """``(b, t, h, d)`` → ``(b, kh, g·t, d)`` with ``g = h / kh`` (``last``: ``(b, kh, d, g·t)``)."""
+    b, t, h, d = a.shape
+    a = a.reshape(b, t, kh, h // kh, d)
+    if last:
+        return a.transpose(0, 2, 4, 3, 1).reshape(b, kh, d, (h // kh) * t)
+    return a.transpose(0, 2, 3, 1, 4).reshape(b, kh, (h // kh) * t, d)
+
+
+def _heads_last(a, h):
+    """Inverse of :func:`_heads_first`: ``(b, kh, g·t, d)`` → ``(b, t, h, d)``."""
+    b, kh, gt, d = a.shape
+    g = h // kh
+    return a.reshape(b, kh, g, gt // g, d).transpose(0, 3, 1, 2, 4).reshape(b, gt // g, h, d)
+
+
+def _additive(mask5, bias5, causal, q_offset, t, s_len, g, dtype):
+    """The mask (0 allowed, −inf not) plus the bias, rank 4 for heads-first scores, or ``None``."""
     ok = allowed(mask5, q_offset + jnp.arange(t), jnp.arange(s_len), causal)
-    return q5, _softmax(s, ok)
+    add = None if ok is None else jnp.where(ok, jnp.zeros((), dtype), -jnp.inf)
+    if bias5 is not None:
+        add = bias5 if add is None else add + bias5
+    if add is None:
+        return None
+    b_, k_, g_, t_, s_ = add.shape
+    if g_ == 1 and (g == 1 or t_ == 1):
+        return add.reshape(b_, k_, t_, s_)
+    return jnp.broadcast_to(add, (b_, k_, g, t, s_)).reshape(b_, k_, g * t, s_)
+
+
+def _exp_scores(q, k, mask5, bias5, causal, scale, q_offset):
+    """``(qf, kf, e, l)``: scaled heads-first ``q``, heads-first ``k``, ``e = exp(S − m)`` (``m``
+    the row max, zero off the allowed keys) and ``l = max(rowsum(e), 1)``: a row with an allowed
+    key has ``rowsum(e) ≥ 1`` (its max contributes ``exp(0)``), so ``l`` is its sum; a row with
+    none has ``e = 0``, ``m`` clamped finite and ``l = 1``, so ``P = e / l`` and ``O`` are zero
+    there, never NaN. The clamp is added as a constant so that autodiff of the forward sees
+    ``∂l/∂rowsum = 1`` even at ``rowsum = 1`` (a lone allowed key), where ``max`` would split it."""
+    b, t, h, _ = q.shape
+    s_len, kh = k.shape[1], k.shape[2]
+    qf, kf = _heads_first(q * scale, kh), k.transpose(0, 2, 1, 3)
+    s = jnp.matmul(qf, jnp.swapaxes(kf, -1, -2))                              # scale·Q Kᵀ
+    add = _additive(mask5, bias5, causal, q_offset, t, s_len, h // kh, s.dtype)
+    if add is not None:
+        s = s + add
+    m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), jnp.finfo(s.dtype).min)
+    e = jnp.exp(s - lax.stop_gradient(m))
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    return qf, kf, e, l + lax.stop_gradient(jnp.maximum(l, 1) - l)
+
+
+def _drop(e, rate, key, q, k):
+    """``(e ⊙ z / (1 − rate), z)``, ``z ~ Bernoulli(1 − rate)`` drawn in the score shape
+    ``(b, kh, g, t, s)``; ``(e, None)`` at rate 0."""
+    if not rate:
+        return e, None
+    b, t, h, _ = q.shape
+    keep = dropout_mask(key, rate, (b, k.shape[2], h // k.shape[2], t, k.shape[1]))
+    keep = keep.reshape(e.shape)
+    return jnp.where(keep, e / (1 - rate), 0), keep
+
+
+def _span(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key):
+    _, _, e, l = _exp_scores(q, k, mask5, bias5, causal, scale, q_offset)
+    ed, _ = _drop(e, rate, key, q, k)
+    return _heads_last(jnp.matmul(ed, v.transpose(0, 2, 1, 3)) / l, q.shape[2])   # O = P V
+
+
+def _span_backward(q, k, v, do, mask5, bias5, causal, scale, q_offset, rate, key):
+    h, kh = q.shape[2], k.shape[2]
+    qf, kf, e, l = _exp_scores(q, k, mask5, bias5, causal, scale, q_offset)
+    vf = v.transpose(0, 2, 1, 3)
+    ed, keep = _drop(e, rate, key, q, k)
+    o = jnp.matmul(ed, vf) / l                                                # the forward's O
+    p, pd = e / l, ed / l                                                     # P, dropped P
+    dvt = jnp.matmul(_heads_first(do, kh, last=True), pd)                     # dVᵀ = dOᵀ P
+    dof = _heads_first(do, kh)
+    dp = jnp.matmul(dof, jnp.swapaxes(vf, -1, -2))                            # dP = dO Vᵀ
+    if keep is not None:
+        dp = jnp.where(keep, dp / (1 - rate), 0)
+    ds = p * (dp - jnp.sum(dof * o, axis=-1, keepdims=True))   # rowsum(dP ⊙ P) = rowsum(dO ⊙ O)
+    dq = jnp.matmul(ds, kf) * scale
+    dkt = jnp.matmul(_heads_first(q * scale, kh, last=True), ds)             # dKᵀ = scale·Qᵀ dS
+    return _heads_last(o, h), (_heads_last(dq, h), dkt.transpose(0, 3, 1, 2),
+                               dvt.transpose(0, 3, 1, 2))
+
+
+# Causal block skipping: with a static offset, query rows a..b-1 see only keys < q_offset + b,
+# so the plain form runs CAUSAL_BLOCKS query blocks, each against its key prefix (4 blocks do
+# 62.5% of the work of one). Measured forward + backward, batch 16, 4 heads, d 32, on the 2-core
+# box: T=128: 1 block 17.3 ms, 2: 13.3, 4: 11.8, 8: 13.8; T=256: 31.8 / 21.9 / 20.6 / 20.7.
+CAUSAL_BLOCKS = 4
+_MIN_BLOCK = 32
+
+
+def _spans(t, s, causal, q_offset):
+    """``[(a, b, kend)]``: query rows ``a..b-1`` attend to keys ``< kend`` only."""
+    static = isinstance(q_offset, (int, np.integer))
+    n = min(CAUSAL_BLOCKS, t // _MIN_BLOCK) if causal and static else 1
+    cuts = [i * t // n for i in range(n + 1)] if n > 1 else [0, t]
+    spans = [(a, b, min(s, q_offset + b) if n > 1 else s) for a, b in zip(cuts, cuts[1:])]
+    return spans if spans[0][2] < s else [(0, t, s)]
+
+
+def _cut(a5, a, b, kend, t, s):
+    """Rows ``a..b-1`` and keys ``< kend`` of a rank-5 mask or bias (broadcast axes kept)."""
+    if a5 is None:
+        return None
+    rows = slice(a, b) if a5.shape[3] == t else slice(None)
+    keys = slice(0, kend) if a5.shape[4] == s else slice(None)
+    return a5[:, :, :, rows, keys]
 
 
 def _plain(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key):
-    q5, p = _plain_probs(q, k, mask5, bias5, causal, scale, q_offset)
-    pd, _ = _drop(p, rate, key)
-    o = jnp.einsum("bkgts,bskd->btkgd", pd, v)                                # (b, t, kh, g, dv)
-    return o.reshape(q.shape[:3] + (v.shape[3],))
+    t, s = q.shape[1], k.shape[1]
+    spans = _spans(t, s, causal, q_offset)
+    outs = []
+    for i, (a, b, ke) in enumerate(spans):
+        ki = key if len(spans) == 1 or key is None else jax.random.fold_in(key, i)
+        outs.append(_span(q[:, a:b], k[:, :ke], v[:, :ke], _cut(mask5, a, b, ke, t, s),
+                          _cut(bias5, a, b, ke, t, s), causal, scale, q_offset + a, rate, ki))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def _plain_backward(q, k, v, do, mask5, bias5, causal, scale, q_offset, rate, key):
-    q5, p = _plain_probs(q, k, mask5, bias5, causal, scale, q_offset)
-    b, t, kh, g, _ = q5.shape
-    do5 = do.reshape(b, t, kh, g, v.shape[3])                                 # (b, t, kh, g, dv)
-    pd, keep = _drop(p, rate, key)
-    dv = jnp.einsum("bkgts,btkgd->bskd", pd, do5)                             # dV = Pᵀ dO
-    dp = jnp.einsum("btkgd,bskd->bkgts", do5, v)                              # dP = dO Vᵀ
-    if keep is not None:
-        dp = jnp.where(keep, dp / (1 - rate), 0)
-    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale          # softmax VJP
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k).reshape(q.shape)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q5)
-    o = jnp.einsum("bkgts,bskd->btkgd", pd, v).reshape(do.shape)             # the forward's O
-    return o, (dq, dk, dv)
+    t, s = q.shape[1], k.shape[1]
+    spans = _spans(t, s, causal, q_offset)
+    if len(spans) == 1:
+        return _span_backward(q, k, v, do, mask5, bias5, causal, scale, q_offset, rate, key)
+    os, dqs, dk, dv = [], [], 0, 0
+    for i, (a, b, ke) in enumerate(spans):
+        ki = None if key is None else jax.random.fold_in(key, i)
+        o, (dq, dki, dvi) = _span_backward(
+            q[:, a:b], k[:, :ke], v[:, :ke], do[:, a:b], _cut(mask5, a, b, ke, t, s),
+            _cut(bias5, a, b, ke, t, s), causal, scale, q_offset + a, rate, ki)
+        pad = [(0, 0), (0, s - ke), (0, 0), (0, 0)]
+        os.append(o), dqs.append(dq)
+        dk, dv = dk + jnp.pad(dki, pad), dv + jnp.pad(dvi, pad)
+    return jnp.concatenate(os, axis=1), (jnp.concatenate(dqs, axis=1), dk, dv)
 
 
 # --------------------------------------------------------------------------- public op
