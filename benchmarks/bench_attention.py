@@ -8,8 +8,10 @@
     plain JAX (unrolled, fused QKV, autodiff), and PyTorch eager if installed. Ratios to plain JAX.
 (b) ``stack`` against unrolled blocks at depth 6, 12, 24 (``--quick``: 6, 12): compile time and
     step time of the autodiff and hand training steps; plain JAX unrolled and ``lax.scan`` too.
-(c) Causal attention forward + hand backward, batch 1, 4 heads, head_dim 64, plain against
-    chunked (``chunk_size=512``) and ``jax.nn.dot_product_attention`` + autodiff: XLA's compiled
+(c) Causal attention forward + hand backward (``dot_product_attention_vjp``: one pass), batch 1,
+    4 heads, head_dim 64, plain against chunked (``chunk_size=512``; also as a layer runs it,
+    ``apply`` then ``backward``, where the chunked forward runs twice because XLA does not merge
+    the two loops) and ``jax.nn.dot_product_attention`` + autodiff: XLA's compiled
     peak memory (temp + arguments + outputs, from ``memory_analysis``; compile only) at 1k-32k,
     and time where it runs (``--quick``: to 4k plain / 8k chunked; ``--full``: 8k / 32k).
 (d) Decoding 256 tokens after a 16-token prompt (model of (a), batch 1, greedy): KV cache
@@ -32,7 +34,8 @@ import jax.numpy as jnp
 from fnn import backprop
 from fnn.core import serial, stack
 from fnn.layers import Dense, Embedding, LayerNorm, PositionalEmbedding, TransformerBlock
-from fnn.layers.attention import dot_product_attention, dot_product_attention_backward
+from fnn.layers.attention import (dot_product_attention, dot_product_attention_backward,
+                                  dot_product_attention_vjp)
 from fnn.models import GPT, lm_loss, sample, value_and_grad
 
 V, D, H, MLP, T, B, DEPTH = 96, 128, 4, 512, 128, 16, 4
@@ -245,10 +248,12 @@ def part_b(rounds, depths):
 
 def attention_fns(t):
     def fnn_plain(q, k, v, do):
-        return dot_product_attention(q, k, v, causal=True), \
-            dot_product_attention_backward(q, k, v, do, causal=True)
+        return dot_product_attention_vjp(q, k, v, do, causal=True)
 
     def fnn_chunked(q, k, v, do):
+        return dot_product_attention_vjp(q, k, v, do, causal=True, chunk_size=min(512, t))
+
+    def fnn_chunked_twice(q, k, v, do):           # a layer's apply, then its backward
         kw = dict(causal=True, chunk_size=min(512, t))
         return dot_product_attention(q, k, v, **kw), dot_product_attention_backward(q, k, v, do, **kw)
 
@@ -256,7 +261,8 @@ def attention_fns(t):
         out, pull = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
                             q, k, v)
         return out, pull(do)
-    return {"fnn plain": fnn_plain, "fnn chunked": fnn_chunked, "jax.nn + autodiff": jax_nn}
+    return {"fnn plain": fnn_plain, "fnn chunked": fnn_chunked,
+            "fnn chunked, fwd + bwd calls": fnn_chunked_twice, "jax.nn + autodiff": jax_nn}
 
 
 def part_c(rounds, lengths, time_limits):
@@ -321,10 +327,11 @@ def main():
         part_b(max(3, rounds // 2), (6, 12) if args.quick else (6, 12, 24))
     if "c" in args.parts:
         lengths = [1024, 2048, 4096, 8192, 16384, 32768]
-        limits = ({"fnn plain": 8192, "fnn chunked": 32768, "jax.nn + autodiff": 8192}
-                  if args.full else
-                  {"fnn plain": 4096, "fnn chunked": 8192, "jax.nn + autodiff": 4096})
-        part_c(3 if not args.full else 2, lengths, limits)
+        limits = ({"fnn plain": 8192, "fnn chunked": 32768, "fnn chunked, fwd + bwd calls": 8192,
+                   "jax.nn + autodiff": 8192} if args.full else
+                  {"fnn plain": 4096, "fnn chunked": 8192, "fnn chunked, fwd + bwd calls": 4096,
+                   "jax.nn + autodiff": 4096})
+        part_c(5 if not args.full else 2, lengths, limits)
     if "d" in args.parts:
         part_d(max(3, rounds // 2))
 

@@ -59,7 +59,9 @@ def cmd_list(args) -> int:
     width = max((len(n) for n in names), default=0)
     for n in names:
         print(f"{n.ljust(width)}  {tasks.get(n).summary}")
-    return 0
+    for module, error in tasks.broken().items():
+        print(f"fnn: task module {module!r} failed to import: {error}", file=sys.stderr)
+    return 1 if tasks.broken() else 0
 
 
 def cmd_train(args) -> int:

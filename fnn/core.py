@@ -21,7 +21,7 @@ and ``backward`` alike, so a backward pass sees the same dropout masks as its fo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,6 @@
 references written from the equations; hand-derived backward against jax.vjp with autodiff
 patched to raise; error messages. (Decoding with the cache against the full causal forward, for
 all three kinds of positions, is in tests/test_gpt.py.)"""
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -13,49 +12,7 @@ from fnn.layers import MultiHeadAttention, decode_step, init_cache
 from fnn.layers.attention import dot_product_attention as dpa
 from fnn.layers.attention import dot_product_attention_backward as dpa_backward
 
-@pytest.fixture(autouse=True)
-def fast_threefry():
-    """With ``jax_threefry_partitionable`` on (the default), XLA:CPU spends ~7 s compiling every
-    jitted random draw; the other threefry lowering gives equally valid bits in ~0.5 s."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside a hand-derived backward")
-    with monkeypatch.context() as m:
-        for name in AUTODIFF:
-            m.setattr(jax, name, boom)
-        yield
-
-
-def vjp_and_hand(f, args, dout, hand, monkeypatch):
-    """``(jax.vjp of f, hand(*args, dout))`` in one jit, traced with autodiff patched to raise
-    (the reference holds the real ``jax.vjp``, taken before the patch)."""
-    real_vjp = jax.vjp
-
-    def both(args, dout):
-        return real_vjp(f, *args)[1](dout), hand(*args, dout)
-    with no_autodiff(monkeypatch):
-        return jax.jit(both)(args, dout)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
-
-
-def tree_rel_err(a, b):
-    """Max error over a tree relative to the largest reference entry anywhere in it (a leaf whose
-    exact gradient is zero — the key bias — then compares at the scale of the others)."""
-    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
-    return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+from helpers import rel_err, tree_rel_err, vjp_and_hand
 
 
 def np_attention(q, k, v, mask=None, causal=False, q_offset=0, bias=None):
@@ -156,6 +113,19 @@ def test_causal_blocks_match_numpy_and_vjp(t, s, h, kh, q_offset, rng, monkeypat
                             lambda q, k, v, do: dpa_backward(q, k, v, do, **kw), monkeypatch)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_vjp_returns_the_forward_output_and_the_backward(chunk, rng):
+    from fnn.layers import dot_product_attention_vjp
+    q, k, v = qkv(rng)
+    kw = dict(causal=True, q_offset=1, chunk_size=chunk)
+    dout = jnp.asarray(rng.normal(size=(2, 7, 4, 5)))
+    out, grads = dot_product_attention_vjp(q, k, v, dout, **kw)
+    np.testing.assert_allclose(out, np_attention(q, k, v, causal=True, q_offset=1),
+                               rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, dpa_backward(q, k, v, dout, **kw)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_autodiff_of_the_forward_matches_finite_differences(rng):

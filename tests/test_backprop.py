@@ -5,7 +5,6 @@ the forward pass, independent of every hand-derived rule under test. To keep the
 test builds its data, initializes and runs both sides inside one ``jax.jit`` (one compilation;
 eager JAX would compile every small op separately).
 """
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +15,7 @@ import fnn.layers as L
 from fnn import backprop, losses
 from fnn.core import Layer, cast, serial
 
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch, keep=()):
-    """Make JAX's autodiff entry points raise while the block runs (``keep`` spares some)."""
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside manual backprop")
-    with monkeypatch.context() as m:
-        for name in AUTODIFF:
-            if name not in keep:
-                m.setattr(jax, name, boom)
-        yield
+from helpers import no_autodiff
 
 
 def assert_trees_close(got, want, tol=1e-10, what=""):

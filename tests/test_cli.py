@@ -49,3 +49,17 @@ def test_unknown_task_is_an_error(capsys):
     assert "unknown task 'no-such-task'" in err and "xor" in err
     with pytest.raises(SystemExit):
         cli.main(["train"])                              # argparse: NAME is required
+
+
+def test_a_broken_task_module_does_not_hide_the_others(tmp_path, monkeypatch, capsys):
+    from fnn import tasks
+    (tmp_path / "zz_broken_task.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.setattr(tasks, "__path__", list(tasks.__path__) + [str(tmp_path)])
+    monkeypatch.setattr(tasks, "_BROKEN", {})
+    assert cli.main(["list"]) == 1
+    out, err = capsys.readouterr()
+    assert "xor " in out and "digits-mlp " in out
+    assert "task module 'zz_broken_task' failed to import: RuntimeError: boom at import" in err
+    assert cli.main(["train", "zz-broken", "--quick"]) == 2
+    assert "'zz_broken_task' failed to import (RuntimeError: boom at import)" in \
+        capsys.readouterr().err

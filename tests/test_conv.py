@@ -1,6 +1,5 @@
 """Convolutions: forward against float64 NumPy loops written from the definitions, hand-derived
 backward against ``jax.vjp`` (both kernel-gradient formulations), shapes, errors, init."""
-import contextlib
 import math
 
 import jax
@@ -13,22 +12,7 @@ from fnn.core import serial
 from fnn.layers import Conv, ConvTranspose, Dense, Flatten, MaxPool, Relu
 from fnn.layers import conv as C
 
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside a hand-derived backward")
-    with monkeypatch.context() as m:
-        for name in AUTODIFF:
-            m.setattr(jax, name, boom)
-        yield
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+from helpers import no_autodiff, rel_err
 
 
 def tup(v, n):

@@ -6,7 +6,6 @@ train and eval mode, with autodiff patched to raise while ``backward`` runs; ``j
 eager; ``init``'s inferred output shape equal to the real one; params free of state.
 A new layer without examples, or with a wrong backward, fails here without anyone adding a test.
 """
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +15,11 @@ import pytest
 import fnn.layers
 from fnn.core import Layer, is_shape
 
+from helpers import no_autodiff, rel_err
+
 CONSTRUCTORS = sorted(n for n in fnn.layers.__all__ if n[:1].isupper() and n != "Activation")
 CASES = [(n, i, ex) for n in CONSTRUCTORS
          for i, ex in enumerate(getattr(getattr(fnn.layers, n), "examples", ()))]
-
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch):
-    """Make every autodiff entry point raise while the block runs."""
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside a hand-derived backward")
-    with monkeypatch.context() as m:
-        for name in AUTODIFF:
-            m.setattr(jax, name, boom)
-        yield
 
 
 def normal(key, shape):
@@ -61,11 +49,6 @@ def make_input(ex, key):
 def call_kwargs(ex, key):
     return {} if ex.call_kwargs is None else ex.call_kwargs(jax.random.fold_in(key, 99),
                                                              ex.input_shape)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
 
 
 def shapes_of(y):

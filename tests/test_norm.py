@@ -98,7 +98,6 @@ def np_batch_norm_step(x, p, running, momentum, eps, axis):
     (unbiased variance) with Flax/Keras momentum."""
     feat = axis % x.ndim
     red = tuple(i for i in range(x.ndim) if i != feat)
-    n = x.size // x.shape[feat]
     y = np_affine(np_standardize(x, red, eps), p, (feat,))
     mean, var = x.mean(red), x.var(red, ddof=1)
     new = {"mean": momentum * running["mean"] + (1 - momentum) * mean,

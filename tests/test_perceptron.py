@@ -52,7 +52,8 @@ def test_bad_shapes():
 
 
 def test_xor_example_end_to_end(tmp_path):
-    import importlib.util, pathlib
+    import importlib.util
+    import pathlib
     path = pathlib.Path(__file__).parents[1] / "examples" / "xor.py"
     spec = importlib.util.spec_from_file_location("xor_example", path)
     mod = importlib.util.module_from_spec(spec)

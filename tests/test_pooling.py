@@ -1,6 +1,5 @@
 """Pooling: forward and backward against float64 NumPy loops written from the definitions
 (ties, overlapping windows, padding counted or not), backward against ``jax.vjp``, errors."""
-import contextlib
 import math
 
 import jax
@@ -11,23 +10,7 @@ import pytest
 from fnn.layers import AvgPool, GlobalAvgPool, GlobalMaxPool, MaxPool
 from fnn.layers import pooling as P
 
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside a hand-derived backward")
-    with monkeypatch.context() as m:
-        for name in AUTODIFF:
-            m.setattr(jax, name, boom)
-        yield
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
-
+from helpers import no_autodiff, rel_err
 
 # --------------------------------------------------------------------------- NumPy references
 

@@ -2,7 +2,6 @@
 equations (with the weights in PyTorch's own layout, ported as the docstrings say), hand BPTT
 against jax.vjp with autodiff disabled, variable lengths against each sequence run alone, errors.
 """
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -15,26 +14,12 @@ from fnn.layers import (GRU, LSTM, Bidirectional, Dense, SimpleRNN, gru_cell, ls
                         rnn_cell, scan_rnn, scan_rnn_backward)
 from fnn.optim import clip_by_global_norm
 
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
+from helpers import no_autodiff, rel_err
+
 CELLS = {"rnn": (SimpleRNN, rnn_cell, 1, 1), "lstm": (LSTM, lstm_cell, 4, 2),
          "gru": (GRU, gru_cell, 3, 1)}
 B, T, F, H = 3, 5, 2, 4
 LENGTHS = np.array([5, 2, 0])
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside a hand-derived backward")
-    with monkeypatch.context() as m:
-        for name in AUTODIFF:
-            m.setattr(jax, name, boom)
-        yield
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
 
 
 def assert_trees_close(a, b, tol=1e-9):

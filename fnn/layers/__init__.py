@@ -6,7 +6,8 @@ from fnn.activations import (Activation, Elu, Gelu, LeakyRelu, LogSoftmax, PRelu
                              Sigmoid, Softmax, Softplus, Swish, Tanh)
 from fnn.core import parallel, residual, serial, stack
 from fnn.layers.attention import (MultiHeadAttention, decode_step, dot_product_attention,
-                                  dot_product_attention_backward, init_cache)
+                                  dot_product_attention_backward, dot_product_attention_vjp,
+                                  init_cache)
 from fnn.layers.positional import PositionalEmbedding, SinusoidalPositions, rope, sinusoidal
 from fnn.layers.transformer import MLP, TransformerBlock
 from fnn.layers.conv import Conv, ConvTranspose
@@ -28,7 +29,8 @@ __all__ = [
     "SimpleRNN", "LSTM", "GRU", "Bidirectional", "rnn_cell", "lstm_cell", "gru_cell",
     "scan_rnn", "scan_rnn_backward",
     "serial", "parallel", "residual", "stack",
-    "dot_product_attention", "dot_product_attention_backward", "MultiHeadAttention",
+    "dot_product_attention", "dot_product_attention_backward", "dot_product_attention_vjp",
+    "MultiHeadAttention",
     "init_cache", "decode_step", "sinusoidal", "rope", "SinusoidalPositions",
     "PositionalEmbedding", "MLP", "TransformerBlock",
 ]

@@ -37,12 +37,13 @@ from jax import lax
 from fnn import initializers as inits
 from fnn.core import Example, Layer, default_dtype, examples, is_shape
 from fnn.layers.dense import dense, dense_backward
-from fnn.layers._chunked_attention import Tiles, allowed, chunked_backward, chunked_forward
+from fnn.layers._chunked_attention import (Tiles, additive, allowed, chunked_backward,
+                                           chunked_forward)
 from fnn.layers.dropout import dropout_mask
 from fnn.layers.positional import check_room, rope as rope_op, rope_backward
 
-__all__ = ["dot_product_attention", "dot_product_attention_backward", "MultiHeadAttention",
-           "init_cache", "decode_step"]
+__all__ = ["dot_product_attention", "dot_product_attention_backward", "dot_product_attention_vjp",
+           "MultiHeadAttention", "init_cache", "decode_step"]
 
 _NAME = "dot_product_attention"
 
@@ -109,20 +110,6 @@ def _heads_last(a, h):
     return a.reshape(b, kh, g, gt // g, d).transpose(0, 3, 1, 2, 4).reshape(b, gt // g, h, d)
 
 
-def _additive(mask5, bias5, causal, q_offset, t, s_len, g, dtype):
-    """The mask (0 allowed, −inf not) plus the bias, rank 4 for heads-first scores, or ``None``."""
-    ok = allowed(mask5, q_offset + jnp.arange(t), jnp.arange(s_len), causal)
-    add = None if ok is None else jnp.where(ok, jnp.zeros((), dtype), -jnp.inf)
-    if bias5 is not None:
-        add = bias5 if add is None else add + bias5
-    if add is None:
-        return None
-    b_, k_, g_, t_, s_ = add.shape
-    if g_ == 1 and (g == 1 or t_ == 1):
-        return add.reshape(b_, k_, t_, s_)
-    return jnp.broadcast_to(add, (b_, k_, g, t, s_)).reshape(b_, k_, g * t, s_)
-
-
 def _exp_scores(q, k, mask5, bias5, causal, scale, q_offset):
     """``(qf, kf, e, l)``: scaled heads-first ``q``, heads-first ``k``, ``e = exp(S − m)`` (``m``
     the row max, zero off the allowed keys) and ``l = max(rowsum(e), 1)``: a row with an allowed
@@ -134,7 +121,8 @@ def _exp_scores(q, k, mask5, bias5, causal, scale, q_offset):
     s_len, kh = k.shape[1], k.shape[2]
     qf, kf = _heads_first(q * scale, kh), k.transpose(0, 2, 1, 3)
     s = jnp.matmul(qf, jnp.swapaxes(kf, -1, -2))                              # scale·Q Kᵀ
-    add = _additive(mask5, bias5, causal, q_offset, t, s_len, h // kh, s.dtype)
+    ok = allowed(mask5, q_offset + jnp.arange(t), jnp.arange(s_len), causal)
+    add = additive(ok, bias5, h // kh, t, s.dtype)
     if add is not None:
         s = s + add
     m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), jnp.finfo(s.dtype).min)
@@ -273,9 +261,11 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
     return tl.untile(chunked_forward(tl)[0])
 
 
-def _attention_vjp(q, k, v, dout, mask=None, *, causal=False, bias=None, scale=None,
-                   chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
-    """``(O, (dq, dk, dv))``: the forward output and the hand-derived VJP, sharing the work."""
+def dot_product_attention_vjp(q, k, v, dout, mask=None, *, causal=False, bias=None, scale=None,
+                              chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
+    """``(out, (dq, dk, dv))``: :func:`dot_product_attention`'s output and its hand-derived VJP
+    from one pass (what a layer's ``backward`` wants: it needs ``out`` for the output
+    projection's gradient). Same arguments, plus ``dout`` shaped like the output."""
     rate, key = dropout_rate, dropout_key
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key)
     out_shape = q.shape[:3] + v.shape[3:]
@@ -297,9 +287,9 @@ def dot_product_attention_backward(q, k, v, dout, mask=None, *, causal=False, bi
                                    dropout_key=None):
     """Hand-derived VJP of :func:`dot_product_attention` (same arguments, plus ``dout`` shaped
     like its output): ``(dq, dk, dv)``. Recomputes ``P`` (chunked: block by block)."""
-    return _attention_vjp(q, k, v, dout, mask, causal=causal, bias=bias, scale=scale,
-                          chunk_size=chunk_size, q_offset=q_offset, dropout_rate=dropout_rate,
-                          dropout_key=dropout_key)[1]
+    return dot_product_attention_vjp(q, k, v, dout, mask, causal=causal, bias=bias, scale=scale,
+                                     chunk_size=chunk_size, q_offset=q_offset,
+                                     dropout_rate=dropout_rate, dropout_key=dropout_key)[1]
 
 
 # --------------------------------------------------------------------------- layer
@@ -440,7 +430,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
         q_pos, k_pos = jnp.arange(t), jnp.arange(s)
         q, k, v = project(params, xq, ctx, d, q_pos, k_pos, not cross)
         da = jnp.matmul(dy, params["o"]["w"].T).reshape(b, t, num_heads, d)    # dA = dy W_oᵀ
-        a, (dq, dk, dv) = _attention_vjp(q, k, v, da, mask, **att_kw(key, train))
+        a, (dq, dk, dv) = dot_product_attention_vjp(q, k, v, da, mask, **att_kw(key, train))
         if rope:
             dq, dk = rope_backward(dq, q_pos, rope_base), rope_backward(dk, k_pos, rope_base)
         grads, dx, dctx = project_backward(params, xq, ctx, dq, dk, dv, not cross)

@@ -19,7 +19,7 @@ import importlib
 import pkgutil
 from typing import Callable, NamedTuple
 
-__all__ = ["Task", "register", "get", "names", "load_all"]
+__all__ = ["Task", "register", "get", "names", "load_all", "broken"]
 
 
 class Task(NamedTuple):
@@ -30,6 +30,7 @@ class Task(NamedTuple):
 
 
 _TASKS: dict[str, Task] = {}
+_BROKEN: dict[str, str] = {}          # task module -> why it failed to import
 
 
 def register(task: Task) -> Task:
@@ -41,9 +42,21 @@ def register(task: Task) -> Task:
 
 
 def load_all() -> None:
-    """Import every task module in this package."""
+    """Import every task module in this package. A module that fails to import does not take
+    the others down: it is recorded (see :func:`broken`) and its tasks are missing."""
     for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+        if info.name in _BROKEN:
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as e:                                          # noqa: BLE001
+            _BROKEN[info.name] = f"{type(e).__name__}: {e}"
+
+
+def broken() -> dict[str, str]:
+    """Task modules that failed to import, each with its error (after :func:`load_all`)."""
+    load_all()
+    return dict(_BROKEN)
 
 
 def names() -> list[str]:
@@ -56,5 +69,6 @@ def get(name: str) -> Task:
     """The task called ``name``; ``KeyError`` listing the known names otherwise."""
     load_all()
     if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}")
+        failed = "".join(f"; task module {m!r} failed to import ({e})" for m, e in _BROKEN.items())
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}{failed}")
     return _TASKS[name]

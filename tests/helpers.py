@@ -1,0 +1,46 @@
+"""Helpers shared by the tests of hand-derived backward rules."""
+import contextlib
+
+import jax
+import numpy as np
+
+AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
+
+
+@contextlib.contextmanager
+def no_autodiff(monkeypatch, keep=()):
+    """Make JAX's autodiff entry points raise while the block runs (``keep`` spares some), so a
+    hand-derived backward traced inside cannot lean on them."""
+    def boom(*a, **k):
+        raise AssertionError("autodiff called inside a hand-derived backward")
+    with monkeypatch.context() as m:
+        for name in AUTODIFF:
+            if name not in keep:
+                m.setattr(jax, name, boom)
+        yield
+
+
+def rel_err(a, b):
+    """Max absolute difference relative to the largest reference entry, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+
+
+def tree_rel_err(a, b):
+    """Max error over a tree relative to the largest reference entry anywhere in it (a leaf whose
+    exact gradient is zero, such as an attention key bias, then compares at the scale of the
+    others instead of at its own roundoff)."""
+    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
+    return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / max(scale, 1e-12)
+
+
+def vjp_and_hand(f, args, dout, hand, monkeypatch):
+    """``(jax.vjp of f, hand(*args, dout))`` in one jit, traced with autodiff patched to raise
+    (the reference holds the real ``jax.vjp``, taken before the patch)."""
+    real_vjp = jax.vjp
+
+    def both(args, dout):
+        return real_vjp(f, *args)[1](dout), hand(*args, dout)
+    with no_autodiff(monkeypatch):
+        return jax.jit(both)(args, dout)
