@@ -15,8 +15,9 @@ a later ``fit`` with the same model, loss and optimizer objects and data sizes).
 partial batch is a real smaller batch, not a padded one, so batch statistics (batch norm) see
 only real examples.
 
-Gradients come from ``jax.value_and_grad`` (``grad="autodiff"``) or from the layers'
-hand-derived rules via :func:`fnn.backprop.value_and_grad` (``grad="manual"``).
+Gradients come from ``jax.value_and_grad`` (``grad="autodiff"``), from the layers'
+hand-derived rules via :func:`fnn.backprop.value_and_grad` (``grad="manual"``), or from any
+function with that one's signature (``grad=fnn.models.value_and_grad(gpt, unroll=True)``, say).
 
 NaN/Inf guard: the loop leaves the epoch at the first step whose loss or gradient norm is not
 finite and reports its index; ``fit`` then replays the same compiled epoch up to the step
@@ -160,8 +161,8 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
             (_, (value, pred, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
             return value, pred, new_state, g
         return f
-    if grad == "manual":
-        vg = backprop.value_and_grad(model, loss)
+    if grad == "manual" or callable(grad):
+        vg = backprop.value_and_grad(model, loss) if grad == "manual" else grad
 
         def f(params, state, x, t, kw, key):
             (value, new_state), g = vg(params, state, x, t, key=key, train=True, **kw)
@@ -171,7 +172,9 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
                 g = jax.tree.map(jnp.add, g, regularizer.grad(params))
             return value, pred, new_state, g
         return f
-    raise ValueError(f"train: grad must be 'autodiff' or 'manual', got {grad!r}")
+    raise ValueError(f"train: grad must be 'autodiff', 'manual' or a function "
+                     f"(params, state, x, target, *, key, train, **kw) -> ((loss, state), grads), "
+                     f"got {grad!r}")
 
 
 def _step_core(model, loss, optimizer, grad="autodiff", accuracy=None, regularizer=None,
@@ -213,15 +216,16 @@ def _as_data(data, name):
     return data, num_examples(data, name)
 
 
-def make_step(model, loss, optimizer, *, grad: str = "autodiff", accuracy="auto",
+def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accuracy="auto",
               regularizer=None, guard: bool = True, grad_norm: bool = True,
               jit: bool = True) -> Callable:
     """The train step ``(train_state, batch) -> (train_state, StepMetrics)``, jitted.
 
     ``batch`` is ``(x, target)`` or ``(x, target, model_kwargs)``. One step: split the key,
     ``loss(model.apply(params, x, train=True), target)`` (plus ``regularizer(params)``) and its
-    gradient by ``grad`` (``"autodiff"`` or ``"manual"``), ``optimizer.update``, ``params +
-    updates``. With ``guard`` a non-finite loss or gradient leaves the state unchanged
+    gradient by ``grad`` (``"autodiff"``, ``"manual"``, or a function shaped like
+    :func:`fnn.backprop.value_and_grad`'s result that computes the same loss),
+    ``optimizer.update``, ``params + updates``. With ``guard`` a non-finite loss or gradient leaves the state unchanged
     (``metrics.finite`` is then ``False``). ``grad_norm=False`` skips the global gradient norm
     (one more pass over the gradients; NaN in the metrics) and then judges finiteness by the
     loss alone. Any optax-shaped ``(init, update)`` optimizer works.
@@ -444,7 +448,7 @@ def _nonfinite_message(epoch, step, start):
 
 def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int, val_data=None,
         key=None, params=None, state=None, train_state: TrainState | None = None,
-        grad: str = "autodiff", accuracy="auto", regularizer=None, learning_rate=None,
+        grad: str | Callable = "autodiff", accuracy="auto", regularizer=None, learning_rate=None,
         shuffle: bool = True, drop_last: bool = False, early_stopping=None,
         min_delta: float = 0.0, monitor: str | None = None, restore_best: bool = True,
         callbacks=(), on_nonfinite: str = "stop", progress="auto", grad_norm: bool = True,
@@ -458,7 +462,8 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int, val
 
     **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair. Start from
     ``key`` (with ``params``/``state`` or ``model.init``) or from ``train_state``. ``grad``:
-    ``"autodiff"`` or ``"manual"`` (hand-derived backprop). ``accuracy``: ``"auto"``, ``None`` or
+    ``"autodiff"``, ``"manual"`` (hand-derived backprop) or a gradient function (see
+    :func:`make_step`). ``accuracy``: ``"auto"``, ``None`` or
     ``fn(pred, target) -> [batch]``. ``regularizer``: a ``fnn.regularizers.Regularizer`` added
     to the objective (history shows the data loss). ``learning_rate`` (float or schedule) is
     only recorded in the history. ``early_stopping``: a patience (int) or a
@@ -557,7 +562,7 @@ def _smooth(losses, beta=0.98):
 
 def lr_find(model, loss, make_optimizer: Callable, train_data, *, batch_size: int, key,
             min_lr: float = 1e-7, max_lr: float = 10.0, steps: int = 100, params=None,
-            state=None, grad: str = "autodiff", divergence: float = 4.0, plot=None
+            state=None, grad: str | Callable = "autodiff", divergence: float = 4.0, plot=None
             ) -> LRFindResult:
     """LR range test: train from ``min_lr`` upward by a constant factor per step up to
     ``max_lr``; stop when the loss exceeds ``divergence`` (4) times its best so far or turns

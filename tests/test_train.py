@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from fnn import data, losses, train
+from fnn import backprop, data, losses, train
 from fnn.layers import Dense, Tanh, serial
 
 try:
@@ -58,9 +58,14 @@ def _allclose(a, b):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-12), a, b)
 
 
-@pytest.mark.parametrize("grad", ["autodiff", "manual"])
+@pytest.mark.parametrize("grad", ["autodiff", "manual", "function"])
 def test_fit_matches_a_plain_optax_loop(grad, key):
-    """shuffle=False: the same batches (16, 16, 16, then the partial 2) in the same order."""
+    """shuffle=False: the same batches (16, 16, 16, then the partial 2) in the same order.
+    ``"function"``: a gradient function passed in (here the hand rules, wrapped by hand)."""
+    calls = []
+    if grad == "function":
+        vg = backprop.value_and_grad(MODEL, CE)
+        grad = lambda *a, **k: calls.append(1) or vg(*a, **k)
     x, y = _xor()
     params, _, _ = MODEL.init(key, (16, 2))
     result = train.fit(MODEL, CE, SGD, (x, y), epochs=2, batch_size=16, params=params, key=key,
@@ -68,6 +73,7 @@ def test_fit_matches_a_plain_optax_loop(grad, key):
     want, seen = _reference(params, x, y, 8)
     _allclose(result.train_state.params, want)
     assert int(result.train_state.step) == 8
+    assert bool(calls) == callable(grad)                 # the function was traced and used
     expect = [sum(v * n for v, n in part) / 50 for part in (seen[:4], seen[4:])]
     np.testing.assert_allclose(result.history["loss"], expect, rtol=1e-10)
 
@@ -213,7 +219,7 @@ def test_errors_name_the_problem(key):
         fit((x,), key=key)
     with pytest.raises(ValueError, match=r"same leading .* axis.*\(16, 2\).*\(15,\)"):
         fit((x, y[:15]), key=key)
-    with pytest.raises(ValueError, match="grad must be 'autodiff' or 'manual', got 'bogus'"):
+    with pytest.raises(ValueError, match="grad must be .autodiff., .manual. or a function"):
         fit((x, y), key=key, grad="bogus")
     with pytest.raises(ValueError, match="on_nonfinite must be"):
         fit((x, y), key=key, on_nonfinite="ignore")

@@ -8,8 +8,9 @@ streams with a carried state; here each window starts from scratch, so context i
 Non-overlapping windows of ``SEQ + 1`` characters give ``(input, next-character target)``
 pairs. The model is
 ``fnn.models.GPT`` (learned positions, pre-norm blocks, tied embedding), trained by
-``fnn.train.fit`` with the hand-derived backward (``grad="manual"``), AdamW with warmup and
-cosine decay, gradients clipped at norm 1.
+``fnn.train.fit`` with the hand-derived backward (``fnn.models.value_and_grad`` with the blocks
+unrolled: the fastest step, see ``benchmarks/RESULTS.md``), AdamW with warmup and cosine decay,
+gradients clipped at norm 1.
 
 Writes to ``out``: ``char_transformer_curves.png`` (validation bits/char per epoch),
 ``char_transformer_attention.png`` (every head's attention map for a sampled sequence),
@@ -28,8 +29,9 @@ import numpy as np
 
 from fnn import checkpoint, optim, train
 from fnn.layers.attention import dot_product_attention
+from fnn.layers.dense import dense
 from fnn.layers.norm import layer_norm
-from fnn.models import GPT, lm_loss, sample
+from fnn.models import GPT, lm_loss, sample, value_and_grad
 from fnn.tasks import Task, char_lstm, register
 
 SEQ, BATCH, D, HEADS, DEPTH, MLP = 64, 32, 96, 4, 3, 384
@@ -71,8 +73,7 @@ def attention_maps(net, params, state, tokens, heads):
         s = jax.tree.map(lambda a: a[i], state["blocks"])
         a = p["attn"]
         z = layer_norm(h, a["norm"]["scale"], a["norm"]["offset"])
-        q = z @ a["mha"]["q"]["w"] + a["mha"]["q"]["b"]
-        k = z @ a["mha"]["k"]["w"] + a["mha"]["k"]["b"]
+        q, k = (dense(z, a["mha"][n]["w"], a["mha"][n]["b"]) for n in "qk")
         q, k = (u.reshape(1, t, heads, -1) for u in (q, k))
         # P = softmax over allowed keys: attention of one-hot values gives P itself
         eye = jnp.broadcast_to(jnp.eye(t)[None, :, None, :], (1, t, heads, t))
@@ -129,7 +130,8 @@ def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) ->
                           "b", "scale", "offset")))
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
     result = train.fit(net, lm_loss, opt, train_xy, epochs=epochs, batch_size=BATCH,
-                       val_data=val_xy, key=jax.random.PRNGKey(seed), grad="manual",
+                       val_data=val_xy, key=jax.random.PRNGKey(seed),
+                       grad=value_and_grad(net, unroll=True),
                        accuracy=None, drop_last=True, progress=progress, grad_norm=False)
     ts, hist = result.train_state, result.history
     history = {"epoch": hist["epoch"], "train_bpc": [l / math.log(2) for l in hist["loss"]],
