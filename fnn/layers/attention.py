@@ -247,7 +247,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
     ``jax.nn`` and PyTorch's ``is_causal``); ``bias``: additive float, same broadcast;
     ``scale``: default ``1/√d``; ``chunk_size``: blocks of this many queries/keys with an online
     softmax (memory linear in length); ``dropout_rate``/``dropout_key``: dropout on ``P``
-    (chunked: one mask per block from ``fold_in(fold_in(key, i), j)``).
+    (chunked: one mask per block from ``fold_in(fold_in(key, i), j)``; plain and causal over 64
+    or more queries: one per query block from ``fold_in(key, i)``).
     **Returns:** ``[batch, T, heads, dv]``; rows allowed no key are zero.
     """
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, dropout_rate,
