@@ -4,7 +4,7 @@ Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived an
 against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
 from fnn import (activations, backprop, checkpoint, data, gradcheck, initializers, layers,
-                 losses, optim, regularizers, train)
+                 losses, models, optim, regularizers, train)
 from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
                       stack, summary)
 
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
     "summary", "cast", "activations", "backprop", "checkpoint", "data", "gradcheck",
-    "initializers", "layers", "losses", "optim", "regularizers", "train",
+    "initializers", "layers", "losses", "models", "optim", "regularizers", "train",
 ]
