@@ -114,15 +114,22 @@ def _check_x(name, x_shape, n, channels):
                          f"shape {tuple(x_shape)}{hint}")
 
 
-def _geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
-    """Check shapes; return ``(n, strides, dilation, pads, k_eff, out_sizes)``."""
+def _kernel_geometry(name, x_shape, w_shape, strides, dilation, groups):
+    """Checks shared by convolution and its transpose: ``(n, strides, dilation, k_eff)``, with
+    ``k_eff`` the dilated kernel sizes."""
     n = len(w_shape) - 2
     _check_x(name, x_shape, n, w_shape[-2] * groups)
     strides, dilation = _tuple(name, "strides", strides, n), _tuple(name, "dilation", dilation, n)
     if w_shape[-1] % groups:
         raise ValueError(f"{name}: {w_shape[-1]} output channels are not divisible by "
                          f"groups={groups}")
-    k_eff = [(k - 1) * d + 1 for k, d in zip(w_shape[:n], dilation)]
+    return n, strides, dilation, [(k - 1) * d + 1 for k, d in zip(w_shape[:n], dilation)]
+
+
+def _geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
+    """Check shapes; return ``(n, strides, dilation, pads, k_eff, out_sizes)``."""
+    n, strides, dilation, k_eff = _kernel_geometry(name, x_shape, w_shape, strides, dilation,
+                                                   groups)
     sizes = x_shape[1:-1]
     pads = _conv_pads(name, sizes, k_eff, strides, padding)
     for i, (m, k, (lo, hi)) in enumerate(zip(sizes, k_eff, pads)):
@@ -234,13 +241,8 @@ def conv_backward(x, w, dy, strides=1, padding="SAME", dilation=1, groups=1, ker
 def _transpose_geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
     """Check shapes; return ``(n, strides, dilation, pads, k_eff, out_sizes)`` of the
     lhs-dilated convolution that a transposed convolution is."""
-    n = len(w_shape) - 2
-    _check_x(name, x_shape, n, w_shape[-2] * groups)
-    strides, dilation = _tuple(name, "strides", strides, n), _tuple(name, "dilation", dilation, n)
-    if w_shape[-1] % groups:
-        raise ValueError(f"{name}: {w_shape[-1]} output channels are not divisible by "
-                         f"groups={groups}")
-    k_eff = [(k - 1) * d + 1 for k, d in zip(w_shape[:n], dilation)]
+    n, strides, dilation, k_eff = _kernel_geometry(name, x_shape, w_shape, strides, dilation,
+                                                   groups)
     mode = _padding_mode(padding)
     if mode in ("SAME", "VALID"):      # lax.conv_transpose / Flax: out = n·s or (n-1)·s + k
         total = [k + s - 2 + (max(k - s, 0) if mode == "VALID" else 0)
