@@ -236,6 +236,19 @@ def peers(sizes, batches) -> dict:
     return out
 
 
+def _python_loop(step, carry, batches):
+    """An epoch as a peer library's users write it: ``carry = step(*carry, x, y)`` per batch in
+    Python, continuing from the previous call's carry."""
+    box = [carry]
+
+    def run():
+        c = box[0]
+        for xb, yb in batches:
+            c = step(*c, xb, yb)
+        box[0] = jax.block_until_ready(c)
+    return run
+
+
 def _flax(sizes, batches):
     import flax.linen as nn
 
@@ -248,7 +261,6 @@ def _flax(sizes, batches):
 
     model, opt = MLP(), optax.adam(1e-3)
     params = model.init(jax.random.PRNGKey(0), batches[0][0])
-    st = {"p": params, "s": opt.init(params)}
 
     @jax.jit
     def step(p, s, x, y):
@@ -258,12 +270,7 @@ def _flax(sizes, batches):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    def run():
-        p, s = st["p"], st["s"]
-        for xb, yb in batches:
-            p, s = step(p, s, xb, yb)
-        st["p"], st["s"] = jax.block_until_ready((p, s))
-    return run
+    return _python_loop(step, (params, opt.init(params)), batches)
 
 
 def _equinox(sizes, batches):
@@ -272,7 +279,6 @@ def _equinox(sizes, batches):
     model = eqx.nn.MLP(sizes[0], sizes[-1], sizes[1], depth=len(sizes) - 2,
                        activation=jax.nn.relu, key=jax.random.PRNGKey(0))
     opt = optax.adam(1e-3)
-    st = {"m": model, "s": opt.init(eqx.filter(model, eqx.is_array))}
 
     @eqx.filter_jit
     def step(m, s, x, y):
@@ -282,12 +288,7 @@ def _equinox(sizes, batches):
         u, s = opt.update(g, s, eqx.filter(m, eqx.is_array))
         return eqx.apply_updates(m, u), s
 
-    def run():
-        m, s = st["m"], st["s"]
-        for xb, yb in batches:
-            m, s = step(m, s, xb, yb)
-        st["m"], st["s"] = jax.block_until_ready((m, s))
-    return run
+    return _python_loop(step, (model, opt.init(eqx.filter(model, eqx.is_array))), batches)
 
 
 def _torch(sizes, batches):
