@@ -3,9 +3,9 @@
 Two entry points:
 
 - :func:`value_and_grad` — the lesson's algorithm generalised to any composition of layers:
-  forward (caching each layer's input), the output error from the loss's hand-derived gradient,
-  errors propagated backward through every layer's ``backward``, weight gradients formed on the
-  way. No autodiff is involved; the result is jittable.
+  one forward pass keeping each layer's residuals (``vjp_fwd``), the output error from the
+  loss's hand-derived gradient, errors propagated backward through every layer's ``vjp_bwd``,
+  weight gradients formed on the way. No autodiff is involved; the result is jittable.
 - :func:`custom_vjp` — the same model as a layer whose ``apply`` is a ``jax.custom_vjp``, so that
   ``jax.grad`` of *any* function of its output (your own loss, an optax loss, a regulariser
   added outside) runs the hand rules for the model's part.
@@ -24,19 +24,22 @@ from fnn.core import Layer
 __all__ = ["value_and_grad", "grad", "custom_vjp"]
 
 
-def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None):
+def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None,
+                   with_output: bool = False):
     """Build ``f(params, state, x, target, *, key=None, train=True, **kw)
     -> ((loss_value, new_state), grads)`` from hand-derived rules only.
 
     **Arguments:** ``model``: any :class:`fnn.Layer`. ``loss``: an :class:`fnn.losses.Loss`
     (anything with ``loss(pred, target, **loss_kwargs)`` and
     ``loss.grad(pred, target, **loss_kwargs)``). Extra keywords ``**kw`` (``lengths=``,
-    ``mask=``) go to the model. Under ``jax.jit`` mark ``train`` static
+    ``mask=``) go to the model. ``with_output=True`` also returns the model's output:
+    ``((loss_value, new_state, y), grads)``. Under ``jax.jit`` mark ``train`` static
     (``jax.jit(f, static_argnames="train")``): layers branch on it in Python.
 
-    The gradient with respect to ``params`` is ``model.backward(params, state, x,
-    loss.grad(y, target))`` — backpropagation of the output error. ``new_state`` is the state
-    ``apply`` returns (batch-norm running statistics), ready for the next step.
+    One forward pass, ``y, new_state, res = model.vjp_fwd(params, state, x)``, then
+    ``grads = model.vjp_bwd(params, state, res, loss.grad(y, target))`` — backpropagation of the
+    output error from the residuals that forward kept. ``new_state`` is the state ``apply``
+    returns (batch-norm running statistics), ready for the next step.
     """
     if not hasattr(loss, "grad"):
         raise TypeError(f"value_and_grad: the loss needs a hand-derived .grad(pred, target); "
@@ -44,11 +47,11 @@ def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None):
     lkw = dict(loss_kwargs or {})
 
     def f(params, state, x, target, *, key=None, train=True, **kw):
-        y, new_state = model.apply(params, state, x, key=key, train=train, **kw)
+        y, new_state, res = model.vjp_fwd(params, state, x, key=key, train=train, **kw)
         value = loss(y, target, **lkw)
         dy = loss.grad(y, target, **lkw)                      # output error ∂L/∂ŷ
-        grads, _ = model.backward(params, state, x, dy, key=key, train=train, **kw)
-        return (value, new_state), grads
+        grads, _ = model.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+        return ((value, new_state, y) if with_output else (value, new_state)), grads
 
     return f
 
@@ -64,12 +67,12 @@ def grad(model: Layer, loss, **options):
 
 def custom_vjp(model: Layer) -> Layer:
     """``model`` as a layer whose ``apply`` carries its hand-derived backward as a
-    ``jax.custom_vjp``: ``jax.grad`` through it runs ``model.backward``, never autodiff of
-    ``model.apply``.
+    ``jax.custom_vjp``: ``jax.grad`` through it runs the model's ``vjp_fwd`` once and its
+    ``vjp_bwd`` from the residuals kept, never autodiff of ``model.apply``.
 
     The cotangent reaching ``apply``'s ``new_state`` output is ignored (state is not
     differentiated, as everywhere in fnn); ``state``, ``key`` and the extra keywords get zero
-    cotangents. ``init`` and ``backward`` are the model's own.
+    cotangents. ``init``, ``backward``, ``fwd`` and ``bwd`` are the model's own.
     """
 
     def make(train: bool):
@@ -78,16 +81,17 @@ def custom_vjp(model: Layer) -> Layer:
             return model.apply(params, state, x, key=key, train=train, **kw)
 
         def fwd(params, state, x, key, kw):
-            out = model.apply(params, state, x, key=key, train=train, **kw)
-            return out, (params, state, x, key, kw)
+            y, new_state, res = model.vjp_fwd(params, state, x, key=key, train=train, **kw)
+            # x is kept for its zero cotangent when bwd gives no dx (integer ids); most models'
+            # first residual is x itself, so this holds no extra buffer
+            return (y, new_state), (params, state, res, key, kw, x)
 
-        def bwd(res, cotangent):
-            params, state, x, key, kw = res
+        def bwd(saved, cotangent):
+            params, state, res, key, kw, x = saved
             dy, _ = cotangent
-            dparams, dx = model.backward(params, state, x, dy, key=key, train=train, **kw)
-            if dx is None:
-                dx = jax.tree.map(_zero_cotangent, x)
-            return (dparams, jax.tree.map(_zero_cotangent, state), dx,
+            dparams, dx = model.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+            return (dparams, jax.tree.map(_zero_cotangent, state),
+                    jax.tree.map(_zero_cotangent, x) if dx is None else dx,
                     None if key is None else _zero_cotangent(key),
                     jax.tree.map(_zero_cotangent, kw))
 

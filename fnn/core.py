@@ -10,6 +10,17 @@ A layer is three pure functions (see ``DESIGN.md``)::
 ``(params, x)``, evaluated at the *incoming* ``state`` (the one ``apply`` received). ``dx`` is
 ``None`` where the input is not differentiable (integer token ids).
 
+Residuals: a layer may also define the pair that ``jax.custom_vjp`` calls ``fwd``/``bwd``::
+
+    y, new_state, res = layer.fwd(params, state, x, *, key=None, train=False, **kw)
+    dparams, dx       = layer.bwd(params, state, res, dy, *, key=None, train=False, **kw)
+
+``res`` (the residuals) is a pytree of arrays holding what the backward needs, so the hand path
+runs each forward once. Every layer answers ``layer.vjp_fwd``/``layer.vjp_bwd``: its own pair, or
+``apply`` with the input as the residual and ``backward`` — so a layer written with only
+``init``/``apply``/``backward`` works everywhere. The combinators carry their children's
+residuals.
+
 Per-call inputs beyond ``x`` (``lengths=``, ``mask=``, ...) are keyword arguments. A layer names
 the ones it takes in ``Layer.keywords``; combinators pass each child only the keywords it names
 and take the union themselves, so ``serial(Embedding, LSTM, Dense)(..., lengths=l)`` reaches the
@@ -21,7 +32,8 @@ and ``backward`` alike, so a backward pass sees the same dropout masks as its fo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +44,8 @@ PyTree = Any
 
 __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack",
-    "count_params", "summary", "default_dtype", "cast", "is_shape", "split_key",
+    "count_params", "summary", "default_dtype", "cast", "is_shape", "child_key", "split_key",
+    "backward_from",
 ]
 
 
@@ -47,6 +60,15 @@ class Layer(NamedTuple):
       - ``keywords``: names of the extra per-call keywords ``apply``/``backward`` take.
       - ``children``: ``((name, layer), ...)`` for combinators, for ``summary``.
       - ``stochastic``: ``True`` if ``apply(train=True)`` needs a ``key``.
+      - ``fwd(params, state, x, *, key=None, train=False, **kw) -> (y, new_state, res)``
+        (optional): ``apply`` that also returns the residuals ``res``, a pytree of arrays.
+      - ``bwd(params, state, res, dy, *, key=None, train=False, **kw) -> (dparams, dx)``
+        (optional, with ``fwd``): the hand-derived backward started from ``res``.
+      - ``meta``: a read-only mapping of facts other code may ask of the layer (``Bidirectional``
+        reads ``meta["twin"]``, the mirrored recurrent layer's constructor).
+
+    ``fwd`` may use a faster formulation than ``apply`` as long as its ``y`` equals ``apply``'s
+    to rounding; ``apply`` stays the plain form that autodiff differentiates.
     """
 
     init: Callable
@@ -56,9 +78,25 @@ class Layer(NamedTuple):
     keywords: frozenset = frozenset()
     children: tuple = ()
     stochastic: bool = False
+    fwd: Callable | None = None
+    bwd: Callable | None = None
+    meta: Mapping = MappingProxyType({})
 
     def __repr__(self):
         return f"<fnn.Layer {self.name}>"
+
+    def vjp_fwd(self, params, state, x, **kw):
+        """``(y, new_state, res)``: ``fwd``, or ``apply`` keeping its input as the residual."""
+        if self.fwd is not None:
+            return self.fwd(params, state, x, **kw)
+        y, new_state = self.apply(params, state, x, **kw)
+        return y, new_state, x
+
+    def vjp_bwd(self, params, state, res, dy, **kw):
+        """``(dparams, dx)`` from residuals of :meth:`vjp_fwd`: ``bwd``, or ``backward``."""
+        if self.bwd is not None:
+            return self.bwd(params, state, res, dy, **kw)
+        return self.backward(params, state, res, dy, **kw)
 
 
 class Example(NamedTuple):
@@ -106,9 +144,21 @@ def is_shape(s) -> bool:
     return isinstance(s, tuple) and all(isinstance(d, (int, np.integer)) for d in s)
 
 
-def split_key(key, i: int):
-    """The key a combinator hands its ``i``-th child (``None`` stays ``None``)."""
+def child_key(key, i: int):
+    """The key a combinator hands its ``i``-th child, ``fold_in(key, i)`` (``None`` stays
+    ``None``)."""
     return None if key is None else jax.random.fold_in(key, i)
+
+
+split_key = child_key  # the former name (it folds; it never split)
+
+
+def backward_from(fwd: Callable, bwd: Callable) -> Callable:
+    """``backward(params, state, x, dy, **kw)`` of a layer defined by its ``fwd``/``bwd`` pair:
+    ``bwd`` of ``fwd``'s residuals."""
+    def backward(params, state, x, dy, **kw):
+        return bwd(params, state, fwd(params, state, x, **kw)[2], dy, **kw)
+    return backward
 
 
 def _kw_for(layer: Layer, kw: dict) -> dict:
@@ -153,8 +203,9 @@ def serial(*layers) -> Layer:
     """Compose layers in sequence: ``y = f_n(... f_2(f_1(x)))``.
 
     Children are ``Layer``s or ``(name, Layer)`` pairs; params and state are dicts keyed by the
-    names (``"0"``, ``"1"``, ... by default). ``backward`` runs the forward pass once to collect
-    each child's input, then the children's ``backward`` rules in reverse — backpropagation.
+    names (``"0"``, ``"1"``, ... by default). ``fwd`` runs the children's ``vjp_fwd`` and keeps
+    their residuals (``{name: res}``); ``bwd`` runs their ``vjp_bwd`` in reverse, each child's
+    output error becoming the previous child's — backpropagation.
 
     >>> model = serial(Dense(64), Relu(), Dense(10))
     """
@@ -165,38 +216,43 @@ def serial(*layers) -> Layer:
         params, state, shape = {}, {}, input_shape
         for i, (n, l) in enumerate(named):
             try:
-                params[n], state[n], shape = l.init(split_key(key, i), shape)
+                params[n], state[n], shape = l.init(child_key(key, i), shape)
             except ValueError as e:
                 raise ValueError(f"serial[{n}] ({l.name}): {e}") from None
         return params, state, shape
 
-    def apply(params, state, x, *, key=None, train=False, **kw):
+    def run(method, params, state, x, key, train, kw):
+        """Thread ``x`` through each child's ``method`` (``"apply"`` or ``"vjp_fwd"``); returns
+        the output and, per child name, the rest of what the method returned."""
         _check_kw("serial", keywords, kw)
-        new_state = {}
+        rest = {}
         for i, (n, l) in enumerate(named):
             try:
-                x, new_state[n] = l.apply(params[n], state[n], x, key=split_key(key, i),
-                                          train=train, **_kw_for(l, kw))
+                x, *rest[n] = getattr(l, method)(params[n], state[n], x, key=child_key(key, i),
+                                                 train=train, **_kw_for(l, kw))
             except ValueError as e:
                 raise ValueError(f"serial[{n}] ({l.name}): {e}") from None
-        return x, new_state
+        return x, rest
 
-    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        y, rest = run("apply", params, state, x, key, train, kw)
+        return y, {n: r[0] for n, r in rest.items()}
+
+    def fwd(params, state, x, *, key=None, train=False, **kw):
+        y, rest = run("vjp_fwd", params, state, x, key, train, kw)
+        return y, {n: r[0] for n, r in rest.items()}, {n: r[1] for n, r in rest.items()}
+
+    def bwd(params, state, res, dy, *, key=None, train=False, **kw):
         _check_kw("serial", keywords, kw)
-        inputs = []
-        for i, (n, l) in enumerate(named):              # forward, caching each child's input
-            inputs.append(x)
-            x, _ = l.apply(params[n], state[n], x, key=split_key(key, i), train=train,
-                           **_kw_for(l, kw))
         grads = {}
         for i in reversed(range(len(named))):           # errors flow back through the children
             n, l = named[i]
-            grads[n], dy = l.backward(params[n], state[n], inputs[i], dy, key=split_key(key, i),
-                                      train=train, **_kw_for(l, kw))
+            grads[n], dy = l.vjp_bwd(params[n], state[n], res[n], dy, key=child_key(key, i),
+                                     train=train, **_kw_for(l, kw))
         return grads, dy
 
-    return Layer(init, apply, backward, "serial", keywords, tuple(named),
-                 any(l.stochastic for _, l in named))
+    return Layer(init, apply, backward_from(fwd, bwd), "serial", keywords, tuple(named),
+                 any(l.stochastic for _, l in named), fwd, bwd)
 
 
 # --------------------------------------------------------------------------- parallel
@@ -205,7 +261,8 @@ def parallel(*layers, concat: bool | int = False) -> Layer:
     """Apply every layer to the same input; outputs as a tuple, or concatenated.
 
     ``concat=True`` joins the outputs along the last axis (``concat=k``: along axis ``k``);
-    their other dimensions must agree. ``backward`` sums the children's input gradients.
+    their other dimensions must agree. ``bwd`` splits the output error between the children and
+    sums their input gradients.
     """
     named = _named(layers)
     keywords = frozenset().union(*(l.keywords for _, l in named)) if named else frozenset()
@@ -215,7 +272,7 @@ def parallel(*layers, concat: bool | int = False) -> Layer:
         params, state, shapes = {}, {}, []
         for i, (n, l) in enumerate(named):
             try:
-                params[n], state[n], s = l.init(split_key(key, i), input_shape)
+                params[n], state[n], s = l.init(child_key(key, i), input_shape)
             except ValueError as e:
                 raise ValueError(f"parallel[{n}] ({l.name}): {e}") from None
             shapes.append(s)
@@ -229,36 +286,46 @@ def parallel(*layers, concat: bool | int = False) -> Layer:
         out[axis] = sum(s[axis] for s in shapes)
         return params, state, tuple(out)
 
-    def _run(params, state, x, key, train, kw):
-        ys, new_state = [], {}
-        for i, (n, l) in enumerate(named):
-            y, new_state[n] = l.apply(params[n], state[n], x, key=split_key(key, i), train=train,
-                                      **_kw_for(l, kw))
-            ys.append(y)
-        return ys, new_state
+    def merge(ys):
+        return tuple(ys) if axis is None else jnp.concatenate(ys, axis=axis)
 
     def apply(params, state, x, *, key=None, train=False, **kw):
         _check_kw("parallel", keywords, kw)
-        ys, new_state = _run(params, state, x, key, train, kw)
-        return (tuple(ys) if axis is None else jnp.concatenate(ys, axis=axis)), new_state
+        ys, new_state = [], {}
+        for i, (n, l) in enumerate(named):
+            y, new_state[n] = l.apply(params[n], state[n], x, key=child_key(key, i),
+                                      train=train, **_kw_for(l, kw))
+            ys.append(y)
+        return merge(ys), new_state
 
-    def backward(params, state, x, dy, *, key=None, train=False, **kw):
+    def fwd(params, state, x, *, key=None, train=False, **kw):
+        _check_kw("parallel", keywords, kw)
+        ys, new_state, res = [], {}, {}
+        for i, (n, l) in enumerate(named):
+            y, new_state[n], res[n] = l.vjp_fwd(params[n], state[n], x, key=child_key(key, i),
+                                                train=train, **_kw_for(l, kw))
+            ys.append(y)
+        # zero-size markers carry each output's width along the concat axis to bwd as a static
+        # shape (no bytes; residuals must be arrays, so they scan and stack like the rest)
+        widths = () if axis is None else tuple(jnp.zeros((y.shape[axis], 0)) for y in ys)
+        return merge(ys), new_state, {"children": res, "widths": widths}
+
+    def bwd(params, state, res, dy, *, key=None, train=False, **kw):
         _check_kw("parallel", keywords, kw)
         if axis is None:
             dys = list(dy)
         else:
-            ys, _ = _run(params, state, x, key, train, kw)
-            cuts = np.cumsum([y.shape[axis] for y in ys])[:-1]
+            cuts = np.cumsum([w.shape[-2] for w in res["widths"]])[:-1]
             dys = jnp.split(dy, cuts, axis=axis)
         grads, dx = {}, None
         for i, (n, l) in enumerate(named):
-            grads[n], dxi = l.backward(params[n], state[n], x, dys[i], key=split_key(key, i),
-                                       train=train, **_kw_for(l, kw))
+            grads[n], dxi = l.vjp_bwd(params[n], state[n], res["children"][n], dys[i],
+                                      key=child_key(key, i), train=train, **_kw_for(l, kw))
             dx = _add(dx, dxi)
         return grads, dx
 
-    return Layer(init, apply, backward, "parallel", keywords, tuple(named),
-                 any(l.stochastic for _, l in named))
+    return Layer(init, apply, backward_from(fwd, bwd), "parallel", keywords, tuple(named),
+                 any(l.stochastic for _, l in named), fwd, bwd)
 
 
 # --------------------------------------------------------------------------- residual
@@ -267,6 +334,7 @@ def residual(layer: Layer) -> Layer:
     """Skip connection: ``y = x + f(x)``; ``f`` must keep the input shape.
 
     Backward: ``dx = dy + f.backward(dy)`` — the identity path carries the error unchanged.
+    The residuals are ``f``'s.
     """
 
     def init(key, input_shape):
@@ -277,17 +345,22 @@ def residual(layer: Layer) -> Layer:
         return params, state, out
 
     def apply(params, state, x, *, key=None, train=False, **kw):
-        _check_kw("residual", layer.keywords, kw)
+        _check_kw(f"residual({layer.name})", layer.keywords, kw)
         y, new_state = layer.apply(params, state, x, key=key, train=train, **kw)
         return x + y, new_state
 
-    def backward(params, state, x, dy, *, key=None, train=False, **kw):
-        _check_kw("residual", layer.keywords, kw)
-        grads, dx = layer.backward(params, state, x, dy, key=key, train=train, **kw)
+    def fwd(params, state, x, *, key=None, train=False, **kw):
+        _check_kw(f"residual({layer.name})", layer.keywords, kw)
+        y, new_state, res = layer.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        return x + y, new_state, res
+
+    def bwd(params, state, res, dy, *, key=None, train=False, **kw):
+        _check_kw(f"residual({layer.name})", layer.keywords, kw)
+        grads, dx = layer.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
         return grads, dy + dx
 
-    return Layer(init, apply, backward, f"residual({layer.name})", layer.keywords,
-                 (("f", layer),), layer.stochastic)
+    return Layer(init, apply, backward_from(fwd, bwd), f"residual({layer.name})",
+                 layer.keywords, (("f", layer),), layer.stochastic, fwd, bwd)
 
 
 # --------------------------------------------------------------------------- stack
@@ -296,17 +369,19 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     """``n`` copies of ``layer`` applied in sequence with one ``lax.scan``.
 
     Parameters (and state) of the copies are stacked along a new leading axis of size ``n``, so
-    compile time does not grow with depth. ``layer`` must map its input shape to itself. Layer
+    compile time does not grow with depth. ``layer`` must map its input shape to itself. Copy
     ``i`` gets the key ``fold_in(key, i)``.
 
-    ``backward`` scans forward once to keep each copy's input (``n`` activations), then scans the
-    copies' ``backward`` rules in reverse. ``remat=True`` wraps each copy's ``apply`` in
-    ``jax.checkpoint`` so that ``jax.grad`` of the stack recomputes activations instead of storing
-    them; the hand-derived backward already recomputes inside each copy.
+    ``fwd`` scans the copies' ``vjp_fwd`` once, stacking each copy's residuals along the copy
+    axis; ``bwd`` scans their ``vjp_bwd`` in reverse. ``remat=True`` trades compute for memory:
+    ``fwd`` keeps only each copy's input (``n`` activations) and ``bwd`` reruns that copy's
+    forward before its backward; ``apply`` wraps each copy in ``jax.checkpoint`` so that
+    ``jax.grad`` of the stack rematerialises too.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"stack: n must be a positive int, got {n!r}")
     n = int(n)
+    name = f"stack({layer.name}, {n})"
 
     def init(key, input_shape):
         ps, ss = [], []
@@ -323,34 +398,42 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     def keys(key):
         return None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
+    def scan(body, carry, xs, reverse=False):
+        return jax.lax.scan(lambda c, a: body(c, *a), carry, xs, reverse=reverse, length=n)
+
     def apply(params, state, x, *, key=None, train=False, **kw):
+        _check_kw(name, layer.keywords, kw)
+
         def run(p, s, h, k):            # keywords stay Python values (cache_len is static)
             return layer.apply(p, s, h, key=k, train=train, **kw)
         f = jax.checkpoint(run) if remat else run
+        return scan(lambda h, p, s, k: f(p, s, h, k), x, (params, state, keys(key)))
 
-        def body(h, pskey):
-            p, s, k = pskey
-            return f(p, s, h, k)
-        return jax.lax.scan(body, x, (params, state, keys(key)), length=n)
+    def fwd(params, state, x, *, key=None, train=False, **kw):
+        _check_kw(name, layer.keywords, kw)
 
-    def backward(params, state, x, dy, *, key=None, train=False, **kw):
-        ks = keys(key)
+        def body(h, p, s, k):
+            if remat:                   # keep the copy's input; bwd reruns its forward
+                y, s2 = layer.apply(p, s, h, key=k, train=train, **kw)
+                return y, (s2, h)
+            y, s2, r = layer.vjp_fwd(p, s, h, key=k, train=train, **kw)
+            return y, (s2, r)
+        y, (new_state, res) = scan(body, x, (params, state, keys(key)))
+        return y, new_state, res
 
-        def fwd(h, pskey):
-            p, s, k = pskey
-            y, _ = layer.apply(p, s, h, key=k, train=train, **kw)
-            return y, h
-        _, inputs = jax.lax.scan(fwd, x, (params, state, ks), length=n)
+    def bwd(params, state, res, dy, *, key=None, train=False, **kw):
+        _check_kw(name, layer.keywords, kw)
 
-        def bwd(d, args):
-            p, s, k, h = args
-            dp, d = layer.backward(p, s, h, d, key=k, train=train, **kw)
+        def body(d, p, s, k, r):
+            if remat:
+                r = layer.vjp_fwd(p, s, r, key=k, train=train, **kw)[2]
+            dp, d = layer.vjp_bwd(p, s, r, d, key=k, train=train, **kw)
             return d, dp
-        dx, grads = jax.lax.scan(bwd, dy, (params, state, ks, inputs), reverse=True, length=n)
+        dx, grads = scan(body, dy, (params, state, keys(key), res), reverse=True)
         return grads, dx
 
-    return Layer(init, apply, backward, f"stack({layer.name}, {n})", layer.keywords,
-                 ((f"0..{n - 1}", layer),), layer.stochastic)
+    return Layer(init, apply, backward_from(fwd, bwd), name, layer.keywords,
+                 ((f"0..{n - 1}", layer),), layer.stochastic, fwd, bwd)
 
 
 # --------------------------------------------------------------------------- inspection
@@ -370,7 +453,7 @@ def summary(model: Layer, input_shape, *, key=None, print_fn=print) -> str:
     if model.name == "serial" and model.children:
         shape = input_shape
         for i, (n, l) in enumerate(model.children):
-            p, _, shape = l.init(split_key(key, i), shape)
+            p, _, shape = l.init(child_key(key, i), shape)
             rows.append((n, l.name, shape, count_params(p)))
     else:
         p, _, shape = model.init(key, input_shape)
