@@ -4,7 +4,8 @@ import contextlib
 import jax
 import numpy as np
 
-AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose")
+AUTODIFF = ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose", "jacrev",
+            "jacfwd", "hessian")
 
 
 @contextlib.contextmanager
@@ -33,6 +34,21 @@ def tree_rel_err(a, b):
     scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
     return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / max(scale, 1e-12)
+
+
+def assert_trees_close(got, want, tol=1e-10, what=""):
+    """Same tree structure and shapes, and leafwise relative error below ``tol``; a leaf whose
+    reference is zero (a bias before batch norm) is measured against 1e-3 of the largest entry
+    in the tree."""
+    assert jax.tree.structure(got) == jax.tree.structure(want), \
+        f"{what}: structure {jax.tree.structure(got)} != {jax.tree.structure(want)}"
+    floor = 1e-3 * max((float(np.max(np.abs(b))) for b in jax.tree.leaves(want) if np.size(b)),
+                       default=0.0)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert a.shape == b.shape, f"{what}{jax.tree_util.keystr(path)}: {a.shape} != {b.shape}"
+        err = np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), floor, 1e-300)
+        assert err <= tol * scale, f"{what}{jax.tree_util.keystr(path)}: rel err {err / scale:.2e}"
 
 
 def vjp_and_hand(f, args, dout, hand, monkeypatch):

@@ -15,20 +15,7 @@ import fnn.layers as L
 from fnn import backprop, losses
 from fnn.core import Layer, cast, serial
 
-from helpers import no_autodiff
-
-
-def assert_trees_close(got, want, tol=1e-10, what=""):
-    """Leafwise relative error below ``tol``; a leaf whose true gradient is zero (a bias before
-    batch norm) is measured against 1e-3 of the largest gradient in the tree."""
-    assert jax.tree.structure(got) == jax.tree.structure(want), what
-    floor = 1e-3 * max((float(np.max(np.abs(b))) for b in jax.tree.leaves(want) if np.size(b)),
-                       default=0.0)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        assert a.shape == b.shape, f"{what}{jax.tree_util.keystr(path)}"
-        err = np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
-        scale = max(float(np.max(np.abs(b), initial=0.0)), floor, 1e-300)
-        assert err / scale < tol, f"{what}{jax.tree_util.keystr(path)}: rel err {err / scale:.2e}"
+from helpers import assert_trees_close, no_autodiff
 
 
 def assert_same(got, want, what=""):

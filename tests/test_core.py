@@ -13,6 +13,8 @@ from fnn.core import (Layer, cast, count_params, parallel, residual, serial, spl
                       summary)
 from fnn.layers import Flatten, Relu, Tanh
 
+from helpers import assert_trees_close
+
 K = jax.random.PRNGKey(0)
 
 
@@ -99,13 +101,6 @@ def normal(shape, seed=1):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
 
 
-def assert_trees_close(a, b, rtol=1e-10):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert u.shape == v.shape
-        np.testing.assert_allclose(u, v, rtol=rtol, atol=1e-13)
-
-
 def shapes(t):
     """Shape of an array, or the nested tuple of shapes of a tuple of arrays / of shapes."""
     if hasattr(t, "shape"):
@@ -174,7 +169,7 @@ def test_serial_backward_jits():
     params, state, _ = model.init(K, (4, 5))
     x, dy = normal((4, 5)), normal((4, 3), 2)
     assert_trees_close(jax.jit(model.backward)(params, state, x, dy),
-                       model.backward(params, state, x, dy), rtol=1e-12)
+                       model.backward(params, state, x, dy), tol=1e-12)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -270,7 +265,7 @@ def test_stack_equals_unrolled_copies(remat):
     assert out == (2, 4)
     assert jax.tree.map(jnp.shape, params) == {"0": {"w": (N, 4, 4), "b": (N, 4)}, "1": {}}
     rp, rs, _ = ref.init(K, (2, 4))
-    assert_trees_close(unrolled(params), rp, rtol=0)     # copy i initialised from fold_in(key, i)
+    assert_trees_close(unrolled(params), rp, tol=0)     # copy i initialised from fold_in(key, i)
     x, dy = normal((2, 4)), normal((2, 4), 2)
     y, _ = model.apply(params, state, x)
     np.testing.assert_allclose(y, ref.apply(rp, rs, x)[0], rtol=1e-12)

@@ -1,9 +1,11 @@
 """Shared sweep over every public layer constructor in ``fnn.layers``.
 
 Each constructor declares example constructions with ``@fnn.examples``. For every example:
-hand-derived ``backward`` against ``jax.vjp`` of ``apply`` (float64, relative error < 1e-9) in
-train and eval mode, with autodiff patched to raise while ``backward`` runs; ``jit`` equal to
-eager; ``init``'s inferred output shape equal to the real one; params free of state.
+hand-derived ``backward``, and ``vjp_bwd`` of ``vjp_fwd``'s residuals, against ``jax.vjp`` of
+``apply`` (float64, relative error < 1e-9, tree structures equal) in train and eval mode, with
+autodiff patched to raise while they run; ``vjp_fwd`` equal to ``apply``; residuals arrays only;
+``vmap`` over a leading axis equal to separate calls; ``jit`` equal to eager; ``init``'s
+inferred output shape equal to the real one; params free of state.
 A new layer without examples, or with a wrong backward, fails here without anyone adding a test.
 """
 
@@ -69,16 +71,34 @@ def test_every_constructor_declares_examples(name):
         f"fnn.layers.{name} has no @examples(...) — the sweep cannot check its backward"
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
-def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
+def setup(name, i, ex):
+    """The layer of example ``i``, its params/state, an input, call keywords and key."""
     layer = build(name, ex)
     k_init, k_x, k_call = jax.random.split(jax.random.PRNGKey(i), 3)
-    params, state, _ = layer.init(k_init, ex.input_shape)
+    params, state, out_shape = layer.init(k_init, ex.input_shape)
     x = make_input(ex, k_x)
     kw = call_kwargs(ex, k_x)
     key = k_call if layer.stochastic else None
-    y, _ = layer.apply(params, state, x, key=key, train=train, **kw)
+    return layer, params, state, out_shape, x, kw, key
+
+
+def assert_grads_close(name, what, got, want):
+    """Same tree structure (a missing tuple element fails) and leafwise rel. error < 1e-9."""
+    assert jax.tree.structure(got) == jax.tree.structure(want), \
+        f"{name} {what}: structure {jax.tree.structure(got)} != {jax.tree.structure(want)}"
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        where = f"{name} {what}{jax.tree_util.keystr(path)}"
+        assert a.shape == b.shape, f"{where}: shape {a.shape} != {b.shape}"
+        assert rel_err(a, b) < 1e-9, f"{where}: rel err {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
+def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
+    """``backward`` and ``vjp_bwd`` of ``vjp_fwd``'s residuals against ``jax.vjp`` of ``apply``;
+    ``vjp_fwd``'s output and new state equal ``apply``'s; residuals are arrays only."""
+    layer, params, state, _, x, kw, key = setup(name, i, ex)
+    y, new_state = layer.apply(params, state, x, key=key, train=train, **kw)
     dy = jax.tree.map(lambda a: normal(jax.random.PRNGKey(7), a.shape).astype(a.dtype), y)
 
     float_x = all(is_float(a) for a in jax.tree.leaves(x))
@@ -93,29 +113,46 @@ def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
 
     with no_autodiff(monkeypatch):
         dp, dx = layer.backward(params, state, x, dy, key=key, train=train, **kw)
+        y2, state2, res = layer.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        dp2, dx2 = layer.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
 
-    assert jax.tree.structure(dp) == jax.tree.structure(ref_p), \
-        f"{name}: dparams structure {jax.tree.structure(dp)} != params {jax.tree.structure(ref_p)}"
-    for path, a in jax.tree_util.tree_leaves_with_path(dp):
-        b = dict(jax.tree_util.tree_leaves_with_path(ref_p))[path]
-        assert a.shape == b.shape, f"{name}{jax.tree_util.keystr(path)}: shape {a.shape} != {b.shape}"
-        assert rel_err(a, b) < 1e-9, f"{name}{jax.tree_util.keystr(path)}: rel err {rel_err(a, b):.2e}"
-    if float_x:
-        for a, b in zip(jax.tree.leaves(dx), jax.tree.leaves(ref_x)):
-            assert a.shape == b.shape
-            assert rel_err(a, b) < 1e-9, f"{name} dx: rel err {rel_err(a, b):.2e}"
-    else:
-        assert dx is None, f"{name}: dx must be None for a non-float input"
+    for a, b in zip(jax.tree.leaves((y2, state2)), jax.tree.leaves((y, new_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"{name}: fwd != apply")
+    assert jax.tree.structure((y2, state2)) == jax.tree.structure((y, new_state))
+    for leaf in jax.tree.leaves(res):
+        assert isinstance(leaf, jax.Array), f"{name}: a residual is {type(leaf).__name__}"
+    for what, (gp, gx) in (("backward", (dp, dx)), ("bwd", (dp2, dx2))):
+        assert_grads_close(name, f"{what} dparams", gp, ref_p)
+        if float_x:
+            assert_grads_close(name, f"{what} dx", gx, ref_x)
+        else:
+            assert gx is None, f"{name}: {what} dx must be None for a non-float input"
+
+
+@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
+def test_vmap_over_a_leading_axis(name, i, ex):
+    """``vmap`` of ``apply`` and ``backward`` over two stacked inputs equals two calls (eval)."""
+    layer, params, state, _, x, kw, key = setup(name, i, ex)
+    xs = jax.tree.map(lambda a: jnp.stack([a, a[::-1]]), x)
+    kws = jax.tree.map(lambda a: jnp.stack([a, a]), kw)
+    apply = lambda x, kw: layer.apply(params, state, x, key=key, **kw)[0]
+    ys = jax.vmap(apply)(xs, kws)
+    dys = jax.tree.map(lambda a: a * 0.5 + 1.0 if is_float(a) else a, ys)
+    back = lambda x, dy, kw: layer.backward(params, state, x, dy, key=key, **kw)
+    grads = jax.vmap(back)(xs, dys, kws)
+    for j in range(2):
+        pick = lambda t: jax.tree.map(lambda a: a[j], t)
+        for a, b in zip(jax.tree.leaves(pick(ys)), jax.tree.leaves(apply(pick(xs), kw))):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        want = back(pick(xs), pick(dys), kw)
+        assert jax.tree.structure(pick(grads)) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(pick(grads)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
 def test_jit_equals_eager_and_shape_inference(name, i, ex):
-    layer = build(name, ex)
-    k_init, k_x, k_call = jax.random.split(jax.random.PRNGKey(i), 3)
-    params, state, out_shape = layer.init(k_init, ex.input_shape)
-    x = make_input(ex, k_x)
-    kw = call_kwargs(ex, k_x)
-    key = k_call if layer.stochastic else None
+    layer, params, state, out_shape, x, kw, key = setup(name, i, ex)
     for train in (False, True):
         eager, _ = layer.apply(params, state, x, key=key, train=train, **kw)
         jitted, _ = jax.jit(lambda p, s, x, k, kw: layer.apply(p, s, x, key=k, train=train, **kw))(

@@ -11,10 +11,7 @@ from fnn.layers import (BatchNorm, Dense, Dropout, GroupNorm, InstanceNorm, Laye
 from fnn.layers.norm import batch_norm, group_norm
 from fnn.layers.weight_norm import weight_norm, weight_norm_backward
 
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+from helpers import rel_err
 
 
 def assert_backward_matches_vjp(layer, params, state, x, dy, **kw):
