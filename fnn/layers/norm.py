@@ -18,13 +18,16 @@ For batch norm this is the closed form ``dx = (scale/σ)/N · (N·dy − Σdy �
 Inputs are channels-last (``(batch, ..., features)``, Flax's layout). Each plain op takes
 ``scale``/``offset`` as arrays or ``None`` (no scale / no offset); each ``*_backward`` returns
 ``(dscale or None, doffset, dx)``, where ``doffset = Σ dy`` is returned even without an offset.
+
+The layers keep ``(x̂, 1/σ)`` as their residuals: the backward above starts from them, so the
+hand path computes the statistics once.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
 
 __all__ = [
     "batch_norm", "batch_norm_backward", "layer_norm", "layer_norm_backward",
@@ -95,17 +98,29 @@ def _xhat(x, red, feat, eps, center, stats):
     return (x - stats[0].reshape(bs)) * inv, inv
 
 
+def _normalize_fwd(x, scale, offset, red, feat, eps, center=True, stats=None):
+    """Standardize over ``red`` (or with fixed ``stats``), then the affine map on ``feat``.
+    Returns ``(y, (x̂, 1/σ))``."""
+    xhat, inv = _xhat(x, red, feat, eps, center, stats)
+    return _affine(xhat, scale, offset, feat), (xhat, inv)
+
+
+def _normalize_bwd(res, scale, dy, red, feat, center=True, fixed=False):
+    """VJP of :func:`_normalize_fwd` from its residuals ``(x̂, 1/σ)``; with fixed statistics
+    the map is affine: ``dx = dx̂ / σ``."""
+    xhat, inv = res
+    dscale, doffset, dxhat = _affine_backward(xhat, scale, dy, feat)
+    dx = dxhat * inv if fixed else _standardize_backward(xhat, inv, dxhat, red, center)
+    return dscale, doffset, dx
+
+
 def _normalize(x, scale, offset, red, feat, eps, center=True, stats=None):
-    """Standardize over ``red`` (or with fixed ``stats``), then the affine map on ``feat``."""
-    return _affine(_xhat(x, red, feat, eps, center, stats)[0], scale, offset, feat)
+    return _normalize_fwd(x, scale, offset, red, feat, eps, center, stats)[0]
 
 
 def _normalize_backward(x, scale, dy, red, feat, eps, center=True, stats=None):
-    """VJP of :func:`_normalize`; with fixed ``stats`` the map is affine: ``dx = dx̂ / σ``."""
-    xhat, inv = _xhat(x, red, feat, eps, center, stats)
-    dscale, doffset, dxhat = _affine_backward(xhat, scale, dy, feat)
-    dx = dxhat * inv if stats is not None else _standardize_backward(xhat, inv, dxhat, red, center)
-    return dscale, doffset, dx
+    res = _xhat(x, red, feat, eps, center, stats)
+    return _normalize_bwd(res, scale, dy, red, feat, center, stats is not None)
 
 
 # --------------------------------------------------------------------------- plain ops
@@ -180,21 +195,31 @@ def _grouped(x, groups):
     return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,)
 
 
+def _group_norm_fwd(x, scale, offset, groups, eps):
+    """``(y, (x̂ [b, *spatial, groups, c/groups], 1/σ))``."""
+    xg, red = _grouped(x, groups)
+    xhat_g, inv = _standardize(xg, red, eps)
+    return _affine(xhat_g.reshape(x.shape), scale, offset, (x.ndim - 1,)), (xhat_g, inv)
+
+
+def _group_norm_bwd(res, scale, dy):
+    xhat_g, inv = res
+    red = tuple(range(1, dy.ndim - 1)) + (dy.ndim,)
+    dscale, doffset, dxhat = _affine_backward(xhat_g.reshape(dy.shape), scale, dy,
+                                              (dy.ndim - 1,))
+    dx = _standardize_backward(xhat_g, inv, dxhat.reshape(xhat_g.shape), red)
+    return dscale, doffset, dx.reshape(dy.shape)
+
+
 def group_norm(x, scale=None, offset=None, groups=1, eps=1e-5):
     """Group norm (Wu & He 2018): channels split into ``groups``, each standardized per example
     over its channels and the spatial axes; ``scale``/``offset`` per channel ``[c]``."""
-    xg, red = _grouped(x, groups)
-    xhat = _standardize(xg, red, eps)[0].reshape(x.shape)
-    return _affine(xhat, scale, offset, (x.ndim - 1,))
+    return _group_norm_fwd(x, scale, offset, groups, eps)[0]
 
 
 def group_norm_backward(x, scale, dy, groups=1, eps=1e-5):
     """VJP of :func:`group_norm`: ``(dscale, doffset, dx)``."""
-    xg, red = _grouped(x, groups)
-    xhat_g, inv = _standardize(xg, red, eps)
-    dscale, doffset, dxhat = _affine_backward(xhat_g.reshape(x.shape), scale, dy, (x.ndim - 1,))
-    dx = _standardize_backward(xhat_g, inv, dxhat.reshape(xg.shape), red)
-    return dscale, doffset, dx.reshape(x.shape)
+    return _group_norm_bwd(_group_norm_fwd(x, scale, None, groups, eps)[1], scale, dy)
 
 
 # --------------------------------------------------------------------------- layers
@@ -224,9 +249,9 @@ def _grads(dscale, doffset, params):
     return {k: g for k, g in (("scale", dscale), ("offset", doffset)) if k in params}
 
 
-def _affine_layer(name, features, op, op_backward, use_scale, use_offset) -> Layer:
+def _affine_layer(name, features, op_fwd, op_bwd, use_scale, use_offset) -> Layer:
     """A stateless normalizer: ``features(shape)`` validates an input shape and returns the
-    params' shape; ``op(x, scale, offset)``; ``op_backward(x, scale, dy)``."""
+    params' shape; ``op_fwd(x, scale, offset) -> (y, res)``; ``op_bwd(res, scale, dy)``."""
 
     def init(key, input_shape):
         if not is_shape(input_shape):
@@ -239,25 +264,38 @@ def _affine_layer(name, features, op, op_backward, use_scale, use_offset) -> Lay
         _check_params(name, params, x.shape, features(tuple(x.shape)))
 
     def apply(params, state, x, *, key=None, train=False):
-        check(params, x)
-        return op(x, params.get("scale"), params.get("offset")), state
+        return fwd(params, state, x)[:2]
 
-    def backward(params, state, x, dy, *, key=None, train=False):
+    def fwd(params, state, x, *, key=None, train=False):
         check(params, x)
-        dscale, doffset, dx = op_backward(x, params.get("scale"), dy)
+        y, res = op_fwd(x, params.get("scale"), params.get("offset"))
+        return y, state, res
+
+    def bwd(params, state, res, dy, *, key=None, train=False):
+        check(params, dy)
+        dscale, doffset, dx = op_bwd(res, params.get("scale"), dy)
         return _grads(dscale, doffset, params), dx
 
-    return Layer(init, apply, backward, name)
+    return Layer(init, apply, backward_from(fwd, bwd), name, fwd=fwd, bwd=bwd)
 
 
-def _axis_features(name, axis):
+def _axis_layer(name, axis, eps, center, use_scale, use_offset) -> Layer:
+    """Layer norm (``center``) or RMS norm over ``axis``, affine on the same axes."""
     def features(shape):
         axes = _axes(name, len(shape), axis)
         if len(shape) < 2 or 0 in axes:
             raise ValueError(f"{name}: expected input (batch, ...) with axis {axis!r} not the "
                              f"batch axis, got shape {shape}")
         return tuple(shape[a] for a in axes)
-    return features
+
+    def op_fwd(x, s, o):
+        axes = _axes(name, x.ndim, axis)
+        return _normalize_fwd(x, s, o, axes, axes, eps, center)
+
+    def op_bwd(res, s, dy):
+        axes = _axes(name, dy.ndim, axis)
+        return _normalize_bwd(res, s, dy, axes, axes, center)
+    return _affine_layer(name, features, op_fwd, op_bwd, use_scale, use_offset)
 
 
 @examples(Example((3, 5)), Example((2, 3, 4), kwargs={"axis": (-2, -1)}),
@@ -270,10 +308,7 @@ def LayerNorm(eps: float = 1e-5, axis=-1, use_scale: bool = True,
     **Params:** ``{"scale", "offset"}`` of the normalized axes' shape. ``[batch, ...]`` → same.
     """
     name = f"LayerNorm(axis={axis})"
-    return _affine_layer(
-        name, _axis_features(name, axis),
-        lambda x, s, o: layer_norm(x, s, o, eps, axis),
-        lambda x, s, dy: layer_norm_backward(x, s, dy, eps, axis), use_scale, use_offset)
+    return _axis_layer(name, axis, eps, True, use_scale, use_offset)
 
 
 @examples(Example((3, 5)), Example((2, 3, 4), kwargs={"use_offset": True}))
@@ -285,10 +320,7 @@ def RMSNorm(eps: float = 1e-6, axis=-1, use_scale: bool = True,
     **Params:** ``{"scale"}`` (and ``"offset"`` if ``use_offset``). ``[batch, ...]`` → same.
     """
     name = f"RMSNorm(axis={axis})"
-    return _affine_layer(
-        name, _axis_features(name, axis),
-        lambda x, s, o: rms_norm(x, s, o, eps, axis),
-        lambda x, s, dy: rms_norm_backward(x, s, dy, eps, axis), use_scale, use_offset)
+    return _axis_layer(name, axis, eps, False, use_scale, use_offset)
 
 
 @examples(Example((2, 3, 4, 3)), Example((2, 5, 3), kwargs={"use_offset": False}))
@@ -305,9 +337,12 @@ def InstanceNorm(eps: float = 1e-5, use_scale: bool = True, use_offset: bool = T
                              f"channels), got shape {shape}")
         return shape[-1:]
 
+    def spatial(ndim):
+        return tuple(range(1, ndim - 1)), (ndim - 1,)
+
     return _affine_layer("InstanceNorm", features,
-                         lambda x, s, o: instance_norm(x, s, o, eps),
-                         lambda x, s, dy: instance_norm_backward(x, s, dy, eps),
+                         lambda x, s, o: _normalize_fwd(x, s, o, *spatial(x.ndim), eps),
+                         lambda res, s, dy: _normalize_bwd(res, s, dy, *spatial(dy.ndim)),
                          use_scale, use_offset)
 
 
@@ -331,9 +366,8 @@ def GroupNorm(groups: int, eps: float = 1e-5, use_scale: bool = True,
         return shape[-1:]
 
     return _affine_layer(f"GroupNorm({groups})", features,
-                         lambda x, s, o: group_norm(x, s, o, groups, eps),
-                         lambda x, s, dy: group_norm_backward(x, s, dy, groups, eps),
-                         use_scale, use_offset)
+                         lambda x, s, o: _group_norm_fwd(x, s, o, groups, eps),
+                         lambda res, s, dy: _group_norm_bwd(res, s, dy), use_scale, use_offset)
 
 
 @examples(Example((6, 4)), Example((2, 3, 3, 4), kwargs={"use_offset": False}),
@@ -380,21 +414,27 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, use_scal
         return n
 
     def apply(params, state, x, *, key=None, train=False):
+        return fwd(params, state, x, train=train)[:2]
+
+    def fwd(params, state, x, *, key=None, train=False):
         n = check(params, state, x, train)
+        feat = _axes(name, x.ndim, axis)
+        red = _others(x.ndim, feat)
         s, o = params.get("scale"), params.get("offset")
         if not train:
-            return batch_norm(x, s, o, state["mean"], state["var"], eps=eps, axis=axis), state
-        red = _others(x.ndim, _axes(name, x.ndim, axis))
+            y, res = _normalize_fwd(x, s, o, red, feat, eps, stats=(state["mean"], state["var"]))
+            return y, state, res
         mean, var = jnp.mean(x, red), jnp.var(x, red)                    # [c], biased
         new = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
                "var": momentum * state["var"] + (1 - momentum) * var * (n / (n - 1))}
-        return batch_norm(x, s, o, eps=eps, axis=axis), new
+        y, res = _normalize_fwd(x, s, o, red, feat, eps)
+        return y, new, res
 
-    def backward(params, state, x, dy, *, key=None, train=False):
-        check(params, state, x, train)
-        stats = (None, None) if train else (state["mean"], state["var"])
-        dscale, doffset, dx = batch_norm_backward(x, params.get("scale"), dy, *stats, eps=eps,
-                                                  axis=axis)
+    def bwd(params, state, res, dy, *, key=None, train=False):
+        check(params, state, dy, train)
+        feat = _axes(name, dy.ndim, axis)
+        dscale, doffset, dx = _normalize_bwd(res, params.get("scale"), dy, _others(dy.ndim, feat),
+                                             feat, fixed=not train)
         return _grads(dscale, doffset, params), dx
 
-    return Layer(init, apply, backward, name)
+    return Layer(init, apply, backward_from(fwd, bwd), name, fwd=fwd, bwd=bwd)
