@@ -3,7 +3,8 @@
 Inverted dropout (Srivastava et al. 2014, as PyTorch and Flax): in training each entry is kept
 with probability ``1 − rate`` and scaled by ``1 / (1 − rate)``, so ``E[y] = x`` and evaluation is
 the identity. The mask comes from an explicit ``jax.random`` key; ``backward`` draws it again from
-the same key, so forward and backward agree::
+the same key, so forward and backward agree, and the layer's ``fwd`` keeps it as its residual
+(one byte an entry) so the hand path draws it once::
 
     y = m ⊙ x / (1 − rate),   dx = m ⊙ dy / (1 − rate),   m ~ Bernoulli(1 − rate)
 """
@@ -76,26 +77,44 @@ def _dropout_layer(name, rate, min_rank, broadcast_axes) -> Layer:
         check_shape(input_shape)
         return {}, {}, tuple(input_shape)
 
-    def run(x, key, train):                      # apply's map; linear, so backward's too
+    def keep_mask(x, key, train):
+        """The boolean keep-mask, or ``None`` where the map is the identity or zero."""
         if not train:
-            return x
+            return None
         if key is None:
             raise ValueError(f"{name}: train=True needs a key; pass key=jax.random.PRNGKey(...) "
                              f"to apply and backward (the same key in both)")
-        return x if rate == 0 else dropout(key, rate, x, broadcast_axes(x.ndim))
+        if rate in (0, 1):
+            return None
+        return dropout_mask(key, rate, _mask_shape(x.shape, broadcast_axes(x.ndim)))
+
+    def run(a, keep, train):                 # the map, linear: dy goes through it as x does
+        if not train or rate == 0:
+            return a
+        if rate == 1:
+            return jnp.zeros_like(a)
+        return jnp.where(keep, a / (1.0 - rate), jnp.zeros((), a.dtype))
 
     def apply(params, state, x, *, key=None, train=False):
+        return fwd(params, state, x, key=key, train=train)[:2]
+
+    def fwd(params, state, x, *, key=None, train=False):
         check(x)
-        return run(x, key, train), state
+        keep = keep_mask(x, key, train)
+        return run(x, keep, train), state, (() if keep is None else keep)
+
+    def bwd(params, state, res, dy, *, key=None, train=False):
+        check(dy)
+        return {}, run(dy, res, train)
 
     def backward(params, state, x, dy, *, key=None, train=False):
         check(x)
         if tuple(dy.shape) != tuple(x.shape):
             raise ValueError(f"{name}: dy shape {tuple(dy.shape)} differs from the input shape "
                              f"{tuple(x.shape)}")
-        return {}, run(dy, key, train)
+        return bwd(params, state, fwd(params, state, x, key=key, train=train)[2], dy, train=train)
 
-    return Layer(init, apply, backward, name, stochastic=True)
+    return Layer(init, apply, backward, name, stochastic=True, fwd=fwd, bwd=bwd)
 
 
 @examples(Example((4, 5), (0.5,)), Example((2, 3, 4), (0.2,)))
