@@ -15,6 +15,8 @@ compact formula, means taken over the reduction axes::
 with ``dx̂ = scale · dy``, ``dscale = Σ dy · x̂`` and ``doffset = Σ dy`` over the non-feature axes.
 For batch norm this is the closed form ``dx = (scale/σ)/N · (N·dy − Σdy − x̂·Σ(dy·x̂))``.
 
+Statistics are taken in at least float32 (a bfloat16 input is standardized in float32 and the
+output cast back), so the normalizers keep their precision under ``fnn.precision`` policies.
 Inputs are channels-last (``(batch, ..., features)``, Flax's layout). Each plain op takes
 ``scale``/``offset`` as arrays or ``None`` (no scale / no offset); each ``*_backward`` returns
 ``(dscale or None, doffset, dx)``, where ``doffset = Σ dy`` is returned even without an offset.
@@ -98,20 +100,32 @@ def _xhat(x, red, feat, eps, center, stats):
     return (x - stats[0].reshape(bs)) * inv, inv
 
 
+def _up(x):
+    """``x`` in at least float32: statistics of bfloat16/float16 inputs are taken in float32."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _down(grads, scale, dy):
+    """``(dscale, doffset, dx)`` back to the dtypes of ``scale`` and ``dy``."""
+    dscale, doffset, dx = grads
+    return (None if dscale is None else dscale.astype(scale.dtype), doffset.astype(dy.dtype),
+            dx.astype(dy.dtype))
+
+
 def _normalize_fwd(x, scale, offset, red, feat, eps, center=True, stats=None):
     """Standardize over ``red`` (or with fixed ``stats``), then the affine map on ``feat``.
-    Returns ``(y, (x̂, 1/σ))``."""
-    xhat, inv = _xhat(x, red, feat, eps, center, stats)
-    return _affine(xhat, scale, offset, feat), (xhat, inv)
+    Returns ``(y, (x̂, 1/σ))``; ``x̂`` and ``1/σ`` in at least float32, ``y`` in ``x``'s dtype."""
+    xhat, inv = _xhat(_up(x), red, feat, eps, center, stats)
+    return _affine(xhat, scale, offset, feat).astype(x.dtype), (xhat, inv)
 
 
 def _normalize_bwd(res, scale, dy, red, feat, center=True, fixed=False):
     """VJP of :func:`_normalize_fwd` from its residuals ``(x̂, 1/σ)``; with fixed statistics
     the map is affine: ``dx = dx̂ / σ``."""
     xhat, inv = res
-    dscale, doffset, dxhat = _affine_backward(xhat, scale, dy, feat)
+    dscale, doffset, dxhat = _affine_backward(xhat, scale, _up(dy), feat)
     dx = dxhat * inv if fixed else _standardize_backward(xhat, inv, dxhat, red, center)
-    return dscale, doffset, dx
+    return _down((dscale, doffset, dx), scale, dy)
 
 
 def _normalize(x, scale, offset, red, feat, eps, center=True, stats=None):
@@ -197,18 +211,19 @@ def _grouped(x, groups):
 
 def _group_norm_fwd(x, scale, offset, groups, eps):
     """``(y, (x̂ [b, *spatial, groups, c/groups], 1/σ))``."""
-    xg, red = _grouped(x, groups)
+    xg, red = _grouped(_up(x), groups)
     xhat_g, inv = _standardize(xg, red, eps)
-    return _affine(xhat_g.reshape(x.shape), scale, offset, (x.ndim - 1,)), (xhat_g, inv)
+    y = _affine(xhat_g.reshape(x.shape), scale, offset, (x.ndim - 1,))
+    return y.astype(x.dtype), (xhat_g, inv)
 
 
 def _group_norm_bwd(res, scale, dy):
     xhat_g, inv = res
     red = tuple(range(1, dy.ndim - 1)) + (dy.ndim,)
-    dscale, doffset, dxhat = _affine_backward(xhat_g.reshape(dy.shape), scale, dy,
+    dscale, doffset, dxhat = _affine_backward(xhat_g.reshape(dy.shape), scale, _up(dy),
                                               (dy.ndim - 1,))
     dx = _standardize_backward(xhat_g, inv, dxhat.reshape(xhat_g.shape), red)
-    return dscale, doffset, dx.reshape(dy.shape)
+    return _down((dscale, doffset, dx.reshape(dy.shape)), scale, dy)
 
 
 def group_norm(x, scale=None, offset=None, groups=1, eps=1e-5):
@@ -424,9 +439,10 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, use_scal
         if not train:
             y, res = _normalize_fwd(x, s, o, red, feat, eps, stats=(state["mean"], state["var"]))
             return y, state, res
-        mean, var = jnp.mean(x, red), jnp.var(x, red)                    # [c], biased
+        mean, var = jnp.mean(_up(x), red), jnp.var(_up(x), red)          # [c], biased
         new = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
                "var": momentum * state["var"] + (1 - momentum) * var * (n / (n - 1))}
+        new = {k: v.astype(state[k].dtype) for k, v in new.items()}
         y, res = _normalize_fwd(x, s, o, red, feat, eps)
         return y, new, res
 

@@ -1,0 +1,204 @@
+"""Mixed precision: policies, the ``mixed_precision`` combinator over every registered layer
+(hand backward against ``jax.vjp`` of the same bfloat16 forward and against float32), float32
+kept where it matters, and float16 loss scaling against PyTorch GradScaler's rule."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fnn import backprop, losses
+from fnn.layers import BatchNorm, Dense, LayerNorm, Relu, Softmax, serial
+from fnn.precision import (LossScale, Policy, all_finite, full_precision, loss_scale,
+                           mixed_precision, policy, scale_loss, unscale, update_scale)
+
+from helpers import no_autodiff
+from test_layers_sweep import CASES, is_float, setup
+
+F32, BF16, F16 = jnp.dtype("float32"), jnp.dtype("bfloat16"), jnp.dtype("float16")
+K = jax.random.PRNGKey(0)
+
+
+def to32(tree):
+    return jax.tree.map(lambda a: a.astype(F32) if is_float(a) else a, tree)
+
+
+def tree_err(a, b):
+    """Relative error of the whole tree: ‖a − b‖ / ‖b‖ (float64)."""
+    sq = lambda t: sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in
+                       jax.tree.leaves(t))
+    diff = jax.tree.map(lambda u, v: np.asarray(u, np.float64) - np.asarray(v, np.float64), a, b)
+    return np.sqrt(sq(diff)) / max(np.sqrt(sq(b)), 1e-30)
+
+
+# --------------------------------------------------------------------------- policies
+
+@pytest.mark.parametrize("spec,want", [
+    ("bfloat16", (F32, BF16, F32)), ("float16", (F32, F16, F32)), ("float32", (F32, F32, F32)),
+    ("params=float32,compute=bfloat16,output=bfloat16", (F32, BF16, BF16)),
+    ("compute=f16", (F32, F16, F32)), (" params = float32 , compute = bf16 ", (F32, BF16, F32)),
+])
+def test_policy_parses_names_and_fields(spec, want):
+    assert tuple(policy(spec)) == want
+    assert policy(str(policy(spec))) == policy(spec)          # str round-trips
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("bfloat17", r"unknown dtype 'bfloat17'"),
+    ("compute=int32", r"dtypes must be floating point, got int32"),
+    ("params=float32,params=float32", r"each once"),
+    ("compute:bfloat16,x", r"unknown dtype 'compute:bfloat16,x'"),
+    ("compute=bfloat16,x", r"expected comma-separated .* got 'x'"),
+    ("weights=float32", r"got 'weights=float32'"),
+])
+def test_policy_errors_name_what_is_wrong(spec, match):
+    with pytest.raises(ValueError, match=match):
+        policy(spec)
+
+
+def test_policy_rejects_non_strings():
+    with pytest.raises(TypeError, match=r"expected a str or Policy, got int"):
+        policy(16)
+
+
+# --------------------------------------------------------------------------- every layer
+
+@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
+def test_bfloat16_hand_backward_of_every_layer(name, i, ex, monkeypatch):
+    """In bfloat16 compute: the hand rules agree with ``jax.vjp`` of the same mixed forward
+    (relative 2e-2 on the whole gradient) and sit no farther from the float32 gradient than the
+    bfloat16 forward implies (twice autodiff's own distance, plus one bfloat16 ulp); params and
+    their gradients stay float32."""
+    layer, params, state, _, x, kw, key = setup(name, i, ex)
+    params, state, x, kw = to32(params), to32(state), to32(x), to32(kw)
+    low, high = mixed_precision(layer, "bfloat16"), mixed_precision(layer, "float32")
+    y, _ = low.apply(params, state, x, key=key, **kw)
+    assert all(a.dtype == F32 for a in jax.tree.leaves(y) if is_float(a))
+    dy = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(i).standard_normal(a.shape),
+                                            a.dtype), y)
+    float_x = all(is_float(a) for a in jax.tree.leaves(x))
+    wrt = (params, x) if float_x else (params,)
+
+    def vjp(model):
+        f = lambda *a: model.apply(a[0], state, a[1] if float_x else x, key=key, **kw)[0]
+        return jax.vjp(f, *wrt)[1](dy)
+    ref, ref32 = vjp(low), vjp(high)
+    with no_autodiff(monkeypatch):
+        _, _, res = low.vjp_fwd(params, state, x, key=key, **kw)
+        dp, dx = low.vjp_bwd(params, state, res, dy, key=key, **kw)
+    hand = (dp, dx) if float_x else (dp,)
+    assert all(a.dtype == F32 for a in jax.tree.leaves(dp))
+    assert tree_err(hand, ref) < 2e-2, f"{name}: hand vs vjp {tree_err(hand, ref):.3g}"
+    assert tree_err(hand, ref32) <= 2 * tree_err(ref, ref32) + 2 ** -8, \
+        f"{name}: hand vs float32 {tree_err(hand, ref32):.3g}, autodiff {tree_err(ref, ref32):.3g}"
+
+
+def test_normalization_statistics_stay_float32():
+    """LayerNorm of bfloat16 activations with a large common offset: standardized in float32,
+    so the output matches float32 to bfloat16 rounding of the output (not of the statistics)."""
+    x = 1000.0 + jnp.asarray(np.random.default_rng(0).standard_normal((4, 16)), F32)
+    model = LayerNorm()
+    params, state, _ = model.init(K, (4, 16))
+    params = to32(params)
+    y32, _ = model.apply(params, state, x)
+    y16, _ = mixed_precision(model, "bfloat16").apply(params, state, x)
+    # the bfloat16 input itself is rounded by up to 2^-8 · 1000 ≈ 4, so compare against the
+    # float32 layer norm of the rounded input: only the statistics' precision is left
+    ref, _ = model.apply(params, state, x.astype(BF16).astype(F32))
+    assert np.max(np.abs(np.asarray(y16) - np.asarray(ref))) < 3e-2
+    assert y16.dtype == F32 and y32.dtype == F32
+
+
+def test_batch_norm_running_statistics_stay_float32():
+    model = mixed_precision(serial(Dense(8), BatchNorm()), "bfloat16")
+    params, state, _ = model.init(K, (16, 4))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 4)), F32)
+    _, new_state = model.apply(params, state, x, train=True)
+    assert all(a.dtype == F32 for a in jax.tree.leaves(new_state))
+
+
+def test_integer_inputs_stay_integers():
+    from fnn.layers import Embedding
+    model = mixed_precision(serial(Embedding(10, 4), Dense(3)), "bfloat16")
+    params, state, _ = model.init(K, (2, 5))
+    ids = jnp.arange(10).reshape(2, 5)
+    y, _ = model.apply(params, state, ids)
+    assert y.dtype == F32
+    (_, _), grads = backprop.value_and_grad(model, losses.mse)(params, state, ids,
+                                                                jnp.zeros((2, 5, 3), F32))
+    assert all(g.dtype == F32 for g in jax.tree.leaves(grads))
+
+
+def test_full_precision_marks_a_layer_float32_inside_bfloat16():
+    seen = []
+    inner = Softmax()
+    spy = inner._replace(fwd=lambda p, s, x, **k: (seen.append(x.dtype), inner.vjp_fwd(
+        p, s, x, **k))[1])
+    model = mixed_precision(serial(Dense(6), full_precision(spy), Dense(2)), "bfloat16")
+    params, state, _ = model.init(K, (3, 4))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 4)), F32)
+    _, grads = backprop.value_and_grad(model, losses.mse)(params, state, x, jnp.zeros((3, 2), F32))
+    assert seen == [F32]                          # the marked layer computed in float32
+    ref = jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0], jnp.zeros((3, 2), F32)))(
+        params)
+    assert tree_err(grads, ref) < 2e-2
+
+
+# --------------------------------------------------------------------------- loss scaling
+
+def gradscaler(found_inf, scale=2.0 ** 15, growth=2000):
+    """PyTorch GradScaler's update, transcribed: the scales seen before each step."""
+    scales, good = [], 0
+    for inf in found_inf:
+        scales.append(scale)
+        if inf:
+            scale, good = scale * 0.5, 0
+        else:
+            good += 1
+            if good == growth:
+                scale, good = scale * 2.0, 0
+    return scales + [scale]
+
+
+def test_dynamic_loss_scale_follows_gradscaler():
+    rng = np.random.default_rng(3)
+    found_inf = list(rng.random(60) < 0.15) + [False] * 9 + [True] + [False] * 12
+    ls, seen = loss_scale(), []
+    step = jax.jit(lambda ls, inf: update_scale(ls, ~inf, growth_interval=5))
+    for inf in found_inf:
+        seen.append(float(ls.scale))
+        ls = step(ls, jnp.asarray(inf))
+    seen.append(float(ls.scale))
+    assert seen == gradscaler(found_inf, growth=5)
+
+
+def test_loss_scaling_rescues_float16_gradients_that_underflow():
+    """A tiny loss (1e-4 · MSE of small errors) has float16 weight gradients ~1e-9, below
+    float16's smallest subnormal: unscaled they are all zero; scaled by 2^15 and unscaled in
+    float32 they match the float32 gradient."""
+    model = Dense(4)
+    params, state, _ = model.init(K, (8, 16))
+    params = to32(params)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((8, 16)) * 1e-2, F32)
+    t = model.apply(params, state, x)[0] + 1e-3
+    loss = lambda y: 1e-4 * losses.mse(y, t)
+    m16 = mixed_precision(model, "params=float32,compute=float16,output=float16")
+    ref = jax.grad(lambda p: loss(model.apply(p, state, x)[0]))(params)
+    plain = jax.grad(lambda p: loss(m16.apply(p, state, x)[0].astype(F32)))(params)
+    assert float(jnp.max(jnp.abs(plain["w"]))) == 0.0             # underflowed
+    ls = loss_scale()
+    scaled = jax.grad(lambda p: scale_loss(loss(m16.apply(p, state, x)[0].astype(F32)), ls))(
+        params)
+    assert all_finite(scaled)
+    assert tree_err(unscale(scaled, ls), ref) < 2e-2
+
+
+def test_a_non_finite_gradient_is_caught():
+    assert bool(all_finite({"a": jnp.ones(3), "b": jnp.zeros(2)}))
+    assert not bool(all_finite({"a": jnp.ones(3), "b": jnp.array([0.0, jnp.inf])}))
+    assert not bool(all_finite([jnp.array([jnp.nan])]))
+
+
+def test_loss_scale_rejects_a_non_positive_start():
+    with pytest.raises(ValueError, match=r"initial scale must be positive, got 0"):
+        loss_scale(0)
