@@ -47,6 +47,9 @@ class Layer(NamedTuple):
       - ``keywords``: names of the extra per-call keywords ``apply``/``backward`` take.
       - ``children``: ``((name, layer), ...)`` for combinators, for ``summary``.
       - ``stochastic``: ``True`` if ``apply(train=True)`` needs a ``key``.
+      - ``input_range``: ``(lo, hi)`` if the input is integer ids that must lie in
+        ``[lo, hi)`` (``Embedding``: ``(0, vocab)``), else ``None``; read by
+        :func:`fnn.checks.check_data`.
     """
 
     init: Callable
@@ -56,6 +59,7 @@ class Layer(NamedTuple):
     keywords: frozenset = frozenset()
     children: tuple = ()
     stochastic: bool = False
+    input_range: tuple | None = None
 
     def __repr__(self):
         return f"<fnn.Layer {self.name}>"
