@@ -92,7 +92,7 @@ def _is_name(s) -> bool:
 def _node_fields(node, depth):
     if depth > MAX_DEPTH:
         raise TreeError(f"the tree description is nested more than {MAX_DEPTH} deep")
-    if not isinstance(node, dict) or node.get("t") not in _FIELDS:
+    if not (isinstance(node, dict) and isinstance(node.get("t"), str) and node["t"] in _FIELDS):
         what = node.get("t") if isinstance(node, dict) else node
         raise TreeError(f"unknown node type {_short(what)} in the tree description")
     required, optional = _FIELDS[node["t"]]
