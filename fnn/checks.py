@@ -121,7 +121,7 @@ def _output_shape(model, input_shape):
         params, state, shape = model.init(key, input_shape)
         out.append(shape)
         return params, state
-    jax.eval_shape(init, jax.random.PRNGKey(0))                 # shapes only, no FLOPs
+    jax.eval_shape(init, jax.eval_shape(jax.random.PRNGKey, 0))  # shapes only, no FLOPs
     return out[0]
 
 
