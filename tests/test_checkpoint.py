@@ -290,3 +290,13 @@ def test_a_directory_removed_during_the_write_names_the_file(tmp_path, monkeypat
     with pytest.raises(OSError, match=r"checkpoint.save: cannot write .*run/c\.safetensors"):
         checkpoint.save(path, {"w": np.zeros(3)})
     assert not folder.exists()
+
+
+def test_numpy_scalars_and_python_scalars_round_trip_without_like(tmp_path):
+    """np.float64 is a subclass of float: it must not be recorded as a Python scalar type fnn
+    cannot rebuild (the reader knows bool/int/float only)."""
+    tree = {"np": np.float64(0.25), "py": 0.5, "flag": False, "n": 3}
+    got = checkpoint.load(checkpoint.save(tmp_path / "s.safetensors", tree))
+    assert got["py"] == 0.5 and type(got["py"]) is float and got["flag"] is False
+    assert type(got["n"]) is int and got["n"] == 3
+    assert np.asarray(got["np"]).dtype == np.float64 and float(got["np"]) == 0.25

@@ -68,10 +68,39 @@ def test_checked_mode_under_jit_names_layer_value_and_index(key):
     err, y = f(params, jnp.array([[0, 1, 2], [3, 4, 4]]))
     assert err.get() is None
     np.testing.assert_array_equal(y, np.asarray(params["w"])[[[0, 1, 2], [3, 4, 4]]])
-    err, _ = jax.jit(checks.checked(lambda z, t: INT(z, t)))(jnp.zeros((3, 4)), jnp.array([0, 3, 4]))
+    err, _ = jax.jit(checks.checked(lambda z, t: INT(z, t)))(jnp.zeros((3, 4)),
+                                                             jnp.array([0, 3, 4]))
     assert f"{NAME}: label 4 at index [2] is outside the valid range [0, 4)" in err.get()
-    err, _ = jax.jit(checks.checked(lambda z, t: INT.grad(z, t)))(jnp.zeros((3, 4)), jnp.array([0, -2, 1]))
+    err, _ = jax.jit(checks.checked(lambda z, t: INT.grad(z, t)))(jnp.zeros((3, 4)),
+                                                                  jnp.array([0, -2, 1]))
     assert "label -2 at index [1]" in err.get()
+
+
+def test_checked_mode_wraps_a_whole_training_objective_with_its_gradient(key):
+    net = serial(Embedding(6, 2), Flatten(), Dense(3))
+    params, state, _ = net.init(key, (4, 5))
+
+    def objective(p, x, y):
+        return INT(net.apply(p, state, x)[0], y)
+    step = jax.jit(checks.checked(jax.value_and_grad(objective)))
+    x = np.random.default_rng(0).integers(0, 6, size=(4, 5))
+    err, (value, grads) = step(params, jnp.asarray(x), jnp.array([0, 2, 1, 2]))
+    assert err.get() is None
+    want_value, want_grads = jax.value_and_grad(objective)(params, jnp.asarray(x),
+                                                           jnp.array([0, 2, 1, 2]))
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(grads["0"]["w"], want_grads["0"]["w"], rtol=1e-12)
+    err, _ = step(params, jnp.asarray(x), jnp.array([0, 2, 3, 2]))
+    assert f"{NAME}: label 3 at index [2] is outside the valid range [0, 3)" in err.get()
+    x[3, 4] = 6
+    err, _ = step(params, jnp.asarray(x), jnp.array([0, 2, 1, 2]))
+    assert "Embedding(6, 2): token id 6 at index [3 4]" in err.get()
+
+
+@pytest.mark.parametrize("vocab, features", [(0, 3), (5, -1), (2.5, 3), (True, 3)])
+def test_embedding_sizes_must_be_positive_ints(vocab, features):
+    with pytest.raises(ValueError, match=r"Embedding: vocab and features must be positive ints"):
+        Embedding(vocab, features)
 
 
 def _digits():

@@ -121,6 +121,11 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
     ``< -vocab`` gives a NaN row (``jnp.take`` fills), an id in ``[-vocab, 0)`` wraps as in
     NumPy; backward drops the ids ``>= vocab`` (and wraps the negative ones).
     """
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+               for n in (vocab, features)):
+        raise ValueError(f"Embedding: vocab and features must be positive ints, got "
+                         f"{vocab!r} and {features!r}")
+    vocab, features = int(vocab), int(features)
     w_init = w_init or inits.normal(1.0)
     name = f"Embedding({vocab}, {features})"
 
