@@ -151,9 +151,11 @@ def _atomic_write(path, chunks):
 
 
 def _write_error(path, e: OSError) -> OSError:
-    err = OSError(e.errno, f"checkpoint.save: cannot write {path}: {e.strerror or e}")
-    err.filename = path                  # OSError(errno, ...) picks the subclass (PermissionError)
-    return err
+    """``e`` again, naming ``path``: ``[Errno 28] checkpoint.save: No space left on device:
+    'out/ckpt.safetensors'`` (``OSError(errno, ...)`` picks the subclass: PermissionError...)."""
+    if e.errno is None:
+        return OSError(f"checkpoint.save: cannot write {path}: {e}")
+    return OSError(e.errno, f"checkpoint.save: {e.strerror or os.strerror(e.errno)}", path)
 
 
 # --------------------------------------------------------------------------- load
