@@ -140,7 +140,8 @@ def data_checker(model, loss, input_shape) -> Callable:
     classes = None
     if getattr(loss, "integer_labels", False):
         out = _output_shape(model, tuple(input_shape))
-        classes = out[-1] if out and all(isinstance(d, int) for d in out) else None
+        if out and all(isinstance(d, (int, np.integer)) for d in out):   # one output array
+            classes = int(out[-1])
 
     def check(x, target, where: str = ""):
         pre = f"{where}: " if where else ""
