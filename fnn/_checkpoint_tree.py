@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 MAX_DEPTH = 64                      # fnn's own trees (TrainState, optax chains) nest < 20 deep
 PY_TYPES = {"bool": bool, "int": int, "float": float}
+INT_CODES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}  # int() cannot fail
 KEY_IMPLS = {"threefry2x32": 2, "rbg": 4, "unsafe_rbg": 4}      # words of key data (uint32)
 _FIELDS = {"none": ({"t"}, set()), "leaf": ({"t", "name"}, {"py", "key_impl"}),
            "dict": ({"t", "k", "c"}, set()), "list": ({"t", "c"}, set()),
@@ -133,6 +134,9 @@ def _check_leaf(node, entries, used):
                         f"(fnn writes {sorted(PY_TYPES)})")
     if "py" in node and shape != []:
         raise TreeError(f"leaf {name!r}: a Python scalar stored with shape {shape}")
+    if node.get("py") == "int" and dtype not in INT_CODES:
+        raise TreeError(f"leaf {name!r}: a Python int stored as {dtype} (fnn stores ints as "
+                        f"integers)")
     if "key_impl" in node:
         words = KEY_IMPLS.get(node["key_impl"]) if isinstance(node["key_impl"], str) else None
         if words is None:

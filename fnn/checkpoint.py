@@ -317,6 +317,8 @@ def _check_like(path, header, leaves, names):
         e = header[n]
         if shape is not None and tuple(e["shape"]) != shape:
             problems.append(f"{n!r}: shape {tuple(e['shape'])} in the file, {shape} in like")
+        if type(leaf) is int and e["dtype"] not in _tree.INT_CODES:   # int(nan) would fail
+            problems.append(f"{n!r}: a Python int in like, {e['dtype']} in the file")
         if dtype is not None and _DTYPES[e["dtype"]] != dtype:
             problems.append(f"{n!r}: dtype {_DTYPES[e['dtype']]} in the file, {dtype} in like")
     if problems:

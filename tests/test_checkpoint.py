@@ -301,3 +301,16 @@ def test_numpy_scalars_and_python_scalars_round_trip_without_like(tmp_path):
     assert got["py"] == 0.5 and type(got["py"]) is float and got["flag"] is False
     assert type(got["n"]) is int and got["n"] == 3
     assert np.asarray(got["np"]).dtype == np.float64 and float(got["np"]) == 0.25
+
+
+def test_python_scalar_leaves_need_a_stored_dtype_they_can_hold(tmp_path):
+    good = checkpoint.save(tmp_path / "nan.safetensors", {"n": np.float64(np.nan)})
+    raw = open(good, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"]["fnn.tree"] = json.dumps(
+        {"t": "dict", "k": ["n"], "c": [{"t": "leaf", "name": "n", "py": "int"}]})
+    path = _raw_file(tmp_path / "int_of_nan.safetensors", header, raw[8 + n:])
+    _load_fails(path, "leaf 'n': a Python int stored as F64")
+    _load_fails(good, "'n': a Python int in like, F64 in the file", like={"n": 3})
+    assert checkpoint.load(good, like={"n": 0.5})["n"] != checkpoint.load(good)["n"]  # NaN
