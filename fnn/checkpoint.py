@@ -18,7 +18,6 @@ checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import json
@@ -32,11 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn import _checkpoint_tree as _tree
+
 __all__ = ["save", "load", "read_metadata", "CheckpointError", "CheckpointMismatchError"]
 
 PyTree = Any
 FORMAT = "fnn-checkpoint/1"
 _MAX_HEADER = 100 * 2 ** 20
+_MAX_RANK = 32
 _DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
            "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32",
            "F32": "float32", "U64": "uint64", "I64": "int64", "F64": "float64"}
@@ -70,62 +72,8 @@ def _names(tree) -> tuple[list, list[str]]:
     return [leaf for _, leaf in flat], names
 
 
-def _is_namedtuple(x) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields")
-
-
-def _structure(tree, names):
-    """The tree's shape as JSON, leaves replaced by their names (consumed in flatten order)."""
-    if tree is None:
-        return {"t": "none"}
-    if isinstance(tree, dict):
-        keys = sorted(tree)
-        return {"t": "dict", "k": keys, "c": [_structure(tree[k], names) for k in keys]}
-    if _is_namedtuple(tree):
-        cls = type(tree)
-        return {"t": "namedtuple", "type": f"{cls.__module__}.{cls.__qualname__}",
-                "k": list(cls._fields), "c": [_structure(v, names) for v in tree]}
-    if isinstance(tree, (list, tuple)):
-        return {"t": type(tree).__name__, "c": [_structure(v, names) for v in tree]}
-    if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
-        node = {"t": "leaf", "name": names.pop(0)}
-        if isinstance(tree, (bool, int, float)):
-            node["py"] = type(tree).__name__
-        if _is_key(tree):
-            node["key_impl"] = _key_impl(tree)
-        return node
-    return {"t": "opaque", "type": type(tree).__qualname__,
-            "names": [names.pop(0) for _ in jax.tree.leaves(tree)]}
-
-
-def _rebuild(node, arrays, path):
-    t = node["t"]
-    if t == "none":
-        return None
-    if t == "leaf":
-        a = arrays[node["name"]]
-        if "key_impl" in node:
-            return jax.random.wrap_key_data(jnp.asarray(a), impl=node["key_impl"])
-        return {"bool": bool, "int": int, "float": float}[node["py"]](a) if "py" in node else a
-    children = [_rebuild(c, arrays, path) for c in node.get("c", [])]
-    if t == "dict":
-        return dict(zip(node["k"], children))
-    if t == "list":
-        return children
-    if t == "tuple":
-        return tuple(children)
-    if t == "namedtuple":   # rebuilt as a namedtuple of the same name and fields (no import)
-        return collections.namedtuple(node["type"].rsplit(".", 1)[-1], node["k"])(*children)
-    raise CheckpointError(f"{path}: cannot rebuild a pytree node of type {node.get('type')!r} "
-                          f"without like=; pass a tree of that structure as like=")
-
-
-def _is_key(a) -> bool:
-    return hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-
-
 def _to_numpy(a, name) -> np.ndarray:
-    if _is_key(a):
+    if _tree.is_key(a):
         a = jax.random.key_data(a)
     arr = np.asarray(jax.device_get(a))
     if arr.dtype.name not in _CODES:
@@ -160,7 +108,7 @@ def save(path, tree: PyTree, *, metadata: dict | None = None) -> str:
     if any(k.startswith("fnn.") for k in meta):
         raise ValueError("checkpoint.save: metadata keys starting with 'fnn.' are reserved")
     meta.update({"fnn.format": FORMAT, "fnn.sha256": digest.hexdigest(),
-                 "fnn.tree": json.dumps(_structure(tree, list(names)))})
+                 "fnn.tree": json.dumps(_tree.describe(tree, list(names)))})
     blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     _atomic_write(path, [struct.pack("<Q", len(blob)), blob]
@@ -169,11 +117,17 @@ def save(path, tree: PyTree, *, metadata: dict | None = None) -> str:
 
 
 def _atomic_write(path, chunks):
-    """Write ``chunks`` to a temporary file beside ``path``, fsync, rename, fsync the dir."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """Write ``chunks`` to a temporary file beside ``path``, fsync, rename, fsync the dir.
+
+    Any ``OSError`` (disk full, file too large, permission denied, the directory gone) is
+    raised again as an ``OSError`` of the same ``errno`` naming ``path``, after removing the
+    temporary file; ``path`` itself is only ever replaced whole.
+    """
+    folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -181,9 +135,12 @@ def _atomic_write(path, chunks):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     with contextlib.suppress(OSError):      # not every platform can fsync a directory
         dfd = os.open(folder, os.O_RDONLY)
@@ -193,10 +150,20 @@ def _atomic_write(path, chunks):
             os.close(dfd)
 
 
+def _write_error(path, e: OSError) -> OSError:
+    """``e`` again, naming ``path``: ``[Errno 28] checkpoint.save: No space left on device:
+    'out/ckpt.safetensors'`` (``OSError(errno, ...)`` picks the subclass: PermissionError...)."""
+    if e.errno is None:
+        return OSError(f"checkpoint.save: cannot write {path}: {e}")
+    return OSError(e.errno, f"checkpoint.save: {e.strerror or os.strerror(e.errno)}", path)
+
+
 # --------------------------------------------------------------------------- load
 
-def _read(path) -> tuple[dict, dict, memoryview]:
-    """Parse and validate a safetensors file: ``(tensor entries, metadata, data bytes)``."""
+def _read(path) -> tuple[dict, dict, memoryview, dict | None]:
+    """Parse and check an untrusted safetensors file: ``(entries, metadata, data bytes, tree
+    description or None)``. Every problem is a :class:`CheckpointError` naming the file; no
+    size the file claims is used before it is checked against the file's real size."""
     with open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 8:
@@ -210,42 +177,80 @@ def _read(path) -> tuple[dict, dict, memoryview]:
         header = json.loads(raw[8:8 + n].decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError(f"a JSON {type(header).__name__}, not an object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt header: {e}") from None
-    meta = header.pop("__metadata__", {}) or {}
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt header: {str(e)[:200]}") from None
+    meta = _check_metadata(path, header.pop("__metadata__", None))
     data = memoryview(raw)[8 + n:]
     _check_entries(path, header, len(data))
     if "fnn.sha256" in meta and hashlib.sha256(data).hexdigest() != meta["fnn.sha256"]:
         raise CheckpointError(f"{path}: corrupt data: the SHA-256 of the array bytes does not "
                               f"match the one recorded at save time")
-    return header, meta, data
+    return header, meta, data, _tree_description(path, meta, header)
+
+
+def _check_metadata(path, meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt header: __metadata__ must map strings to "
+                              f"strings, got {_tree._short(meta)}")
+    if meta.get("fnn.format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format "
+                              f"{_tree._short(meta['fnn.format'])} (this fnn reads {FORMAT})")
+    return meta
+
+
+def _tree_description(path, meta, header):
+    if "fnn.tree" not in meta:
+        return None
+    try:
+        tree = json.loads(meta["fnn.tree"])
+        _tree.check(tree, header)
+    except (ValueError, RecursionError) as e:      # TreeError and JSONDecodeError included
+        what = "nested too deep" if isinstance(e, RecursionError) else str(e)[:300]
+        raise CheckpointError(f"{path}: corrupt metadata 'fnn.tree': {what}") from None
+    return tree
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(path, name, e):
+    """The byte size entry ``e`` needs, after checking its dtype, shape and offsets' types."""
+    ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in _DTYPES
+          and isinstance(e.get("shape"), list) and len(e["shape"]) <= _MAX_RANK
+          and all(_is_int(d) and d >= 0 for d in e["shape"]))
+    if not ok:
+        raise CheckpointError(f"{path}: corrupt header: bad entry for {_tree._short(name)}: "
+                              f"{_tree._short(e, 200)} (need a dtype of {sorted(_DTYPES)} and "
+                              f"a shape of at most {_MAX_RANK} non-negative ints)")
+    o = e.get("data_offsets")
+    if not (isinstance(o, list) and len(o) == 2 and all(_is_int(v) for v in o)):
+        raise CheckpointError(f"{path}: corrupt header: bad data_offsets for "
+                              f"{_tree._short(name)}: {_tree._short(o)}")
+    itemsize = np.dtype(_np_dtype(e["dtype"])).itemsize
+    if math.prod(max(d, 1) for d in e["shape"]) * itemsize >= 2 ** 62:
+        raise CheckpointError(f"{path}: corrupt header: {_tree._short(name)} has the absurd "
+                              f"shape {_tree._short(e['shape'])}")
+    return math.prod(e["shape"]) * itemsize
 
 
 def _check_entries(path, header, size):
+    """Entries well formed, and their arrays back to back in offset order, filling the data."""
+    needs = {name: _check_entry(path, name, e) for name, e in header.items()}
     end = 0
-    for name, e in sorted(header.items(), key=lambda kv: _offsets(path, kv)):
-        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES or \
-                not isinstance(e.get("shape"), list) or \
-                not all(isinstance(d, int) and d >= 0 for d in e["shape"]):
-            raise CheckpointError(f"{path}: corrupt header: bad entry for {name!r}: {e!r}")
+    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
         begin, stop = e["data_offsets"]
-        nbytes = math.prod(e["shape"]) * np.dtype(_np_dtype(e["dtype"])).itemsize
-        if begin != end or stop - begin != nbytes:
-            raise CheckpointError(f"{path}: corrupt header: {name!r} ({e['dtype']} "
-                                  f"{e['shape']}) needs {nbytes} bytes at offset {end}, the "
-                                  f"header says {begin}..{stop}")
+        if begin != end or stop - begin != needs[name]:
+            raise CheckpointError(f"{path}: corrupt header: {_tree._short(name)} ({e['dtype']} "
+                                  f"{e['shape']}) needs {needs[name]} bytes at offset {end}, "
+                                  f"the header says {begin}..{stop}")
         end = stop
     if end != size:
         what = "truncated" if end > size else "corrupt"
         raise CheckpointError(f"{path}: {what} file: the arrays need {end} bytes of data, the "
                               f"file holds {size}")
-
-
-def _offsets(path, kv):
-    o = kv[1].get("data_offsets") if isinstance(kv[1], dict) else None
-    if not (isinstance(o, list) and len(o) == 2 and all(isinstance(v, int) for v in o)):
-        raise CheckpointError(f"{path}: corrupt header: bad data_offsets for {kv[0]!r}: {o!r}")
-    return tuple(o)
 
 
 def _np_dtype(code):
@@ -271,38 +276,33 @@ def load(path, like: PyTree = None) -> PyTree:
     :class:`CheckpointMismatchError` lists every difference; leaves come back as ``like``'s
     (JAX arrays, NumPy arrays, Python scalars, typed PRNG keys). Without ``like`` the tree is
     rebuilt from the metadata with NumPy leaves of the stored dtypes (NamedTuples as
-    namedtuples of the same name and fields; a plain safetensors file as a flat dict). Raises
-    :class:`CheckpointError` naming the file if it is truncated or corrupt.
+    namedtuples of the same name and fields; a plain safetensors file as a flat dict).
+
+    The file is untrusted input: anything malformed (header, offsets, shapes, dtypes,
+    metadata, tree description) raises :class:`CheckpointError` naming the file and the
+    problem, and nothing in the file selects a type or function beyond fnn's fixed tables.
     """
     path = os.fspath(path)
-    header, meta, data = _read(path)
+    header, meta, data, structure = _read(path)
     if like is None:
-        if "fnn.tree" not in meta:      # a plain safetensors file: a flat dict
-            return {name: _array(e, data) for name, e in header.items()}
+        arrays = {name: _array(e, data) for name, e in header.items()}
+        if structure is None:           # a plain safetensors file: a flat dict
+            return arrays
         try:
-            structure = json.loads(meta["fnn.tree"])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: corrupt metadata 'fnn.tree': {e}") from None
-        return _rebuild(structure, {n: _array(e, data) for n, e in header.items()}, path)
+            return _tree.rebuild(structure, arrays)
+        except _tree.TreeError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     leaves, names = _names(like)
     _check_like(path, header, leaves, names)
     out = [_as_like(_array(header[n], data), leaf) for n, leaf in zip(names, leaves)]
     return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
-def _key_impl(leaf):
-    """The PRNG implementation of a typed key array or its ``ShapeDtypeStruct``."""
-    try:
-        return str(jax.random.key_impl(leaf))
-    except TypeError:
-        return getattr(getattr(leaf.dtype, "_impl", None), "name", None)
-
-
 def _like_spec(leaf):
-    if _is_key(leaf):
+    if _tree.is_key(leaf):
         leaf = jax.eval_shape(jax.random.key_data, leaf)
     if isinstance(leaf, (bool, int, float)):
-        return None, None           # Python scalars take whatever scalar was stored
+        return (), None             # Python scalars take whatever scalar was stored
     shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
     return tuple(shape), np.dtype(leaf.dtype).name
 
@@ -317,6 +317,8 @@ def _check_like(path, header, leaves, names):
         e = header[n]
         if shape is not None and tuple(e["shape"]) != shape:
             problems.append(f"{n!r}: shape {tuple(e['shape'])} in the file, {shape} in like")
+        if type(leaf) is int and e["dtype"] not in _tree.INT_CODES:   # int(nan) would fail
+            problems.append(f"{n!r}: a Python int in like, {e['dtype']} in the file")
         if dtype is not None and _DTYPES[e["dtype"]] != dtype:
             problems.append(f"{n!r}: dtype {_DTYPES[e['dtype']]} in the file, {dtype} in like")
     if problems:
@@ -326,8 +328,8 @@ def _check_like(path, header, leaves, names):
 
 
 def _as_like(arr, leaf):
-    if _is_key(leaf):
-        return jax.random.wrap_key_data(jnp.asarray(arr), impl=_key_impl(leaf))
+    if _tree.is_key(leaf):
+        return jax.random.wrap_key_data(jnp.asarray(arr), impl=_tree.key_impl(leaf))
     if isinstance(leaf, (bool, int, float)):
         return type(leaf)(arr)
     if isinstance(leaf, np.ndarray):

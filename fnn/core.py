@@ -64,8 +64,10 @@ class Layer(NamedTuple):
         (optional): ``apply`` that also returns the residuals ``res``, a pytree of arrays.
       - ``bwd(params, state, res, dy, *, key=None, train=False, **kw) -> (dparams, dx)``
         (optional, with ``fwd``): the hand-derived backward started from ``res``.
-      - ``meta``: a read-only mapping of facts other code may ask of the layer (``Bidirectional``
-        reads ``meta["twin"]``, the mirrored recurrent layer's constructor).
+      - ``meta``: a read-only mapping of facts other code may ask of the layer:
+        ``meta["twin"]`` (a recurrent layer's mirrored constructor, read by ``Bidirectional``),
+        ``meta["input_range"]`` (``(lo, hi)`` when the input is integer ids that must lie in
+        ``[lo, hi)``: ``Embedding``'s ``(0, vocab)``, read by :func:`fnn.checks.check_data`).
 
     ``fwd`` may use a faster formulation than ``apply`` as long as its ``y`` equals ``apply``'s
     to rounding; ``apply`` stays the plain form that autodiff differentiates.

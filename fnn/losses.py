@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn.activations import log_softmax, sigmoid, softmax
+from fnn.checks import check_range
 
 __all__ = [
     "Loss", "mse", "mae", "huber", "binary_cross_entropy", "sigmoid_binary_cross_entropy",
@@ -42,6 +43,8 @@ class Loss(NamedTuple):
     ``value(pred, target)`` gives the unreduced loss; ``dvalue(pred, target, c)`` gives
     ``Σ c·∂value/∂pred`` for a coefficient ``c`` of the unreduced shape (the weights and the
     reduction folded together). ``reduces_last``: the loss sums over the last (class) axis.
+    ``integer_labels``: ``target`` is integer class labels in ``[0, pred.shape[-1])``
+    (read by :func:`fnn.checks.check_data`).
     """
 
     value: Callable
@@ -49,6 +52,7 @@ class Loss(NamedTuple):
     name: str
     check: Callable
     reduces_last: bool = False
+    integer_labels: bool = False
 
     def __call__(self, pred, target, weights=None, reduction="mean"):
         pred, target = self.check(pred, target)
@@ -118,6 +122,8 @@ def _labels(name):
         if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
             raise ValueError(f"{name}: labels of shape {labels.shape} do not fit logits of "
                              f"shape {logits.shape} (labels need shape logits.shape[:-1])")
+        check_range(labels, 0, logits.shape[-1], name, "label",
+                    f" (the logits have {logits.shape[-1]} classes)")
         return logits, labels
     return check
 
@@ -208,10 +214,13 @@ def _int_dvalue(z, y, c):
 
 softmax_cross_entropy_with_integer_labels = Loss(
     _int_value, _int_dvalue, "softmax_cross_entropy_with_integer_labels",
-    _labels("softmax_cross_entropy_with_integer_labels"), True)
+    _labels("softmax_cross_entropy_with_integer_labels"), True, True)
 """Categorical cross-entropy from logits ``[..., classes]`` and integer labels ``[...]``:
 ``-log softmax(z)_y``; ``∂/∂z = softmax(z) - onehot(y)``. Labels outside ``[0, classes)``
-are not checked (values are unknown under ``jit``): a label ``>= classes`` gives a NaN loss."""
+raise ``ValueError`` on concrete arrays (and in ``fnn.checks.checked`` mode under ``jit``).
+Unchecked under ``jit``: a label ``>= classes`` or ``< -classes`` gives a NaN loss, one in
+``[-classes, 0)`` the loss of class ``classes + label``; the gradient's one-hot is all zeros
+out of range (finite, and wrong)."""
 
 categorical_cross_entropy = softmax_cross_entropy
 sparse_categorical_cross_entropy = softmax_cross_entropy_with_integer_labels

@@ -1,5 +1,6 @@
 """fnn.checkpoint: bit-exact round trips, safetensors interoperability, atomic writes, and
 clear errors for truncated, corrupt and mismatched files."""
+import errno
 import json
 import os
 import pickle
@@ -154,10 +155,162 @@ def test_failed_saves_leave_the_old_checkpoint_in_place(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("simulated crash before the rename")
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(OSError, match="checkpoint.save: cannot write .*c.safetensors: simulated"):
         checkpoint.save(path, {"w": np.zeros(3)})
     monkeypatch.undo()
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["c.safetensors"]   # no temporary file left behind
     with pytest.raises(ValueError, match="reserved"):
         checkpoint.save(path, {"w": np.zeros(3)}, metadata={"fnn.tree": "x"})
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+def _raw_file(path, header, data=b""):
+    """A safetensors file with exactly this JSON header (any content) and these data bytes."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def _with_tree(tmp_path, tree_json, name="t"):
+    """A real one-array checkpoint whose ``fnn.tree`` metadata is replaced by ``tree_json``."""
+    good = checkpoint.save(tmp_path / "good.safetensors", {"w": np.arange(3.0)})
+    raw = open(good, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"]["fnn.tree"] = tree_json
+    return _raw_file(tmp_path / f"{name}.safetensors", header, raw[8 + n:])
+
+
+def _load_fails(path, match, like=None):
+    with pytest.raises(CheckpointError, match=match) as info:
+        checkpoint.load(path, like=like)
+    assert type(info.value) in (CheckpointError, CheckpointMismatchError)
+    assert str(path) in str(info.value)
+
+
+def test_metadata_of_the_wrong_type_is_a_checkpoint_error(tmp_path):
+    entry = {"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}
+    for i, meta in enumerate([{"fnn.sha256": 5}, [1, 2], "text", 7,
+                              {"epoch": {"nested": "dict"}}, {"fnn.tree": None}]):
+        path = _raw_file(tmp_path / f"m{i}.safetensors", {"__metadata__": meta, **entry},
+                         np.float64(1).tobytes())
+        _load_fails(path, "__metadata__")
+        with pytest.raises(CheckpointError, match="__metadata__"):
+            checkpoint.read_metadata(path)
+
+
+def test_tree_descriptions_fnn_never_writes_are_checkpoint_errors(tmp_path):
+    leaf = {"t": "leaf", "name": "w"}
+    cases = {
+        "unknown node type": ({"t": "function", "name": "os.system"}, "node type"),
+        "not an object": ([leaf], "tree description"),
+        "dict without keys": ({"t": "dict", "c": [leaf]}, "'dict' node"),
+        "keys and children differ": ({"t": "dict", "k": ["a", "b"], "c": [leaf]}, "'dict' node"),
+        "namedtuple field not a name": ({"t": "namedtuple", "type": "m.T", "k": ["__class__"],
+                                         "c": [leaf]}, "field"),
+        "namedtuple type not a name": ({"t": "namedtuple", "type": "m.1x", "k": ["a"],
+                                        "c": [leaf]}, "type name"),
+        "unknown Python scalar": ({"t": "leaf", "name": "w", "py": "eval"}, "Python type"),
+        "unknown key impl": ({"t": "leaf", "name": "w", "key_impl": "os.system"}, "PRNG"),
+        "leaf not in the file": ({"t": "leaf", "name": "nope"}, "not in the file"),
+        "leaf used twice": ({"t": "list", "c": [leaf, leaf]}, "more than one leaf"),
+        "array left out": ({"t": "none"}, "not in the tree"),
+        "extra field": ({"t": "leaf", "name": "w", "import": "os"}, "field"),
+        "scalar of three values": ({"t": "leaf", "name": "w", "py": "int"}, "scalar"),
+        "not JSON": ("{'t': 'leaf'", "fnn.tree"),
+    }
+    for i, (what, (tree, match)) in enumerate(cases.items()):
+        text = tree if isinstance(tree, str) else json.dumps(tree)
+        _load_fails(_with_tree(tmp_path, text, f"c{i}"), match)
+
+
+def test_a_tree_description_nested_thousands_deep_is_a_checkpoint_error(tmp_path):
+    for depth in (100, 5000, 100_000):
+        deep = '{"t":"list","c":[' * depth + '{"t":"leaf","name":"w"}' + "]}" * depth
+        _load_fails(_with_tree(tmp_path, deep, f"d{depth}"), "nested|deep")
+    raw_deep = {"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}
+    path = tmp_path / "deep_header.safetensors"
+    blob = json.dumps(raw_deep).encode()[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + np.float64(1).tobytes())
+    _load_fails(path, "corrupt header")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.ENOENT])
+@pytest.mark.parametrize("where", ["write", "mkstemp", "fsync", "replace"])
+def test_failed_writes_name_the_file_and_leave_no_trace(tmp_path, monkeypatch, code, where):
+    path = checkpoint.save(tmp_path / "c.safetensors", {"w": np.ones(3)})
+    before = open(path, "rb").read()
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    if where == "write":
+        real_fdopen = os.fdopen
+
+        class Full:             # a file object whose writes fail as on a full disk
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, chunk):
+                fail()
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    else:
+        target = checkpoint.tempfile if where == "mkstemp" else os
+        monkeypatch.setattr(target, where, fail)
+    with pytest.raises(OSError, match=rf"checkpoint.save: {os.strerror(code)}: "
+                       rf"'.*c\.safetensors'") as info:
+        checkpoint.save(path, {"w": np.zeros(3)})
+    assert info.value.errno == code and info.value.filename == path
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.safetensors"]
+
+
+def test_a_directory_removed_during_the_write_names_the_file(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    path = checkpoint.save(folder / "c.safetensors", {"w": np.ones(3)})
+    real_fsync = os.fsync
+
+    def vanish(fd):             # the folder disappears between the write and the rename
+        real_fsync(fd)
+        for name in os.listdir(folder):
+            os.unlink(folder / name)
+        os.rmdir(folder)
+    monkeypatch.setattr(os, "fsync", vanish)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.save: No such file or directory: "
+                       r"'.*run/c\.safetensors'"):
+        checkpoint.save(path, {"w": np.zeros(3)})
+    assert not folder.exists()
+
+
+def test_numpy_scalars_and_python_scalars_round_trip_without_like(tmp_path):
+    """np.float64 is a subclass of float: it must not be recorded as a Python scalar type fnn
+    cannot rebuild (the reader knows bool/int/float only)."""
+    tree = {"np": np.float64(0.25), "py": 0.5, "flag": False, "n": 3}
+    got = checkpoint.load(checkpoint.save(tmp_path / "s.safetensors", tree))
+    assert got["py"] == 0.5 and type(got["py"]) is float and got["flag"] is False
+    assert type(got["n"]) is int and got["n"] == 3
+    assert np.asarray(got["np"]).dtype == np.float64 and float(got["np"]) == 0.25
+
+
+def test_python_scalar_leaves_need_a_stored_dtype_they_can_hold(tmp_path):
+    good = checkpoint.save(tmp_path / "nan.safetensors", {"n": np.float64(np.nan)})
+    raw = open(good, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"]["fnn.tree"] = json.dumps(
+        {"t": "dict", "k": ["n"], "c": [{"t": "leaf", "name": "n", "py": "int"}]})
+    path = _raw_file(tmp_path / "int_of_nan.safetensors", header, raw[8 + n:])
+    _load_fails(path, "leaf 'n': a Python int stored as F64")
+    _load_fails(good, "'n': a Python int in like, F64 in the file", like={"n": 3})
+    assert checkpoint.load(good, like={"n": 0.5})["n"] != checkpoint.load(good)["n"]  # NaN

@@ -5,6 +5,8 @@ The dense op is the lesson's ``z = W·a + b`` in row-major batch form, ``y = x @
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import math
 
 import jax
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import initializers as inits
+from fnn.checks import check_range
 from fnn.core import Example, Layer, default_dtype, examples, is_shape
 
 __all__ = ["dense", "dense_backward", "Dense", "Flatten", "Embedding"]
@@ -115,10 +118,18 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
     **Params:** ``{"w": (vocab, features)}``, default ``N(0, 1)`` (PyTorch's ``nn.Embedding``).
     **Input:** integer ids ``[batch, ...]`` → **output** ``[batch, ..., features]``.
     Backward: ``dw[v] = Σ_{positions with x = v} dy`` (a scatter-add); ``dx`` is ``None``.
-    Ids are not range-checked (shapes only are static under ``jit``): an id ``>= vocab`` gives a
-    NaN row (JAX's gather fills), negative ids wrap as in NumPy; backward drops out-of-range ids.
+    Ids outside ``[0, vocab)`` raise ``ValueError`` on concrete arrays (and in
+    ``fnn.checks.checked`` mode under ``jit``). Unchecked under ``jit``: an id ``>= vocab`` or
+    ``< -vocab`` gives a NaN row (``jnp.take`` fills), an id in ``[-vocab, 0)`` wraps as in
+    NumPy; backward drops the ids ``>= vocab`` (and wraps the negative ones).
     """
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+               for n in (vocab, features)):
+        raise ValueError(f"Embedding: vocab and features must be positive ints, got "
+                         f"{vocab!r} and {features!r}")
+    vocab, features = int(vocab), int(features)
     w_init = w_init or inits.normal(1.0)
+    name = f"Embedding({vocab}, {features})"
 
     def init(key, input_shape):
         if not is_shape(input_shape):
@@ -130,6 +141,7 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
         if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"Embedding: expected integer token ids, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        check_range(x, 0, vocab, name, "token id", " (the vocabulary)")
 
     def apply(params, state, x, *, key=None, train=False):
         _check(x)
@@ -141,4 +153,5 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
         dw = jnp.zeros_like(w).at[x.reshape(-1)].add(dy.reshape(-1, w.shape[1]))
         return {"w": dw}, None
 
-    return Layer(init, apply, backward, f"Embedding({vocab}, {features})")
+    return Layer(init, apply, backward, name,
+                 meta=MappingProxyType({"input_range": (0, vocab)}))
