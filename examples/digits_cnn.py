@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2 epochs on 256 images (smoke test)")
     args = ap.parse_args(argv)
 
-    summary(digits_cnn.model(), (digits_cnn.BATCH, 8, 8, 1))
+    print(summary(digits_cnn.model(), (digits_cnn.BATCH, 8, 8, 1)))
     t0 = time.perf_counter()
     m = digits_cnn.run(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out,
                        quick=args.quick)
