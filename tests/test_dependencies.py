@@ -3,6 +3,7 @@ module pulls in neither optax nor chex (they are test/bench extras)."""
 import os
 import subprocess
 import sys
+
 import pytest
 
 tomllib = pytest.importorskip("tomllib")          # Python 3.11+
