@@ -11,7 +11,8 @@
 ``DIR`` (default ``out``). Its last line of output is one JSON object, ``{"task": NAME,
 ...metrics}`` (see :data:`JSON_HELP`), for scripts. ``--epochs``, ``--lr`` and ``--batch-size``
 are checked before anything is trained: a non-positive epoch count or batch size, or a negative
-or non-finite learning rate, is a usage error (exit status 2); ``--lr 0`` is taken as given. ``gradcheck`` enables float64, builds the task's small problem and
+or non-finite learning rate, is a usage error (exit status 2); ``--lr 0`` is taken as given.
+``gradcheck`` enables float64, builds the task's small problem and
 compares the hand-derived gradient (:func:`fnn.backprop.grad`) with ``jax.grad`` and both with
 central finite differences along random directions (:func:`fnn.gradcheck.check_model`).
 """

@@ -35,7 +35,8 @@ def _data(n, seed):
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
         resume=False) -> dict:
     """Train on 512 noisy points (64 with ``quick``; 128 more for the validation curves), test
-    on 256 fresh ones and on the four exact corners; returns ``test_accuracy``, ``truth_table_accuracy``, ``test_loss``."""
+    on 256 fresh ones and on the four exact corners; returns ``test_accuracy``,
+    ``truth_table_accuracy``, ``test_loss``."""
     epochs = default(epochs, 3 if quick else 40)
     lr = default(lr, 0.05)
     net = model()
