@@ -35,7 +35,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     vocab = len(task.load_text()[2])
-    summary(task.model(vocab, args.quick), (task.BATCH, task.SEQ))
+    print(summary(task.model(vocab, args.quick), (task.BATCH, task.SEQ)))
     t0 = time.perf_counter()
     m = task.run(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out, quick=args.quick)
     for e, tr, va in zip(m["history"]["epoch"], m["history"]["train_bpc"], m["history"]["val_bpc"]):

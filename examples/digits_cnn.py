@@ -6,11 +6,14 @@ split ``test_size=0.2, random_state=0``: 1437 train / 360 test). Two 3×3 convol
 keeps the strongest response of each neighbourhood; two dense layers classify. Gradients come
 from every layer's hand-derived ``backward`` (the convolution's input gradient is a transposed
 convolution with the flipped kernel; its kernel gradient the correlation of input and error).
-Adam with cosine decay, 30 epochs, seed 0: about 99% test accuracy (>= 98% is the bar).
+Adam with cosine decay, up to 30 epochs, seed 0; 10% of the training images are held out for
+validation, and early stopping on the validation loss (patience 8) picks the epoch whose
+weights are kept. The test set is used once, at the end: about 98-98.6% test accuracy over
+seeds 0-1 (>= 98% is the bar; trained on all 1437 images for 30 epochs it was about 99%).
 
-Writes ``OUT/digits_cnn_curves.png`` (loss and accuracy per epoch; the "val" curves are the
-test set, watched but never used for any choice), ``OUT/digits_cnn_errors.png`` (the
-misclassified test digits) and ``OUT/digits_cnn.safetensors``. Same as ``fnn train digits-cnn``.
+Writes ``OUT/digits_cnn_curves.png`` (loss and accuracy per epoch on the training and
+validation sets, the restored epoch marked), ``OUT/digits_cnn_errors.png`` (the misclassified
+test digits) and ``OUT/digits_cnn.safetensors``. Same as ``fnn train digits-cnn``.
 
     python examples/digits_cnn.py [--epochs 30] [--lr 2e-3] [--seed 0] [--out out] [--quick]
 """
@@ -31,12 +34,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2 epochs on 256 images (smoke test)")
     args = ap.parse_args(argv)
 
-    summary(digits_cnn.model(), (digits_cnn.BATCH, 8, 8, 1))
+    print(summary(digits_cnn.model(), (digits_cnn.BATCH, 8, 8, 1)))
     t0 = time.perf_counter()
     m = digits_cnn.run(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out,
                        quick=args.quick)
     print(f"test accuracy {m['test_accuracy']:.2%} ({m['errors']} of 360 wrong), test loss "
-          f"{m['test_loss']:.4f}, {m['epochs']} epochs in {time.perf_counter() - t0:.0f} s")
+          f"{m['test_loss']:.4f}, {m['epochs']} epochs (weights of epoch {m['best_epoch']}, "
+          f"validation accuracy {m['val_accuracy']:.2%}) in {time.perf_counter() - t0:.0f} s")
     for name in ("digits_cnn_curves.png", "digits_cnn_errors.png", "digits_cnn.safetensors"):
         print("wrote", os.path.join(args.out, name))
     return m

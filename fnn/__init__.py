@@ -3,8 +3,8 @@
 Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived and checked
 against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
-from fnn import (activations, backprop, checkpoint, checks, data, gradcheck, initializers,
-                 layers, losses, models, optim, regularizers, train)
+from fnn import (activations, augment, backprop, checkpoint, checks, data, gradcheck,
+                 initializers, layers, losses, models, optim, precision, regularizers, train)
 from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
                       stack, summary)
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
-    "summary", "cast", "activations", "backprop", "checkpoint", "checks", "data", "gradcheck",
-    "initializers", "layers", "losses", "models", "optim", "regularizers", "train",
+    "summary", "cast", "activations", "augment", "backprop", "checkpoint", "checks", "data",
+    "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
+    "regularizers", "train",
 ]

@@ -3,11 +3,16 @@
 ::
 
     fnn list
-    fnn train digits-cnn [--epochs N] [--lr X] [--seed S] [--out DIR] [--quiet] [--quick]
+    fnn train digits-cnn [--epochs N] [--lr X] [--batch-size B] [--seed S] [--out DIR]
+                         [--quiet] [--quick] [--resume]
     fnn gradcheck xor [--seed S] [--directions K]
 
 ``train`` prints progress and the final test metrics and writes the checkpoint and plots to
-``DIR`` (default ``out``). ``gradcheck`` enables float64, builds the task's small problem and
+``DIR`` (default ``out``). Its last line of output is one JSON object, ``{"task": NAME,
+...metrics}`` (see :data:`JSON_HELP`), for scripts. ``--epochs``, ``--lr`` and ``--batch-size``
+are checked before anything is trained: a non-positive epoch count or batch size, or a negative
+or non-finite learning rate, is a usage error (exit status 2); ``--lr 0`` is taken as given.
+``gradcheck`` enables float64, builds the task's small problem and
 compares the hand-derived gradient (:func:`fnn.backprop.grad`) with ``jax.grad`` and both with
 central finite differences along random directions (:func:`fnn.gradcheck.check_model`).
 """
@@ -15,10 +20,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
 __all__ = ["main"]
+
+JSON_HELP = """\
+output: progress goes to stderr (nothing with --quiet); stdout ends with a summary line and
+then one JSON object on the last line, for scripts, e.g.
+  {"task": "digits-cnn", "test_accuracy": 0.986, "test_loss": 0.05, "errors": 5, ...}
+"task" is the task's name; the other keys are the task's final metrics, measured once after
+training: test_* on the held-out test set (digits-cnn, digits-mlp, xor), val_bpc or
+val_bits_per_char (character models), best_epoch (the restored epoch, with early stopping),
+epochs (epochs run). Example: fnn train xor --quiet | tail -n 1 | jq .test_accuracy
+"""
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _learning_rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite learning rate >= 0, got {text!r}")
+    return value
+
+
+def _task_names():
+    from fnn import tasks
+    return tasks.names()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,15 +67,24 @@ def _parser() -> argparse.ArgumentParser:
                                  "example tasks.")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the bundled tasks")
+    names = _task_names()
     tr = sub.add_parser("train", help="train a task, print its test metrics, write "
-                        "checkpoint and plots")
-    tr.add_argument("name")
-    tr.add_argument("--epochs", type=int, default=None, help="default: the task's own")
-    tr.add_argument("--lr", type=float, default=None, help="learning rate (task default)")
+                        "checkpoint and plots", epilog=JSON_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("name", metavar="NAME", help=f"the task: {', '.join(names)} "
+                    f"(fnn list describes them)")
+    tr.add_argument("--epochs", type=_positive_int, default=None,
+                    help="epochs, >= 1 (default: the task's own)")
+    tr.add_argument("--lr", type=_learning_rate, default=None,
+                    help="(peak) learning rate, finite and >= 0 (default: the task's own)")
+    tr.add_argument("--batch-size", type=_positive_int, default=None,
+                    help="examples per step, >= 1 (default: the task's own)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", default="out", help="folder for checkpoint and plots")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
     tr.add_argument("--quick", action="store_true", help="a tiny run (for smoke tests)")
+    tr.add_argument("--resume", action="store_true", help="continue training from the "
+                    "checkpoints in OUT/ckpt (fit's checkpoint_dir=OUT/ckpt, resume=True)")
     gc = sub.add_parser("gradcheck", help="check a task's hand-derived gradient against "
                         "autodiff and finite differences (float64)")
     gc.add_argument("name")
@@ -69,8 +119,9 @@ def cmd_train(args) -> int:
     if task is None:
         return 2
     t0 = time.perf_counter()
-    metrics = task.train(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out,
-                         quiet=args.quiet, quick=args.quick)
+    metrics = task.train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         seed=args.seed, out=args.out, quiet=args.quiet, quick=args.quick,
+                         resume=args.resume)
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in metrics.items())
     print(f"{task.name}: {shown} ({time.perf_counter() - t0:.1f} s); checkpoint and plots "

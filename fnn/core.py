@@ -445,10 +445,27 @@ def count_params(params: PyTree) -> int:
     return int(sum(math.prod(np.shape(a)) for a in jax.tree.leaves(params)))
 
 
-def summary(model: Layer, input_shape, *, key=None, print_fn=print) -> str:
-    """Print (and return) a table of each top-level child: name, output shape, parameters.
+class Summary(str):
+    """The table :func:`summary` returns: a ``str`` whose ``repr`` is the table itself, so a
+    notebook or REPL shows it once, laid out, as the value of ``fnn.summary(...)``."""
+
+    def __repr__(self):
+        return str(self)
+
+    def _repr_pretty_(self, p, cycle):                  # IPython
+        p.text(str(self))
+
+
+def summary(model: Layer, input_shape, *, key=None, print_fn=None) -> Summary:
+    """A table of each top-level child: name, output shape, parameters; returned, not printed.
 
     For a ``serial`` the rows follow the children in order; any other layer is one row.
+    Returns a :class:`Summary` (a ``str`` whose ``repr`` is the table), so in a notebook the
+    last-line ``fnn.summary(model, shape)`` shows the table once, like Flax's ``tabulate``; in a
+    script write ``print(fnn.summary(model, shape))``. ``print_fn`` (e.g. ``print`` or
+    ``logging.info``) is also called with the text when given, Keras-style.
+
+    >>> print(summary(serial(Dense(8), Relu(), Dense(2)), (32, 4)))
     """
     key = jax.random.PRNGKey(0) if key is None else key
     rows = []
@@ -472,4 +489,4 @@ def summary(model: Layer, input_shape, *, key=None, print_fn=print) -> str:
                      f"input {tuple(input_shape)}   total params {total:,}"])
     if print_fn is not None:
         print_fn(text)
-    return text
+    return Summary(text)

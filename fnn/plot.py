@@ -3,7 +3,7 @@
 Every function draws one figure, saves it to ``path`` (parent folders created), closes it and
 returns ``path``::
 
-    plot.training_curves(result.history, "out/curves.png")
+    plot.training_curves(result.history, "out/curves.png", best_epoch=result.best_epoch)
     plot.lr_finder(train.lr_find(...), "out/lr_find.png")
     plot.decision_boundary(lambda x: model.apply(params, state, x)[0], x, y, "out/boundary.png")
     plot.activations(["relu", "tanh", "gelu"], "out/activations.png")
@@ -40,17 +40,32 @@ def _save(fig, path):
     return path
 
 
-def training_curves(history: dict, path) -> str:
+_YLABELS = {"loss": "loss (mean per example)", "accuracy": "accuracy (fraction correct)",
+            "learning rate": "learning rate", "gradient norm": "global gradient L2 norm"}
+
+
+def _curve_panels(history):
+    """``(title, keys)`` of the panels worth drawing; a constant learning rate gets none."""
+    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
+              ("learning rate", ["lr"]), ("gradient norm", ["grad_norm"])]
+    has = lambda k: k in history and any(np.isfinite(v) for v in np.asarray(history[k], float))
+    panels = [(t, [k for k in ks if has(k)]) for t, ks in panels]
+    lr = np.asarray(history.get("lr", []), float)
+    constant = lr.size > 0 and np.all(lr[np.isfinite(lr)] == lr[np.isfinite(lr)][:1])
+    return [(t, ks) for t, ks in panels if ks and not (t == "learning rate" and constant)]
+
+
+def training_curves(history: dict, path, *, best_epoch: int | None = None) -> str:
     """Loss (train and validation), accuracy, learning rate and gradient norm per epoch.
 
     ``history``: the per-epoch lists of :func:`fnn.train.fit` (``epoch``, ``loss``, optional
-    ``val_loss``, ``accuracy``, ``val_accuracy``, ``lr``, ``grad_norm``).
+    ``val_loss``, ``accuracy``, ``val_accuracy``, ``lr``, ``grad_norm``). Each panel has a
+    labelled y-axis; a learning rate that never changes gets no panel (its value is in the
+    loss panel's title). ``best_epoch`` (``FitResult.best_epoch``, the epoch whose weights
+    early stopping restored) is marked by a dashed vertical line in every panel.
     """
     plt = _pyplot()
-    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
-              ("learning rate", ["lr"]), ("gradient norm", ["grad_norm"])]
-    panels = [(t, [k for k in ks if k in history]) for t, ks in panels]
-    panels = [(t, ks) for t, ks in panels if ks]
+    panels = _curve_panels(history)
     if "epoch" not in history or not panels:
         raise ValueError(f"plot.training_curves: expected a fit history with 'epoch' and "
                          f"'loss', got keys {sorted(history)}")
@@ -60,12 +75,20 @@ def training_curves(history: dict, path) -> str:
         for k in keys:
             ax.plot(epochs, history[k], marker="." if len(epochs) < 30 else None, label=k)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(_YLABELS[title])
         ax.set_title(title)
         if title in ("loss", "gradient norm") and all(
                 v > 0 for k in keys for v in history[k] if np.isfinite(v)):
             ax.set_yscale("log")
-        if len(keys) > 1:
-            ax.legend()
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1,
+                       label=f"best epoch {best_epoch} (restored)")
+        if len(keys) > 1 or best_epoch is not None:
+            ax.legend(fontsize=8)
+    lr = history.get("lr")
+    if lr and "learning rate" not in [t for t, _ in panels] and np.isfinite(lr[0]):
+        axes[0][0].set_title(f"loss (constant learning rate {lr[0]:.3g})")
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -86,11 +109,15 @@ def lr_finder(result, path) -> str:
 
 
 def decision_boundary(predict, x, y, path, *, resolution: int = 200, margin: float = 0.5,
-                      title: str | None = None) -> str:
+                      title: str | None = None, xlabel: str = "$x_1$", ylabel: str = "$x_2$",
+                      class_names=None) -> str:
     """2-D decision regions of ``predict`` with the points ``x: [n, 2]`` coloured by ``y``.
 
     ``predict(grid: [m, 2]) -> [m, classes]`` scores (the arg-max class is shaded) or
-    ``[m]``/``[m, 1]`` (a binary score; shaded by value, the 0.5 level drawn).
+    ``[m]``/``[m, 1]`` (a binary score, e.g. ``P(class 1)``; shaded by value with a colour
+    bar, the 0.5 level drawn). Axes are labelled ``xlabel``/``ylabel`` (the two input
+    features); a legend names each class of the points (``class_names[k]``, default
+    ``"class k"``).
     """
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
@@ -110,13 +137,20 @@ def decision_boundary(predict, x, y, path, *, resolution: int = 200, margin: flo
         cmap = ListedColormap(plt.get_cmap("tab10").colors[:k])
         ax.contourf(g0, g1, z.argmax(axis=1).reshape(g0.shape), alpha=0.45, cmap=cmap,
                     levels=np.arange(k + 1) - 0.5)
-        ax.scatter(x[:, 0], x[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=k - 0.5,
-                   edgecolors="k", s=25)
+        colour = lambda c: cmap(int(c))
     else:
         z = z.reshape(g0.shape)
-        ax.contourf(g0, g1, z, levels=20, cmap="RdBu_r", alpha=0.6)
+        filled = ax.contourf(g0, g1, z, levels=20, cmap="RdBu_r", alpha=0.6)
         ax.contour(g0, g1, z, levels=[0.5], colors="k", linewidths=1)
-        ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="RdBu_r", edgecolors="k", s=25)
+        fig.colorbar(filled, ax=ax, label="score (0.5 level drawn)")
+        colour = lambda c: plt.get_cmap("RdBu_r")(float(c >= 0.5))
+    for c in np.unique(labels):                              # one scatter per class: a legend
+        pick = labels == c
+        name = class_names[int(c)] if class_names is not None else f"class {c:g}"
+        ax.scatter(x[pick, 0], x[pick, 1], color=colour(c), edgecolors="k", s=25, label=name)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "decision boundary")
     return _save(fig, path)
 

@@ -40,6 +40,7 @@ from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.layers._checks import check_param_shapes
 
 __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
            "conv_output_shape", "conv_transpose_output_shape", "KERNEL_GRAD",
@@ -321,6 +322,7 @@ def _conv_layer(kind, op, op_backward, geometry, features, kernel_size, strides,
     strides, dilation = _tuple(kind, "strides", strides, n), _tuple(kind, "dilation", dilation, n)
     w_init = w_init or inits.he_normal()
     opts = dict(strides=strides, padding=padding, dilation=dilation, groups=groups)
+    name = f"{kind}({features}, {ksize})"
 
     def init(key, input_shape):
         if not is_shape(input_shape):
@@ -340,20 +342,26 @@ def _conv_layer(kind, op, op_backward, geometry, features, kernel_size, strides,
     def _bias(b, y):
         return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
-    def apply(params, state, x, *, key=None, train=False):
+    def check(params, x):
         geometry(kind, x.shape, params["w"].shape, **opts)
+        w_shape = (*ksize, x.shape[-1] // groups, features)
+        check_param_shapes(name, params, {"w": w_shape, "b": (features,)} if use_bias
+                           else {"w": w_shape})
+
+    def apply(params, state, x, *, key=None, train=False):
+        check(params, x)
         y = op(x, params["w"], **opts)
         return (_bias(params["b"], y) if use_bias else y), state
 
     def backward(params, state, x, dy, *, key=None, train=False):
-        geometry(kind, x.shape, params["w"].shape, **opts)
+        check(params, x)
         dw, dx = op_backward(x, params["w"], dy, **opts, kernel_grad=kernel_grad)
         grads = {"w": dw}
         if use_bias:
             grads["b"] = jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
         return grads, dx
 
-    return Layer(init, apply, backward, f"{kind}({features}, {ksize})")
+    return Layer(init, apply, backward, name)
 
 
 # The shared sweep's examples reuse a few input shapes (each new shape costs compilations);

@@ -16,6 +16,7 @@ import numpy as np
 from fnn import initializers as inits
 from fnn.checks import check_range
 from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.layers._checks import check_param_shapes
 
 __all__ = ["dense", "dense_backward", "Dense", "Flatten", "Embedding"]
 
@@ -47,46 +48,60 @@ def dense_backward(x, w, dy, use_bias=True):
 def _check_input(name, x, features_in):
     if not hasattr(x, "shape"):
         raise TypeError(f"{name}: expected an array input, got {type(x).__name__}")
-    if x.ndim < 2 or x.shape[-1] != features_in:
-        raise ValueError(f"{name}: expected input of shape (batch, ..., {features_in}), "
+    if x.ndim < 1 or (features_in is not None and x.shape[-1] != features_in):
+        raise ValueError(f"{name}: expected input of shape (batch, ..., {features_in or 'in'}), "
                          f"got shape {tuple(x.shape)}")
 
 
-@examples(Example((4, 5), (3,)), Example((2, 3, 4), (6,), {"use_bias": False}))
+@examples(Example((4, 5), (3,)), Example((2, 3, 4), (6,), {"use_bias": False}),
+          Example((5,), (3,)))
 def Dense(features: int, *, w_init=None, b_init=inits.zeros, use_bias: bool = True) -> Layer:
     """Fully connected layer ``y = x @ w + b`` over the last axis.
 
     **Arguments:** ``features``: output width. ``w_init``: kernel initializer, default He normal
     (variance ``2 / fan_in``), the lesson's advice for ReLU networks; use
     ``initializers.glorot_uniform()`` before tanh/sigmoid. ``b_init``: zeros.
-    **Params:** ``{"w": (in, features), "b": (features,)}``.
-    **Input:** ``[batch, ..., in]`` → **output** ``[batch, ..., features]``.
+    **Params:** ``{"w": (in, features), "b": (features,)}``; their shapes are checked against
+    the input and ``features`` at trace time (a ``ValueError`` names the parameter and both
+    shapes).
+    **Input:** ``[..., in]`` with any leading axes, none included (as Flax's ``Dense``), so
+    ``jax.vmap(lambda xi: model.apply(p, s, xi)[0])(x)`` works → **output**
+    ``[..., features]``. ``init`` accepts an unbatched ``input_shape`` such as ``(in,)``.
+
+    >>> params, state, out_shape = Dense(3).init(jax.random.PRNGKey(0), (4, 5))  # out (4, 3)
+    >>> y, _ = Dense(3).apply(params, state, jnp.ones(5))                      # y: (3,)
     """
     if not isinstance(features, (int, np.integer)) or isinstance(features, bool) or features < 1:
         raise ValueError(f"Dense: features must be a positive int, got {features!r}")
     features = int(features)                  # NumPy ints (n_classes = y.max() + 1) are fine
     w_init = w_init or inits.he_normal()
+    name = f"Dense({features})"
 
     def init(key, input_shape):
-        if not is_shape(input_shape) or len(input_shape) < 2:
-            raise ValueError(f"Dense: expected input shape (batch, ..., features), "
-                             f"got {input_shape}")
+        if not is_shape(input_shape) or len(input_shape) < 1:
+            raise ValueError(f"Dense: expected input shape (..., features), got {input_shape}")
         kw, kb = jax.random.split(key)
         params = {"w": w_init(kw, (input_shape[-1], features), default_dtype())}
         if use_bias:
             params["b"] = b_init(kb, (features,), default_dtype())
         return params, {}, tuple(input_shape[:-1]) + (features,)
 
+    def check(params, x):
+        w = params.get("w") if isinstance(params, dict) else None
+        _check_input("Dense", x, w.shape[0] if getattr(w, "ndim", 0) == 2 else None)
+        shapes = {"w": (x.shape[-1], features), "b": (features,)}
+        check_param_shapes(name, params, shapes if use_bias else {"w": shapes["w"]})
+
     def apply(params, state, x, *, key=None, train=False):
-        _check_input("Dense", x, params["w"].shape[0])
+        check(params, x)
         return dense(x, params["w"], params.get("b")), state
 
     def backward(params, state, x, dy, *, key=None, train=False):
-        _check_input("Dense", x, params["w"].shape[0])
+        check(params, x)
         dw, db, dx = dense_backward(x, params["w"], dy, use_bias)
         return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
 
-    return Layer(init, apply, backward, f"Dense({features})")
+    return Layer(init, apply, backward, name)
 
 
 @examples(Example((2, 3, 4)), Example((3, 5)))
@@ -145,10 +160,12 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
 
     def apply(params, state, x, *, key=None, train=False):
         _check(x)
+        check_param_shapes(f"Embedding({vocab}, {features})", params, {"w": (vocab, features)})
         return jnp.take(params["w"], x, axis=0), state
 
     def backward(params, state, x, dy, *, key=None, train=False):
         _check(x)
+        check_param_shapes(f"Embedding({vocab}, {features})", params, {"w": (vocab, features)})
         w = params["w"]
         dw = jnp.zeros_like(w).at[x.reshape(-1)].add(dy.reshape(-1, w.shape[1]))
         return {"w": dw}, None

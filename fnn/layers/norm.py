@@ -297,8 +297,9 @@ def _affine_layer(name, features, op_fwd, op_bwd, use_scale, use_offset) -> Laye
 def _axis_layer(name, axis, eps, center, use_scale, use_offset) -> Layer:
     """Layer norm (``center``) or RMS norm over ``axis``, affine on the same axes."""
     def features(shape):
-        axes = _axes(name, len(shape), axis)
-        if len(shape) < 2 or 0 in axes:
+        axes = _axes(name, len(shape), axis)          # negative axes: any leading axes work
+        given = (axis,) if isinstance(axis, int) else tuple(axis)
+        if any(a >= 0 for a in given) and (len(shape) < 2 or 0 in axes):
             raise ValueError(f"{name}: expected input (batch, ...) with axis {axis!r} not the "
                              f"batch axis, got shape {shape}")
         return tuple(shape[a] for a in axes)
@@ -320,7 +321,9 @@ def LayerNorm(eps: float = 1e-5, axis=-1, use_scale: bool = True,
     """Layer norm: each example standardized over ``axis`` (default the last), then
     ``scale·x̂ + offset``; PyTorch ``nn.LayerNorm`` / Flax ``LayerNorm`` (eps ``1e-5`` as PyTorch).
 
-    **Params:** ``{"scale", "offset"}`` of the normalized axes' shape. ``[batch, ...]`` → same.
+    **Params:** ``{"scale", "offset"}`` of the normalized axes' shape. ``[..., features]`` →
+    same, with any leading axes (none included) when ``axis`` counts from the end (negative);
+    a non-negative ``axis`` counts the batch axis as 0 and may not name it.
     """
     name = f"LayerNorm(axis={axis})"
     return _axis_layer(name, axis, eps, True, use_scale, use_offset)
@@ -332,7 +335,8 @@ def RMSNorm(eps: float = 1e-6, axis=-1, use_scale: bool = True,
     """RMS norm (Zhang & Sennrich 2019): ``y = scale · x / √(mean(x²) + eps)`` over ``axis``; no
     centering, no offset by default (as Flax ``RMSNorm``, eps ``1e-6``).
 
-    **Params:** ``{"scale"}`` (and ``"offset"`` if ``use_offset``). ``[batch, ...]`` → same.
+    **Params:** ``{"scale"}`` (and ``"offset"`` if ``use_offset``). ``[..., features]`` → same,
+    any leading axes (none included) for a negative ``axis``, as :func:`LayerNorm`.
     """
     name = f"RMSNorm(axis={axis})"
     return _axis_layer(name, axis, eps, False, use_scale, use_offset)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from fnn import activations as acts
 from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.layers._checks import check_param_shapes
 from fnn.layers.cells import (Cell, bias, check_carry, check_lengths, check_sequence,
                               from_tuple, gru_cell, lstm_cell, make_rnn_cell, rnn_cell,
                               with_recurrent, zeros_carry)
@@ -179,6 +180,10 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
 
     def _setup(params, state, x, lengths, initial_carry):
         check_sequence(label, x, params["wi"].shape[0])
+        g = cell.gates * hidden
+        shapes = {"wi": (x.shape[-1], g), "wh": (hidden, g), cell.bias: (g,)}
+        check_param_shapes(name, params, {**shapes, **({cell.rec_bias: (g,)}
+                                                      if cell.rec_bias else {})})
         B, T, _ = x.shape
         mask = check_lengths(label, lengths, B, T)
         if initial_carry is not None:

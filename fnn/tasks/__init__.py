@@ -5,21 +5,26 @@ every module here, so a new file joins the CLI without further wiring.
 
 A :class:`Task` has
 
-- ``train(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) -> dict``: runs
-  the whole story (data, model, training with progress, evaluation, checkpoint and plots written
-  under ``out``) and returns its final metrics (e.g. ``{"test_accuracy": 0.985}``); ``None``
-  means the task's default; ``quick`` a tiny run for tests.
+- ``train(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False,
+  quick=False, resume=False) -> dict``: runs the whole story (data, model, training with
+  progress, evaluation, checkpoint and plots written under ``out``) and returns its final
+  metrics (e.g. ``{"test_accuracy": 0.985}``); ``None`` means the task's default (see
+  :func:`default`: ``0`` is a value, not "the default"); ``quick`` a tiny run for tests;
+  ``resume`` continues from the checkpoints in ``out/ckpt`` (see :func:`resume_options`).
 - ``problem(seed=0) -> (model, loss, params, state, x, target)``: a small batch for
   ``fnn gradcheck NAME``, which checks the hand-derived gradient against autodiff and finite
   differences on it.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 import pkgutil
 from typing import Callable, NamedTuple
 
-__all__ = ["Task", "register", "get", "names", "load_all", "broken"]
+__all__ = ["Task", "register", "get", "names", "load_all", "broken", "default",
+           "resume_options"]
 
 
 class Task(NamedTuple):
@@ -70,5 +75,21 @@ def get(name: str) -> Task:
     load_all()
     if name not in _TASKS:
         failed = "".join(f"; task module {m!r} failed to import ({e})" for m, e in _BROKEN.items())
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}{failed}")
+        close = difflib.get_close_matches(str(name).replace("_", "-").lower(), sorted(_TASKS), 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown task {name!r}{hint}; known tasks: {', '.join(sorted(_TASKS))}"
+                       f"{failed}")
     return _TASKS[name]
+
+
+def default(value, fallback):
+    """``value`` unless it is ``None``: ``epochs=0`` or ``lr=0.0`` are the caller's values and
+    are not replaced by the task's defaults (``value or fallback`` would)."""
+    return fallback if value is None else value
+
+
+def resume_options(resume: bool, out: str) -> dict:
+    """The :func:`fnn.train.fit` keywords for ``fnn train --resume``:
+    ``{"checkpoint_dir": out/ckpt, "resume": True}``, or ``{}`` without ``resume`` (so that a
+    plain run does not depend on those keywords)."""
+    return {"checkpoint_dir": os.path.join(out, "ckpt"), "resume": True} if resume else {}

@@ -30,7 +30,7 @@ import numpy as np
 
 from fnn import checkpoint, losses, optim, train
 from fnn.layers import LSTM, Dense, Embedding, lstm_cell, scan_rnn, serial
-from fnn.tasks import Task, register
+from fnn.tasks import Task, default, register, resume_options
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 LN2 = math.log(2.0)
@@ -113,16 +113,16 @@ def _config(quick, hidden, batch, window):
     return dict(chars=None, hidden=hidden or 128, batch=batch or 32, window=window or 64)
 
 
-def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False, hidden=None,
-        batch=None, window=None, temperature=0.6, sample_length=400,
+def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
+        resume=False, hidden=None, batch=None, window=None, temperature=0.6, sample_length=400,
         prompt="The ") -> dict:
     """Train (default: 4 epochs, hidden 128, 32 streams × 64-step windows; ``quick``: 1 epoch
     of a small model on 24k characters), report validation bits/char per epoch; returns
     ``val_bits_per_char``, ``train_bits_per_char``, ``epochs``, ``seconds``; the sampled text
     is in ``out/char_lstm_sample.txt``."""
     t_start = time.perf_counter()
-    cfg = _config(quick, hidden, batch, window)
-    epochs, lr = epochs or (1 if quick else 4), lr or 3e-3
+    cfg = _config(quick, hidden, default(batch, batch_size), window)   # batch_size: streams
+    epochs, lr = default(epochs, 1 if quick else 4), default(lr, 3e-3)
     ids, chars = encode(load_text()[:cfg["chars"]])
     cut = int(0.9 * len(ids))
     B, T = cfg["batch"], cfg["window"]
@@ -149,7 +149,8 @@ def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False, hi
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
     result = train.fit(net, LOSS, opt, (x, y), train_state=ts, epochs=epochs, batch_size=B,
                        shuffle=False, drop_last=True, grad="manual", accuracy=None,
-                       callbacks=(report,), progress=progress, learning_rate=lr)
+                       callbacks=(report,), progress=progress, learning_rate=lr,
+                       **resume_options(resume, out))
     ts = result.train_state
     text = _write(out, ts, history, chars, prompt, sample_length, temperature, seed)
     say(f"sampled at temperature {temperature}:\n{text}")

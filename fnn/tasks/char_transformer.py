@@ -32,7 +32,7 @@ from fnn.layers.attention import dot_product_attention
 from fnn.layers.dense import dense
 from fnn.layers.norm import layer_norm
 from fnn.models import GPT, lm_loss, sample, value_and_grad
-from fnn.tasks import Task, char_lstm, register
+from fnn.tasks import Task, char_lstm, default, register, resume_options
 
 SEQ, BATCH, D, HEADS, DEPTH, MLP = 64, 32, 96, 4, 3, 384
 EPOCHS, LR = 4, 3e-3
@@ -109,12 +109,14 @@ def _plots(history, maps, text, out):
     plt.close(fig)
 
 
-def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) -> dict:
+def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
+        resume=False) -> dict:
     """Train, report validation bits/char per epoch, sample; returns ``val_bpc`` (last epoch),
     ``history`` (per-epoch ``train_bpc``/``val_bpc``), ``samples`` (one text per prompt in
     ``PROMPTS``, 64 characters: the context the positions were trained on) and ``epochs``."""
-    epochs = epochs or (1 if quick else EPOCHS)
-    lr = lr or LR
+    epochs = default(epochs, 1 if quick else EPOCHS)
+    lr = default(lr, LR)
+    batch = default(batch_size, BATCH)
     train_text, val_text, alphabet = load_text()
     if quick:
         train_text, val_text = train_text[:20_000], val_text[:4_000]
@@ -122,17 +124,18 @@ def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) ->
     train_xy = windows([index[c] for c in train_text], SEQ)
     val_xy = windows([index[c] for c in val_text], SEQ)
     net = model(len(alphabet), quick)
-    steps = epochs * math.ceil(train_xy[0].shape[0] / BATCH)
+    steps = epochs * math.ceil(train_xy[0].shape[0] / batch)
     schedule = optim.schedules.warmup_cosine(0.0, lr, max(1, min(100, steps // 10)), steps + 1,
                                              lr / 10)
     opt = optim.chain(optim.clip_by_global_norm(1.0),
                       optim.adamw(schedule, weight_decay=0.01, mask=optim.not_named(
                           "b", "scale", "offset")))
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
-    result = train.fit(net, lm_loss, opt, train_xy, epochs=epochs, batch_size=BATCH,
+    result = train.fit(net, lm_loss, opt, train_xy, epochs=epochs, batch_size=batch,
                        val_data=val_xy, key=jax.random.PRNGKey(seed),
                        grad=value_and_grad(net, unroll=True),
-                       accuracy=None, drop_last=True, progress=progress, grad_norm=False)
+                       accuracy=None, drop_last=True, progress=progress, grad_norm=False,
+                       **resume_options(resume, out))
     ts, hist = result.train_state, result.history
     history = {"epoch": hist["epoch"], "train_bpc": [l / math.log(2) for l in hist["loss"]],
                "val_bpc": [l / math.log(2) for l in hist["val_loss"]]}

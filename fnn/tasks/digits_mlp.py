@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fnn import checkpoint, data, losses, optim, train
 from fnn.layers import Dense, Relu, serial
-from fnn.tasks import Task, register
+from fnn.tasks import Task, default, register, resume_options
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 
@@ -25,25 +25,28 @@ def model():
     return serial(Dense(128), Relu(), Dense(64), Relu(), Dense(10))
 
 
-def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) -> dict:
+def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
+        resume=False) -> dict:
     """Train (``quick``: 2 epochs), evaluate on the 360 test digits; returns
     ``test_accuracy``, ``test_loss``, ``best_epoch``, ``epochs``."""
-    epochs = epochs or (2 if quick else 60)
-    lr = lr or 1e-3
+    epochs = default(epochs, 2 if quick else 60)
+    lr = default(lr, 1e-3)
     (x, y), test_xy = data.load_digits()
     train_xy, val_xy = data.split((x, y), 0.1, seed=seed)
     net = model()
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
-    result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs, batch_size=32,
-                       val_data=val_xy, key=jax.random.PRNGKey(seed), early_stopping=8,
-                       learning_rate=lr, progress=progress)
+    result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs,
+                       batch_size=default(batch_size, 32), val_data=val_xy,
+                       key=jax.random.PRNGKey(seed), early_stopping=8, learning_rate=lr,
+                       progress=progress, **resume_options(resume, out))
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
     os.makedirs(out, exist_ok=True)
     checkpoint.save(os.path.join(out, "digits_mlp.safetensors"), ts)
     try:
         from fnn import plot
-        plot.training_curves(result.history, os.path.join(out, "digits_mlp_curves.png"))
+        plot.training_curves(result.history, os.path.join(out, "digits_mlp_curves.png"),
+                             best_epoch=result.best_epoch)
         plot.histograms(ts.params, os.path.join(out, "digits_mlp_weights.png"),
                         title="digits-mlp weights after training")
     except ImportError:                                 # matplotlib is an optional extra

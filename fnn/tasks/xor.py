@@ -17,7 +17,7 @@ import numpy as np
 from fnn import checkpoint, data, losses, optim, train
 from fnn.initializers import glorot_normal
 from fnn.layers import Dense, Tanh, serial
-from fnn.tasks import Task, register
+from fnn.tasks import Task, default, register, resume_options
 
 LOSS = losses.sigmoid_binary_cross_entropy
 
@@ -32,16 +32,21 @@ def _data(n, seed):
     return x, y[:, None].astype(x.dtype)                # targets (n, 1) like the logits
 
 
-def run(*, epochs=None, lr=None, seed=0, out="out", quiet=False, quick=False) -> dict:
-    """Train on 512 noisy points (64 with ``quick``), test on 256 fresh ones and on the four
-    exact corners; returns ``test_accuracy``, ``truth_table_accuracy``, ``test_loss``."""
-    epochs = epochs or (3 if quick else 40)
+def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
+        resume=False) -> dict:
+    """Train on 512 noisy points (64 with ``quick``; 128 more for the validation curves), test
+    on 256 fresh ones and on the four exact corners; returns ``test_accuracy``,
+    ``truth_table_accuracy``, ``test_loss``."""
+    epochs = default(epochs, 3 if quick else 40)
+    lr = default(lr, 0.05)
     net = model()
     train_xy, test_xy = _data(64 if quick else 512, seed), _data(256, seed + 1)
+    val_xy = _data(128, seed + 2)             # curves and val_*; test_xy is used once, at the end
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
-    result = train.fit(net, LOSS, optim.adam(lr or 0.05), train_xy, epochs=epochs,
-                       batch_size=32, val_data=test_xy, key=jax.random.PRNGKey(seed),
-                       grad="manual", learning_rate=lr or 0.05, progress=progress)
+    result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs,
+                       batch_size=default(batch_size, 32), val_data=val_xy,
+                       key=jax.random.PRNGKey(seed), grad="manual", learning_rate=lr,
+                       progress=progress, **resume_options(resume, out))
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
     corners, labels = _data(4, 0)
@@ -60,7 +65,8 @@ def _plots(net, ts, history, test_xy, out):
         plot.training_curves(history, os.path.join(out, "xor_curves.png"))
         prob = lambda g: jax.nn.sigmoid(net.apply(ts.params, ts.state, jnp.asarray(g))[0])
         plot.decision_boundary(prob, test_xy[0], test_xy[1], os.path.join(out, "xor_boundary.png"),
-                               title="XOR: P(class 1)")
+                               title="XOR: P(class 1)", class_names=("x1 XOR x2 = 0",
+                                                                     "x1 XOR x2 = 1"))
     except ImportError:                                 # matplotlib is an optional extra
         pass
 
