@@ -26,7 +26,7 @@ Schedule = Callable[[Any], Any]  # step -> value
 __all__ = [
     "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates",
     "safe_increment", "check_structure", "ScaleByScheduleState", "scale", "scale_by_schedule",
-    "scale_by_learning_rate", "AddDecayedWeightsState", "add_decayed_weights",
+    "AddDecayedWeightsState", "add_decayed_weights",
     "resolve_mask", "not_named",
 ]
 
@@ -143,17 +143,6 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         return updates, ScaleByScheduleState(count=safe_increment(state.count))
 
     return GradientTransformation(init, update)
-
-
-def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> GradientTransformation:
-    """Scale by :math:`-\\eta` (a float) or :math:`-\\eta(t)` (a schedule ``step -> value``).
-
-    The sign flip turns a descent direction into a step: ``params + updates`` descends.
-    """
-    m = -1 if flip_sign else 1
-    if callable(learning_rate):
-        return scale_by_schedule(lambda count: m * learning_rate(count))
-    return scale(m * learning_rate)
 
 
 # --------------------------------------------------------------------------- masks
