@@ -84,16 +84,19 @@ def chain(*transforms) -> GradientTransformation:
 
         tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
     """
+    inits = tuple(t.init for t in transforms)
+    steps = tuple(t.update for t in transforms)    # update holds no init: equal rules, equal fn
+
     def init(params):
-        return tuple(t.init(params) for t in transforms)
+        return tuple(f(params) for f in inits)
 
     def update(updates, state, params=None):
-        if len(state) != len(transforms):
-            raise ValueError(f"chain: expected a state tuple of {len(transforms)} entries, "
+        if len(state) != len(steps):
+            raise ValueError(f"chain: expected a state tuple of {len(steps)} entries, "
                              f"got {len(state)}")
         new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+        for step, s in zip(steps, state):
+            updates, s = step(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)
 

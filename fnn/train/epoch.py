@@ -1,52 +1,87 @@
-"""Whole epochs as one compiled call, and evaluation as one compiled scan."""
+"""Whole epochs as one compiled call, chunks of streamed steps, and evaluation as one scan.
+
+The loop carries the state and the *sums* of what the history reports (loss × examples, each
+metric's sums, the gradient norm only when asked for): nothing is written per step, nothing
+is recomputed after. It leaves at the first non-finite loss (the guard); the caller replays
+the same call with ``limit`` set to the steps before it, which gives the last good state bit
+for bit (same program, same inputs) and the sums of the good steps only.
+"""
 from __future__ import annotations
 
-import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fnn.core import default_dtype
-from fnn.train.metrics import _accuracy_fn
+from fnn.train.cache import cached
+from fnn.train.metrics import resolve_metrics
 from fnn.train.step import _as_data, _step_core, _where
 
-def _cached(build):
-    """Memoise ``build`` on its arguments, so a second ``fit``/``evaluate`` with the same model,
-    loss and optimizer objects reuses the compiled function (unhashable ones build afresh)."""
-    cache = functools.lru_cache(maxsize=32)(build)
-
-    @functools.wraps(build)
-    def get(*args):
-        try:
-            hash(args)
-        except TypeError:
-            return build(*args)
-        return cache(*args)
-    return get
+__all__ = ["evaluate"]
 
 
-def _put(ms, i, m):
-    """Write step ``i``'s metrics into the per-step buffers."""
-    return jax.tree.map(lambda buf, v: buf.at[i].set(v), ms, m)
+class Sums(NamedTuple):
+    """Per-epoch sums: ``loss`` and ``grad_norm`` weighted by examples, ``examples``, and
+    each metric's ``stats``."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    examples: jax.Array
+    stats: tuple
 
 
-@_cached
-def _make_epoch(model, loss, optimizer, grad, accuracy, regularizer, grad_norm, n, batch_size,
-                drop_last, shuffle):
-    """One jitted epoch ``(ts, data, limit) -> (ts, steps_run, bad, per-step StepMetrics)``.
+def _add(acc: Sums, out) -> Sums:
+    return Sums(acc.loss + out.loss * out.size, acc.grad_norm + out.grad_norm * out.size,
+                acc.examples + out.size, jax.tree.map(jnp.add, acc.stats, out.stats))
 
-    Shuffles, then runs the full batches in a ``lax.while_loop`` that leaves at the first
-    non-finite step or after ``limit`` updates, then the partial batch. ``bad``: the last step
-    run was non-finite; its update went in, so the last good state is a replay of the same
-    call with ``limit = steps_run - 1`` (same program, same inputs: the same state, bit for
-    bit). The common path thus pays nothing for the guard.
-    """
+
+def zero_sums(core, ts, batch) -> Sums:
+    """Zeros shaped like the sums of ``core``'s outputs (traced shapes only)."""
+    spec = jax.eval_shape(core, ts, batch)[1].stats
+    z = jnp.zeros((), jnp.result_type(float))
+    return Sums(z, z, z, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))
+
+
+def _loop(core, ts, stacked, limit, count):
+    """Run ``core`` over the first ``min(limit, count)`` slices of ``stacked``, leaving after a
+    non-finite one: ``(ts, steps_run, bad, sums)``."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+    acc = zero_sums(core, ts, one)
+
+    def body(c):
+        i, ts, acc, _ = c
+        new, out = core(ts, jax.tree.map(lambda a: a[i], stacked))
+        return i + 1, new, _add(acc, out), ~out.finite
+    i, bad = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+    return jax.lax.while_loop(lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body,
+                              (i, ts, acc, bad))
+
+
+@cached
+def make_chunk(model, loss, update, grad, metrics, regularizer, grad_norm, augment):
+    """Jitted ``(ts, stacked, limit) -> (ts, steps_run, bad, sums)`` over a chunk of ``K``
+    stacked batches ``(K, batch, ...)`` (streaming: one call per chunk)."""
+    core = _step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+
+    def chunk(ts, stacked, limit):
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        return _loop(core, ts, stacked, limit, count)
+    return jax.jit(chunk)
+
+
+@cached
+def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
+               batch_size, drop_last, shuffle):
+    """One jitted epoch ``(ts, data, limit) -> (ts, steps_run, bad, sums)`` and the batch
+    sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
+    partial one (a real smaller batch, not padding) unless ``drop_last``."""
     full, tail = divmod(n, batch_size)
     tail = 0 if drop_last else tail
     if full + (tail > 0) == 0:
         raise ValueError(f"fit: {n} examples make no batch of {batch_size} with drop_last=True")
-    core = _step_core(model, loss, optimizer, grad, accuracy, regularizer, grad_norm)
+    core = _step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
 
     def epoch(ts, data, limit):
         key, pkey = jax.random.split(ts.key)
@@ -56,30 +91,37 @@ def _make_epoch(model, loss, optimizer, grad, accuracy, regularizer, grad_norm, 
         head = jax.tree.map(                             # (full, batch, ...)
             lambda a: a[:full * batch_size].reshape((full, batch_size) + a.shape[1:]), data)
         rest = jax.tree.map(lambda a: a[full * batch_size:], data)
-        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), head)
-        spec = jax.eval_shape(core, ts, one if full else rest)[1]
-        ms = jax.tree.map(lambda s: jnp.zeros((full + (tail > 0),) + s.shape, s.dtype), spec)
-        i, ts, bad = jnp.zeros((), jnp.int32), ts._replace(key=key), jnp.zeros((), bool)
-
-        def body(c):
-            i, ts, ms, _ = c
-            new, m = core(ts, jax.tree.map(lambda a: a[i], head))
-            return i + 1, new, _put(ms, i, m), ~m.finite
+        ts = ts._replace(key=key)
         if full:
-            i, ts, ms, bad = jax.lax.while_loop(
-                lambda c: (c[0] < jnp.minimum(limit, full)) & ~c[3], body, (i, ts, ms, bad))
+            i, ts, acc, bad = _loop(core, ts, head, limit, full)
+        else:
+            i, bad, acc = jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero_sums(core, ts, rest)
         if tail:
             go = (i == full) & (limit > full) & ~bad
-            new, m = core(ts, rest)
-            ts, ms = _where(go, new, ts), _put(ms, full, m)
-            i, bad = i + go, bad | (go & ~m.finite)
-        return ts, i, bad, ms
+            new, out = core(ts, rest)
+            ts, acc = _where(go, new, ts), _where(go, _add(acc, out), acc)
+            i, bad = i + go, bad | (go & ~out.finite)
+        return ts, i, bad, acc
     return jax.jit(epoch), (batch_size,) * full + ((tail,) if tail else ())
 
 
-@_cached
-def _make_eval(model, loss, accuracy, n, batch_size):
-    """Jitted ``(params, state, data) -> (mean loss, mean accuracy)`` in eval mode: the last
+def batch_order(ts, n, shuffle):
+    """The example order the in-memory epoch starting from ``ts`` uses (as ``make_epoch``)."""
+    if not shuffle:
+        return jnp.arange(n)
+    return jax.random.permutation(jax.random.split(ts.key)[1], n)
+
+
+def _eval_sums(model, loss, metrics, params, state, batch, w):
+    x, t, kw = batch
+    pred, _ = model.apply(params, state, x, train=False, **kw)
+    s = jnp.sum(w)
+    return s * loss(pred, t, weights=w), tuple(m.stats(pred, t, w) for m in metrics), s
+
+
+@cached
+def make_eval(model, loss, metrics, n, batch_size):
+    """Jitted ``(params, state, data) -> (mean loss, metric results)`` in eval mode: the last
     batch padded with copies of the last example at weight 0, so every batch has one shape
     and the mean counts each of the ``n`` real examples once."""
     nb = math.ceil(n / batch_size)
@@ -90,22 +132,34 @@ def _make_eval(model, loss, accuracy, n, batch_size):
         data = jax.tree.map(lambda a: a[idx].reshape((nb, batch_size) + a.shape[1:]), data)
 
         def body(total, batch):
-            (x, t, kw), wb = batch
-            pred, _ = model.apply(params, state, x, train=False, **kw)
-            s = jnp.sum(wb)
-            c = jnp.sum(accuracy(pred, t) * wb) if accuracy else jnp.zeros(())
-            return (total[0] + loss(pred, t, weights=wb) * s, total[1] + c), None
-        (tot, cor), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (data, w))
-        return tot / n, (cor / n if accuracy else jnp.full((), jnp.nan))
+            sums = _eval_sums(model, loss, metrics, params, state, *batch)
+            return jax.tree.map(jnp.add, total, sums), None
+        one = jax.tree.map(lambda a: a[0], (data, w))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            lambda b: _eval_sums(model, loss, metrics, params, state, *b), one))
+        (tot, stats, _), _ = jax.lax.scan(body, zero, (data, w))
+        return tot / n, tuple(m.result(s) for m, s in zip(metrics, stats))
     return jax.jit(run)
 
 
-def evaluate(model, loss, params, state, data, *, batch_size: int = 256, accuracy="auto"
-             ) -> dict:
-    """Mean loss (and accuracy) of ``model`` on ``data = (x, target[, model_kwargs])`` in eval
-    mode (``train=False``), in one compiled scan. ``loss`` must take ``weights=``."""
-    data, n = _as_data(data, "evaluate")
-    acc = _accuracy_fn(loss, accuracy)
-    lv, av = _make_eval(model, loss, acc, n, min(batch_size, n))(params, state, data)
-    return {"loss": float(lv), **({"accuracy": float(av)} if acc else {})}
+@cached
+def make_eval_batch(model, loss, metrics):
+    """Jitted ``(params, state, batch) -> (loss sum, metric stats, examples)`` for one
+    streamed validation batch (summed by the caller)."""
+    def run(params, state, batch):
+        n = jax.tree.leaves(batch[0])[0].shape[0]
+        return _eval_sums(model, loss, metrics, params, state, batch,
+                          jnp.ones((n,), default_dtype()))
+    return jax.jit(run)
 
+
+def evaluate(model, loss, params, state, data, *, batch_size: int = 256, accuracy="auto",
+             metrics=()) -> dict:
+    """Mean loss and metrics of ``model`` on ``data = (x, target[, model_kwargs])`` in eval
+    mode (``train=False``), in one compiled scan. ``loss`` must take ``weights=``.
+    ``accuracy``/``metrics``: as :func:`fnn.train.fit`. Returns ``{"loss": ..., name: ...}``.
+    """
+    data, n = _as_data(data, "evaluate")
+    ms = resolve_metrics(loss, accuracy, metrics)
+    lv, results = make_eval(model, loss, ms, n, min(batch_size, n))(params, state, data)
+    return {"loss": float(lv), **{m.name: float(r) for m, r in zip(ms, results)}}

@@ -1,6 +1,8 @@
-"""``fit``: epochs, validation, history, progress, callbacks and early stopping."""
+"""``fit``: epochs, validation, history, progress, callbacks, early stopping and resume."""
 from __future__ import annotations
 
+import itertools
+import math
 import time
 import warnings
 from typing import Callable, NamedTuple
@@ -8,14 +10,23 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from fnn.train.epoch import _make_epoch, _make_eval
-from fnn.train.metrics import _accuracy_fn
-from fnn.train.progress import _EarlyStop, _nonfinite_message, _Progress
-from fnn.train.step import TrainState, _as_data, create_train_state
+from fnn.optim.rates import _rate_nodes
+from fnn.train import resume as _resume
+from fnn.train.callbacks import _EarlyStop
+from fnn.train.epoch import make_chunk, make_epoch, make_eval
+from fnn.train.loops import logs_from_sums, memory_epoch, stream_epoch, stream_eval
+from fnn.train.metrics import resolve_metrics
+from fnn.train.progress import _Progress
+from fnn.train.step import TrainState, _as_data, _unpack, create_train_state
+from fnn.train.streaming import epoch_batches, is_stream
+from fnn.train.validate import _validate_data
+
+__all__ = ["FitResult", "fit"]
+
 
 class FitResult(NamedTuple):
-    """``train_state`` after training; ``history``: per-epoch lists (``epoch``, ``loss``,
-    ``accuracy``, ``val_loss``, ``val_accuracy``, ``lr``, ``grad_norm``, ``time``);
+    """``train_state`` after training; ``history``: per-epoch lists (``epoch``, ``loss``, each
+    metric, ``val_loss`` and ``val_<metric>``, ``lr``, ``grad_norm`` when computed, ``time``);
     ``stop_reason``: ``None`` if all epochs ran; ``best_epoch`` (1-based) with early stopping."""
 
     train_state: TrainState
@@ -26,119 +37,222 @@ class FitResult(NamedTuple):
 
 def _input_shape(x, batch_size):
     if isinstance(x, (tuple, list)):
-        return tuple((batch_size,) + tuple(a.shape[1:]) for a in x)
-    return (batch_size,) + tuple(x.shape[1:])
+        return tuple((batch_size,) + tuple(np.shape(a)[1:]) for a in x)
+    return (batch_size,) + tuple(np.shape(x)[1:])
 
 
 def _learning_rate(learning_rate, opt_state, step):
-    """The rate of the last update: from ``learning_rate`` (float or schedule), else from an
-    optax ``inject_hyperparams`` state, else NaN."""
+    """The rate of the last update: from ``learning_rate`` (float or schedule), else from the
+    optimizer state (fnn's optimizers, ``optax.inject_hyperparams``), else NaN."""
     if callable(learning_rate):
         return float(learning_rate(max(step - 1, 0)))
     if learning_rate is not None:
         return float(learning_rate)
-    for node in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "hyperparams")):
-        if "learning_rate" in getattr(node, "hyperparams", {}):
-            return float(node.hyperparams["learning_rate"])
-    return float("nan")
+    nodes = _rate_nodes(opt_state)
+    if not nodes:
+        return math.nan
+    node = nodes[0]
+    return float(node.learning_rate if hasattr(node, "learning_rate")
+                 else node.hyperparams["learning_rate"])
 
 
-def _epoch_logs(ms, sizes, good):
-    """Example-weighted means over the first ``good`` steps of one epoch's metrics."""
-    w = np.asarray(sizes[:good], np.float64)
-    mean = lambda a: float(np.sum(np.asarray(a[:good], np.float64) * w) / w.sum()) if good \
-        else float("nan")
-    return {"loss": mean(ms.loss), "accuracy": mean(ms.accuracy),
-            "grad_norm": mean(ms.grad_norm)}
+def _nonfinite_message(epoch, bad, start):
+    cause = ("the inputs of that batch are finite, so the model or the optimizer diverged "
+             "(lower the learning rate, clip the gradients)") if bad.inputs_finite else \
+        ("the inputs of that batch hold NaN or Inf: a data problem, not the model")
+    return (f"fit: non-finite loss or gradient at epoch {epoch}, step {bad.step} (update "
+            f"{bad.step - start + 1} of the epoch); {cause}; training stopped, keeping the "
+            f"state from before that step")
 
 
-
-
-def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int, val_data=None,
-        key=None, params=None, state=None, train_state: TrainState | None = None,
-        grad: str | Callable = "autodiff", accuracy="auto", regularizer=None, learning_rate=None,
-        shuffle: bool = True, drop_last: bool = False, early_stopping=None,
-        min_delta: float = 0.0, monitor: str | None = None, restore_best: bool = True,
-        callbacks=(), on_nonfinite: str = "stop", progress="auto", grad_norm: bool = True,
-        eval_batch_size: int = 512) -> FitResult:
-    """Train ``model`` on ``train_data = (x, target[, model_kwargs])`` for ``epochs`` epochs.
-
-    Each epoch is one compiled call (see the module docstring); the first compiles, the rest
-    reuse it. After each epoch: validation loss/accuracy on ``val_data`` (eval mode, one
-    compiled scan), a row of ``history``, the progress bar, ``callbacks`` (each
-    ``cb(epoch, train_state, logs)``; returning ``True`` stops), early stopping.
-
-    **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair. Start from
-    ``key`` (with ``params``/``state`` or ``model.init``) or from ``train_state``. ``grad``:
-    ``"autodiff"``, ``"manual"`` (hand-derived backprop) or a gradient function (see
-    :func:`make_step`). ``accuracy``: ``"auto"``, ``None`` or
-    ``fn(pred, target) -> [batch]``. ``regularizer``: a ``fnn.regularizers.Regularizer`` added
-    to the objective (history shows the data loss). ``learning_rate`` (float or schedule) is
-    only recorded in the history. ``early_stopping``: a patience (int) or a
-    ``fnn.regularizers.early_stopping(...)`` pair, watching ``monitor`` (``"val_loss"`` when
-    there is validation data, else ``"loss"``; names ending in ``accuracy`` are maximised);
-    with ``restore_best`` the best epoch's params and state are returned.
-    ``on_nonfinite``: ``"stop"`` (warn and return) or ``"raise"`` (``FloatingPointError``).
-    ``progress``: ``"auto"`` (a tqdm bar on a terminal), ``True``, ``"lines"``, ``False``.
-    ``grad_norm=False``: skip the gradient norm (NaN in the history; see :func:`make_step`).
-    """
+def _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir):
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if on_nonfinite not in ("stop", "raise"):
         raise ValueError(f"fit: on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not stream and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
-    data, n = _as_data(train_data, "fit: train_data")
+    if resume and checkpoint_dir is None:
+        raise ValueError("fit: resume=True needs checkpoint_dir=")
+
+
+def _first_batch(source, epoch, steps_per_epoch):
+    """The first batch of ``epoch`` and the epoch's iterator with it put back."""
+    it = epoch_batches(source, epoch, steps_per_epoch)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("fit: the training data gave no batch")
+    return _unpack(first, "fit: train_data"), itertools.chain([first], it)
+
+
+def _run_epoch(ctx, epoch, ts, pending):
+    """One epoch's ``(train_state, sums, Bad | None)`` (in memory or streamed)."""
+    if ctx["stream"]:
+        batches = pending or epoch_batches(ctx["data"], epoch, ctx["steps_per_epoch"])
+        return stream_epoch(ctx["run"], ts, batches, ctx["chunk"], ctx["check"],
+                            "fit: train_data")
+    return memory_epoch(ctx["run"], ctx["sizes"], ts, ctx["data"], ctx["shuffle"])
+
+
+def _validate(ctx, ts):
+    val = ctx["val"]
+    if val is None:
+        return {}
+    if ctx["val_stream"]:
+        return stream_eval(ctx["model"], ctx["loss"], ctx["metrics"], ts.params, ts.state,
+                           epoch_batches(val, 1, None), ctx["check"], "fit: val_data")
+    vl, results = ctx["run_eval"](ts.params, ts.state, val[0])
+    return {"val_loss": float(vl),
+            **{"val_" + m.name: float(r) for m, r in zip(ctx["metrics"], results)}}
+
+
+def _callbacks(callbacks, epoch, ts, logs):
+    """Call every callback; ``(train_state, stop reason or None)``."""
+    reason = None
+    for cb in callbacks:
+        out = cb(epoch, ts, logs)
+        if isinstance(out, TrainState):
+            ts = out
+        elif isinstance(out, str):
+            reason = reason or out
+        elif out is True:
+            reason = reason or f"fit: a callback stopped training after epoch {epoch}"
+    return ts, reason
+
+
+def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | None = None,
+        val_data=None, key=None, params=None, state=None, train_state: TrainState | None = None,
+        grad: str | Callable = "autodiff", accuracy="auto", metrics=(), regularizer=None,
+        augment: Callable | None = None, learning_rate=None, shuffle: bool = True,
+        drop_last: bool = False, early_stopping=None, min_delta: float = 0.0,
+        monitor: str | None = None, restore_best: bool = True, callbacks=(),
+        on_nonfinite: str = "stop", progress="auto", grad_norm: bool = False,
+        eval_batch_size: int = 512, steps_per_epoch: int | None = None, chunk: int = 32,
+        check_data: bool = True, checkpoint_dir=None, resume: bool = False) -> FitResult:
+    """Train ``model`` on ``train_data`` for ``epochs`` epochs; returns a :class:`FitResult`.
+
+    ``train_data``: ``(x, target[, model_kwargs])`` arrays in memory (each epoch one compiled
+    call: shuffle, the full batches of ``batch_size``, the partial one unless ``drop_last``),
+    or a stream of such batches (an iterable, or ``epoch -> iterable``; prefetched and run in
+    compiled chunks of ``chunk`` steps, at most ``steps_per_epoch`` per epoch; see
+    :mod:`fnn.train.streaming`). After each epoch: validation on ``val_data`` (the same two
+    kinds; eval mode), a row of ``history``, the progress display, ``callbacks`` (see
+    :mod:`fnn.train.callbacks`), early stopping, and with ``checkpoint_dir`` the whole run
+    state saved atomically (``resume=True`` continues a run killed at any moment, bit for bit;
+    see :mod:`fnn.train.resume`).
+
+    **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair (fnn's keep the
+    learning rate in their state: the history's ``lr`` reads it, and optimizers equal but for
+    the rate share one compiled epoch). Start from ``key`` (with ``params``/``state`` or
+    ``model.init``) or from ``train_state``. ``grad``: ``"autodiff"``, ``"manual"``
+    (hand-derived backprop) or a gradient function (see :func:`make_step`). ``accuracy``:
+    ``"auto"``, ``None`` or ``fn(pred, target) -> [batch]``; ``metrics``: more, by name
+    (``"top5_accuracy"``, ``"mean_absolute_error"``, ``"macro_f1"``) or function (see
+    :mod:`fnn.train.metrics`), computed inside the compiled epoch. ``regularizer``: a
+    ``fnn.regularizers.Regularizer`` added to the objective (history shows the data loss).
+    ``augment``: ``fn(key, x, target) -> (x, target)``, jittable, applied to each training
+    batch inside the step with ``key = fold_in(train_state.key, train_state.step)``.
+    ``learning_rate`` (float or schedule) overrides the rate recorded in the history.
+    ``early_stopping``: a patience (int) or a ``fnn.regularizers.early_stopping(...)`` pair
+    watching ``monitor`` (``"val_loss"`` with validation data, else ``"loss"``; names ending
+    in ``accuracy`` or ``f1`` are maximised); with ``restore_best`` the best epoch's params
+    and state are returned. ``on_nonfinite``: ``"stop"`` (warn and return) or ``"raise"``
+    (``FloatingPointError``); the message says whether that batch's inputs were finite.
+    ``check_data``: refuse non-finite inputs before training (each streamed batch as it
+    comes). ``progress``: ``"auto"`` (a tqdm bar on a terminal), ``True``, ``"lines"``,
+    ``False``. ``grad_norm=True``: the mean gradient norm per epoch in the history (one more
+    pass over the gradients per step) and a non-finite gradient stops training too.
+
+    Example::
+
+        result = fit(model, losses.softmax_cross_entropy_with_integer_labels, optim.adam(1e-3),
+                     (x, y), epochs=20, batch_size=32, val_data=(xv, yv),
+                     key=jax.random.PRNGKey(0), metrics=["macro_f1"], early_stopping=5)
+    """
+    stream = is_stream(train_data)
+    _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir)
+    ms = resolve_metrics(loss, accuracy, metrics)
+    ctx = dict(stream=stream, model=model, loss=loss, metrics=ms, check=check_data,
+               shuffle=shuffle, steps_per_epoch=steps_per_epoch, chunk=chunk, data=train_data)
+    pending = None
+    if stream:
+        first, pending = _first_batch(train_data, 1, steps_per_epoch)
+        shape_batch = jax.tree.leaves(first[0])[0].shape[0]
+        x0 = first[0]
+        ctx["run"] = make_chunk(model, loss, optimizer.update, grad, ms, regularizer, grad_norm,
+                                augment)
+    else:
+        data, n = _as_data(train_data, "fit: train_data")
+        if check_data:
+            _validate_data(data, "fit: train_data")
+        ctx["data"], x0, shape_batch = data, data[0], min(batch_size, n)
+        ctx["run"], ctx["sizes"] = make_epoch(model, loss, optimizer.update, grad, ms,
+                                              regularizer, grad_norm, augment, n, batch_size,
+                                              drop_last, shuffle)
     if train_state is not None and (params is not None or state is not None):
         raise ValueError("fit: pass params/state or train_state, not both")
     if train_state is None:
         if key is None:
             raise ValueError("fit: pass key= (a jax.random key) or train_state=")
-        train_state = create_train_state(model, optimizer, key,
-                                         _input_shape(data[0], min(batch_size, n)),
+        train_state = create_train_state(model, optimizer, key, _input_shape(x0, shape_batch),
                                          params=params, state=state)
-    acc = _accuracy_fn(loss, accuracy)
-    run_epoch, sizes = _make_epoch(model, loss, optimizer, grad, acc, regularizer, grad_norm,
-                                   n, batch_size, drop_last, shuffle)
-    val = _as_data(val_data, "fit: val_data") if val_data is not None else None
-    run_eval = val and _make_eval(model, loss, acc, val[1], min(eval_batch_size, val[1]))
+    ctx["val_stream"] = val_data is not None and is_stream(val_data)
+    ctx["val"] = val = val_data if ctx["val_stream"] else (
+        _as_data(val_data, "fit: val_data") if val_data is not None else None)
+    if val is not None and not ctx["val_stream"]:
+        if check_data:
+            _validate_data(val[0], "fit: val_data")
+        ctx["run_eval"] = make_eval(model, loss, ms, val[1], min(eval_batch_size, val[1]))
     stopper = None if early_stopping is None else _EarlyStop(
-        early_stopping, min_delta, monitor or ("val_loss" if val else "loss"), train_state)
-    history, reason, bar = {}, None, _Progress(progress, epochs)
+        early_stopping, min_delta, monitor or ("val_loss" if val is not None else "loss"),
+        train_state)
+    return _train(ctx, train_state, stopper, epochs, callbacks, learning_rate, grad_norm,
+                  progress, on_nonfinite, restore_best, checkpoint_dir, resume, pending)
+
+
+def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progress,
+           on_nonfinite, restore_best, checkpoint_dir, resume, pending):
+    history, reason, done = {}, None, 0
+    if resume and (saved := _resume.load_run(checkpoint_dir, ts, stopper and stopper.state)):
+        ts, es, info = saved
+        if stopper:
+            stopper.state = es
+        done, history, reason = info["epoch"], info["history"], info["stop_reason"]
+        _resume.restore_callbacks(callbacks, info["callbacks"])
+        pending = None                          # the first batch peeked was epoch 1's
+    bar = _Progress(progress, epochs, initial=done)
     try:
-        for epoch in range(1, epochs + 1):
-            t0, start, before = time.perf_counter(), int(train_state.step), train_state
-            train_state, steps, bad, ms = run_epoch(before, data, np.int32(len(sizes)))
-            good = int(steps) - bool(bad)
-            if bool(bad):                   # replay up to the bad step: the last good state
-                train_state = run_epoch(before, data, np.int32(good))[0]
-            logs = {"epoch": epoch, **_epoch_logs(jax.device_get(ms), sizes, good)}
-            if run_eval:
-                vl, va = run_eval(train_state.params, train_state.state, val[0])
-                logs.update(val_loss=float(vl), val_accuracy=float(va))
-            if acc is None:
-                logs = {k: v for k, v in logs.items() if not k.endswith("accuracy")}
-            logs.update(lr=_learning_rate(learning_rate, train_state.opt_state,
-                                          int(train_state.step)),
+        for epoch in range(done + 1, epochs + 1):
+            if reason:
+                break
+            t0, start = time.perf_counter(), int(ts.step)
+            ts, sums, bad = _run_epoch(ctx, epoch, ts, pending if epoch == 1 else None)
+            if sums is None and bad is None:
+                reason = f"fit: the training data ran out before epoch {epoch}"
+                break
+            logs = {"epoch": epoch, **logs_from_sums(sums, ctx["metrics"], grad_norm),
+                    **_validate(ctx, ts)}
+            logs.update(lr=_learning_rate(learning_rate, ts.opt_state, int(ts.step)),
                         time=time.perf_counter() - t0)
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
             bar.update(logs)
-            if bool(bad):
-                reason = _nonfinite_message(epoch, start + good, start)
-            elif any([cb(epoch, train_state, logs) for cb in callbacks]):   # call every one
-                reason = f"fit: a callback stopped training after epoch {epoch}"
-            elif stopper:
-                reason = stopper(epoch, train_state, logs)
-            if reason:
-                break
+            if bad is not None:
+                reason = _nonfinite_message(epoch, bad, start)
+            else:
+                ts, reason = _callbacks(callbacks, epoch, ts, logs)
+                if not reason and stopper:
+                    reason = stopper(epoch, ts, logs)
+            if checkpoint_dir is not None:
+                _resume.save_run(checkpoint_dir, ts, stopper and stopper.state, epoch, history,
+                                 callbacks, reason)
     finally:
         bar.close(reason)
     best = None
     if stopper:
-        train_state, best = stopper.finish(train_state, restore_best)
+        ts, best = stopper.finish(ts, restore_best)
     if reason and reason.startswith("fit: non-finite"):
         if on_nonfinite == "raise":
             raise FloatingPointError(reason)
-        warnings.warn(reason, RuntimeWarning, stacklevel=2)
-    return FitResult(train_state, history, reason, best)
-
-
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+    return FitResult(ts, history, reason, best)

@@ -65,7 +65,7 @@ def lr_find(model, loss, make_optimizer: Callable, train_data, *, batch_size: in
     passes = math.ceil(steps * batch_size / n)
     order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(k_data, p), n)
                              for p in range(passes)])[:steps * batch_size]
-    core = _step_core(model, loss, optimizer, grad)
+    core = _step_core(model, loss, optimizer.update, grad)
 
     @jax.jit
     def sweep(ts, data, idx):       # steps after a non-finite loss are cut off below

@@ -1,5 +1,16 @@
-"""The train state, one train step (gradients by autodiff, by hand or by a given function),
-and the data unpacking the step and the epoch share."""
+"""The train state and one train step (gradients by autodiff, by hand or by a given function).
+
+One step, with ``t`` the update count ``train_state.step``::
+
+    x, target = augment(fold_in(key, t), x, target)          # only with augment=
+    key, k = split(key)                                      # only for a stochastic model
+    loss, pred, state', g = value_and_grad(params, state, x, target, key=k)   (+ regularizer)
+    updates, opt_state' = optimizer.update(g, opt_state, params)
+    params' = params + updates
+
+The epoch (``fnn.train.epoch``) runs this step with what the run reads and nothing else: the
+metrics' sums are carried through the loop, the gradient norm only when asked for.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
@@ -13,6 +24,9 @@ from fnn.optim import apply_updates, global_norm
 from fnn.train.metrics import _accuracy_fn
 
 PyTree = Any
+
+__all__ = ["TrainState", "StepMetrics", "create_train_state", "make_step"]
+
 
 class TrainState(NamedTuple):
     """Everything that changes while training, as one pytree (jit-, scan- and checkpoint-ready).
@@ -40,8 +54,16 @@ class StepMetrics(NamedTuple):
     finite: jax.Array
 
 
+class StepOut(NamedTuple):
+    """Inside the epoch: the batch's ``loss``, whether it is ``finite``, ``grad_norm`` (NaN
+    unless asked for), ``size`` (examples) and each metric's ``stats`` (sums over the batch)."""
 
-# --------------------------------------------------------------------------- pieces
+    loss: jax.Array
+    finite: jax.Array
+    grad_norm: jax.Array
+    size: int
+    stats: tuple
+
 
 def create_train_state(model, optimizer, key, input_shape, *, params=None, state=None
                        ) -> TrainState:
@@ -55,6 +77,7 @@ def create_train_state(model, optimizer, key, input_shape, *, params=None, state
         state = init_state if state is None else state
     return TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32), k_train)
 
+
 def _where(ok, new, old):
     """``new`` where ``ok`` else ``old``, leaf by leaf (typed PRNG keys included)."""
     def pick(a, b):
@@ -66,8 +89,26 @@ def _where(ok, new, old):
     return jax.tree.map(pick, new, old)
 
 
+def _manual_value_and_grad(model, loss):
+    """``f(params, state, x, target, *, key, train, **kw) -> ((loss, new_state, pred), grads)``
+    from the layers' hand-derived rules (the signature of
+    ``backprop.value_and_grad(model, loss, with_output=True)``)."""
+    # TODO(lead): remove when backprop.value_and_grad(with_output=True) lands, and call
+    # backprop.value_and_grad(model, loss, with_output=True) below instead.
+    if not hasattr(loss, "grad"):
+        backprop.value_and_grad(model, loss)       # raises its clear TypeError
+
+    def f(params, state, x, target, *, key=None, train=True, **kw):
+        y, new_state = model.apply(params, state, x, key=key, train=train, **kw)
+        dy = loss.grad(y, target)
+        grads, _ = model.backward(params, state, x, dy, key=key, train=train, **kw)
+        return (loss(y, target), new_state, y), grads
+    return f
+
+
 def _grad_fn(model, loss, grad, regularizer, need_pred):
-    """``f(params, state, x, t, kw, key) -> (loss, pred, new_state, grads)``."""
+    """``f(params, state, x, t, kw, key) -> (loss, pred, new_state, grads)``; ``pred`` is
+    ``None`` when not needed and not free."""
     if grad == "autodiff":
         def f(params, state, x, t, kw, key):
             def objective(p):
@@ -77,11 +118,18 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
             (_, (value, pred, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
             return value, pred, new_state, g
         return f
-    if grad == "manual" or callable(grad):
-        vg = backprop.value_and_grad(model, loss) if grad == "manual" else grad
+    if grad == "manual":
+        vg = _manual_value_and_grad(model, loss)
 
         def f(params, state, x, t, kw, key):
-            (value, new_state), g = vg(params, state, x, t, key=key, train=True, **kw)
+            (value, new_state, pred), g = vg(params, state, x, t, key=key, train=True, **kw)
+            if regularizer:
+                g = jax.tree.map(jnp.add, g, regularizer.grad(params))
+            return value, pred, new_state, g
+        return f
+    if callable(grad):
+        def f(params, state, x, t, kw, key):
+            (value, new_state), g = grad(params, state, x, t, key=key, train=True, **kw)
             pred = model.apply(params, state, x, key=key, train=True, **kw)[0] if need_pred \
                 else None
             if regularizer:
@@ -93,23 +141,31 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
                      f"got {grad!r}")
 
 
-def _step_core(model, loss, optimizer, grad="autodiff", accuracy=None, regularizer=None,
-               grad_norm=True):
-    """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepMetrics)``."""
-    vg = _grad_fn(model, loss, grad, regularizer, accuracy is not None)
+def _step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None,
+               grad_norm=False, augment=None):
+    """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepOut)``.
+
+    ``update`` is the optimizer's ``update``; ``metrics`` a tuple of
+    :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss, and the gradient norm
+    too when ``grad_norm``."""
+    vg = _grad_fn(model, loss, grad, regularizer, bool(metrics))
     stochastic = getattr(model, "stochastic", True)
 
     def step(ts, batch):
         x, t, kw = batch
+        if augment is not None:
+            x, t = augment(jax.random.fold_in(ts.key, ts.step), x, t)
         key, sub = jax.random.split(ts.key) if stochastic else (ts.key, None)  # dropout keys
         value, pred, new_state, grads = vg(ts.params, ts.state, x, t, kw, sub)
         gnorm = global_norm(grads) if grad_norm else jnp.full((), jnp.nan)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        updates, opt_state = update(grads, ts.opt_state, ts.params)
         new = TrainState(apply_updates(ts.params, updates), new_state, opt_state, ts.step + 1,
                          key)
-        acc = jnp.mean(accuracy(pred, t)) if accuracy else jnp.full((), jnp.nan)
+        size = jax.tree.leaves(x)[0].shape[0]
+        w = jnp.ones((size,), jnp.result_type(float))
+        stats = tuple(m.stats(pred, t, w) for m in metrics)
         finite = jnp.isfinite(value) & (jnp.isfinite(gnorm) if grad_norm else True)
-        return new, StepMetrics(value, acc, gnorm, finite)
+        return new, StepOut(value, finite, gnorm, size, stats)
     return step
 
 
@@ -141,16 +197,20 @@ def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accu
     ``loss(model.apply(params, x, train=True), target)`` (plus ``regularizer(params)``) and its
     gradient by ``grad`` (``"autodiff"``, ``"manual"``, or a function shaped like
     :func:`fnn.backprop.value_and_grad`'s result that computes the same loss),
-    ``optimizer.update``, ``params + updates``. With ``guard`` a non-finite loss or gradient leaves the state unchanged
-    (``metrics.finite`` is then ``False``). ``grad_norm=False`` skips the global gradient norm
-    (one more pass over the gradients; NaN in the metrics) and then judges finiteness by the
-    loss alone. Any optax-shaped ``(init, update)`` optimizer works.
+    ``optimizer.update``, ``params + updates``. With ``guard`` a non-finite loss or gradient
+    leaves the state unchanged (``metrics.finite`` is then ``False``). ``grad_norm=False``
+    skips the global gradient norm (one more pass over the gradients; NaN in the metrics) and
+    then judges finiteness by the loss alone. Any optax-shaped ``(init, update)`` optimizer
+    works.
     """
-    core = _step_core(model, loss, optimizer, grad, _accuracy_fn(loss, accuracy), regularizer,
-                      grad_norm)
+    from fnn.train.metrics import mean_metric
+    acc = _accuracy_fn(loss, accuracy)
+    metrics = (mean_metric("accuracy", acc),) if acc else ()
+    core = _step_core(model, loss, optimizer.update, grad, metrics, regularizer, grad_norm)
 
     def step(ts, batch):
-        new, metrics = core(ts, _unpack(batch, "train step"))
-        return (_where(metrics.finite, new, ts) if guard else new), metrics
+        new, out = core(ts, _unpack(batch, "train step"))
+        accuracy = metrics[0].result(out.stats[0]) if metrics else jnp.full((), jnp.nan)
+        m = StepMetrics(out.loss, accuracy, out.grad_norm, out.finite)
+        return (_where(out.finite, new, ts) if guard else new), m
     return jax.jit(step) if jit else step
-
