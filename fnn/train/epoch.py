@@ -46,7 +46,7 @@ def zero_sums(core, ts, batch) -> Sums:
 
 def _loop(core, ts, stacked, limit, count):
     """Run ``core`` over the first ``min(limit, count)`` slices of ``stacked``, leaving after a
-    non-finite one: ``(ts, steps_run, bad, sums)``."""
+    non-finite one: ``(steps_run, ts, sums, bad)``."""
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
     acc = zero_sums(core, ts, one)
 
@@ -67,7 +67,8 @@ def make_chunk(model, loss, update, grad, metrics, regularizer, grad_norm, augme
 
     def chunk(ts, stacked, limit):
         count = jax.tree.leaves(stacked)[0].shape[0]
-        return _loop(core, ts, stacked, limit, count)
+        i, ts, acc, bad = _loop(core, ts, stacked, limit, count)
+        return ts, i, bad, acc
     return jax.jit(chunk)
 
 
