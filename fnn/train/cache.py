@@ -7,8 +7,10 @@ function's fingerprint is its code object with the fingerprints of its defaults 
 values its closure captured (recursively), so two closures made by the same ``def`` from equal
 values are equal. Numbers, strings, tuples, NamedTuples, lists, dicts and frozensets compare by
 their current contents (a list mutated later gives a new fingerprint); other objects (arrays,
-modules, classes, jitted functions) by identity, so a match is never a guess. The learning rate of fnn's optimizers is optimizer *state*, so optimizers
-that differ only in their rate share one program.
+modules, classes, jitted functions) by identity, so a match is never a guess. Globals a
+function reads are not part of its fingerprint (a module-level constant rebound between two
+``fit`` calls is not seen). The learning rate of fnn's optimizers is optimizer *state*, so
+optimizers that differ only in their rate share one program.
 """
 from __future__ import annotations
 
