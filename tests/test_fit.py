@@ -149,6 +149,19 @@ def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
     assert len(TRACES) > traced
 
 
+def test_fingerprint_sees_values_not_objects():
+    from fnn.train.cache import fingerprint
+    make = lambda s: (lambda v: v * s)
+    assert fingerprint(make(2.0)) == fingerprint(make(2.0)) != fingerprint(make(3.0))
+    assert fingerprint(Dense(3)) == fingerprint(Dense(3)) != fingerprint(Dense(4))
+    namespace = {}
+    for scale in (1.0, 1.0, 2.0):                 # a notebook cell run three times
+        exec(f"SCALE = {scale}\ndef loss(p, t):\n    return SCALE * (p - t)", namespace)
+        namespace.setdefault("seen", []).append(fingerprint(namespace["loss"]))
+    a, b, c = namespace["seen"]
+    assert a == b != c
+
+
 def test_history_lr_from_fnn_optimizer_state(key):
     x, y = _xor()
     sched = optim.schedules.exponential_decay(0.1, 0.5, 3)       # halves every epoch here

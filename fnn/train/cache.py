@@ -7,9 +7,9 @@ function's fingerprint is its code object with the fingerprints of its defaults 
 values its closure captured (recursively), so two closures made by the same ``def`` from equal
 values are equal. Numbers, strings, tuples, NamedTuples, lists, dicts and frozensets compare by
 their current contents (a list mutated later gives a new fingerprint); other objects (arrays,
-modules, classes, jitted functions) by identity, so a match is never a guess. Globals a
-function reads are not part of its fingerprint (a module-level constant rebound between two
-``fit`` calls is not seen). The learning rate of fnn's optimizers is optimizer *state*, so
+modules, classes, jitted functions) by identity, so a match is never a guess. The globals a
+function reads count too: numbers, strings and tuples by value (a constant changed in a re-run
+notebook cell gives a new fingerprint), anything else by identity. The learning rate of fnn's optimizers is optimizer *state*, so
 optimizers that differ only in their rate share one program.
 """
 from __future__ import annotations
@@ -46,6 +46,26 @@ def _cells(fn, path):
     return tuple(out)
 
 
+def _global_names(code) -> set:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names
+
+
+def _globals(fn, path):
+    """The globals ``fn``'s code reads: immutable values by value, the rest by identity."""
+    g = fn.__globals__
+    out = []
+    for name in sorted(_global_names(fn.__code__)):
+        if name in g:
+            v = g[name]
+            immutable = isinstance(v, _VALUES + (float, complex, tuple, frozenset))
+            out.append((name, fingerprint(v, path) if immutable else _Same(v)))
+    return tuple(out)
+
+
 def fingerprint(obj, _path=()):
     """A hashable stand-in for ``obj``: equal for objects that compute the same thing.
 
@@ -69,7 +89,7 @@ def fingerprint(obj, _path=()):
     if isinstance(obj, types.FunctionType):
         return (types.FunctionType, obj.__code__, fingerprint(obj.__defaults__, path),
                 fingerprint(tuple(sorted((obj.__kwdefaults__ or {}).items())), path),
-                _cells(obj, path))
+                _cells(obj, path), _globals(obj, path))
     if isinstance(obj, functools.partial):
         return (functools.partial, fingerprint(obj.func, path), fingerprint(obj.args, path),
                 fingerprint(tuple(sorted(obj.keywords.items())), path))
