@@ -56,16 +56,20 @@ def bare_epoch(model, state, opt):
 
 
 def interleaved(contenders, rounds):
+    """Median wall-clock and median process CPU seconds per contender (the CPU time is the
+    steadier one on a machine shared with other jobs)."""
     for f in contenders.values():
         f()
-    times = {n: [] for n in contenders}
+    wall, cpu = {n: [] for n in contenders}, {n: [] for n in contenders}
     names = list(contenders)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             contenders[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+            wall[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
+    return ({n: statistics.median(t) for n, t in wall.items()},
+            {n: statistics.median(t) for n, t in cpu.items()})
 
 
 def main(rounds):
@@ -74,30 +78,38 @@ def main(rounds):
     opt = optax.sgd(0.01)
     params, state, _ = model.init(key, (BATCH, SIZES[0]))
     xs, ys = x.reshape(STEPS, BATCH, -1), y.reshape(STEPS, BATCH)
-    epoch = bare_epoch(model, state, opt)
     kw = dict(epochs=EPOCHS, batch_size=BATCH, key=key, shuffle=False, progress=False)
     fnn_sgd = optim.sgd(0.01)
 
-    def bare():
-        p, s = params, opt.init(params)
-        for _ in range(EPOCHS):
-            p, s = epoch(p, s, xs, ys)
-        jax.block_until_ready(p)
+    def bare(optimizer):
+        epoch = bare_epoch(model, state, optimizer)
+
+        def run():
+            p, s = params, optimizer.init(params)
+            for _ in range(EPOCHS):
+                p, s = epoch(p, s, xs, ys)
+            jax.block_until_ready(p)
+        return run
 
     def run_fit(optimizer, **more):
         return lambda: jax.block_until_ready(
             train.fit(model, CE, optimizer, (x, y), params=params, **kw, **more).train_state)
 
-    med = interleaved({"bare lax.scan epoch": bare, "fit (optax.sgd)": run_fit(opt),
-                       "fit (fnn optim.sgd)": run_fit(fnn_sgd),
-                       "fit grad_norm=True": run_fit(opt, grad_norm=True),
+    med, cpu = interleaved({"bare lax.scan epoch, optax.sgd": bare(opt),
+                       "fit, optax.sgd": run_fit(opt),
+                       "bare lax.scan epoch, fnn optim.sgd": bare(fnn_sgd),
+                       "fit, fnn optim.sgd": run_fit(fnn_sgd),
+                       "fit, fnn optim.sgd, grad_norm=True": run_fit(fnn_sgd, grad_norm=True),
                        "fit, optim.sgd(0.01) rebuilt": lambda: run_fit(optim.sgd(0.01))()},
                       rounds)
     print(f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
           f"{rounds} rounds, {EPOCHS} epochs of {STEPS} steps")
-    base = med["bare lax.scan epoch"]
+    print(f"  {'':36s} {'wall ms/epoch':>14s} {'ratio':>6s} {'CPU ms/epoch':>13s} {'ratio':>6s}"
+          "   (ratio: to the bare epoch with the same optimizer)")
     for name, t in med.items():
-        print(f"  {name:34s} {1e3 * t / EPOCHS:7.3f} ms/epoch  {t / base:5.2f}x bare")
+        base = "bare lax.scan epoch, " + ("optax.sgd" if "optax" in name else "fnn optim.sgd")
+        print(f"  {name:36s} {1e3 * t / EPOCHS:14.3f} {t / med[base]:6.2f} "
+              f"{1e3 * cpu[name] / EPOCHS:13.3f} {cpu[name] / cpu[base]:6.2f}")
     t0 = time.perf_counter()
     run_fit(optim.sgd(0.02), early_stopping=None)()
     print(f"  first fit with optim.sgd(0.02) (new rate, same program): "

@@ -50,17 +50,15 @@ CHILD = RUN + textwrap.dedent("""
                 die()
             real(src, dst)
         os.replace = replace
-    if mode == "kill-mid-epoch":           # epoch 6 dies with its compiled call in flight
+    if mode == "kill-mid-epoch":           # dies with epoch 6's compiled call in flight
         import fnn.train.fitting as fitting
-        real_epoch = fitting.memory_epoch
-        def memory_epoch(run_epoch, *args):
-            def run_and_die(ts, *a):
-                out = run_epoch(ts, *a)
-                if int(ts.step) == 5 * 4:
-                    die()
-                return out
-            return real_epoch(run_and_die, *args)
-        fitting.memory_epoch = memory_epoch
+        real_launch = fitting.memory_launch
+        def memory_launch(run_epoch, sizes, ts, data):
+            out = real_launch(run_epoch, sizes, ts, data)
+            if int(ts.step) == 5 * 4:
+                die()
+            return out
+        fitting.memory_launch = memory_launch
     result = run(directory, resume=True)
     from fnn import checkpoint
     checkpoint.save(out, result.train_state, metadata={"history": __import__("json").dumps(
@@ -90,7 +88,7 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert any(f.name.endswith(".tmp") for f in (tmp_path / "run").iterdir())  # ...but its tmp
     p = _child(tmp_path, "kill-mid-epoch")
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    assert _saved_epoch(tmp_path) == 5
+    assert _saved_epoch(tmp_path) == 4       # epoch 6 is launched before epoch 5 is saved
     p = _child(tmp_path, "finish")
     assert p.returncode == 0, p.stderr[-2000:]
 

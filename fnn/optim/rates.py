@@ -64,7 +64,7 @@ def check_rate(name: str, value, what: str = "learning_rate"):
 
 
 def _float_dtype():
-    return jnp.result_type(float)        # float64 with jax_enable_x64, else float32
+    return jax.dtypes.canonicalize_dtype(np.float64)   # float64 with jax_enable_x64, else f32
 
 
 def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True,

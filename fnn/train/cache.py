@@ -19,6 +19,7 @@ import functools
 import types
 
 _VALUES = (type(None), bool, int, str, bytes)
+_EXACT_VALUES = frozenset(_VALUES)
 
 
 class _Same:
@@ -46,24 +47,24 @@ def _cells(fn, path):
     return tuple(out)
 
 
-def _global_names(code) -> set:
+@functools.lru_cache(maxsize=4096)
+def _global_names(code) -> tuple:
+    """The names ``code`` (and the code nested in it) may read as globals, sorted."""
     names = set(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
-            names |= _global_names(c)
-    return names
+            names.update(_global_names(c))
+    return tuple(sorted(names))
+
+
+_IMMUTABLE = _VALUES + (float, complex, tuple, frozenset)
 
 
 def _globals(fn, path):
     """The globals ``fn``'s code reads: immutable values by value, the rest by identity."""
     g = fn.__globals__
-    out = []
-    for name in sorted(_global_names(fn.__code__)):
-        if name in g:
-            v = g[name]
-            immutable = isinstance(v, _VALUES + (float, complex, tuple, frozenset))
-            out.append((name, fingerprint(v, path) if immutable else _Same(v)))
-    return tuple(out)
+    return tuple((name, fingerprint(g[name], path) if isinstance(g[name], _IMMUTABLE)
+                  else _Same(g[name])) for name in _global_names(fn.__code__) if name in g)
 
 
 def fingerprint(obj, _path=()):
@@ -71,10 +72,13 @@ def fingerprint(obj, _path=()):
 
     Example: ``fingerprint(optim.sgd(0.01).update) == fingerprint(optim.sgd(0.02).update)``.
     """
+    kind = type(obj)
+    if kind in _EXACT_VALUES:
+        return kind, obj
+    if kind is float or kind is complex:
+        return kind, repr(obj)                         # nan == nan, -0.0 != 0.0
     if isinstance(obj, _VALUES):
-        return type(obj), obj
-    if isinstance(obj, (float, complex)):
-        return type(obj), repr(obj)                    # nan == nan, -0.0 != 0.0
+        return kind, obj
     for depth, seen in enumerate(_path):               # a cycle: where it points back to
         if seen is obj:
             return "<cycle>", depth
@@ -87,9 +91,10 @@ def fingerprint(obj, _path=()):
     if isinstance(obj, frozenset):
         return frozenset, frozenset(fingerprint(x, path) for x in obj)
     if isinstance(obj, types.FunctionType):
-        return (types.FunctionType, obj.__code__, fingerprint(obj.__defaults__, path),
-                fingerprint(tuple(sorted((obj.__kwdefaults__ or {}).items())), path),
-                _cells(obj, path), _globals(obj, path))
+        d, kd = obj.__defaults__, obj.__kwdefaults__
+        return (types.FunctionType, obj.__code__, d and fingerprint(d, path),
+                kd and fingerprint(tuple(sorted(kd.items())), path),
+                obj.__closure__ and _cells(obj, path), _globals(obj, path))
     if isinstance(obj, functools.partial):
         return (functools.partial, fingerprint(obj.func, path), fingerprint(obj.args, path),
                 fingerprint(tuple(sorted(obj.keywords.items())), path))
@@ -98,20 +103,48 @@ def fingerprint(obj, _path=()):
     return _Same(obj)
 
 
+def _ident(a):
+    if type(a) in _EXACT_VALUES:
+        return type(a), a
+    return tuple(_ident(x) for x in a) if type(a) is tuple else id(a)
+
+
+def _same(a, b):
+    if a is b:
+        return True
+    if type(a) is tuple and type(b) is tuple:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) in _EXACT_VALUES and type(a) is type(b) and a == b
+
+
 def cached(build, maxsize: int = 32):
     """Memoise ``build(*args)`` on the fingerprints of its arguments (least recently used out
-    after ``maxsize``)."""
-    memo = collections.OrderedDict()
+    after ``maxsize``). The same argument objects as a recent call skip the fingerprint (as
+    ``jax.jit`` caches on identity); new objects that compute the same thing find the entry by
+    fingerprint."""
+    memo, by_id = collections.OrderedDict(), collections.OrderedDict()
 
     @functools.wraps(build)
     def get(*args):
+        ident = tuple(_ident(a) for a in args)
+        hit = by_id.get(ident)
+        if hit is not None and _same(hit[0], args):
+            return hit[1]
         key = fingerprint(args)
         if key in memo:
             memo.move_to_end(key)
-            return memo[key]
-        memo[key] = out = build(*args)
-        if len(memo) > maxsize:
-            memo.popitem(last=False)
+            out = memo[key]
+        else:
+            memo[key] = out = build(*args)
+            if len(memo) > maxsize:
+                memo.popitem(last=False)
+        by_id[ident] = (args, out)          # keeps args alive: their ids stay theirs
+        if len(by_id) > maxsize:
+            by_id.popitem(last=False)
         return out
-    get.cache_clear = memo.clear
+
+    def clear():
+        memo.clear()
+        by_id.clear()
+    get.cache_clear = clear
     return get

@@ -1,6 +1,7 @@
 """``fit``: epochs, validation, history, progress, callbacks, early stopping and resume."""
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import time
@@ -10,11 +11,11 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from fnn.optim.rates import _rate_nodes
 from fnn.train import resume as _resume
 from fnn.train.callbacks import _EarlyStop
 from fnn.train.epoch import make_chunk, make_epoch, make_eval
-from fnn.train.loops import logs_from_sums, memory_epoch, stream_epoch, stream_eval
+from fnn.train.loops import (logs_from_sums, memory_finish, memory_launch, stream_epoch,
+                              stream_eval)
 from fnn.train.metrics import resolve_metrics
 from fnn.train.progress import _Progress
 from fnn.train.step import TrainState, _as_data, _unpack, create_train_state
@@ -41,19 +42,15 @@ def _input_shape(x, batch_size):
     return (batch_size,) + tuple(np.shape(x)[1:])
 
 
-def _learning_rate(learning_rate, opt_state, step):
-    """The rate of the last update: from ``learning_rate`` (float or schedule), else from the
-    optimizer state (fnn's optimizers, ``optax.inject_hyperparams``), else NaN."""
+def _learning_rate(learning_rate, in_state, step):
+    """The rate of the last update: from ``learning_rate`` (float or schedule), else the one in
+    the optimizer state (fnn's optimizers, ``optax.inject_hyperparams``; NaN if none), read
+    with the epoch's report."""
     if callable(learning_rate):
         return float(learning_rate(max(step - 1, 0)))
     if learning_rate is not None:
         return float(learning_rate)
-    nodes = _rate_nodes(opt_state)
-    if not nodes:
-        return math.nan
-    node = nodes[0]
-    return float(node.learning_rate if hasattr(node, "learning_rate")
-                 else node.hyperparams["learning_rate"])
+    return in_state
 
 
 def _nonfinite_message(epoch, bad, start):
@@ -85,23 +82,54 @@ def _first_batch(source, epoch, steps_per_epoch):
     return _unpack(first, "fit: train_data"), itertools.chain([first], it)
 
 
-def _run_epoch(ctx, epoch, ts, pending):
-    """One epoch's ``(train_state, sums, Bad | None)`` (in memory or streamed)."""
+def _run_epoch(ctx, epoch, ts, pending, remaining):
+    """One epoch's ``(train_state, Report or None, Bad | None)`` (in memory or streamed).
+
+    In memory, epochs are launched ahead: the next one before this one's bookkeeping
+    (:func:`_speculate`), or, when nothing reads the state between epochs (no validation,
+    callbacks, early stopping or checkpoints), a chain of up to ``ctx["chain"]`` epochs read
+    back after one wait (each wait for the device costs about a tenth of a small epoch).
+    Launched epochs are used only if the next epoch starts from the state they started from."""
     if ctx["stream"]:
         batches = pending or epoch_batches(ctx["data"], epoch, ctx["steps_per_epoch"])
         return stream_epoch(ctx["run"], ts, batches, ctx["chunk"], ctx["check"],
                             "fit: train_data")
-    return memory_epoch(ctx["run"], ctx["sizes"], ts, ctx["data"], ctx["shuffle"])
+    q, args = ctx["inflight"], (ctx["run"], ctx["sizes"])
+    if q and q[0][0] is not ts:
+        q.clear()
+    if not q:
+        t0, last = time.perf_counter(), ts
+        for _ in range(max(1, min(ctx["chain"], remaining))):
+            q.append(memory_launch(*args, last, ctx["data"]))
+            last = q[-1][1][0]
+        if len(q) > 1:
+            jax.block_until_ready(q[-1][1][1])
+            ctx["epoch_time"] = (time.perf_counter() - t0) / len(q)
+    out = memory_finish(*args, q.popleft(), ctx["data"], ctx["shuffle"])
+    if out[2] is not None:
+        q.clear()
+    return out
 
 
-def _validate(ctx, ts):
+def _speculate(ctx, ts):
+    """Launch the next in-memory epoch from ``ts`` before this one's bookkeeping (validation
+    read-back, history, callbacks), so the device does not wait for the host."""
+    if not ctx["stream"] and not ctx["inflight"] and ctx["chain"] == 1:
+        ctx["inflight"].append(memory_launch(ctx["run"], ctx["sizes"], ts, ctx["data"]))
+
+
+def _validate(ctx, ts, before_read=lambda: None):
+    """Validation logs; ``before_read`` runs once the in-memory evaluation is dispatched."""
     val = ctx["val"]
     if val is None:
+        before_read()
         return {}
     if ctx["val_stream"]:
+        before_read()
         return stream_eval(ctx["model"], ctx["loss"], ctx["metrics"], ts.params, ts.state,
                            epoch_batches(val, 1, None), ctx["check"], "fit: val_data")
     vl, results = ctx["run_eval"](ts.params, ts.state, val[0])
+    before_read()
     return {"val_loss": float(vl),
             **{"val_" + m.name: float(r) for m, r in zip(ctx["metrics"], results)}}
 
@@ -213,6 +241,8 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
 def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progress,
            on_nonfinite, restore_best, checkpoint_dir, resume, pending):
     history, reason, done = {}, None, 0
+    quiet = not (callbacks or stopper or checkpoint_dir is not None or ctx["val"] is not None)
+    ctx.update(inflight=collections.deque(), chain=8 if quiet else 1)
     if resume and (saved := _resume.load_run(checkpoint_dir, ts, stopper and stopper.state)):
         ts, es, info = saved
         if stopper:
@@ -220,20 +250,24 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
         done, history, reason = info["epoch"], info["history"], info["stop_reason"]
         _resume.restore_callbacks(callbacks, info["callbacks"])
         pending = None                          # the first batch peeked was epoch 1's
-    bar = _Progress(progress, epochs, initial=done)
+    bar, step = _Progress(progress, epochs, initial=done), int(ts.step)
     try:
         for epoch in range(done + 1, epochs + 1):
             if reason:
                 break
-            t0, start = time.perf_counter(), int(ts.step)
-            ts, sums, bad = _run_epoch(ctx, epoch, ts, pending if epoch == 1 else None)
-            if sums is None and bad is None:
+            t0, start = time.perf_counter(), step       # the step count, kept on the host
+            ts, report, bad = _run_epoch(ctx, epoch, ts, pending if epoch == 1 else None,
+                                         epochs - epoch + 1)
+            if report is None:
                 reason = f"fit: the training data ran out before epoch {epoch}"
                 break
-            logs = {"epoch": epoch, **logs_from_sums(sums, ctx["metrics"], grad_norm),
-                    **_validate(ctx, ts)}
-            logs.update(lr=_learning_rate(learning_rate, ts.opt_state, int(ts.step)),
-                        time=time.perf_counter() - t0)
+            ahead = (lambda: _speculate(ctx, ts)) if bad is None and epoch < epochs else \
+                (lambda: None)
+            logs = {"epoch": epoch, **logs_from_sums(report.sums, ctx["metrics"], grad_norm),
+                    **_validate(ctx, ts, ahead)}
+            step = start + report.steps
+            logs.update(lr=_learning_rate(learning_rate, report.learning_rate, step),
+                        time=ctx.pop("epoch_time", time.perf_counter() - t0))
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
             bar.update(logs)

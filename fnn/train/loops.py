@@ -25,54 +25,70 @@ class Bad(NamedTuple):
 
 
 def _add(a, b):
-    return b if a is None else jax.tree.map(jnp.add, a, b)
+    return b if a is None else jax.tree.map(np.add, a, b)
 
 
-def memory_epoch(run_epoch, sizes, ts, data, shuffle):
-    """``(train_state, sums, Bad | None)`` for one in-memory epoch."""
-    before = ts
-    ts, steps, bad, sums = run_epoch(before, data, np.int32(len(sizes)))
-    if not bool(bad):
-        return ts, sums, None
-    good = int(steps) - 1                   # replay up to the bad step: the last good state
-    ts, _, _, sums = run_epoch(before, data, np.int32(good))
+def memory_launch(run_epoch, sizes, ts, data):
+    """Dispatch one in-memory epoch from ``ts`` (asynchronous): ``(ts, (new ts, packed))``."""
+    return ts, run_epoch(ts, data, np.int32(len(sizes)))
+
+
+def memory_finish(run_epoch, sizes, launched, data, shuffle):
+    """Wait for a launched epoch: ``(train_state, Report, Bad | None)``; after a non-finite
+    step, replay the epoch up to it (the last good state) and say whether its inputs were
+    finite."""
+    before, (ts, flat) = launched
+    report = run_epoch.unpack(flat)                  # one transfer, one wait
+    if not report.bad:
+        return ts, report, None
+    good = report.steps - 1                 # replay up to the bad step: the last good state
+    ts, flat = run_epoch(before, data, np.int32(good))
     n = jax.tree.leaves(data)[0].shape[0]
     start = sum(sizes[:good])
     idx = np.asarray(batch_order(before, n, shuffle))[start:start + sizes[good]]
     batch = jax.tree.map(lambda a: np.asarray(a)[idx], data)
-    return ts, sums, Bad(int(before.step) + good, good, inputs_finite(batch))
+    return ts, run_epoch.unpack(flat), Bad(int(before.step) + good, good, inputs_finite(batch))
 
 
 def stream_epoch(run_chunk, ts, batches, k, check, where):
-    """``(train_state, sums or None if no batch came, Bad | None)`` for one streamed epoch.
+    """``(train_state, Report or None if no batch came, Bad | None)`` for one streamed epoch.
 
-    Chunk ``j + 1`` is dispatched before chunk ``j``'s non-finite flag is read, so the device
-    never waits for the host; a bad chunk's successor is dropped and the bad one replayed."""
+    Chunk ``j + 1`` is dispatched before chunk ``j``'s report is read, so the device never
+    waits for the host; a bad chunk's successor is dropped and the bad one replayed. The
+    report's sums are those of the whole epoch."""
     pre = Prefetch(batches, k, check, where)
-    total, prev, bad = None, None, None
+    total, prev, bad, report = None, None, None, None
+
+    def read(p):
+        nonlocal total, bad, report
+        report = run_chunk.unpack(p[2][1])
+        if report.bad:
+            bad = p
+        else:
+            total = _add(total, report.sums)
     try:
         for chunk in pre:
             res = run_chunk(ts, chunk.stacked, np.int32(chunk.count))
             if prev is not None:
-                if bool(prev[2][2]):
-                    bad = prev
+                read(prev)
+                if bad is not None:
                     break
-                total = _add(total, prev[2][3])
             prev, ts = (ts, chunk, res), res[0]
         else:
-            if prev is not None and bool(prev[2][2]):
-                bad = prev
-            elif prev is not None:
-                total = _add(total, prev[2][3])
+            if prev is not None:
+                read(prev)
     finally:
         pre.close()
+    if report is None:
+        return ts, None, None
     if bad is None:
-        return ts, total, None
+        return ts, report._replace(sums=total), None
     before, chunk, res = bad
-    good = int(res[1]) - 1
-    ts, _, _, sums = run_chunk(before, chunk.stacked, np.int32(good))
-    return ts, _add(total, sums), Bad(int(before.step) + good, chunk.first + good,
-                                      inputs_finite(chunk.host[good]))
+    good = report.steps - 1
+    ts, flat = run_chunk(before, chunk.stacked, np.int32(good))
+    report = run_chunk.unpack(flat)
+    return ts, report._replace(sums=_add(total, report.sums)), Bad(
+        int(before.step) + good, chunk.first + good, inputs_finite(chunk.host[good]))
 
 
 def logs_from_sums(sums, metrics, grad_norm: bool, prefix: str = "") -> dict:
@@ -95,7 +111,7 @@ def stream_eval(model, loss, metrics, params, state, batches, check, where) -> d
         b = _unpack(raw, where)
         if check:
             _validate_data(b, f"{where} (batch {i + 1})")
-        total = _add(total, run(params, state, jax.device_put(b)))
+        total = _add(total, jax.device_get(run(params, state, jax.device_put(b))))
     if total is None:
         raise ValueError(f"{where}: the validation data gave no batch")
     lsum, stats, n = total

@@ -74,6 +74,7 @@ def mean_absolute_error(pred, target):
     return jnp.mean(d.reshape(d.shape[0], -1), axis=1)
 
 
+@functools.lru_cache(maxsize=256)
 def mean_metric(name: str, fn: Callable) -> Metric:
     """The example-weighted mean of a per-example function ``fn(pred, target) -> [batch]``."""
     def stats(pred, target, w):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from fnn import backprop
 from fnn.data import num_examples
 from fnn.optim import apply_updates, global_norm
+from fnn.train.cache import cached
 from fnn.train.metrics import _accuracy_fn
 
 PyTree = Any
@@ -71,11 +72,22 @@ def create_train_state(model, optimizer, key, input_shape, *, params=None, state
     of ``params`` and ``state`` is not given), the optimizer's state, ``step = 0``, and the
     other half of ``key`` as the train key."""
     k_init, k_train = jax.random.split(key)
+    if params is not None and state is None:
+        state = _empty_state(model, input_shape)   # a stateless model: no init to run
     if params is None or state is None:
         init_params, init_state, _ = model.init(k_init, input_shape)
         params = init_params if params is None else params
         state = init_state if state is None else state
     return TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32), k_train)
+
+
+@cached
+def _empty_state(model, input_shape):
+    """The model's state if it holds no arrays (``{}`` per layer, found by tracing ``init``
+    once per model and shape), else ``None``."""
+    spec = jax.eval_shape(lambda k: model.init(k, input_shape)[1], jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(spec)
+    return None if leaves else jax.tree.unflatten(tree, [])
 
 
 def _where(ok, new, old):
