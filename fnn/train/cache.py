@@ -6,10 +6,12 @@ builders of compiled epochs are memoised on a :func:`fingerprint` of their argum
 function's fingerprint is its code object with the fingerprints of its defaults and of the
 values its closure captured (recursively), so two closures made by the same ``def`` from equal
 values are equal. Numbers, strings, tuples, NamedTuples, lists, dicts and frozensets compare by
-their current contents (a list mutated later gives a new fingerprint); other objects (arrays,
-modules, classes, jitted functions) by identity, so a match is never a guess. The globals a
-function reads count too: numbers, strings and tuples by value (a constant changed in a re-run
-notebook cell gives a new fingerprint), anything else by identity. The learning rate of fnn's optimizers is optimizer *state*, so
+their contents; other objects (arrays, modules, classes, jitted functions) by identity, so a
+match is never a guess. The globals a function reads count too: numbers, strings and tuples by
+value (a constant changed in a re-run notebook cell gives a new fingerprint), anything else by
+identity. The very same argument objects as a recent call are found by identity first, without
+a fingerprint (as ``jax.jit`` itself caches), so mutating a list a closure holds between two
+``fit`` calls is not seen. The learning rate of fnn's optimizers is optimizer *state*, so
 optimizers that differ only in their rate share one program.
 """
 from __future__ import annotations
