@@ -198,6 +198,15 @@ def test_divergence_with_finite_inputs_blames_the_model(key):
                         epochs=30, batch_size=16, key=key, progress=False)
     assert all(np.isfinite(v) for v in jax.tree.leaves(
         jax.tree.map(lambda a: np.all(np.isfinite(a)), res.train_state.params)))
+    assert len(res.history["epoch"]) > 2          # diverged inside a chain of epochs
+    with pytest.warns(RuntimeWarning):            # a callback: epochs read back one by one
+        one = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)),
+                        epochs=30, batch_size=16, key=key, progress=False,
+                        callbacks=[lambda *a: None])
+    chex.assert_trees_all_equal(one.train_state, res.train_state)
+    assert one.stop_reason == res.stop_reason
+    assert {k: v for k, v in one.history.items() if k != "time"} == \
+        {k: v for k, v in res.history.items() if k != "time"}
 
 
 def test_progress_bar_prints_why_training_stopped(key, capsys):

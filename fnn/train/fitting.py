@@ -87,8 +87,9 @@ def _run_epoch(ctx, epoch, ts, pending, remaining):
 
     In memory, epochs are launched ahead: the next one before this one's bookkeeping
     (:func:`_speculate`), or, when nothing reads the state between epochs (no validation,
-    callbacks, early stopping or checkpoints), a chain of up to ``ctx["chain"]`` epochs read
-    back after one wait (each wait for the device costs about a tenth of a small epoch).
+    callbacks, early stopping or checkpoints), a chain of ``ctx["chain"]`` epochs (about a
+    quarter second of work, see :func:`_chain_length`) read back after one wait (on XLA:CPU
+    each wait costs about as much as a millisecond of work).
     Launched epochs are used only if the next epoch starts from the state they started from."""
     if ctx["stream"]:
         batches = pending or epoch_batches(ctx["data"], epoch, ctx["steps_per_epoch"])
@@ -100,22 +101,34 @@ def _run_epoch(ctx, epoch, ts, pending, remaining):
     if not q:
         t0, last = time.perf_counter(), ts
         for _ in range(max(1, min(ctx["chain"], remaining))):
-            q.append(memory_launch(*args, last, ctx["data"]))
+            q.append(memory_launch(*args, last, ctx["data"], ctx["limit"]))
             last = q[-1][1][0]
+        jax.block_until_ready(q[-1][1][1])
+        per = (time.perf_counter() - t0) / len(q)
         if len(q) > 1:
-            jax.block_until_ready(q[-1][1][1])
-            ctx["epoch_time"] = (time.perf_counter() - t0) / len(q)
+            ctx["epoch_time"] = per
+        if ctx["quiet"]:
+            ctx["chain"] = _chain_length(per, ctx["state_bytes"])
     out = memory_finish(*args, q.popleft(), ctx["data"], ctx["shuffle"])
     if out[2] is not None:
         q.clear()
     return out
 
 
+def _chain_length(seconds_per_epoch, state_bytes, most=64, seconds=0.25, memory=2 ** 26):
+    """Epochs per chain: about ``seconds`` of work (the display stays live), at most ``most``,
+    and the chain's states (two per epoch) within ``memory`` bytes."""
+    by_time = int(seconds / max(seconds_per_epoch, 1e-6))
+    by_memory = int(memory // max(2 * state_bytes, 1))
+    return max(1, min(most, by_time, by_memory))
+
+
 def _speculate(ctx, ts):
     """Launch the next in-memory epoch from ``ts`` before this one's bookkeeping (validation
     read-back, history, callbacks), so the device does not wait for the host."""
     if not ctx["stream"] and not ctx["inflight"] and ctx["chain"] == 1:
-        ctx["inflight"].append(memory_launch(ctx["run"], ctx["sizes"], ts, ctx["data"]))
+        ctx["inflight"].append(memory_launch(ctx["run"], ctx["sizes"], ts, ctx["data"],
+                                             ctx["limit"]))
 
 
 def _validate(ctx, ts, before_read=lambda: None):
@@ -214,9 +227,10 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
         if check_data:
             _validate_data(data, "fit: train_data")
         ctx["data"], x0, shape_batch = data, data[0], min(batch_size, n)
-        ctx["run"], ctx["sizes"] = make_epoch(model, loss, optimizer.update, grad, ms,
+        ctx["run"], ctx["sizes"] = run, sizes = make_epoch(model, loss, optimizer.update, grad, ms,
                                               regularizer, grad_norm, augment, n, batch_size,
                                               drop_last, shuffle)
+        ctx["limit"] = jax.device_put(np.int32(len(sizes)))
     if train_state is not None and (params is not None or state is not None):
         raise ValueError("fit: pass params/state or train_state, not both")
     if train_state is None:
@@ -242,7 +256,9 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
            on_nonfinite, restore_best, checkpoint_dir, resume, pending):
     history, reason, done = {}, None, 0
     quiet = not (callbacks or stopper or checkpoint_dir is not None or ctx["val"] is not None)
-    ctx.update(inflight=collections.deque(), chain=8 if quiet else 1)
+    ctx.update(inflight=collections.deque(), chain=1, quiet=quiet, state_bytes=sum(
+        np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(ts)
+        if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)))
     if resume and (saved := _resume.load_run(checkpoint_dir, ts, stopper and stopper.state)):
         ts, es, info = saved
         if stopper:

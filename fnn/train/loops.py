@@ -28,9 +28,10 @@ def _add(a, b):
     return b if a is None else jax.tree.map(np.add, a, b)
 
 
-def memory_launch(run_epoch, sizes, ts, data):
-    """Dispatch one in-memory epoch from ``ts`` (asynchronous): ``(ts, (new ts, packed))``."""
-    return ts, run_epoch(ts, data, np.int32(len(sizes)))
+def memory_launch(run_epoch, sizes, ts, data, limit=None):
+    """Dispatch one in-memory epoch from ``ts`` (asynchronous): ``(ts, (new ts, packed))``.
+    ``limit``: the step count as an array already on the device (saves a transfer)."""
+    return ts, run_epoch(ts, data, np.int32(len(sizes)) if limit is None else limit)
 
 
 def memory_finish(run_epoch, sizes, launched, data, shuffle):

@@ -21,6 +21,8 @@ class _Progress:
                 self.lines = progress is True
 
     def update(self, logs):
+        if self.bar is None and not self.lines:
+            return
         shown = {k: f"{v:.4g}" for k, v in logs.items()
                  if k not in ("epoch", "time") and not (isinstance(v, float) and math.isnan(v))}
         line = f"epoch {logs['epoch']}/{self.epochs} " + " ".join(f"{k} {v}"
