@@ -216,3 +216,20 @@ def test_progress_bar_prints_why_training_stopped(key, capsys):
     res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
                     val_data=(x, 1 - y), early_stopping=1, progress=True)
     assert res.stop_reason and res.stop_reason in capsys.readouterr().err
+
+
+def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
+    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): without the gradient
+    norm the guard sees the NaN one step late, in the next loss; the replay backs off to the
+    last finite state, so both settings stop at update 1 with the initial parameters."""
+    def poisoned(pred, target, **kw):
+        return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
+    x, y = _xor()
+    params = MODEL.init(key, (16, 2))[0]
+    for grad_norm in (False, True):
+        with pytest.warns(RuntimeWarning, match=r"epoch 1, step 0 \(update 1 of the epoch\); the "
+                                                r"inputs of that batch are finite"):
+            res = train.fit(MODEL, poisoned, optim.sgd(0.1), (x, y), epochs=2, batch_size=16,
+                            params=params, key=key, grad_norm=grad_norm, progress=False)
+        chex.assert_trees_all_equal(res.train_state.params, params)
+        assert int(res.train_state.step) == 0

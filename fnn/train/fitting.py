@@ -57,9 +57,11 @@ def _nonfinite_message(epoch, bad, start):
     cause = ("the inputs of that batch are finite, so the model or the optimizer diverged "
              "(lower the learning rate, clip the gradients)") if bad.inputs_finite else \
         ("the inputs of that batch hold NaN or Inf: a data problem, not the model")
+    kept = "keeping the state from before that step" if bad.params_finite else (
+        "but the parameters were already non-finite before it (a non-finite gradient with a "
+        "finite loss in an earlier epoch; fit(grad_norm=True) stops at that step)")
     return (f"fit: non-finite loss or gradient at epoch {epoch}, step {bad.step} (update "
-            f"{bad.step - start + 1} of the epoch); {cause}; training stopped, keeping the "
-            f"state from before that step")
+            f"{bad.step - start + 1} of the epoch); {cause}; training stopped, {kept}")
 
 
 def _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir):

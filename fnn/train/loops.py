@@ -22,6 +22,24 @@ class Bad(NamedTuple):
     step: int
     index: int
     inputs_finite: bool
+    params_finite: bool = True
+
+
+def _finite(ts) -> bool:
+    """Whether the params and optimizer state hold only finite values (host check)."""
+    return all(np.all(np.isfinite(a)) for a in jax.tree.leaves((ts.params, ts.opt_state))
+               if np.issubdtype(np.asarray(a).dtype, np.inexact))
+
+
+def _replay(run, before, data, good):
+    """Replay ``good`` steps from ``before``; while the state they give is not finite (a
+    non-finite gradient whose loss was finite: with ``grad_norm=False`` the guard sees it a
+    step late), one step fewer. ``(ts, flat, good)``."""
+    while True:
+        ts, flat = run(before, data, np.int32(good))
+        if good == 0 or _finite(ts):
+            return ts, flat, good
+        good -= 1
 
 
 def _add(a, b):
@@ -42,13 +60,14 @@ def memory_finish(run_epoch, sizes, launched, data, shuffle):
     report = run_epoch.unpack(flat)                  # one transfer, one wait
     if not report.bad:
         return ts, report, None
-    good = report.steps - 1                 # replay up to the bad step: the last good state
-    ts, flat = run_epoch(before, data, np.int32(good))
+    # replay up to the bad step: the last good state
+    ts, flat, good = _replay(run_epoch, before, data, report.steps - 1)
     n = jax.tree.leaves(data)[0].shape[0]
     start = sum(sizes[:good])
     idx = np.asarray(batch_order(before, n, shuffle))[start:start + sizes[good]]
     batch = jax.tree.map(lambda a: np.asarray(a)[idx], data)
-    return ts, run_epoch.unpack(flat), Bad(int(before.step) + good, good, inputs_finite(batch))
+    return ts, run_epoch.unpack(flat), Bad(int(before.step) + good, good, inputs_finite(batch),
+                                           _finite(ts))
 
 
 def stream_epoch(run_chunk, ts, batches, k, check, where):
@@ -85,11 +104,11 @@ def stream_epoch(run_chunk, ts, batches, k, check, where):
     if bad is None:
         return ts, report._replace(sums=total), None
     before, chunk, res = bad
-    good = report.steps - 1
-    ts, flat = run_chunk(before, chunk.stacked, np.int32(good))
+    ts, flat, good = _replay(run_chunk, before, chunk.stacked, report.steps - 1)
     report = run_chunk.unpack(flat)
     return ts, report._replace(sums=_add(total, report.sums)), Bad(
-        int(before.step) + good, chunk.first + good, inputs_finite(chunk.host[good]))
+        int(before.step) + good, chunk.first + good, inputs_finite(chunk.host[good]),
+        _finite(ts))
 
 
 def logs_from_sums(sums, metrics, grad_norm: bool, prefix: str = "") -> dict:
