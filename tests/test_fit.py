@@ -149,6 +149,14 @@ def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
     assert len(TRACES) > traced
 
 
+def test_public_names_stay_importable():
+    from fnn.train import (FitResult, LRFindResult, StepMetrics, TrainState,  # noqa: F401
+                           binary_accuracy, categorical_accuracy, create_train_state, evaluate,
+                           fit, lr_find, make_step)
+    assert callable(fit) and TrainState._fields == ("params", "state", "opt_state", "step",
+                                                    "key")
+
+
 def test_fingerprint_sees_values_not_objects():
     from fnn.train.cache import fingerprint
     make = lambda s: (lambda v: v * s)

@@ -26,7 +26,8 @@ NaN/Inf guard: the loop leaves the epoch at the first step whose loss (and, with
 ``grad_norm=True``, gradient norm) is not finite; ``fit`` then replays the same compiled call
 up to the step before it (same program, same inputs, so the same state bit for bit: the last
 good state) and stops with a message naming the epoch and the step, and whether that batch's
-inputs were finite. The replay costs only when it fires.
+inputs were finite. A NaN gradient whose loss is finite shows in the next step's loss; the
+replay then backs off to the last finite state. The replay costs only when it fires.
 """
 from fnn.train.epoch import evaluate
 from fnn.train.fitting import FitResult, fit
