@@ -155,8 +155,6 @@ def test_data_checker_checks_each_streamed_batch():
             check(xb, yb, where=f"batch {i}")
 
 
-@pytest.mark.xfail(strict=True, reason="fit calls checks.check_data once the lead wires it into "
-                   "fnn/train.py (being rewritten); then remove this marker")
 def test_fit_refuses_labels_outside_the_classes_before_training(key):
     from fnn import optim, train
     x = np.random.default_rng(0).standard_normal((8, 4))
@@ -165,3 +163,22 @@ def test_fit_refuses_labels_outside_the_classes_before_training(key):
                        r"valid range \[0, 3\)"):
         train.fit(serial(Dense(3)), INT, optim.sgd(0.1), (x, y), epochs=1, batch_size=4,
                   key=key, progress=False)
+
+
+def test_fit_checks_each_streamed_batch_and_token_ids(key):
+    """Streaming: the batch holding the bad label is named; in memory: a token id past the
+    vocabulary of the Embedding reading the input is refused before training."""
+    from fnn import optim, train
+    from fnn.layers import Embedding, Flatten
+    x = np.random.default_rng(1).standard_normal((12, 4))
+    y = np.array([0, 1, 2, 0] * 2 + [0, 5, 1, 2])
+    batches = lambda epoch: ((x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4))
+    with pytest.raises(ValueError, match=rf"batch 3 of the epoch\): {NAME}: label 5 at index "
+                       r"\(1,\) is outside the valid range \[0, 3\)"):
+        train.fit(serial(Dense(3)), INT, optim.sgd(0.1), batches, epochs=1, key=key,
+                  progress=False)
+    ids = np.array([[0, 1], [2, 3], [4, 9]])
+    with pytest.raises(ValueError, match=r"Embedding\(5, 2\): token id 9 at index \(2, 1\) is "
+                       r"outside the valid range \[0, 5\)"):
+        train.fit(serial(Embedding(5, 2), Flatten(), Dense(3)), INT, optim.sgd(0.1),
+                  (ids, np.array([0, 1, 2])), epochs=1, batch_size=3, key=key, progress=False)

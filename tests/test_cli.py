@@ -173,7 +173,6 @@ def test_digits_cnn_selects_on_a_validation_split_not_the_test_set(fit_calls):
     assert kw["early_stopping"] and kw.get("restore_best", True)
 
 
-@pytest.mark.xfail(strict=False, reason="needs fit(resume=) from h18a")
 def test_resume_continues_from_the_checkpoint_dir(tmp_path, capsys):
     out = str(tmp_path / "run")
     common = ["train", "xor", "--quick", "--quiet", "--out", out]

@@ -81,7 +81,7 @@ def test_fit_matches_a_plain_optax_loop(grad, key):
 def test_fit_lowers_loss_and_history_is_consistent(key, capsys):
     (x, y), (xv, yv) = _xor(64), _xor(64, seed=1)
     result = train.fit(MODEL, CE, ADAM, (x, y), epochs=12, batch_size=16, val_data=(xv, yv),
-                       key=key, learning_rate=0.05, progress="lines")
+                       key=key, learning_rate=0.05, progress="lines", grad_norm=True)
     h = result.history
     assert h["epoch"] == list(range(1, 13))
     assert set(h) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
@@ -175,12 +175,14 @@ def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key)
     x, y = _xor()
     bad = poisoned // 16
     params, _, _ = MODEL.init(key, (16, 2))
-    kw = dict(batch_size=16, key=key, params=params, shuffle=False, progress=False)
+    kw = dict(batch_size=16, key=key, params=params, shuffle=False, progress=False,
+              check_data=False)              # let the NaN reach training: the guard's test
     with pytest.warns(RuntimeWarning, match=rf"non-finite loss or gradient at epoch 1, step "
                                             rf"{bad} \(update {bad + 1} of the epoch\)"):
         result = train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=3, **kw)
     assert len(result.history["epoch"]) == 1 and int(result.train_state.step) == bad
     assert f"epoch 1, step {bad}" in result.stop_reason
+    assert "inputs of that batch hold NaN or Inf: a data problem" in result.stop_reason
     _allclose(result.train_state.params, _reference(params, x, y, bad)[0])
     assert np.isfinite(result.history["loss"][0])
     if poisoned == 37:

@@ -16,9 +16,11 @@ from fnn.optim import schedules
 from fnn.optim.base import (AddDecayedWeightsState, EmptyState, GradientTransformation,
                             ScaleByScheduleState, add_decayed_weights, apply_updates, chain,
                             check_structure, identity, not_named, resolve_mask, safe_increment,
-                            scale, scale_by_learning_rate, scale_by_schedule)
+                            scale, scale_by_schedule)
 from fnn.optim.clipping import (GradNorms, clip_by_global_norm, clip_by_leaf_norm, clip_by_value,
                                 global_norm, grad_norms, leaf_norms)
+from fnn.optim.rates import (LearningRateState, ScheduledLearningRateState, check_rate,
+                             learning_rate, scale_by_learning_rate, set_learning_rate)
 from fnn.optim.optimizers import adagrad, adam, adamax, adamw, lion, nadam, rmsprop, sgd
 from fnn.optim.transforms import (ScaleByAdamState, ScaleByLionState, ScaleByRmsState,
                                   ScaleByRssState, ScaleByStddevState, TraceState, scale_by_adam,
@@ -41,6 +43,9 @@ __all__ = [
     # states
     "TraceState", "ScaleByRssState", "ScaleByRmsState", "ScaleByStddevState",
     "ScaleByAdamState", "ScaleByLionState", "ScaleByScheduleState", "AddDecayedWeightsState",
+    # the learning rate as state
+    "learning_rate", "set_learning_rate", "check_rate", "LearningRateState",
+    "ScheduledLearningRateState",
     # schedules
     "schedules",
 ]

@@ -26,7 +26,7 @@ Schedule = Callable[[Any], Any]  # step -> value
 __all__ = [
     "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates",
     "safe_increment", "check_structure", "ScaleByScheduleState", "scale", "scale_by_schedule",
-    "scale_by_learning_rate", "AddDecayedWeightsState", "add_decayed_weights",
+    "AddDecayedWeightsState", "add_decayed_weights",
     "resolve_mask", "not_named",
 ]
 
@@ -84,16 +84,19 @@ def chain(*transforms) -> GradientTransformation:
 
         tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
     """
+    inits = tuple(t.init for t in transforms)
+    steps = tuple(t.update for t in transforms)    # update holds no init: equal rules, equal fn
+
     def init(params):
-        return tuple(t.init(params) for t in transforms)
+        return tuple(f(params) for f in inits)
 
     def update(updates, state, params=None):
-        if len(state) != len(transforms):
-            raise ValueError(f"chain: expected a state tuple of {len(transforms)} entries, "
+        if len(state) != len(steps):
+            raise ValueError(f"chain: expected a state tuple of {len(steps)} entries, "
                              f"got {len(state)}")
         new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+        for step, s in zip(steps, state):
+            updates, s = step(updates, s, params)
             new_state.append(s)
         return updates, tuple(new_state)
 
@@ -143,17 +146,6 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         return updates, ScaleByScheduleState(count=safe_increment(state.count))
 
     return GradientTransformation(init, update)
-
-
-def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> GradientTransformation:
-    """Scale by :math:`-\\eta` (a float) or :math:`-\\eta(t)` (a schedule ``step -> value``).
-
-    The sign flip turns a descent direction into a step: ``params + updates`` descends.
-    """
-    m = -1 if flip_sign else 1
-    if callable(learning_rate):
-        return scale_by_schedule(lambda count: m * learning_rate(count))
-    return scale(m * learning_rate)
 
 
 # --------------------------------------------------------------------------- masks

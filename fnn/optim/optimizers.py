@@ -15,8 +15,8 @@ Example::
 """
 from __future__ import annotations
 
-from fnn.optim.base import (GradientTransformation, add_decayed_weights, chain, identity,
-                            scale_by_learning_rate)
+from fnn.optim.base import GradientTransformation, add_decayed_weights, chain, identity
+from fnn.optim.rates import scale_by_learning_rate
 from fnn.optim.transforms import (scale_by_adam, scale_by_adamax, scale_by_lion, scale_by_rms,
                                   scale_by_rss, scale_by_stddev, trace)
 
@@ -39,7 +39,7 @@ def sgd(learning_rate, momentum: float = 0.0, nesterov: bool = False, *,
     if momentum == 0.0 and nesterov:
         raise ValueError("sgd: nesterov=True needs momentum > 0")
     first = trace(momentum, nesterov, ema=ema) if momentum else identity()
-    return chain(first, scale_by_learning_rate(learning_rate))
+    return chain(first, scale_by_learning_rate(learning_rate, name="sgd"))
 
 
 def adagrad(learning_rate, initial_accumulator_value: float = 0.1, eps: float = 1e-7
@@ -49,7 +49,7 @@ def adagrad(learning_rate, initial_accumulator_value: float = 0.1, eps: float = 
     See ``scale_by_rss``. Example: ``opt = adagrad(0.1)``.
     """
     return chain(scale_by_rss(initial_accumulator_value, eps),
-                 scale_by_learning_rate(learning_rate))
+                 scale_by_learning_rate(learning_rate, name="adagrad"))
 
 
 def rmsprop(learning_rate, decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0,
@@ -69,7 +69,7 @@ def rmsprop(learning_rate, decay: float = 0.9, eps: float = 1e-8, initial_scale:
     """
     rms = scale_by_stddev if centered else scale_by_rms
     return chain(rms(decay, eps, initial_scale, eps_in_sqrt),
-                 scale_by_learning_rate(learning_rate),
+                 scale_by_learning_rate(learning_rate, name="rmsprop"),
                  trace(momentum, nesterov) if momentum else identity())
 
 
@@ -80,7 +80,7 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     See ``scale_by_adam`` for :math:`\\hat m, \\hat v`. Example: ``opt = adam(1e-3)``.
     """
     return chain(scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov),
-                 scale_by_learning_rate(learning_rate))
+                 scale_by_learning_rate(learning_rate, name="adam"))
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -97,7 +97,7 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     """
     return chain(scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov),
                  add_decayed_weights(weight_decay, mask),
-                 scale_by_learning_rate(learning_rate))
+                 scale_by_learning_rate(learning_rate, name="adamw"))
 
 
 def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
@@ -106,7 +106,8 @@ def adamax(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     See ``scale_by_adamax``. Example: ``opt = adamax(2e-3)``.
     """
-    return chain(scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    return chain(scale_by_adamax(b1, b2, eps),
+                 scale_by_learning_rate(learning_rate, name="adamax"))
 
 
 def nadam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -126,4 +127,4 @@ def lion(learning_rate, b1: float = 0.9, b2: float = 0.99, weight_decay=1e-3, ma
     3-10x smaller than Adam's. Example: ``opt = lion(1e-4)``.
     """
     return chain(scale_by_lion(b1, b2), add_decayed_weights(weight_decay, mask),
-                 scale_by_learning_rate(learning_rate))
+                 scale_by_learning_rate(learning_rate, name="lion"))

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 
+from fnn.optim.rates import check_rate
+
 Schedule = Callable
 
 __all__ = ["constant", "linear", "step_decay", "exponential_decay", "cosine_annealing",
@@ -24,14 +26,22 @@ def _float(step):
     return jnp.asarray(step, dtype=jnp.zeros(()).dtype)
 
 
+def _rates(name: str, **values):
+    """Every value a finite number >= 0 (a negative or NaN learning rate is a bug)."""
+    for k, v in values.items():
+        if v is not None:
+            check_rate(name, v, k)
+
+
 def _positive(name: str, **ints):
     for k, v in ints.items():
-        if v <= 0:
+        if not v > 0:                               # NaN fails too
             raise ValueError(f"{name}: {k} must be positive, got {v}")
 
 
 def constant(value: float) -> Schedule:
     """:math:`\\eta(t) = \\eta_0`. Example: ``adam(constant(1e-3))`` is ``adam(1e-3)``."""
+    _rates("constant", value=value)
     return lambda step: jnp.full((), value, dtype=_float(step).dtype)
 
 
@@ -59,7 +69,8 @@ def exponential_decay(init_value: float, decay_rate: float, decay_steps: int,
     ``end_value`` bounds the value (from below when :math:`\\gamma < 1`).
     Example: ``exponential_decay(1e-2, 0.96, 1000)`` loses 4% every 1000 steps.
     """
-    _positive("exponential_decay", decay_steps=decay_steps)
+    _positive("exponential_decay", decay_steps=decay_steps, decay_rate=decay_rate)
+    _rates("exponential_decay", init_value=init_value, end_value=end_value)
 
     def schedule(step):
         p = _float(step) / decay_steps
@@ -78,6 +89,7 @@ def cosine_annealing(init_value: float, decay_steps: int, end_value: float = 0.0
     Example: ``cosine_annealing(1e-2, 5000, end_value=1e-4)``.
     """
     _positive("cosine_annealing", decay_steps=decay_steps)
+    _rates("cosine_annealing", init_value=init_value, end_value=end_value)
 
     def schedule(step):
         t = jnp.minimum(_float(step), decay_steps)
@@ -109,7 +121,9 @@ def one_cycle(total_steps: int, peak_value: float, pct_start: float = 0.3,
     ``int(pct_start * total_steps)`` steps, cosine fall to :math:`\\eta_{max}/(d\\,d_{final})` at
     ``total_steps``, then constant. Example: ``sgd(one_cycle(10_000, 0.1), momentum=0.9)``.
     """
-    _positive("one_cycle", total_steps=total_steps)
+    _positive("one_cycle", total_steps=total_steps, div_factor=div_factor,
+              final_div_factor=final_div_factor)
+    _rates("one_cycle", peak_value=peak_value)
     start = peak_value / div_factor
     end = start / final_div_factor
     warm = int(pct_start * total_steps)
@@ -126,6 +140,7 @@ def polynomial(init_value: float, end_value: float, power: float, transition_ste
     Example: ``polynomial(1e-2, 1e-4, 2.0, 10_000)``.
     """
     _positive("polynomial", transition_steps=transition_steps)
+    _rates("polynomial", init_value=init_value, end_value=end_value)
 
     def schedule(step):
         tau = jnp.clip(_float(step) - transition_begin, 0, transition_steps)

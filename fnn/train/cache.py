@@ -1,0 +1,152 @@
+"""Reuse of compiled epochs: functions that compute the same thing compare equal here.
+
+``jax.jit`` caches on the identity of the function, so ``fit(..., optim.sgd(0.01))`` in a loop
+(a fresh optimizer, loss or model each time: new closures) would recompile every call. The
+builders of compiled epochs are memoised on a :func:`fingerprint` of their arguments instead: a
+function's fingerprint is its code object with the fingerprints of its defaults and of the
+values its closure captured (recursively), so two closures made by the same ``def`` from equal
+values are equal. Numbers, strings, tuples, NamedTuples, lists, dicts and frozensets compare by
+their contents; other objects (arrays, modules, classes, jitted functions) by identity, so a
+match is never a guess. The globals a function reads count too: numbers, strings and tuples by
+value (a constant changed in a re-run notebook cell gives a new fingerprint), anything else by
+identity. The very same argument objects as a recent call are found by identity first, without
+a fingerprint (as ``jax.jit`` itself caches), so mutating a list a closure holds between two
+``fit`` calls is not seen. The learning rate of fnn's optimizers is optimizer *state*, so
+optimizers that differ only in their rate share one program.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import types
+
+_VALUES = (type(None), bool, int, str, bytes)
+_EXACT_VALUES = frozenset(_VALUES)
+
+
+class _Same:
+    """Identity: equal only to a wrapper of the same object (which it keeps alive)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _cells(fn, path):
+    out = []
+    for cell in fn.__closure__ or ():
+        try:
+            out.append(fingerprint(cell.cell_contents, path))
+        except ValueError:                      # an empty cell (a name not yet bound)
+            out.append("<empty>")
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code) -> tuple:
+    """The names ``code`` (and the code nested in it) may read as globals, sorted."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names.update(_global_names(c))
+    return tuple(sorted(names))
+
+
+_IMMUTABLE = _VALUES + (float, complex, tuple, frozenset)
+
+
+def _globals(fn, path):
+    """The globals ``fn``'s code reads: immutable values by value, the rest by identity."""
+    g = fn.__globals__
+    return tuple((name, fingerprint(g[name], path) if isinstance(g[name], _IMMUTABLE)
+                  else _Same(g[name])) for name in _global_names(fn.__code__) if name in g)
+
+
+def fingerprint(obj, _path=()):
+    """A hashable stand-in for ``obj``: equal for objects that compute the same thing.
+
+    Example: ``fingerprint(optim.sgd(0.01).update) == fingerprint(optim.sgd(0.02).update)``.
+    """
+    kind = type(obj)
+    if kind in _EXACT_VALUES:
+        return kind, obj
+    if kind is float or kind is complex:
+        return kind, repr(obj)                         # nan == nan, -0.0 != 0.0
+    if isinstance(obj, _VALUES):
+        return kind, obj
+    for depth, seen in enumerate(_path):               # a cycle: where it points back to
+        if seen is obj:
+            return "<cycle>", depth
+    path = _path + (obj,)
+    if isinstance(obj, (tuple, list)):                 # NamedTuples included: the type counts
+        return type(obj), tuple(fingerprint(x, path) for x in obj)
+    if isinstance(obj, dict):
+        return type(obj), tuple((fingerprint(k, path), fingerprint(v, path))
+                                for k, v in obj.items())
+    if isinstance(obj, frozenset):
+        return frozenset, frozenset(fingerprint(x, path) for x in obj)
+    if isinstance(obj, types.FunctionType):
+        d, kd = obj.__defaults__, obj.__kwdefaults__
+        return (types.FunctionType, obj.__code__, d and fingerprint(d, path),
+                kd and fingerprint(tuple(sorted(kd.items())), path),
+                obj.__closure__ and _cells(obj, path), _globals(obj, path))
+    if isinstance(obj, functools.partial):
+        return (functools.partial, fingerprint(obj.func, path), fingerprint(obj.args, path),
+                fingerprint(tuple(sorted(obj.keywords.items())), path))
+    if isinstance(obj, types.MethodType):
+        return types.MethodType, fingerprint(obj.__func__, path), fingerprint(obj.__self__, path)
+    return _Same(obj)
+
+
+def _ident(a):
+    if type(a) in _EXACT_VALUES:
+        return type(a), a
+    return tuple(_ident(x) for x in a) if type(a) is tuple else id(a)
+
+
+def _same(a, b):
+    if a is b:
+        return True
+    if type(a) is tuple and type(b) is tuple:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) in _EXACT_VALUES and type(a) is type(b) and a == b
+
+
+def cached(build, maxsize: int = 32):
+    """Memoise ``build(*args)`` on the fingerprints of its arguments (least recently used out
+    after ``maxsize``). The same argument objects as a recent call skip the fingerprint (as
+    ``jax.jit`` caches on identity); new objects that compute the same thing find the entry by
+    fingerprint."""
+    memo, by_id = collections.OrderedDict(), collections.OrderedDict()
+
+    @functools.wraps(build)
+    def get(*args):
+        ident = tuple(_ident(a) for a in args)
+        hit = by_id.get(ident)
+        if hit is not None and _same(hit[0], args):
+            return hit[1]
+        key = fingerprint(args)
+        if key in memo:
+            memo.move_to_end(key)
+            out = memo[key]
+        else:
+            memo[key] = out = build(*args)
+            if len(memo) > maxsize:
+                memo.popitem(last=False)
+        by_id[ident] = (args, out)          # keeps args alive: their ids stay theirs
+        if len(by_id) > maxsize:
+            by_id.popitem(last=False)
+        return out
+
+    def clear():
+        memo.clear()
+        by_id.clear()
+    get.cache_clear = clear
+    return get

@@ -1,0 +1,217 @@
+"""Whole epochs as one compiled call, chunks of streamed steps, and evaluation as one scan.
+
+The loop carries the state and the *sums* of what the history reports (loss × examples, each
+metric's sums, the gradient norm only when asked for): nothing is written per step, nothing
+is recomputed after. It leaves at the first non-finite loss (the guard); the caller replays
+the same call with ``limit`` set to the steps before it, which gives the last good state bit
+for bit (same program, same inputs) and the sums of the good steps only.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnn.core import default_dtype
+from fnn.optim.rates import _rate_nodes
+from fnn.train.cache import cached
+from fnn.train.metrics import resolve_metrics
+from fnn.train.step import _as_data, _step_core, _where
+
+__all__ = ["evaluate"]
+
+
+class Sums(NamedTuple):
+    """Per-epoch sums: ``loss`` and ``grad_norm`` weighted by examples, ``examples``, and
+    each metric's ``stats``."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    examples: jax.Array
+    stats: tuple
+
+
+def _add(acc: Sums, out) -> Sums:
+    return Sums(acc.loss + out.loss * out.size, acc.grad_norm + out.grad_norm * out.size,
+                acc.examples + out.size, jax.tree.map(jnp.add, acc.stats, out.stats))
+
+
+def zero_sums(core, ts, batch) -> Sums:
+    """Zeros shaped like the sums of ``core``'s outputs (traced shapes only)."""
+    spec = jax.eval_shape(core, ts, batch)[1].stats
+    z = jnp.zeros((), jnp.result_type(float))
+    return Sums(z, z, z, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))
+
+
+def _loop(core, ts, stacked, limit, count):
+    """Run ``core`` over the first ``min(limit, count)`` slices of ``stacked``, leaving after a
+    non-finite one: ``(steps_run, ts, sums, bad)``."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
+    acc = zero_sums(core, ts, one)
+
+    def body(c):
+        i, ts, acc, _ = c
+        new, out = core(ts, jax.tree.map(lambda a: a[i], stacked))
+        return i + 1, new, _add(acc, out), ~out.finite
+    i, bad = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+    return jax.lax.while_loop(lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body,
+                              (i, ts, acc, bad))
+
+
+class Report(NamedTuple):
+    """What the host reads after an epoch or chunk: ``steps`` run, ``bad`` (the last one was
+    not finite), the ``sums`` and the ``learning_rate`` in the optimizer state (NaN if none)."""
+
+    steps: int
+    bad: bool
+    sums: Sums
+    learning_rate: float
+
+
+class Runner:
+    """A jitted ``(ts, data, limit) -> (ts, flat)``: the report packed into one vector, so the
+    host reads it in one transfer (``unpack(flat) -> Report``; each small array read on its
+    own cost about a tenth of a small epoch)."""
+
+    def __init__(self, fn):
+        self.tree, self.specs = None, None
+
+        def packed(ts, data, limit):
+            ts, i, bad, acc = fn(ts, data, limit)
+            leaves, self.tree = jax.tree.flatten(Report(i, bad, acc, _rate(ts.opt_state)))
+            self.specs = [(np.shape(v), jnp.asarray(v).dtype) for v in leaves]
+            f = jnp.result_type(float)
+            return ts, jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves])
+        self.jitted = jax.jit(packed)
+
+    def __call__(self, ts, data, limit):
+        return self.jitted(ts, data, limit)
+
+    def unpack(self, flat) -> Report:
+        flat, out, at = np.asarray(jax.device_get(flat)), [], 0
+        for shape, dtype in self.specs:
+            k = int(np.prod(shape))
+            out.append(flat[at:at + k].reshape(shape).astype(dtype))
+            at += k
+        r = jax.tree.unflatten(self.tree, out)
+        return Report(int(r.steps), bool(r.bad), r.sums, float(r.learning_rate))
+
+
+def _rate(opt_state):
+    """The learning rate in ``opt_state`` (found at trace time), else NaN."""
+    nodes = _rate_nodes(opt_state)
+    if not nodes:
+        return jnp.full((), jnp.nan)
+    node = nodes[0]
+    return jnp.asarray(node.learning_rate if hasattr(node, "learning_rate")
+                       else node.hyperparams["learning_rate"])
+
+
+@cached
+def make_chunk(model, loss, update, grad, metrics, regularizer, grad_norm, augment):
+    """A :class:`Runner` over a chunk of ``K`` stacked batches ``(K, batch, ...)``
+    (streaming: one call per chunk)."""
+    core = _step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+
+    def chunk(ts, stacked, limit):
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        i, ts, acc, bad = _loop(core, ts, stacked, limit, count)
+        return ts, i, bad, acc
+    return Runner(chunk)
+
+
+@cached
+def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
+               batch_size, drop_last, shuffle):
+    """One epoch as a :class:`Runner` ``(ts, data, limit) -> (ts, packed report)``, and the
+    batch sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
+    partial one (a real smaller batch, not padding) unless ``drop_last``."""
+    full, tail = divmod(n, batch_size)
+    tail = 0 if drop_last else tail
+    if full + (tail > 0) == 0:
+        raise ValueError(f"fit: {n} examples make no batch of {batch_size} with drop_last=True")
+    core = _step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+
+    def epoch(ts, data, limit):
+        key, pkey = jax.random.split(ts.key)
+        if shuffle:
+            order = jax.random.permutation(pkey, n)
+            data = jax.tree.map(lambda a: a[order], data)
+        head = jax.tree.map(                             # (full, batch, ...)
+            lambda a: a[:full * batch_size].reshape((full, batch_size) + a.shape[1:]), data)
+        rest = jax.tree.map(lambda a: a[full * batch_size:], data)
+        ts = ts._replace(key=key)
+        if full:
+            i, ts, acc, bad = _loop(core, ts, head, limit, full)
+        else:
+            i, bad, acc = jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero_sums(core, ts, rest)
+        if tail:
+            go = (i == full) & (limit > full) & ~bad
+            new, out = core(ts, rest)
+            ts, acc = _where(go, new, ts), _where(go, _add(acc, out), acc)
+            i, bad = i + go, bad | (go & ~out.finite)
+        return ts, i, bad, acc
+    return Runner(epoch), (batch_size,) * full + ((tail,) if tail else ())
+
+
+def batch_order(ts, n, shuffle):
+    """The example order the in-memory epoch starting from ``ts`` uses (as ``make_epoch``)."""
+    if not shuffle:
+        return jnp.arange(n)
+    return jax.random.permutation(jax.random.split(ts.key)[1], n)
+
+
+def _eval_sums(model, loss, metrics, params, state, batch, w):
+    x, t, kw = batch
+    pred, _ = model.apply(params, state, x, train=False, **kw)
+    s = jnp.sum(w)
+    return s * loss(pred, t, weights=w), tuple(m.stats(pred, t, w) for m in metrics), s
+
+
+@cached
+def make_eval(model, loss, metrics, n, batch_size):
+    """Jitted ``(params, state, data) -> (mean loss, metric results)`` in eval mode: the last
+    batch padded with copies of the last example at weight 0, so every batch has one shape
+    and the mean counts each of the ``n`` real examples once."""
+    nb = math.ceil(n / batch_size)
+
+    def run(params, state, data):
+        idx = jnp.minimum(jnp.arange(nb * batch_size), n - 1)
+        w = (jnp.arange(nb * batch_size) < n).astype(default_dtype()).reshape(nb, batch_size)
+        data = jax.tree.map(lambda a: a[idx].reshape((nb, batch_size) + a.shape[1:]), data)
+
+        def body(total, batch):
+            sums = _eval_sums(model, loss, metrics, params, state, *batch)
+            return jax.tree.map(jnp.add, total, sums), None
+        one = jax.tree.map(lambda a: a[0], (data, w))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            lambda b: _eval_sums(model, loss, metrics, params, state, *b), one))
+        (tot, stats, _), _ = jax.lax.scan(body, zero, (data, w))
+        return tot / n, tuple(m.result(s) for m, s in zip(metrics, stats))
+    return jax.jit(run)
+
+
+@cached
+def make_eval_batch(model, loss, metrics):
+    """Jitted ``(params, state, batch) -> (loss sum, metric stats, examples)`` for one
+    streamed validation batch (summed by the caller)."""
+    def run(params, state, batch):
+        n = jax.tree.leaves(batch[0])[0].shape[0]
+        return _eval_sums(model, loss, metrics, params, state, batch,
+                          jnp.ones((n,), default_dtype()))
+    return jax.jit(run)
+
+
+def evaluate(model, loss, params, state, data, *, batch_size: int = 256, accuracy="auto",
+             metrics=()) -> dict:
+    """Mean loss and metrics of ``model`` on ``data = (x, target[, model_kwargs])`` in eval
+    mode (``train=False``), in one compiled scan. ``loss`` must take ``weights=``.
+    ``accuracy``/``metrics``: as :func:`fnn.train.fit`. Returns ``{"loss": ..., name: ...}``.
+    """
+    data, n = _as_data(data, "evaluate")
+    ms = resolve_metrics(loss, accuracy, metrics)
+    lv, results = make_eval(model, loss, ms, n, min(batch_size, n))(params, state, data)
+    return {"loss": float(lv), **{m.name: float(r) for m, r in zip(ms, results)}}

@@ -1,0 +1,211 @@
+"""The train state and one train step (gradients by autodiff, by hand or by a given function).
+
+One step, with ``t`` the update count ``train_state.step``::
+
+    x, target = augment(fold_in(key, t), x, target)          # only with augment=
+    key, k = split(key)                                      # only for a stochastic model
+    loss, pred, state', g = value_and_grad(params, state, x, target, key=k)   (+ regularizer)
+    updates, opt_state' = optimizer.update(g, opt_state, params)
+    params' = params + updates
+
+The epoch (``fnn.train.epoch``) runs this step with what the run reads and nothing else: the
+metrics' sums are carried through the loop, the gradient norm only when asked for.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fnn import backprop
+from fnn.data import num_examples
+from fnn.optim import apply_updates, global_norm
+from fnn.train.cache import cached
+from fnn.train.metrics import _accuracy_fn
+
+PyTree = Any
+
+__all__ = ["TrainState", "StepMetrics", "create_train_state", "make_step"]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes while training, as one pytree (jit-, scan- and checkpoint-ready).
+
+    ``params``, ``state`` (non-trainable, e.g. batch-norm statistics), ``opt_state``, ``step``
+    (an int32 scalar: updates applied) and ``key`` (split once per epoch for the shuffle, and
+    once per step for a stochastic model's ``apply``).
+    """
+
+    params: PyTree
+    state: PyTree
+    opt_state: PyTree
+    step: jax.Array
+    key: jax.Array
+
+
+class StepMetrics(NamedTuple):
+    """What one train step reports: ``loss`` (the batch's data loss, before the update),
+    ``accuracy`` (NaN without an accuracy function), ``grad_norm`` (global L2 norm of the
+    gradient) and ``finite`` (loss and gradient norm are finite)."""
+
+    loss: jax.Array
+    accuracy: jax.Array
+    grad_norm: jax.Array
+    finite: jax.Array
+
+
+class StepOut(NamedTuple):
+    """Inside the epoch: the batch's ``loss``, whether it is ``finite``, ``grad_norm`` (NaN
+    unless asked for), ``size`` (examples) and each metric's ``stats`` (sums over the batch)."""
+
+    loss: jax.Array
+    finite: jax.Array
+    grad_norm: jax.Array
+    size: int
+    stats: tuple
+
+
+def create_train_state(model, optimizer, key, input_shape, *, params=None, state=None
+                       ) -> TrainState:
+    """Initialise a :class:`TrainState`: ``model.init`` with one half of ``key`` (for whichever
+    of ``params`` and ``state`` is not given), the optimizer's state, ``step = 0``, and the
+    other half of ``key`` as the train key."""
+    k_init, k_train = jax.random.split(key)
+    if params is not None and state is None:
+        state = _empty_state(model, input_shape)   # a stateless model: no init to run
+    if params is None or state is None:
+        init_params, init_state, _ = model.init(k_init, input_shape)
+        params = init_params if params is None else params
+        state = init_state if state is None else state
+    return TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32), k_train)
+
+
+@cached
+def _empty_state(model, input_shape):
+    """The model's state if it holds no arrays (``{}`` per layer, found by tracing ``init``
+    once per model and shape), else ``None``."""
+    spec = jax.eval_shape(lambda k: model.init(k, input_shape)[1], jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(spec)
+    return None if leaves else jax.tree.unflatten(tree, [])
+
+
+def _where(ok, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf (typed PRNG keys included)."""
+    def pick(a, b):
+        if jax.dtypes.issubdtype(jnp.asarray(a).dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                jnp.where(ok, jax.random.key_data(a), jax.random.key_data(b)),
+                impl=jax.random.key_impl(a))
+        return jnp.where(ok, a, b)
+    return jax.tree.map(pick, new, old)
+
+
+def _grad_fn(model, loss, grad, regularizer, need_pred):
+    """``f(params, state, x, t, kw, key) -> (loss, pred, new_state, grads)``; ``pred`` is
+    ``None`` when not needed and not free."""
+    if grad == "autodiff":
+        def f(params, state, x, t, kw, key):
+            def objective(p):
+                pred, new_state = model.apply(p, state, x, key=key, train=True, **kw)
+                value = loss(pred, t)
+                return value + (regularizer(p) if regularizer else 0.0), (value, pred, new_state)
+            (_, (value, pred, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
+            return value, pred, new_state, g
+        return f
+    if grad == "manual":
+        vg = backprop.value_and_grad(model, loss, with_output=True)
+
+        def f(params, state, x, t, kw, key):
+            (value, new_state, pred), g = vg(params, state, x, t, key=key, train=True, **kw)
+            if regularizer:
+                g = jax.tree.map(jnp.add, g, regularizer.grad(params))
+            return value, pred, new_state, g
+        return f
+    if callable(grad):
+        def f(params, state, x, t, kw, key):
+            (value, new_state), g = grad(params, state, x, t, key=key, train=True, **kw)
+            pred = model.apply(params, state, x, key=key, train=True, **kw)[0] if need_pred \
+                else None
+            if regularizer:
+                g = jax.tree.map(jnp.add, g, regularizer.grad(params))
+            return value, pred, new_state, g
+        return f
+    raise ValueError(f"train: grad must be 'autodiff', 'manual' or a function "
+                     f"(params, state, x, target, *, key, train, **kw) -> ((loss, state), grads), "
+                     f"got {grad!r}")
+
+
+def _step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None,
+               grad_norm=False, augment=None):
+    """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepOut)``.
+
+    ``update`` is the optimizer's ``update``; ``metrics`` a tuple of
+    :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss, and the gradient norm
+    too when ``grad_norm``."""
+    vg = _grad_fn(model, loss, grad, regularizer, bool(metrics))
+    stochastic = getattr(model, "stochastic", True)
+
+    def step(ts, batch):
+        x, t, kw = batch
+        if augment is not None:
+            x, t = augment(jax.random.fold_in(ts.key, ts.step), x, t)
+        key, sub = jax.random.split(ts.key) if stochastic else (ts.key, None)  # dropout keys
+        value, pred, new_state, grads = vg(ts.params, ts.state, x, t, kw, sub)
+        gnorm = global_norm(grads) if grad_norm else jnp.full((), jnp.nan)
+        updates, opt_state = update(grads, ts.opt_state, ts.params)
+        new = TrainState(apply_updates(ts.params, updates), new_state, opt_state, ts.step + 1,
+                         key)
+        size = jax.tree.leaves(x)[0].shape[0]
+        w = jnp.ones((size,), jnp.result_type(float))
+        stats = tuple(m.stats(pred, t, w) for m in metrics)
+        finite = jnp.isfinite(value) & (jnp.isfinite(gnorm) if grad_norm else True)
+        return new, StepOut(value, finite, gnorm, size, stats)
+    return step
+
+
+def _unpack(data, name):
+    """``(x, target)`` or ``(x, target, model_kwargs)`` -> ``(x, target, kwargs)``."""
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        what = f"a {type(data).__name__}" + (f" of length {len(data)}"
+                                             if isinstance(data, (tuple, list)) else "")
+        raise TypeError(f"{name}: expected a tuple (x, target) or (x, target, model_kwargs), "
+                        f"got {what}")
+    kw = data[2] if len(data) == 3 else {}
+    if not isinstance(kw, dict):
+        raise TypeError(f"{name}: model_kwargs must be a dict of per-example arrays, "
+                        f"got {type(kw).__name__}")
+    return data[0], data[1], dict(kw)
+
+
+def _as_data(data, name):
+    data = jax.tree.map(jnp.asarray, _unpack(data, name))
+    return data, num_examples(data, name)
+
+
+def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accuracy="auto",
+              regularizer=None, guard: bool = True, grad_norm: bool = True,
+              jit: bool = True) -> Callable:
+    """The train step ``(train_state, batch) -> (train_state, StepMetrics)``, jitted.
+
+    ``batch`` is ``(x, target)`` or ``(x, target, model_kwargs)``. One step: split the key,
+    ``loss(model.apply(params, x, train=True), target)`` (plus ``regularizer(params)``) and its
+    gradient by ``grad`` (``"autodiff"``, ``"manual"``, or a function shaped like
+    :func:`fnn.backprop.value_and_grad`'s result that computes the same loss),
+    ``optimizer.update``, ``params + updates``. With ``guard`` a non-finite loss or gradient
+    leaves the state unchanged (``metrics.finite`` is then ``False``). ``grad_norm=False``
+    skips the global gradient norm (one more pass over the gradients; NaN in the metrics) and
+    then judges finiteness by the loss alone. Any optax-shaped ``(init, update)`` optimizer
+    works.
+    """
+    from fnn.train.metrics import mean_metric
+    acc = _accuracy_fn(loss, accuracy)
+    metrics = (mean_metric("accuracy", acc),) if acc else ()
+    core = _step_core(model, loss, optimizer.update, grad, metrics, regularizer, grad_norm)
+
+    def step(ts, batch):
+        new, out = core(ts, _unpack(batch, "train step"))
+        accuracy = metrics[0].result(out.stats[0]) if metrics else jnp.full((), jnp.nan)
+        m = StepMetrics(out.loss, accuracy, out.grad_norm, out.finite)
+        return (_where(out.finite, new, ts) if guard else new), m
+    return jax.jit(step) if jit else step

@@ -1,0 +1,94 @@
+"""fnn.train callbacks: best and last-N checkpoints, the CSV log, reduce-on-plateau (without a
+recompile) and the wall-clock budget."""
+import csv
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fnn import checkpoint, data, losses, optim, train
+from fnn.layers import Dense, Tanh, serial
+
+CE = losses.softmax_cross_entropy_with_integer_labels
+MODEL = serial(Dense(4), Tanh(), Dense(2))
+TRACES = []
+
+
+def counted_ce(pred, target, **kw):
+    TRACES.append(1)                      # runs only while JAX traces
+    return CE(pred, target, **kw)
+
+
+counted_ce.name = CE.name
+
+
+def _xor(n=48, seed=0):
+    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _snapshots():
+    snap = {}
+    return snap, lambda epoch, ts, logs: snap.setdefault(epoch, jax.tree.map(np.array, ts))
+
+
+def test_checkpoints_best_and_last_n_and_csv_log(key, tmp_path):
+    """Validation labels flipped: validation loss rises once the model learns, so the best
+    epoch is early; best.safetensors holds that epoch's state, the last two epochs remain."""
+    x, y = _xor()
+    snap, cb = _snapshots()
+    ckpt = train.ModelCheckpoint(tmp_path / "ck", keep_last=2)
+    log = train.CSVLogger(tmp_path / "log.csv")
+    res = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=6, batch_size=16, key=key,
+                    val_data=(x, 1 - y), callbacks=[cb, ckpt, log], progress=False)
+    h = res.history
+    best = int(np.argmin(h["val_loss"])) + 1
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "best.safetensors", "epoch_0005.safetensors", "epoch_0006.safetensors"]
+    like = res.train_state
+    chex.assert_trees_all_equal(checkpoint.load(tmp_path / "ck" / "best.safetensors", like),
+                                snap[best])
+    chex.assert_trees_all_equal(checkpoint.load(tmp_path / "ck" / "epoch_0006.safetensors",
+                                                like), snap[6])
+    assert checkpoint.read_metadata(tmp_path / "ck" / "best.safetensors")["epoch"] == str(best)
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == h["epoch"]
+    for k in ("loss", "accuracy", "val_loss", "lr"):
+        np.testing.assert_allclose([float(r[k]) for r in rows], h[k], rtol=1e-12)
+
+
+def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
+    x, y = _xor()
+    seen = {}
+    cb = lambda epoch, ts, logs: seen.setdefault(epoch, len(TRACES)) and None
+    plateau = train.ReduceLROnPlateau(factor=0.5, patience=2)
+    res = train.fit(MODEL, counted_ce, optim.adam(0.05), (x, y), epochs=8, batch_size=16,
+                    key=key, val_data=(x, 1 - y), callbacks=[cb, plateau], progress=False)
+    lr, best, wait, want = 0.05, np.inf, 0, []
+    for v in res.history["val_loss"]:                    # the rule, written out
+        want.append(lr)
+        if v < best:
+            best, wait = v, 0
+            continue
+        wait += 1
+        if wait >= 2:
+            lr, wait = lr * 0.5, 0
+    assert res.history["lr"] == pytest.approx(want, rel=1e-15) and min(want) < 0.05
+    assert seen[1] == seen[8] == len(TRACES)             # no trace after the first epoch
+    with pytest.raises(ValueError, match="ReduceLROnPlateau: cannot monitor 'val_loss'"):
+        train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, batch_size=16, key=key,
+                  callbacks=[train.ReduceLROnPlateau()], progress=False)
+
+
+def test_time_limit_stops_with_its_reason(key):
+    x, y = _xor()
+    res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=50, batch_size=16, key=key,
+                    callbacks=[train.TimeLimit(1e-6)], progress=False)
+    assert res.history["epoch"] == [1]
+    assert res.stop_reason.startswith("fit: stopped after epoch 1: another epoch would exceed "
+                                      "the time limit of 1e-06 s")
+    with pytest.raises(ValueError, match="TimeLimit: seconds must be positive, got 0"):
+        train.TimeLimit(0)

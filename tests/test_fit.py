@@ -1,0 +1,243 @@
+"""fnn.train.fit, second pass: regularizer and augmentation against plain loops, metrics against
+scikit-learn/NumPy, the learning rate in the history, no recompilation for equal optimizers,
+the epoch checks, the data checks and the progress bar's last line."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fnn import data, losses, optim, regularizers, train
+from fnn.layers import Dense, Tanh, serial
+
+CE = losses.softmax_cross_entropy_with_integer_labels
+MODEL = serial(Dense(4), Tanh(), Dense(2))
+STATE = MODEL.init(jax.random.PRNGKey(0), (1, 2))[1]
+TRACES = []
+
+
+def counted_ce(pred, target, **kw):
+    TRACES.append(1)                      # runs only while JAX traces
+    return CE(pred, target, **kw)
+
+
+counted_ce.name = CE.name
+
+
+def _xor(n=40, seed=0):
+    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _plain_sgd(params, x, y, lr, epochs, objective, batch=16, extra=lambda t: t):
+    """Plain optax SGD over x[0:16], x[16:32], ... each epoch; ``objective(p, xb, yb, e)``
+    with ``e = extra(t)`` for update ``t``."""
+    opt = optax.sgd(lr)
+    s, t = opt.init(params), 0
+    vg = jax.jit(jax.grad(objective))
+    for _ in range(epochs):
+        for i in range(0, len(x), batch):
+            g = vg(params, x[i:i + batch], y[i:i + batch], extra(t))
+            u, s = opt.update(g, s, params)
+            params, t = optax.apply_updates(params, u), t + 1
+    return params
+
+
+def _differ(a, b):
+    return not all(np.allclose(u, v, rtol=1e-6) for u, v in zip(jax.tree.leaves(a),
+                                                                jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("grad", ["autodiff", "manual"])
+def test_regularizer_on_both_gradient_paths_matches_plain_loop(grad, key):
+    """fit with an L2 penalty equals plain SGD on CE + penalty (a penalty dropped or counted
+    twice moves the weights by ~λ·lr·w per step: far beyond the tolerance)."""
+    x, y = _xor()
+    l2 = regularizers.l2(0.05)
+    params = MODEL.init(key, (16, 2))[0]
+    res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16, params=params,
+                    key=key, shuffle=False, grad=grad, regularizer=l2, progress=False)
+    want = _plain_sgd(params, x, y, 0.2, 2,
+                      lambda p, xb, yb, t: CE(MODEL.apply(p, STATE, xb)[0], yb) + l2(p))
+    chex.assert_trees_all_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
+    without = _plain_sgd(params, x, y, 0.2, 2,
+                         lambda p, xb, yb, t: CE(MODEL.apply(p, STATE, xb)[0], yb))
+    assert _differ(want, without)
+
+
+def test_augment_runs_inside_the_step_with_the_documented_key(key):
+    """Noise augmentation keyed by fold_in(train key, update count), against a plain loop."""
+    x, y = _xor()
+
+    def noise(k, xb, yb):
+        return xb + 0.3 * jax.random.normal(k, xb.shape, xb.dtype), yb
+    params = MODEL.init(key, (16, 2))[0]
+    res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16, params=params,
+                    key=key, shuffle=False, augment=noise, progress=False)
+    k = jax.random.split(key)[1]                          # create_train_state's train key
+    k1 = jax.random.split(k)[0]                           # epoch 1 splits it once
+    k2 = jax.random.split(k1)[0]                          # and epoch 2 again
+    steps_per_epoch = 3
+
+    def objective(p, xb, yb, k):
+        xa, ya = noise(k, xb, yb)
+        return CE(MODEL.apply(p, STATE, xa)[0], ya)
+    want = _plain_sgd(params, x, y, 0.2, 2, objective, extra=lambda t: jax.random.fold_in(
+        k1 if t < steps_per_epoch else k2, t))
+    chex.assert_trees_all_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
+    plain = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16,
+                      params=params, key=key, shuffle=False, progress=False)
+    assert _differ(plain.train_state.params, want)
+
+
+def test_metrics_match_sklearn_and_numpy(key):
+    """A frozen model (rate 0): every epoch's metrics are those of the fixed params on the whole
+    set, summed over batches inside the epoch (macro F1 from epoch counts, not batch means)."""
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((37, 5)))
+    y = jnp.asarray(rng.integers(0, 4, 37))
+    net = Dense(4)
+    params = net.init(key, (8, 5))[0]
+    res = train.fit(net, CE, optim.sgd(0.0), (x, y), epochs=2, batch_size=8, params=params,
+                    key=key, metrics=["top2_accuracy", "macro_f1"], val_data=(x, y),
+                    progress=False)
+    z = np.asarray(net.apply(params, {}, x)[0])
+    yn = np.asarray(y)
+    top2 = np.mean([yn[i] in np.argsort(-z[i])[:2] for i in range(37)])
+    f1 = f1_score(yn, z.argmax(1), average="macro")
+    acc = np.mean(z.argmax(1) == yn)
+    h = res.history
+    for prefix in ("", "val_"):
+        np.testing.assert_allclose(h[prefix + "accuracy"], [acc] * 2, rtol=1e-12)
+        np.testing.assert_allclose(h[prefix + "top2_accuracy"], [top2] * 2, rtol=1e-12)
+        np.testing.assert_allclose(h[prefix + "macro_f1"], [f1] * 2, rtol=1e-12)
+    assert train.evaluate(net, CE, params, {}, (x, y), metrics=["macro_f1"])["macro_f1"] == \
+        pytest.approx(f1, rel=1e-12)
+
+
+def test_mean_absolute_error_metric(key):
+    rng = np.random.default_rng(1)
+    x, y = jnp.asarray(rng.standard_normal((20, 3))), jnp.asarray(rng.standard_normal((20, 2)))
+    net = Dense(2)
+    params = net.init(key, (8, 3))[0]
+    res = train.fit(net, losses.mse, optim.sgd(0.0), (x, y), epochs=1, batch_size=8,
+                    params=params, key=key, metrics=["mae"], progress=False)
+    want = np.mean(np.abs(np.asarray(net.apply(params, {}, x)[0]) - np.asarray(y)))
+    np.testing.assert_allclose(res.history["mean_absolute_error"], [want], rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown metric 'bogus'"):
+        train.fit(net, losses.mse, optim.sgd(0.0), (x, y), epochs=1, batch_size=8, key=key,
+                  metrics=["bogus"])
+
+
+def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
+    """fit with optim.sgd built afresh (another rate too) and the model rebuilt traces nothing
+    new; a different optimizer rule does (so the counter can fail)."""
+    x, y = _xor()
+    run = lambda opt, model=MODEL: train.fit(model, counted_ce, opt, (x, y), epochs=2,
+                                             batch_size=16, key=key, progress=False)
+    first = run(optim.sgd(0.01))
+    traced = len(TRACES)
+    again = run(optim.sgd(0.01), serial(Dense(4), Tanh(), Dense(2)))
+    other_rate = run(optim.sgd(0.3))
+    assert len(TRACES) == traced > 0
+    chex.assert_trees_all_equal(first.train_state.params, again.train_state.params)
+    assert other_rate.history["lr"] == [0.3, 0.3]       # the rate is an input, not a constant
+    assert not np.allclose(other_rate.history["loss"], first.history["loss"])
+    run(optim.sgd(0.01, momentum=0.9))
+    assert len(TRACES) > traced
+
+
+def test_public_names_stay_importable():
+    from fnn.train import (FitResult, LRFindResult, StepMetrics, TrainState,  # noqa: F401
+                           binary_accuracy, categorical_accuracy, create_train_state, evaluate,
+                           fit, lr_find, make_step)
+    assert callable(fit) and TrainState._fields == ("params", "state", "opt_state", "step",
+                                                    "key")
+
+
+def test_fingerprint_sees_values_not_objects():
+    from fnn.train.cache import fingerprint
+    make = lambda s: (lambda v: v * s)
+    assert fingerprint(make(2.0)) == fingerprint(make(2.0)) != fingerprint(make(3.0))
+    assert fingerprint(Dense(3)) == fingerprint(Dense(3)) != fingerprint(Dense(4))
+    namespace = {}
+    for scale in (1.0, 1.0, 2.0):                 # a notebook cell run three times
+        exec(f"SCALE = {scale}\ndef loss(p, t):\n    return SCALE * (p - t)", namespace)
+        namespace.setdefault("seen", []).append(fingerprint(namespace["loss"]))
+    a, b, c = namespace["seen"]
+    assert a == b != c
+
+
+def test_history_lr_from_fnn_optimizer_state(key):
+    x, y = _xor()
+    sched = optim.schedules.exponential_decay(0.1, 0.5, 3)       # halves every epoch here
+    h = train.fit(MODEL, CE, optim.adam(sched), (x, y), epochs=3, batch_size=16, key=key,
+                  progress=False).history
+    np.testing.assert_allclose(h["lr"], [0.1 * 0.5 ** ((3 * e - 1) / 3) for e in (1, 2, 3)],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("epochs", [0, -3, 2.0])
+def test_epochs_must_be_positive(epochs, key):
+    x, y = _xor()
+    with pytest.raises(ValueError, match=f"fit: epochs must be a positive int, got {epochs}"):
+        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=epochs, batch_size=16, key=key)
+
+
+def test_nonfinite_inputs_are_reported_as_a_data_problem(key):
+    x, y = _xor()
+    with pytest.raises(ValueError, match=r"fit: train_data: x holds 1 non-finite value\(s\) "
+                                         r"\(NaN or Inf\), the first in example 7: the data, "
+                                         r"not the model, is at fault"):
+        train.fit(MODEL, CE, optim.sgd(0.1), (x.at[7, 1].set(jnp.nan), y), epochs=1,
+                  batch_size=16, key=key)
+    with pytest.raises(ValueError, match=r"fit: val_data: x holds 2 non-finite .* example 3"):
+        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=1, batch_size=16, key=key,
+                  val_data=(x.at[3].set(jnp.inf), y))
+
+
+def test_divergence_with_finite_inputs_blames_the_model(key):
+    x, y = _xor()
+    with pytest.warns(RuntimeWarning, match="inputs of that batch are finite, so the model or "
+                                            "the optimizer diverged"):
+        res = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)),
+                        epochs=30, batch_size=16, key=key, progress=False)
+    assert all(np.isfinite(v) for v in jax.tree.leaves(
+        jax.tree.map(lambda a: np.all(np.isfinite(a)), res.train_state.params)))
+    assert len(res.history["epoch"]) > 2          # diverged inside a chain of epochs
+    with pytest.warns(RuntimeWarning):            # a callback: epochs read back one by one
+        one = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)),
+                        epochs=30, batch_size=16, key=key, progress=False,
+                        callbacks=[lambda *a: None])
+    chex.assert_trees_all_equal(one.train_state, res.train_state)
+    assert one.stop_reason == res.stop_reason
+    assert {k: v for k, v in one.history.items() if k != "time"} == \
+        {k: v for k, v in res.history.items() if k != "time"}
+
+
+def test_progress_bar_prints_why_training_stopped(key, capsys):
+    """progress=True draws a tqdm bar; after it closes, the early-stopping line follows."""
+    pytest.importorskip("tqdm")
+    x, y = _xor()
+    res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
+                    val_data=(x, 1 - y), early_stopping=1, progress=True)
+    assert res.stop_reason and res.stop_reason in capsys.readouterr().err
+
+
+def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
+    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): without the gradient
+    norm the guard sees the NaN one step late, in the next loss; the replay backs off to the
+    last finite state, so both settings stop at update 1 with the initial parameters."""
+    def poisoned(pred, target, **kw):
+        return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
+    x, y = _xor()
+    params = MODEL.init(key, (16, 2))[0]
+    for grad_norm in (False, True):
+        with pytest.warns(RuntimeWarning, match=r"epoch 1, step 0 \(update 1 of the epoch\); the "
+                                                r"inputs of that batch are finite"):
+            res = train.fit(MODEL, poisoned, optim.sgd(0.1), (x, y), epochs=2, batch_size=16,
+                            params=params, key=key, grad_norm=grad_norm, progress=False)
+        chex.assert_trees_all_equal(res.train_state.params, params)
+        assert int(res.train_state.step) == 0

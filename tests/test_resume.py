@@ -1,0 +1,105 @@
+"""Resume after a crash: a training process killed with SIGKILL mid-save and mid-epoch, then
+resumed, ends with the same bytes as a run never interrupted (params, optimizer state, key,
+history, early stopping's best params and a reduce-on-plateau callback's state included)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from fnn import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 8
+
+# The run (XOR, a small MLP; validation labels flipped so that the plateau callback fires and
+# early stopping's best epoch is an early one): shared by the children and the reference.
+RUN = textwrap.dedent("""
+    import jax, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_threefry_partitionable", False)
+    from fnn import data, losses, optim, train
+    from fnn.layers import Dense, Tanh, serial
+
+    def run(checkpoint_dir=None, resume=False):
+        x, y = data.xor(64, noise=0.2, seed=0, dtype=np.float64)
+        xv, yv = data.xor(32, noise=0.2, seed=1, dtype=np.float64)
+        model = serial(Dense(8), Tanh(), Dense(2))
+        return train.fit(model, losses.softmax_cross_entropy_with_integer_labels,
+                         optim.adam(0.05), (x, y), epochs=%d, batch_size=16,
+                         val_data=(xv, 1 - yv), key=jax.random.PRNGKey(3), early_stopping=100,
+                         callbacks=[train.ReduceLROnPlateau(factor=0.5, patience=1)],
+                         checkpoint_dir=checkpoint_dir, resume=resume, progress=False)
+""" % EPOCHS)
+
+CHILD = RUN + textwrap.dedent("""
+    import os, signal, sys
+    mode, directory, out = sys.argv[1:4]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "kill-mid-save":            # the 3rd save dies with its temporary file written
+        real, calls = os.replace, []
+        def replace(src, dst):
+            calls.append(dst)
+            if dst.endswith("fit_state.safetensors") and len(calls) == 3:
+                die()
+            real(src, dst)
+        os.replace = replace
+    if mode == "kill-mid-epoch":           # dies with epoch 6's compiled call in flight
+        import fnn.train.fitting as fitting
+        real_launch = fitting.memory_launch
+        def memory_launch(run_epoch, sizes, ts, *rest):
+            out = real_launch(run_epoch, sizes, ts, *rest)
+            if int(ts.step) == 5 * 4:
+                die()
+            return out
+        fitting.memory_launch = memory_launch
+    result = run(directory, resume=True)
+    from fnn import checkpoint
+    checkpoint.save(out, result.train_state, metadata={"history": __import__("json").dumps(
+        {k: v for k, v in result.history.items() if k != "time"})})
+""")
+
+
+def _child(tmp_path, mode):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(script), mode, str(tmp_path / "run"),
+                           str(tmp_path / "final.safetensors")], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _saved_epoch(tmp_path):
+    meta = checkpoint.read_metadata(tmp_path / "run" / "fit_state.safetensors")
+    return json.loads(meta["fit"])["epoch"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_sigkill_mid_save_and_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    p = _child(tmp_path, "kill-mid-save")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert _saved_epoch(tmp_path) == 2                   # the torn 3rd save left no trace...
+    assert any(f.name.endswith(".tmp") for f in (tmp_path / "run").iterdir())  # ...but its tmp
+    p = _child(tmp_path, "kill-mid-epoch")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert _saved_epoch(tmp_path) == 4       # epoch 6 is launched before epoch 5 is saved
+    p = _child(tmp_path, "finish")
+    assert p.returncode == 0, p.stderr[-2000:]
+
+    namespace = {}
+    exec(RUN, namespace)                                 # the same run, never interrupted
+    want = namespace["run"]()
+    got = checkpoint.load(tmp_path / "final.safetensors", like=want.train_state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want.train_state)):
+        a, b = np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(
+            a.dtype, jax.dtypes.prng_key) else a), np.asarray(b)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    history = json.loads(checkpoint.read_metadata(tmp_path / "final.safetensors")["history"])
+    assert history == {k: v for k, v in want.history.items() if k != "time"}
+    assert len(set(want.history["lr"])) > 1              # the callback's state mattered
