@@ -1,0 +1,164 @@
+"""The scan runner of the recurrent layers: forward scans and backpropagation through time
+derived by hand.
+
+The runner projects the inputs of all time steps in one matmul (``xp = x @ wi + b``,
+``(batch, time, in) → (time, batch, gates·H)``) and scans the cell's recurrent step over time.
+``apply`` (and :func:`scan_rnn`) scans the plain step, which autodiff differentiates. The
+layers' ``fwd`` scans the cell's ``fwd_step`` instead, which may be written for speed and emits
+every step's gate activations; those, with the input, are the residuals. ``bwd`` (and
+:func:`scan_rnn_backward`) forms each step's backward factors in bulk from them, runs a reverse
+``lax.scan`` over the *errors only* (``δh_{t-1} = δgh_t · whᵀ + ...``, gate derivatives written
+out in ``fnn.layers.cells``), and gathers every weight gradient afterwards as one einsum over
+all steps::
+
+    dwi = Σ_{t,b} x_{tb}ᵀ δxp_{tb}      dwh = Σ_{t,b} h_{t-1,b}ᵀ δgh_{tb}      dx = δxp · wiᵀ
+
+Autodiff of a scan instead forms ``h_{t-1}ᵀ δgh_t`` inside the loop, one small matmul per step.
+
+Variable lengths: ``lengths[b]`` steps of sequence ``b`` are real, the rest padding. Padded steps
+leave the carry unchanged, output zeros and receive no gradient; the final carry (and the
+"last" output) is each sequence's own. With ``reverse=True`` the scan runs from each sequence's
+own last real step back to step 0 (outputs stay in input order, as in PyTorch's bidirectional
+layers), so its final carry is the output at step 0.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fnn.layers.cells import (Cell, bias, check_carry, check_lengths, check_sequence,
+                              from_tuple, previous, with_recurrent, zeros_carry)
+
+__all__ = ["scan_rnn", "scan_rnn_backward"]
+
+
+# --------------------------------------------------------------------------- runner
+
+def _project(cell, params, xs):
+    # (B, T, F) @ (F, G·H) -> (T, B, G·H): every step's input projection in one matmul
+    return jnp.einsum("btf,fg->tbg", xs, params["wi"]) + bias(params[cell.bias], 3)
+
+
+def _scan(step, params, xp, carry0, mask, reverse):
+    """Scan ``step(params, carry, xp_t) -> (carry, out)`` over time; padding keeps the carry."""
+    def body(carry, inp):
+        xp_t, m_t = inp
+        new, out = step(params, carry, xp_t)
+        if m_t is not None:
+            new = tuple(jnp.where(m_t, a, b) for a, b in zip(new, carry))
+        return new, out
+    return jax.lax.scan(body, carry0, (xp, mask), reverse=reverse)
+
+
+def _masked(hs, mask):
+    return hs if mask is None else jnp.where(mask, hs, 0)
+
+
+def _apply_scan(cell, params, xs, carry0, mask, reverse):
+    """The plain forward: ``(final_carry, hs (T, B, H))``, ``hs`` zero at padding."""
+    final, hs = _scan(cell.step, params, _project(cell, params, xs), carry0, mask, reverse)
+    return final, _masked(hs, mask)
+
+
+def _fwd_scan(cell, params, xs, carry0, mask, reverse):
+    """The hand path's forward: ``(final_carry, hs, emitted)``, ``emitted`` being every step's
+    gate activations ``[T, B, ...]`` (the residuals)."""
+    fast = cell.fast(params)
+    final, emitted = _scan(cell.fwd_step, fast, _project(cell, fast, xs), carry0, mask, reverse)
+    return final, _masked(cell.output(emitted)[0], mask), emitted
+
+
+def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
+    """Hand BPTT from the residuals. ``dys``: ``(T, B, H)`` or ``None``; ``dcarry``: gradient of
+    the final carry (tuple). Returns ``(dparams, dxs (B, T, F), dcarry0)``."""
+    carries = cell.output(emitted)[1]
+    prevs = tuple(previous(s, c, mask, reverse) for s, c in zip(carries, carry0))
+    coeffs = cell.coefficients(emitted, prevs)                   # in bulk, (T, B, ...)
+    wh_t = params["wh"].T
+    if dys is not None and mask is not None:
+        dys = jnp.where(mask, dys, 0)                            # padded outputs are constants
+
+    def body(d, inp):
+        k, dy_t, m_t = inp
+        dcar = d if dy_t is None else (d[0] + dy_t,) + d[1:]
+        dxp, dgh, dprev = cell.step_back(k, dcar)
+        dprev = with_recurrent(dprev, (dxp if dgh is None else dgh) @ wh_t)
+        if m_t is not None:                                      # padding passes errors through
+            dprev = tuple(jnp.where(m_t, a, b) for a, b in zip(dprev, dcar))
+            dxp = jnp.where(m_t, dxp, 0)
+            dgh = None if dgh is None else jnp.where(m_t, dgh, 0)
+        return dprev, (dxp, dgh)
+
+    d0, (dxp, dgh) = jax.lax.scan(body, dcarry, (coeffs, dys, mask), reverse=not reverse)
+    dgh = dxp if dgh is None else dgh                            # (T, B, G·H)
+    grads = {"wi": jnp.einsum("btf,tbg->fg", xs, dxp),
+             "wh": jnp.einsum("tbh,tbg->hg", prevs[0], dgh),
+             cell.bias: jnp.sum(dxp, axis=(0, 1))}
+    if cell.rec_bias:
+        grads[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
+    return grads, jnp.einsum("tbg,fg->btf", dxp, params["wi"]), d0
+
+
+# Compiled once per cell, shapes and options: eager calls reuse the executable, and inside an
+# outer ``jit`` they are inlined.
+_run_apply = jax.jit(_apply_scan, static_argnums=(0, 5))
+_run_fwd = jax.jit(_fwd_scan, static_argnums=(0, 5))
+_run_bwd = jax.jit(_bwd_scan, static_argnums=(0, 8))
+
+
+def _last_output(hs, final_h, lengths, reverse):
+    """Each sequence's own last output, read from ``hs`` (the same value as ``final_h`` where a
+    sequence has a step; ``final_h`` where it has none)."""
+    if lengths is None:
+        return hs[0] if reverse else hs[-1]
+    idx = jnp.zeros_like(lengths) if reverse else jnp.maximum(lengths - 1, 0)
+    last = jnp.take_along_axis(hs, idx[None, :, None], axis=0)[0]     # (B, H)
+    return jnp.where((lengths > 0)[:, None], last, final_h)
+
+
+def _setup(name, cell, params, xs, lengths, carry, what="initial_carry"):
+    """Check ``xs``, ``lengths`` and ``carry``; return ``(mask (T, B, 1) or None, carry0)``,
+    ``carry0`` zeros when ``carry`` is ``None``."""
+    check_sequence(name, xs, params["wi"].shape[0])
+    B, T, _ = xs.shape
+    H = params["wh"].shape[0]
+    mask = check_lengths(name, lengths, B, T)
+    c0 = zeros_carry(cell, B, H, xs.dtype) if carry is None else \
+        check_carry(name, cell, carry, B, H, what)
+    return mask, c0
+
+
+def scan_rnn(cell: Cell, params, xs, carry=None, *, lengths=None, reverse=False):
+    """Run ``cell`` over a batch of sequences (the plain step, as ``apply`` does).
+
+    **Arguments:** ``xs: [batch, time, in]``; ``carry``: initial carry (``h`` or ``(h, c)``,
+    each ``[batch, H]``; default zeros); ``lengths: int[batch]`` real steps per sequence;
+    ``reverse``: scan from each sequence's end to its start.
+    **Returns:** ``(ys [batch, time, H], final_carry)``; ``ys`` is zero at padded steps.
+
+    >>> ys, (h, c) = scan_rnn(lstm_cell, params, xs)
+    """
+    mask, c0 = _setup(f"scan_rnn({cell.name})", cell, params, xs, lengths, carry)
+    final, hs = _run_apply(cell, params, xs, c0, mask, reverse)
+    return jnp.swapaxes(hs, 0, 1), from_tuple(cell, final)
+
+
+def scan_rnn_backward(cell: Cell, params, xs, dys, dcarry=None, carry=None, *, lengths=None,
+                      reverse=False):
+    """Hand-derived VJP of :func:`scan_rnn` (backpropagation through time).
+
+    ``dys: [batch, time, H]`` or ``None``; ``dcarry``: gradient of the final carry or ``None``.
+    **Returns:** ``(dparams, dxs [batch, time, in], dcarry0)``.
+    """
+    name = f"scan_rnn_backward({cell.name})"
+    mask, c0 = _setup(name, cell, params, xs, lengths, carry)
+    B, T, _ = xs.shape
+    H = c0[0].shape[1]
+    d = zeros_carry(cell, B, H, xs.dtype) if dcarry is None else \
+        check_carry(name, cell, dcarry, B, H, "dcarry")
+    if dys is not None and tuple(dys.shape) != (B, T, H):
+        raise ValueError(f"{name}: dys must have shape {(B, T, H)}, got {tuple(dys.shape)}")
+    dys = None if dys is None else jnp.swapaxes(dys, 0, 1)
+    _, _, emitted = _run_fwd(cell, params, xs, c0, mask, reverse)
+    grads, dxs, d0 = _run_bwd(cell, params, xs, emitted, dys, d, c0, mask, reverse)
+    return grads, dxs, from_tuple(cell, d0)
