@@ -9,10 +9,9 @@ Compared, per cell, in one run with interleaved repetitions (medians):
                 gradients by ``jax.value_and_grad`` — the reference;
 - ``fnn-ad``:   ``serial(LSTM(256, return_sequences=False), Dense(1))`` with ``jax.value_and_grad``
                 of its ``apply`` (goal: at most 1.05x the reference);
-- ``fnn-ad-ns``: the same with ``share_forward=False`` (the scan emits ``h`` alone), the
-                setting for training with ``jax.grad``;
-- ``fnn-hand``: the default fnn model with ``fnn.backprop.value_and_grad``: the layers'
-                hand-derived backward, i.e. BPTT by hand (goal: faster than the reference);
+- ``fnn-hand``: the same model with ``fnn.backprop.value_and_grad``: the layers' ``fwd`` (fast
+                forward keeping the gate activations) and ``bwd`` (BPTT by hand from them)
+                (goals: at most the autodiff step, at most PyTorch);
 - ``torch``:    PyTorch eager ``nn.LSTM``/``nn.GRU`` + ``nn.Linear``, when torch is importable.
 
     python benchmarks/bench_recurrent.py [--quick] [--reps N] [--cells lstm,gru] [--threads 1]
@@ -169,12 +168,10 @@ def run(cell, reps, inner):
     model = serial(rnn(H, return_sequences=False), Dense(OUT))
     p, s, _ = model.init(kp, (B, T, F))
     ad, hand = fnn_steps(model)
-    ad_ns, _ = fnn_steps(serial(rnn(H, return_sequences=False, share_forward=False), Dense(OUT)))
     ref = jax_step(jax_lstm_last if cell == "lstm" else jax_gru_last)
     la, lh, err = check_agree(ad, hand, p, s, x, t)
     lr = float(ref(p, x, t)[1])
-    fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)),
-           "fnn-ad-ns": (ad_ns, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t))}
+    fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t))}
     tstep = torch_step(cell)
     if tstep is not None:
         fns["torch"] = (tstep, (None, x, t))

@@ -34,37 +34,44 @@ __all__ = ["scan_rnn", "scan_rnn_backward"]
 
 # --------------------------------------------------------------------------- runner
 
-def _project(cell, params, xs):
-    # (B, T, F) @ (F, G·H) -> (T, B, G·H): every step's input projection in one matmul
-    return jnp.einsum("btf,fg->tbg", xs, params["wi"]) + bias(params[cell.bias], 3)
+def _project(params, xs):
+    # (B, T, F) -> (T, B, F), then (T·B, F) @ (F, G·H): every step's input projection in one
+    # matmul, laid out time-major (transposing the narrow input, not the wide projection)
+    return jnp.einsum("tbf,fg->tbg", jnp.swapaxes(xs, 0, 1), params["wi"])
 
 
-def _scan(step, params, xp, carry0, mask, reverse):
-    """Scan ``step(params, carry, xp_t) -> (carry, out)`` over time; padding keeps the carry."""
+def _scan(cell, step, params, xs, carry0, mask, reverse):
+    """Scan ``step(params, carry, xp_t) -> (carry, out)`` over time, ``xp_t = x_t wi + b``;
+    padding keeps the carry. The bias is added inside the step, where it fuses with the
+    recurrent term, rather than over the whole projection (measured in
+    benchmarks/RESULTS.md, recurrent)."""
+    b = bias(params[cell.bias], 2)
+
     def body(carry, inp):
         xp_t, m_t = inp
-        new, out = step(params, carry, xp_t)
+        new, out = step(params, carry, xp_t + b)
         if m_t is not None:
-            new = tuple(jnp.where(m_t, a, b) for a, b in zip(new, carry))
+            new = tuple(jnp.where(m_t, n, c) for n, c in zip(new, carry))
         return new, out
-    return jax.lax.scan(body, carry0, (xp, mask), reverse=reverse)
+    return jax.lax.scan(body, carry0, (_project(params, xs), mask), reverse=reverse)
 
 
 def _masked(hs, mask):
     return hs if mask is None else jnp.where(mask, hs, 0)
 
 
-def _apply_scan(cell, params, xs, carry0, mask, reverse):
-    """The plain forward: ``(final_carry, hs (T, B, H))``, ``hs`` zero at padding."""
-    final, hs = _scan(cell.step, params, _project(cell, params, xs), carry0, mask, reverse)
-    return final, _masked(hs, mask)
+def _apply_scan(cell, params, xs, carry0, mask, reverse, sequences=True):
+    """The plain forward: ``(final_carry, hs (T, B, H))``, ``hs`` zero at padding (``None``
+    without ``sequences``: the scan then emits nothing, as a plain-JAX loop would)."""
+    step = cell.step if sequences else lambda p, c, xp: (cell.step(p, c, xp)[0], None)
+    final, hs = _scan(cell, step, params, xs, carry0, mask, reverse)
+    return final, (_masked(hs, mask) if sequences else None)
 
 
 def _fwd_scan(cell, params, xs, carry0, mask, reverse):
     """The hand path's forward: ``(final_carry, hs, emitted)``, ``emitted`` being every step's
     gate activations ``[T, B, ...]`` (the residuals)."""
-    fast = cell.fast(params)
-    final, emitted = _scan(cell.fwd_step, fast, _project(cell, fast, xs), carry0, mask, reverse)
+    final, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse)
     return final, _masked(cell.output(emitted)[0], mask), emitted
 
 
@@ -91,29 +98,37 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
 
     d0, (dxp, dgh) = jax.lax.scan(body, dcarry, (coeffs, dys, mask), reverse=not reverse)
     dgh = dxp if dgh is None else dgh                            # (T, B, G·H)
-    grads = {"wi": jnp.einsum("btf,tbg->fg", xs, dxp),
-             "wh": jnp.einsum("tbh,tbg->hg", prevs[0], dgh),
+    grads = {"wi": jnp.einsum("tbf,tbg->fg", jnp.swapaxes(xs, 0, 1), dxp),
+             "wh": _gather(prevs[0], dgh),
              cell.bias: jnp.sum(dxp, axis=(0, 1))}
     if cell.rec_bias:
         grads[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
-    return grads, jnp.einsum("tbg,fg->btf", dxp, params["wi"]), d0
+    return grads, jnp.swapaxes(jnp.einsum("tbg,fg->tbf", dxp, params["wi"]), 0, 1), d0
 
 
-# Compiled once per cell, shapes and options: eager calls reuse the executable, and inside an
-# outer ``jit`` they are inlined.
-_run_apply = jax.jit(_apply_scan, static_argnums=(0, 5))
-_run_fwd = jax.jit(_fwd_scan, static_argnums=(0, 5))
-_run_bwd = jax.jit(_bwd_scan, static_argnums=(0, 8))
+def _gather(a, b):
+    """``Σ_{t,b} a_{tb}ᵀ b_{tb}`` for ``a [T, B, H]``, ``b [T, B, G]`` → ``[H, G]``, formed as
+    ``(bᵀ a)ᵀ``: XLA:CPU then transposes the narrow ``a`` once rather than both operands (see
+    benchmarks/RESULTS.md, recurrent)."""
+    two = lambda u: u.reshape(-1, u.shape[-1])                   # (T·B, ·)
+    return jax.lax.dot_general(two(b), two(a), (((0,), (0,)), ((), ()))).T
 
 
-def _last_output(hs, final_h, lengths, reverse):
-    """Each sequence's own last output, read from ``hs`` (the same value as ``final_h`` where a
-    sequence has a step; ``final_h`` where it has none)."""
-    if lengths is None:
-        return hs[0] if reverse else hs[-1]
-    idx = jnp.zeros_like(lengths) if reverse else jnp.maximum(lengths - 1, 0)
-    last = jnp.take_along_axis(hs, idx[None, :, None], axis=0)[0]     # (B, H)
-    return jnp.where((lengths > 0)[:, None], last, final_h)
+def _compiled(f, static):
+    """``f`` compiled once per cell, shapes and options for eager calls; inside an outer trace
+    ``f`` itself, traced inline: a nested ``jit`` made the jitted LSTM training step some 25%
+    slower on XLA:CPU (benchmarks/RESULTS.md, recurrent)."""
+    jitted = jax.jit(f, static_argnums=static)
+
+    def run(*args):
+        traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args))
+        return (f if traced else jitted)(*args)
+    return run
+
+
+_run_apply = _compiled(_apply_scan, (0, 5, 6))
+_run_fwd = _compiled(_fwd_scan, (0, 5))
+_run_bwd = _compiled(_bwd_scan, (0, 8))
 
 
 def _setup(name, cell, params, xs, lengths, carry, what="initial_carry"):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fnn import activations as acts
 from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
-from fnn.layers._rnn_scan import (_last_output, _run_apply, _run_bwd, _run_fwd, _setup,
+from fnn.layers._rnn_scan import (_run_apply, _run_bwd, _run_fwd, _setup,
                                   scan_rnn, scan_rnn_backward)
 from fnn.layers.cells import (Cell, check_carry, from_tuple, gru_cell, lstm_cell, make_rnn_cell,
                               rnn_cell, zeros_carry)
@@ -52,21 +52,22 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
             return _setup(label, cell, params, x, lengths, state["carry"], "the stateful carry")
         return _setup(label, cell, params, x, lengths, initial_carry)
 
-    def finish(hs, final, lengths, state):
-        y = jnp.swapaxes(hs, 0, 1) if return_sequences else \
-            _last_output(hs, final[0], None if lengths is None else jnp.asarray(lengths), reverse)
+    def finish(hs, final, state):
+        # the last output of each sequence is its final carry's h (padding keeps the carry;
+        # a reversed scan ends at step 0; an empty sequence keeps its initial carry)
+        y = jnp.swapaxes(hs, 0, 1) if return_sequences else final[0]
         carry = from_tuple(cell, final)
         return ((y, carry) if return_carry else y), ({"carry": carry} if stateful else state)
 
     def apply(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
-        final, hs = _run_apply(cell, params, x, c0, mask, reverse)
-        return finish(hs, final, lengths, state)
+        final, hs = _run_apply(cell, params, x, c0, mask, reverse, return_sequences)
+        return finish(hs, final, state)
 
     def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
         final, hs, emitted = _run_fwd(cell, params, x, c0, mask, reverse)
-        return (*finish(hs, final, lengths, state), {"x": x, "gates": emitted})
+        return (*finish(hs, final, state), {"x": x, "gates": emitted})
 
     def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
         x = res["x"]
