@@ -1,13 +1,14 @@
 """The scan runner of the recurrent layers: forward scans and backpropagation through time
 derived by hand.
 
-The runner projects the inputs of all time steps in one matmul (``xp = x @ wi + b``,
-``(batch, time, in) → (time, batch, gates·H)``) and scans the cell's recurrent step over time.
+The runner projects the inputs of all time steps in one matmul (``x @ wi``,
+``(batch, time, in) → (time, batch, gates·H)``) and scans the cell's recurrent step over time
+(``xp_t = x_t wi + b`` is completed inside the step).
 ``apply`` (and :func:`scan_rnn`) scans the plain step, which autodiff differentiates. The
 layers' ``fwd`` scans the cell's ``fwd_step`` instead, which may be written for speed and emits
 every step's gate activations; those, with the input, are the residuals. ``bwd`` (and
-:func:`scan_rnn_backward`) forms each step's backward factors in bulk from them, runs a reverse
-``lax.scan`` over the *errors only* (``δh_{t-1} = δgh_t · whᵀ + ...``, gate derivatives written
+:func:`scan_rnn_backward`) runs a reverse ``lax.scan`` over the *errors only*, reading each
+step's activations (``δh_{t-1} = δgh_t · whᵀ + ...``, gate derivatives written
 out in ``fnn.layers.cells``), and gathers every weight gradient afterwards as one einsum over
 all steps::
 
@@ -80,7 +81,7 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
     the final carry (tuple). Returns ``(dparams, dxs (B, T, F), dcarry0)``."""
     carries = cell.output(emitted)[1]
     prevs = tuple(previous(s, c, mask, reverse) for s, c in zip(carries, carry0))
-    coeffs = cell.coefficients(emitted, prevs)                   # in bulk, (T, B, ...)
+    inputs = cell.back_inputs(emitted, prevs)                    # in bulk, (T, B, ...)
     wh_t = params["wh"].T
     if dys is not None and mask is not None:
         dys = jnp.where(mask, dys, 0)                            # padded outputs are constants
@@ -93,11 +94,10 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
         if m_t is not None:                                      # padding passes errors through
             dprev = tuple(jnp.where(m_t, a, b) for a, b in zip(dprev, dcar))
             dxp = jnp.where(m_t, dxp, 0)
-            dgh = None if dgh is None else jnp.where(m_t, dgh, 0)
-        return dprev, (dxp, dgh)
+        return dprev, dxp
 
-    d0, (dxp, dgh) = jax.lax.scan(body, dcarry, (coeffs, dys, mask), reverse=not reverse)
-    dgh = dxp if dgh is None else dgh                            # (T, B, G·H)
+    d0, dxp = jax.lax.scan(body, dcarry, (inputs, dys, mask), reverse=not reverse)
+    dgh = dxp if cell.rec_grad is None else cell.rec_grad(emitted, dxp)   # (T, B, G·H)
     grads = {"wi": jnp.einsum("tbf,tbg->fg", jnp.swapaxes(xs, 0, 1), dxp),
              "wh": _gather(prevs[0], dgh),
              cell.bias: jnp.sum(dxp, axis=(0, 1))}

@@ -11,9 +11,11 @@ autodiff differentiates it); ``fwd_step`` is the form the hand path scans: it *e
 activations that the backward needs (the residuals) and may be written for speed — the LSTM's
 applies one ``tanh`` to all four gate columns, ``σ(u) = (1 + tanh(u/2))/2``, with the halving
 folded into the weights (exact: a power of two). Its outputs equal ``step``'s to rounding.
-The backward works from the emitted activations: ``coefficients`` forms, for all steps in
-bulk, the factors that turn the carry's error into the gate errors, so that the reverse scan
-(``step_back``) does a few multiplies and the recurrent matmul per step.
+The backward works from the emitted activations alone: ``back_inputs`` gathers, for all steps
+in bulk, what the reverse step needs (the activations and the previous carry), and the reverse
+scan (``step_back``) turns the carry's error into the gate errors with a few multiplies and
+the recurrent matmul per step. (Forming those factors in bulk before the reverse scan instead
+measured no faster for the LSTM and slower for the GRU: benchmarks/RESULTS.md, recurrent.)
 
 Layouts follow PyTorch's gate order with the weights transposed (``x @ wi`` rather than
 ``W_ih @ x``), so that ``torch.nn.LSTM``/``GRU``/``RNN`` weights load by a transpose:
@@ -63,12 +65,14 @@ class Cell(NamedTuple):
       the gate activations (the residuals);
     - ``output(emitted) -> (hs, carries)``: every step's output ``h`` and new carry, in bulk
       (``carries[0]`` is ``hs``);
-    - ``coefficients(emitted, carries_prev) -> coeffs``: per-step factors of the backward, in
-      bulk;
-    - ``step_back(coeffs_t, dcarry) -> (dxp, dgh, dcarry_prev)``: ``dxp`` is the gradient of the
+    - ``back_inputs(emitted, carries_prev) -> inputs``: what ``step_back`` reads at each step,
+      ``[T, B, ...]``, formed in bulk;
+    - ``step_back(inputs_t, dcarry) -> (dxp, dgh, dcarry_prev)``: ``dxp`` is the gradient of the
       input projection, ``dgh`` that of ``h @ wh (+ bh)`` (``None`` when equal to ``dxp``),
       ``dcarry_prev`` that of the previous carry *except* the recurrent term ``dgh @ whᵀ``,
-      which the runner adds (a ``None`` entry means zero).
+      which the runner adds (a ``None`` entry means zero);
+    - ``rec_grad(emitted, dxp) -> dgh`` for all steps in bulk (``None``: ``dgh = dxp``), so that
+      the reverse scan keeps ``dxp`` alone.
     """
 
     name: str
@@ -81,8 +85,9 @@ class Cell(NamedTuple):
     fast: Callable
     fwd_step: Callable
     output: Callable
-    coefficients: Callable
+    back_inputs: Callable
     step_back: Callable
+    rec_grad: Callable | None = None
 
     def __call__(self, params, carry, x_t):
         """One step: ``(params, carry, x_t [batch, in]) -> (carry, h_t [batch, H])``."""
@@ -99,10 +104,10 @@ class Cell(NamedTuple):
         c = as_tuple(self, carry)
         fp = self.fast(params)
         _, emitted = self.fwd_step(fp, c, x_t @ fp["wi"] + bias(fp[self.bias], 2))
-        coeffs = self.coefficients(tuple(a[None] for a in emitted), tuple(a[None] for a in c))
+        inputs = self.back_inputs(tuple(a[None] for a in emitted), tuple(a[None] for a in c))
         d = as_tuple(self, dcarry)
         d = (d[0] if dh is None else d[0] + dh,) + d[1:]
-        dxp, dgh, dprev = self.step_back(tuple(a[0] for a in coeffs), d)
+        dxp, dgh, dprev = self.step_back(tuple(a[0] for a in inputs), d)
         dgh = dxp if dgh is None else dgh
         dprev = with_recurrent(dprev, dgh @ params["wh"].T)
         grads = {"wi": x_t.T @ dxp, "wh": c[0].T @ dgh, self.bias: jnp.sum(dxp, axis=0)}
@@ -256,7 +261,7 @@ def make_rnn_cell(activation=acts.tanh) -> Cell:
         hs = emitted[0] if is_tanh else act(emitted[0])
         return hs, (hs,)
 
-    def coefficients(emitted, prevs):
+    def back_inputs(emitted, prevs):                             # act'(a), in bulk
         return ((1 - emitted[0] * emitted[0]) if is_tanh else activation.grad(emitted[0]),)
 
     def step_back(k, dcarry):
@@ -264,7 +269,7 @@ def make_rnn_cell(activation=acts.tanh) -> Cell:
 
     name = "rnn" if is_tanh else f"rnn_{getattr(activation, '__name__', 'act')}"
     return Cell(name, 1, 1, "b", None, _init(1, ("b",)), step, _same, fwd_step, output,
-                coefficients, step_back)
+                back_inputs, step_back)
 
 
 rnn_cell = make_rnn_cell(acts.tanh)
@@ -305,28 +310,27 @@ def _lstm_output(emitted):
     return hs, (hs, c)
 
 
-def _lstm_coefficients(emitted, prevs):
-    """``P = o(1 - tanh²c')`` (``dh → dc``), ``F = f`` (``dc → dc_prev``) and the gate factors
-    ``M = [g σ'_i, c σ'_f, i (1 - g²), tanh c' σ'_o]`` with ``σ' = (1 - a²)/4``."""
-    a, _, tc = emitted
-    ai, af, g, ao = _split(a, 4)                                 # each (T, B, H)
-    q = lambda u: 0.25 * (1 - u * u)
-    o = 0.5 + 0.5 * ao
-    M = jnp.concatenate([g * q(ai), prevs[1] * q(af), (0.5 + 0.5 * ai) * (1 - g * g),
-                         tc * q(ao)], axis=-1)                   # (T, B, 4H)
-    return o * (1 - tc * tc), 0.5 + 0.5 * af, M
+def _lstm_back_inputs(emitted, prevs):
+    """The reverse step's inputs: the gate activations ``a``, ``tanh c'`` and the previous
+    ``c``."""
+    return emitted[0], emitted[2], prevs[1]
 
 
 def _lstm_step_back(k, dcarry):
-    """``dc ← dc + dh P``; ``dz = M ⊙ [dc, dc, dc, dh]``; ``dc_prev = dc F``."""
-    P, F, M = k
+    """With ``σ = (1 + a)/2``, ``σ' = (1 - a²)/4``: ``dc ← dc + dh o (1 - tanh²c')``;
+    ``dz = [dc g σ'_i, dc c σ'_f, dc i (1 - g²), dh tanh c' σ'_o]``; ``dc_prev = dc f``."""
+    a, tc, c = k
+    ai, af, g, ao = _split(a, 4)                                 # each (B, H)
+    q = lambda u: 0.25 * (1 - u * u)
     dh, dc = dcarry
-    dc = dc + dh * P
-    return M * jnp.concatenate([dc, dc, dc, dh], axis=-1), None, (None, dc * F)
+    dc = dc + dh * (0.5 + 0.5 * ao) * (1 - tc * tc)
+    dz = jnp.concatenate([dc * g * q(ai), dc * c * q(af), dc * (0.5 + 0.5 * ai) * (1 - g * g),
+                          dh * tc * q(ao)], axis=-1)             # (B, 4H)
+    return dz, None, (None, dc * (0.5 + 0.5 * af))
 
 
 lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0), _lstm_step,
-                 _lstm_fast, _lstm_fwd_step, _lstm_output, _lstm_coefficients, _lstm_step_back)
+                 _lstm_fast, _lstm_fwd_step, _lstm_output, _lstm_back_inputs, _lstm_step_back)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -347,33 +351,39 @@ def _gru_step(p, carry, xp):
 
 
 def _gru_fwd_step(p, carry, xp):
-    """Emits ``r, z, n, gh_n`` side by side ``(B, 4H)``."""
+    """Emits ``r, z, n, gh_n`` and ``h'``, each ``(B, H)``."""
     h = carry[0]
     r, z, n, hn = _gru_gates(p, h, xp)
     h_new = n + z * (h - n)
-    return (h_new,), (jnp.concatenate([r, z, n, hn], axis=-1), h_new)
+    return (h_new,), (r, z, n, hn, h_new)
 
 
 def _gru_output(emitted):
-    return emitted[1], (emitted[1],)
+    return emitted[4], (emitted[4],)
 
 
-def _gru_coefficients(emitted, prevs):
-    """``A = (1-z)(1-n²)``, ``R = A gh_n σ'_r``, ``Z = (h - n) σ'_z``; ``dxp = dh [R, Z, A]``,
-    ``dgh = dh [R, Z, A r]``, ``dh_prev ∋ dh z``."""
-    r, z, n, hn = _split(emitted[0], 4)
-    A = (1 - z) * (1 - n * n)
-    R = A * hn * r * (1 - r)
-    Z = (prevs[0] - n) * z * (1 - z)
-    return (jnp.concatenate([R, Z, A], axis=-1), jnp.concatenate([R, Z, A * r], axis=-1), z)
+def _gru_back_inputs(emitted, prevs):
+    """The reverse step's inputs: ``r, z, n, gh_n`` and the previous ``h``."""
+    return emitted[:4] + (prevs[0],)
 
 
 def _gru_step_back(k, dcarry):
-    Cx, Ch, z = k
+    """``dan = dh (1-z)(1-n²)``, ``dar = dan gh_n σ'_r``, ``daz = dh (h - n) σ'_z``;
+    ``dxp = [dar, daz, dan]``, ``dgh = [dar, daz, dan r]``, ``dh_prev ∋ dh z``."""
+    r, z, n, hn, h = k
     dh = dcarry[0]
-    d3 = jnp.concatenate([dh, dh, dh], axis=-1)                 # (B, 3H)
-    return d3 * Cx, d3 * Ch, (dh * z,)
+    dan = dh * (1 - z) * (1 - n * n)
+    dar = dan * hn * r * (1 - r)
+    daz = dh * (h - n) * z * (1 - z)
+    return (jnp.concatenate([dar, daz, dan], axis=-1),
+            jnp.concatenate([dar, daz, dan * r], axis=-1), (dh * z,))
+
+
+def _gru_rec_grad(emitted, dxp):
+    """``dgh`` of every step from ``dxp``: the ``n`` block times ``r``."""
+    dr, dz, dn = _split(dxp, 3)
+    return jnp.concatenate([dr, dz, dn * emitted[0]], axis=-1)
 
 
 gru_cell = Cell("gru", 3, 1, "bi", "bh", _init(3, ("bi", "bh")), _gru_step, _same,
-                _gru_fwd_step, _gru_output, _gru_coefficients, _gru_step_back)
+                _gru_fwd_step, _gru_output, _gru_back_inputs, _gru_step_back, _gru_rec_grad)
