@@ -97,19 +97,19 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
         return dprev, dxp
 
     d0, dxp = jax.lax.scan(body, dcarry, (inputs, dys, mask), reverse=not reverse)
+    xt = jnp.swapaxes(xs, 0, 1)                                  # (T, B, F)
     dgh = dxp if cell.rec_grad is None else cell.rec_grad(emitted, dxp)   # (T, B, G·H)
-    grads = {"wi": jnp.einsum("tbf,tbg->fg", jnp.swapaxes(xs, 0, 1), dxp),
-             "wh": _gather(prevs[0], dgh),
-             cell.bias: jnp.sum(dxp, axis=(0, 1))}
+    grads = {"wi": _gather(xt, dxp), "wh": _gather(prevs[0], dgh)}
     if cell.rec_bias:
         grads[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
+    grads[cell.bias] = jnp.sum(dxp, axis=(0, 1))
     return grads, jnp.swapaxes(jnp.einsum("tbg,fg->tbf", dxp, params["wi"]), 0, 1), d0
 
 
 def _gather(a, b):
-    """``Σ_{t,b} a_{tb}ᵀ b_{tb}`` for ``a [T, B, H]``, ``b [T, B, G]`` → ``[H, G]``, formed as
-    ``(bᵀ a)ᵀ``: XLA:CPU then transposes the narrow ``a`` once rather than both operands (see
-    benchmarks/RESULTS.md, recurrent)."""
+    """``Σ_{t,b} a_{tb}ᵀ b_{tb}`` for ``a [T, B, H]``, ``b [T, B, G]`` → ``[H, G]``, written as
+    one ``dot_general`` contracting the leading ``T·B`` axis of both (the fastest of the forms
+    measured on XLA:CPU; benchmarks/RESULTS.md, recurrent)."""
     two = lambda u: u.reshape(-1, u.shape[-1])                   # (T·B, ·)
     return jax.lax.dot_general(two(b), two(a), (((0,), (0,)), ((), ()))).T
 
