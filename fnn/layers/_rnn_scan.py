@@ -116,8 +116,8 @@ def _gather(a, b):
 
 def _compiled(f, static):
     """``f`` compiled once per cell, shapes and options for eager calls; inside an outer trace
-    ``f`` itself, traced inline: a nested ``jit`` made the jitted LSTM training step some 25%
-    slower on XLA:CPU (benchmarks/RESULTS.md, recurrent)."""
+    ``f`` itself, traced inline: a nested ``jit`` made the jitted training step measurably
+    slower on XLA:CPU (numbers in benchmarks/RESULTS.md, recurrent)."""
     jitted = jax.jit(f, static_argnums=static)
 
     def run(*args):
