@@ -413,6 +413,9 @@ def test_errors(key):
     with pytest.raises(ValueError, match=r"LSTM: lengths must lie in \[0, 5\] \(the time axis\), "
                                          r"got values from 1 to 7"):
         layer.backward(params, state, x, x[..., :1].repeat(H, -1), lengths=jnp.array([1, 7, 2]))
+    with pytest.raises(ValueError, match=r"LSTM: the output gradient dy must have the output's "
+                                         r"shape \(3, 5, 4\), got \(3, 4\)"):
+        layer.backward(params, state, x, jnp.ones((B, H)))
     with pytest.raises(ValueError, match=r"LSTM: initial_carry must be \(h, c\), each of shape "
                                          r"\(batch, hidden\) = \(3, 4\), got shapes"):
         layer.apply(params, state, x, initial_carry=(jnp.ones((B, 5)), jnp.ones((B, 5))))

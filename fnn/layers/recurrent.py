@@ -75,6 +75,10 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
         dy, dcarry = dy if return_carry else (dy, None)
         d = tuple(jnp.zeros_like(a) for a in c0) if dcarry is None else \
             check_carry(label, cell, dcarry, *c0[0].shape, "dcarry")
+        want = tuple(x.shape[:2]) + (hidden,) if return_sequences else (x.shape[0], hidden)
+        if getattr(dy, "shape", None) != want:
+            raise ValueError(f"{label}: the output gradient dy must have the output's shape "
+                             f"{want}, got {getattr(dy, 'shape', type(dy).__name__)}")
         if not return_sequences:                                 # the last output is the carry's h
             d = (d[0] + dy,) + d[1:]
         dys = jnp.swapaxes(dy, 0, 1) if return_sequences else None
