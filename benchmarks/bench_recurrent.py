@@ -9,16 +9,16 @@ Compared, per cell, in one run with interleaved repetitions (medians):
                 gradients by ``jax.value_and_grad`` — the reference;
 - ``fnn-ad``:   ``serial(LSTM(256, return_sequences=False), Dense(1))`` with ``jax.value_and_grad``
                 of its ``apply`` (goal: at most 1.05x the reference);
-- ``fnn-ad-ns``: the same with ``share_forward=False`` (the scan emits ``h`` alone), the
-                setting for training with ``jax.grad``;
-- ``fnn-hand``: the default fnn model with ``fnn.backprop.value_and_grad``: the layers'
-                hand-derived backward, i.e. BPTT by hand (goal: faster than the reference);
+- ``fnn-hand``: the same model with ``fnn.backprop.value_and_grad``: the layers' ``fwd`` (fast
+                forward keeping the gate activations) and ``bwd`` (BPTT by hand from them)
+                (goals: at most the autodiff step, at most PyTorch);
 - ``torch``:    PyTorch eager ``nn.LSTM``/``nn.GRU`` + ``nn.Linear``, when torch is importable.
 
     python benchmarks/bench_recurrent.py [--quick] [--reps N] [--cells lstm,gru] [--threads 1]
 
 Both wall-clock and process CPU time are reported (medians). On a shared, loaded machine the
-CPU time of a single-threaded run (``--threads 1``) is the steadiest measure of the work done.
+CPU time of a single-threaded run (``--threads 1``: XLA and PyTorch alike) is the steadiest
+measure of the work done; PyTorch's two-thread runs suffer most from a loaded machine.
 """
 from __future__ import annotations
 
@@ -106,12 +106,12 @@ def fnn_steps(model):
 
 # --------------------------------------------------------------------------- torch (optional)
 
-def torch_step(cell):
+def torch_step(cell, threads=None):
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
     rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(F, H, batch_first=True)
     lin = torch.nn.Linear(H, OUT)
     opt = torch.optim.SGD(list(rnn.parameters()) + list(lin.parameters()), lr=LR)
@@ -160,7 +160,7 @@ def check_agree(fnn_ad, fnn_hand, p, s, x, t):
     return float(la), float(lh), err
 
 
-def run(cell, reps, inner):
+def run(cell, reps, inner, threads=None):
     key = jax.random.PRNGKey(0)
     kx, kt, kp = jax.random.split(key, 3)
     x = jax.random.normal(kx, (B, T, F), jnp.float32)
@@ -169,13 +169,11 @@ def run(cell, reps, inner):
     model = serial(rnn(H, return_sequences=False), Dense(OUT))
     p, s, _ = model.init(kp, (B, T, F))
     ad, hand = fnn_steps(model)
-    ad_ns, _ = fnn_steps(serial(rnn(H, return_sequences=False, share_forward=False), Dense(OUT)))
     ref = jax_step(jax_lstm_last if cell == "lstm" else jax_gru_last)
     la, lh, err = check_agree(ad, hand, p, s, x, t)
     lr = float(ref(p, x, t)[1])
-    fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)),
-           "fnn-ad-ns": (ad_ns, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t))}
-    tstep = torch_step(cell)
+    fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t))}
+    tstep = torch_step(cell, threads)
     if tstep is not None:
         fns["torch"] = (tstep, (None, x, t))
     med = time_all(fns, reps, inner)
@@ -194,7 +192,8 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--cells", default="lstm,gru")
-    ap.add_argument("--threads", default=None, help="XLA CPU threads (1: single-threaded)")
+    ap.add_argument("--threads", default=None,
+                    help="XLA and PyTorch CPU threads (1: single-threaded)")
     a = ap.parse_args()
     reps, inner = (3, 1) if a.quick else (a.reps, a.inner)
     print(f"bench_recurrent: batch {B}, steps {T}, inputs {F}, hidden {H}, float32; "
@@ -205,7 +204,7 @@ def main():
     except ImportError:
         print("torch not importable: PyTorch column skipped")
     for cell in a.cells.split(","):
-        run(cell, reps, inner)
+        run(cell, reps, inner, a.threads)
 
 
 if __name__ == "__main__":

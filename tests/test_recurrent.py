@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from fnn import backprop, losses
-from fnn.core import serial
+from fnn.core import Layer, serial, stack
 from fnn.layers import (GRU, LSTM, Bidirectional, Dense, SimpleRNN, gru_cell, lstm_cell,
                         rnn_cell, scan_rnn, scan_rnn_backward)
 from fnn.optim import clip_by_global_norm
 
-from helpers import no_autodiff, rel_err
+from helpers import no_autodiff, rel_err, tree_rel_err
 
 CELLS = {"rnn": (SimpleRNN, rnn_cell, 1, 1), "lstm": (LSTM, lstm_cell, 4, 2),
          "gru": (GRU, gru_cell, 3, 1)}
@@ -119,8 +119,8 @@ def test_layer_forward_matches_numpy(kind, masked_reverse, rng):
     for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     # the "last" output is each sequence's final h (step 0 when reversed; h0 when empty)
-    last, _ = ctor(H, return_sequences=False, reverse=masked_reverse,
-                   share_forward=False).apply(port(kind, w), {}, jnp.asarray(x), **kw)
+    last, _ = ctor(H, return_sequences=False, reverse=masked_reverse).apply(
+        port(kind, w), {}, jnp.asarray(x), **kw)
     np.testing.assert_allclose(last, hT, rtol=1e-12, atol=1e-12)
 
 
@@ -180,6 +180,123 @@ def test_bidirectional_forward(rng):
         np.testing.assert_allclose(y, jnp.concatenate([yf, yb], -1) if merge == "concat"
                                    else yf + yb, rtol=1e-14)
         assert_trees_close((cf, cb), (cf_ref, cb_ref), 1e-14)
+
+
+# --------------------------------------------------------------------------- residuals
+
+def _pair(n):
+    return lambda rng: tuple(jnp.asarray(rng.normal(size=(B, H))) for _ in range(n))
+
+
+# (name, layer, call keywords from rng): the variants the examples use
+RESIDUAL_CASES = [
+    ("rnn-last-reverse-stateful-lengths", SimpleRNN(H, return_sequences=False, reverse=True,
+                                                    stateful=True), {"lengths": LENGTHS}),
+    ("lstm-carry-initial", LSTM(H, return_carry=True), {"initial_carry": _pair(2)}),
+    ("lstm-reverse-lengths-last", LSTM(H, reverse=True, return_sequences=False),
+     {"lengths": LENGTHS}),
+    ("lstm-stateful", LSTM(H, stateful=True), {}),
+    ("gru-carry-lengths", GRU(H, return_carry=True), {"lengths": LENGTHS}),
+    ("gru-reverse-initial", GRU(H, reverse=True), {"initial_carry": lambda rng: _pair(1)(rng)[0]}),
+    ("bi-lstm-carry-lengths-initial", Bidirectional(LSTM(H, return_carry=True)),
+     {"lengths": LENGTHS, "initial_carry": lambda rng: (_pair(2)(rng), _pair(2)(rng))}),
+    ("bi-gru-last-sum", Bidirectional(GRU(H, return_sequences=False, stateful=True), "sum"), {}),
+]
+
+
+def _case(layer, kw, rng, dtype=jnp.float64):
+    params, state, _ = init(layer, (B, T, F), 4)
+    # stateful carries start from a random (not zero) carry, to be read like initial_carry
+    state = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), state)
+    kw = {k: (jnp.asarray(v) if k == "lengths" else v(rng)) for k, v in kw.items()}
+    x = jnp.asarray(rng.normal(size=(B, T, F)))
+    return jax.tree.map(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a,
+                        (params, state, x, kw))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,layer,kw", RESIDUAL_CASES, ids=[c[0] for c in RESIDUAL_CASES])
+def test_fwd_bwd_equal_apply_backward_and_vjp(name, layer, kw, train, rng, monkeypatch):
+    """``fwd`` gives ``apply``'s output and new state (float64, 1e-12) and residuals that are
+    arrays only; ``bwd`` of them equals ``backward`` and ``jax.vjp`` of ``apply`` (1e-9)."""
+    params, state, x, kw = _case(layer, kw, rng)
+    y, new_state = layer.apply(params, state, x, train=train, **kw)
+    fy, fstate, res = jax.jit(lambda p, s, x, kw: layer.fwd(p, s, x, train=train, **kw))(
+        params, state, x, kw)                                    # residuals cross a jit boundary
+    assert tree_rel_err((fy, fstate), (y, new_state)) < 1e-12
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
+    assert jax.tree.structure(res) == jax.tree.structure(jax.tree.map(jnp.asarray, res))
+    dy = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), y)
+    _, vjp = jax.vjp(lambda p, x: layer.apply(p, state, x, train=train, **kw)[0], params, x)
+    want = vjp(dy)
+    with no_autodiff(monkeypatch):
+        got = layer.bwd(params, state, res, dy, train=train, **kw)
+        via_backward = layer.backward(params, state, x, dy, train=train, **kw)
+    assert tree_rel_err(got, want) < 1e-9
+    assert tree_rel_err(via_backward, want) < 1e-9
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_fast_forward_equals_apply_in_float32(kind, rng):
+    """The hand path's forward (LSTM: one tanh for all four gates) equals ``apply`` to 1e-6 in
+    float32 over 64 steps with the default initialization (float64 to 1e-12 is checked
+    above)."""
+    layer = CELLS[kind][0](16, return_carry=True)
+    params, _, _ = layer.init(jax.random.PRNGKey(1), (4, 64, 8))
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    x = jnp.asarray(rng.normal(size=(4, 64, 8)), jnp.float32)
+    y, _ = layer.apply(params, {}, x)
+    fy, _, res = layer.fwd(params, {}, x)
+    assert jax.tree.leaves(fy)[0].dtype == jnp.float32
+    assert tree_rel_err(fy, y) < 1e-6
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(res))
+
+
+def test_one_tanh_sigmoid_error_bound():
+    """``σ(u) = (1 + tanh(u/2))/2`` in float32 is within 2.5e-7 (about 2 ulp of 1) of the exact
+    value for every ``u`` — so, elementwise, no further from it than float32 rounding of 1."""
+    u = np.linspace(-40, 40, 200001)
+    exact = 1 / (1 + np.exp(-u))                                  # float64
+    fast = 0.5 + 0.5 * np.tanh(jnp.asarray(0.5 * u, jnp.float32))
+    assert np.max(np.abs(np.asarray(fast, np.float64) - exact)) < 2.5e-7
+
+
+@pytest.mark.parametrize("ctor", [SimpleRNN, LSTM, GRU])
+def test_share_forward_is_deprecated(ctor, rng):
+    with pytest.warns(DeprecationWarning, match=rf"{ctor.__name__}: share_forward is gone and "
+                                                r"is ignored.*layer\.fwd/layer\.bwd"):
+        layer = ctor(H, share_forward=False)
+    params, state, _ = init(layer, (B, T, F))
+    x = jnp.asarray(rng.normal(size=(B, T, F)))
+    np.testing.assert_array_equal(layer.apply(params, state, x)[0],
+                                  ctor(H).apply(params, state, x)[0])
+
+
+def test_bidirectional_finds_its_twin_in_meta():
+    layer = LSTM(H, return_carry=True)
+    assert layer.meta["return_carry"] is True and layer.meta["reverse"] is False
+    assert layer.meta["twin"]().name == "LSTM(4, reverse)"
+    with pytest.raises(TypeError):
+        layer.meta["twin"] = None                                # read-only
+    with pytest.raises(TypeError, match=r"Bidirectional: expected a SimpleRNN, LSTM or GRU "
+                                        r"layer \(one whose meta names its 'twin'\), got LSTM"):
+        Bidirectional(layer._replace(meta={}))                   # apply attributes are not read
+    custom = Layer(layer.init, layer.apply, layer.backward, "mine",
+                   meta={"twin": lambda: GRU(H, reverse=True)})
+    assert Bidirectional(custom).children[1][1].name == "GRU(4, reverse)"
+
+
+def test_residuals_pass_through_stack_scan(rng, monkeypatch):
+    """Residuals are arrays, so ``stack`` scans them: hand gradients of a stacked LSTM equal
+    autodiff's."""
+    model = serial(stack(LSTM(F), 2), Dense(1))
+    params, state, _ = init(model, (B, T, F), 5)
+    x = jnp.asarray(rng.normal(size=(B, T, F)))
+    target = jnp.asarray(rng.normal(size=(B, T, 1)))
+    want = jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0], target))(params)
+    with no_autodiff(monkeypatch):
+        (_, _), got = backprop.value_and_grad(model, losses.mse)(params, state, x, target)
+    assert tree_rel_err(got, want) < 1e-9
 
 
 # --------------------------------------------------------------------------- variable lengths
@@ -257,8 +374,8 @@ def test_stack_in_serial_takes_lengths_and_hand_gradients_match(rng, monkeypatch
 
 
 def test_hand_training_step_runs_one_forward_scan():
-    """Performance design: apply and backward emit the same scan, so XLA keeps one forward
-    loop (plus the reverse error loop) in a jitted hand-gradient step."""
+    """The hand path runs ``fwd`` once and ``bwd`` from its residuals: one forward loop and
+    one reverse error loop in a jitted hand-gradient step."""
     model = serial(LSTM(8, return_sequences=False), Dense(1))
     params, state, _ = init(model, (2, 6, 3))
     vg = jax.jit(backprop.value_and_grad(model, losses.mse))
@@ -296,6 +413,9 @@ def test_errors(key):
     with pytest.raises(ValueError, match=r"LSTM: lengths must lie in \[0, 5\] \(the time axis\), "
                                          r"got values from 1 to 7"):
         layer.backward(params, state, x, x[..., :1].repeat(H, -1), lengths=jnp.array([1, 7, 2]))
+    with pytest.raises(ValueError, match=r"LSTM: the output gradient dy must have the output's "
+                                         r"shape \(3, 5, 4\), got \(3, 4\)"):
+        layer.backward(params, state, x, jnp.ones((B, H)))
     with pytest.raises(ValueError, match=r"LSTM: initial_carry must be \(h, c\), each of shape "
                                          r"\(batch, hidden\) = \(3, 4\), got shapes"):
         layer.apply(params, state, x, initial_carry=(jnp.ones((B, 5)), jnp.ones((B, 5))))

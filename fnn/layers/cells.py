@@ -3,11 +3,19 @@
 A cell is a :class:`Cell`; calling it is the plain op ``cell(params, carry, x_t) -> (carry, h_t)``
 and ``cell.backward`` is the step's hand-derived VJP. ``fnn.layers.recurrent`` scans cells over
 sequences. Every cell splits into an input projection ``xp = x @ wi + b_in`` (done for all time
-steps in one matmul by the runner) and a recurrent ``step(params, carry, xp_t)`` holding the only
-matmul that must sit inside the scan, ``gh = h @ wh (+ bh)``. Each step *emits* a few arrays
-(LSTM: its pre-activations and cell state); the outputs ``h_t`` of all steps are formed from
-them in bulk, and so are the gate activations that the backward pass needs, so that the forward
-scan of ``apply`` and of ``backward`` is one and the same computation.
+steps in one matmul by the runner) and a recurrent step holding the only matmul that must sit
+inside the scan, ``gh = h @ wh (+ bh)``.
+
+Each cell has two forms of its step. ``step`` is the plain form (``apply`` scans it and
+autodiff differentiates it); ``fwd_step`` is the form the hand path scans: it *emits* the gate
+activations that the backward needs (the residuals) and may be written for speed — the LSTM's
+applies one ``tanh`` to all four gate columns, ``σ(u) = (1 + tanh(u/2))/2``, with the halving
+folded into the weights (exact: a power of two). Its outputs equal ``step``'s to rounding.
+The backward works from the emitted activations alone: ``back_inputs`` gathers, for all steps
+in bulk, what the reverse step needs (the activations and the previous carry), and the reverse
+scan (``step_back``) turns the carry's error into the gate errors with a few multiplies and
+the recurrent matmul per step. (Forming those factors in bulk before the reverse scan instead
+measured no faster for the LSTM and slower for the GRU: benchmarks/RESULTS.md, recurrent.)
 
 Layouts follow PyTorch's gate order with the weights transposed (``x @ wi`` rather than
 ``W_ih @ x``), so that ``torch.nn.LSTM``/``GRU``/``RNN`` weights load by a transpose:
@@ -51,14 +59,20 @@ class Cell(NamedTuple):
     ``bias`` (key of the input-side bias) and ``rec_bias`` (of a recurrent-side bias or
     ``None``); ``init(key, in, H, dtype, wi_init, wh_init) -> params``;
 
-    - ``step(params, carry, xp_t) -> (carry, emitted)``: one step inside the scan;
-    - ``output(params, emitted, xp) -> h``: every step's output from the emitted arrays;
-    - ``unpack(params, emitted, xp, hs, carry0, mask, reverse) -> (carries_prev, residuals)``:
-      every step's incoming carry and the residuals ``step_back`` needs, in bulk;
-    - ``step_back(params, carry_prev, residuals, dcarry) -> (dxp, dgh, dcarry_prev)``: ``dxp``
-      is the gradient of the input projection, ``dgh`` that of ``h @ wh (+ bh)`` (``None`` when
-      equal to ``dxp``), ``dcarry_prev`` that of the previous carry *except* the recurrent term
-      ``dgh @ whᵀ`` which the runner adds (a ``None`` entry means zero).
+    - ``step(params, carry, xp_t) -> (carry, h_t)``: the plain step (``apply``'s);
+    - ``fast(params) -> params``: the parameters ``fwd_step`` runs on (scaled weights);
+    - ``fwd_step(fast_params, carry, xp_t) -> (carry, emitted)``: the hand path's step, emitting
+      the gate activations (the residuals);
+    - ``output(emitted) -> (hs, carries)``: every step's output ``h`` and new carry, in bulk
+      (``carries[0]`` is ``hs``);
+    - ``back_inputs(emitted, carries_prev) -> inputs``: what ``step_back`` reads at each step,
+      ``[T, B, ...]``, formed in bulk;
+    - ``step_back(inputs_t, dcarry) -> (dxp, dgh, dcarry_prev)``: ``dxp`` is the gradient of the
+      input projection, ``dgh`` that of ``h @ wh (+ bh)`` (``None`` when equal to ``dxp``),
+      ``dcarry_prev`` that of the previous carry *except* the recurrent term ``dgh @ whᵀ``,
+      which the runner adds (a ``None`` entry means zero);
+    - ``rec_grad(emitted, dxp) -> dgh`` for all steps in bulk (``None``: ``dgh = dxp``), so that
+      the reverse scan keeps ``dxp`` alone.
     """
 
     name: str
@@ -68,15 +82,18 @@ class Cell(NamedTuple):
     rec_bias: str | None
     init: Callable
     step: Callable
+    fast: Callable
+    fwd_step: Callable
     output: Callable
-    unpack: Callable
+    back_inputs: Callable
     step_back: Callable
+    rec_grad: Callable | None = None
 
     def __call__(self, params, carry, x_t):
         """One step: ``(params, carry, x_t [batch, in]) -> (carry, h_t [batch, H])``."""
         xp = x_t @ params["wi"] + bias(params[self.bias], 2)
-        new, _ = self.step(params, as_tuple(self, carry), xp)
-        return from_tuple(self, new), new[0]
+        new, h = self.step(params, as_tuple(self, carry), xp)
+        return from_tuple(self, new), h
 
     def backward(self, params, carry, x_t, dcarry, dh=None):
         """Hand-derived VJP of one step with respect to ``(params, carry, x_t)``.
@@ -85,14 +102,12 @@ class Cell(NamedTuple):
         carry's ``h``, which it equals). Returns ``(dparams, dcarry_prev, dx_t)``.
         """
         c = as_tuple(self, carry)
-        xp = x_t @ params["wi"] + bias(params[self.bias], 2)
-        new, emitted = self.step(params, c, xp)
-        one = lambda a: a[None]                                  # a sequence of one step
-        _, res = self.unpack(params, tuple(map(one, emitted)), one(xp), one(new[0]),
-                             c, None, False)
+        fp = self.fast(params)
+        _, emitted = self.fwd_step(fp, c, x_t @ fp["wi"] + bias(fp[self.bias], 2))
+        inputs = self.back_inputs(tuple(a[None] for a in emitted), tuple(a[None] for a in c))
         d = as_tuple(self, dcarry)
         d = (d[0] if dh is None else d[0] + dh,) + d[1:]
-        dxp, dgh, dprev = self.step_back(params, c, tuple(a[0] for a in res), d)
+        dxp, dgh, dprev = self.step_back(tuple(a[0] for a in inputs), d)
         dgh = dxp if dgh is None else dgh
         dprev = with_recurrent(dprev, dgh @ params["wh"].T)
         grads = {"wi": x_t.T @ dxp, "wh": c[0].T @ dgh, self.bias: jnp.sum(dxp, axis=0)}
@@ -186,6 +201,16 @@ def _split(z, n):
     return tuple(jnp.split(z, n, axis=-1))
 
 
+def _scale_columns(params, keys, gates, scales):
+    """``params`` with each gate block of the ``keys`` entries times its scale (a power of two,
+    so exact)."""
+    def scaled(a):
+        H = a.shape[-1] // gates
+        s = jnp.concatenate([jnp.full((H,), k, a.dtype) for k in scales])
+        return a * s.reshape((1,) * (a.ndim - 1) + s.shape)
+    return {k: (scaled(v) if k in keys else v) for k, v in params.items()}
+
+
 def _blocks(init, key, rows, hidden, gates, dtype):
     """``gates`` blocks of shape ``(rows, H)``, each drawn on its own, side by side."""
     keys = jax.random.split(key, gates)
@@ -205,13 +230,17 @@ def _init(gates, bias_keys, forget_bias=None):
     return init
 
 
+def _same(params):
+    return params
+
+
 # --------------------------------------------------------------------------- Elman RNN
 
 @functools.lru_cache(maxsize=None)
 def make_rnn_cell(activation=acts.tanh) -> Cell:
     """An Elman cell ``h' = act(a)``, ``a = x wi + h wh + b``, for any fnn activation with a
-    ``.grad``. Emits ``a``. Backward: ``da = dh ⊙ act'(a)``; ``dxp = dgh = da``. (Cached per
-    activation, so that layers sharing one share its compiled scans.)
+    ``.grad``. Emits ``h`` (tanh) or ``a``. Backward: ``da = dh ⊙ act'(a)``; ``dxp = dgh = da``.
+    (Cached per activation, so that layers sharing one share its compiled scans.)
     """
     if not hasattr(activation, "grad"):
         raise TypeError(f"rnn_cell: activation must be an fnn activation with a .grad "
@@ -220,19 +249,27 @@ def make_rnn_cell(activation=acts.tanh) -> Cell:
     act = jnp.tanh if is_tanh else activation
 
     def step(p, carry, xp):
-        a = xp + carry[0] @ p["wh"]                              # (B, H)
-        return (act(a),), (a,)
+        h = act(xp + carry[0] @ p["wh"])                         # (B, H)
+        return (h,), h
 
-    def unpack(p, emitted, xp, hs, carry0, mask, reverse):
-        return (previous(hs, carry0[0], mask, reverse),), ((hs,) if is_tanh else emitted)
+    def fwd_step(p, carry, xp):
+        a = xp + carry[0] @ p["wh"]
+        h = act(a)
+        return (h,), ((h,) if is_tanh else (a,))
 
-    def step_back(p, carry, res, dcarry):
-        d = (1 - res[0] * res[0]) if is_tanh else activation.grad(res[0])
-        return dcarry[0] * d, None, (None,)
+    def output(emitted):
+        hs = emitted[0] if is_tanh else act(emitted[0])
+        return hs, (hs,)
+
+    def back_inputs(emitted, prevs):                             # act'(a), in bulk
+        return ((1 - emitted[0] * emitted[0]) if is_tanh else activation.grad(emitted[0]),)
+
+    def step_back(k, dcarry):
+        return dcarry[0] * k[0], None, (None,)
 
     name = "rnn" if is_tanh else f"rnn_{getattr(activation, '__name__', 'act')}"
-    return Cell(name, 1, 1, "b", None, _init(1, ("b",)), step,
-                lambda p, emitted, xp: act(emitted[0]), unpack, step_back)
+    return Cell(name, 1, 1, "b", None, _init(1, ("b",)), step, _same, fwd_step, output,
+                back_inputs, step_back)
 
 
 rnn_cell = make_rnn_cell(acts.tanh)
@@ -242,74 +279,111 @@ rnn_cell = make_rnn_cell(acts.tanh)
 
 def _lstm_step(p, carry, xp):
     h, c = carry
-    z = xp + h @ p["wh"]                                         # (B, 4H): i, f, g, o
-    i, f, g, o = _split(z, 4)
+    i, f, g, o = _split(xp + h @ p["wh"], 4)                     # (B, H) each
     c_new = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
-    return (sigmoid(o) * jnp.tanh(c_new), c_new), (z, c_new)
+    h_new = sigmoid(o) * jnp.tanh(c_new)
+    return (h_new, c_new), h_new
 
 
-def _lstm_output(p, emitted, xp):
-    z, c = emitted
-    return sigmoid(_split(z, 4)[3]) * jnp.tanh(c)
+_LSTM_SCALES = (0.5, 0.5, 1.0, 0.5)     # σ(z) = (1 + tanh(z/2))/2 for i, f, o; tanh(z) for g
 
 
-def _lstm_unpack(p, emitted, xp, hs, carry0, mask, reverse):
-    z, c = emitted
-    i, f, g, o = _split(z, 4)                                    # each (T, B, H)
-    prevs = (previous(hs, carry0[0], mask, reverse), previous(c, carry0[1], mask, reverse))
-    return prevs, (sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o), jnp.tanh(c))
+def _lstm_fast(p):
+    return _scale_columns(p, ("wi", "wh", "b"), 4, _LSTM_SCALES)
 
 
-def _lstm_step_back(p, carry, res, dcarry):
-    """``dc ← dc + dh ⊙ o ⊙ (1 - tanh²c')``; ``di = dc ⊙ g``, ``df = dc ⊙ c``, ``dg = dc ⊙ i``,
-    ``do = dh ⊙ tanh c'``, each times its activation's derivative; ``dc_prev = dc ⊙ f``."""
-    i, f, g, o, tc = res
+def _lstm_fwd_step(p, carry, xp):
+    """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`).
+    Emits ``a = tanh(z/2 | z/2 | z | z/2)``, ``c'`` and ``tanh c'``."""
+    h, c = carry
+    a = jnp.tanh(xp + h @ p["wh"])                               # (B, 4H)
+    i, f, g, o = _split(a, 4)
+    c_new = (0.5 + 0.5 * f) * c + (0.5 + 0.5 * i) * g
+    tc = jnp.tanh(c_new)
+    h_new = (0.5 + 0.5 * o) * tc
+    return (h_new, c_new), (a, c_new, tc)
+
+
+def _lstm_output(emitted):
+    a, c, tc = emitted
+    hs = (0.5 + 0.5 * _split(a, 4)[3]) * tc
+    return hs, (hs, c)
+
+
+def _lstm_back_inputs(emitted, prevs):
+    """The reverse step's inputs: the gate activations ``a``, ``tanh c'`` and the previous
+    ``c``."""
+    return emitted[0], emitted[2], prevs[1]
+
+
+def _lstm_step_back(k, dcarry):
+    """With ``σ = (1 + a)/2``, ``σ' = (1 - a²)/4``: ``dc ← dc + dh o (1 - tanh²c')``;
+    ``dz = [dc g σ'_i, dc c σ'_f, dc i (1 - g²), dh tanh c' σ'_o]``; ``dc_prev = dc f``."""
+    a, tc, c = k
+    ai, af, g, ao = _split(a, 4)                                 # each (B, H)
+    q = lambda u: 0.25 * (1 - u * u)
     dh, dc = dcarry
-    dc = dc + dh * o * (1 - tc * tc)
-    dz = jnp.concatenate([dc * g * i * (1 - i), dc * carry[1] * f * (1 - f),
-                          dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)  # (B, 4H)
-    return dz, None, (None, dc * f)
+    dc = dc + dh * (0.5 + 0.5 * ao) * (1 - tc * tc)
+    dz = jnp.concatenate([dc * g * q(ai), dc * c * q(af), dc * (0.5 + 0.5 * ai) * (1 - g * g),
+                          dh * tc * q(ao)], axis=-1)             # (B, 4H)
+    return dz, None, (None, dc * (0.5 + 0.5 * af))
 
 
-lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0),
-                 _lstm_step, _lstm_output, _lstm_unpack, _lstm_step_back)
+lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0), _lstm_step,
+                 _lstm_fast, _lstm_fwd_step, _lstm_output, _lstm_back_inputs, _lstm_step_back)
 
 
 # --------------------------------------------------------------------------- GRU
 
-def _gru_step(p, carry, xp):
-    h = carry[0]
+def _gru_gates(p, h, xp):
     gh = h @ p["wh"] + bias(p["bh"], 2)                          # (B, 3H): r, z, n
     xr, xz, xn = _split(xp, 3)
     hr, hz, hn = _split(gh, 3)
     r, z = sigmoid(xr + hr), sigmoid(xz + hz)
-    n = jnp.tanh(xn + r * hn)
-    return (n + z * (h - n),), (jnp.concatenate([r, z, n, hn], axis=-1), h)  # (B, 4H), (B, H)
+    return r, z, jnp.tanh(xn + r * hn), hn
 
 
-def _gru_output(p, emitted, xp):
-    s, h = emitted
-    _, z, n, _ = _split(s, 4)
-    return n + z * (h - n)
+def _gru_step(p, carry, xp):
+    h = carry[0]
+    _, z, n, _ = _gru_gates(p, h, xp)
+    h_new = n + z * (h - n)
+    return (h_new,), h_new
 
 
-def _gru_unpack(p, emitted, xp, hs, carry0, mask, reverse):
-    s, h = emitted
-    return (h,), _split(s, 4)
+def _gru_fwd_step(p, carry, xp):
+    """Emits ``r, z, n, gh_n`` and ``h'``, each ``(B, H)``."""
+    h = carry[0]
+    r, z, n, hn = _gru_gates(p, h, xp)
+    h_new = n + z * (h - n)
+    return (h_new,), (r, z, n, hn, h_new)
 
 
-def _gru_step_back(p, carry, res, dcarry):
-    """``dn = dh(1-z)``, ``dz = dh(h - n)``, ``dan = dn(1-n²)``, ``dr = dan ⊙ gh_n``;
-    ``dxp = [dr σ', dz σ', dan]``, ``dgh = [dr σ', dz σ', dan ⊙ r]``, ``dh_prev ∋ dh ⊙ z``."""
-    r, z, n, ghn = res
+def _gru_output(emitted):
+    return emitted[4], (emitted[4],)
+
+
+def _gru_back_inputs(emitted, prevs):
+    """The reverse step's inputs: ``r, z, n, gh_n`` and the previous ``h``."""
+    return emitted[:4] + (prevs[0],)
+
+
+def _gru_step_back(k, dcarry):
+    """``dan = dh (1-z)(1-n²)``, ``dar = dan gh_n σ'_r``, ``daz = dh (h - n) σ'_z``;
+    ``dxp = [dar, daz, dan]``, ``dgh = [dar, daz, dan r]``, ``dh_prev ∋ dh z``."""
+    r, z, n, hn, h = k
     dh = dcarry[0]
     dan = dh * (1 - z) * (1 - n * n)
-    dar = dan * ghn * r * (1 - r)
-    daz = dh * (carry[0] - n) * z * (1 - z)
-    dxp = jnp.concatenate([dar, daz, dan], axis=-1)              # (B, 3H)
-    dgh = jnp.concatenate([dar, daz, dan * r], axis=-1)
-    return dxp, dgh, (dh * z,)
+    dar = dan * hn * r * (1 - r)
+    daz = dh * (h - n) * z * (1 - z)
+    return (jnp.concatenate([dar, daz, dan], axis=-1),
+            jnp.concatenate([dar, daz, dan * r], axis=-1), (dh * z,))
 
 
-gru_cell = Cell("gru", 3, 1, "bi", "bh", _init(3, ("bi", "bh")), _gru_step, _gru_output,
-                _gru_unpack, _gru_step_back)
+def _gru_rec_grad(emitted, dxp):
+    """``dgh`` of every step from ``dxp``: the ``n`` block times ``r``."""
+    dr, dz, dn = _split(dxp, 3)
+    return jnp.concatenate([dr, dz, dn * emitted[0]], axis=-1)
+
+
+gru_cell = Cell("gru", 3, 1, "bi", "bh", _init(3, ("bi", "bh")), _gru_step, _same,
+                _gru_fwd_step, _gru_output, _gru_back_inputs, _gru_step_back, _gru_rec_grad)

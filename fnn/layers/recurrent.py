@@ -1,166 +1,36 @@
 """Recurrent layers — ``SimpleRNN``, ``LSTM``, ``GRU``, ``Bidirectional`` — with backpropagation
 through time derived by hand.
 
-The runner :func:`scan_rnn` projects the inputs of all time steps in one matmul
-(``xp = x @ wi + b``, ``(batch, time, in) → (time, batch, gates·H)``) and scans the cell's
-recurrent step over time. Its backward :func:`scan_rnn_backward` repeats that scan (the very
-computation ``apply`` ran, which XLA then keeps once in a jitted training step), forms every
-step's gate activations in bulk from what the scan emitted, runs a reverse ``lax.scan`` over the
-*errors only* (``δh_{t-1} = δgh_t · whᵀ + ...``, gate derivatives written out in
-``fnn.layers.cells``), and gathers every weight gradient afterwards as one einsum over all
-steps::
-
-    dwi = Σ_{t,b} x_{tb}ᵀ δxp_{tb}      dwh = Σ_{t,b} h_{t-1,b}ᵀ δgh_{tb}      dx = δxp · wiᵀ
-
-Autodiff of a scan instead forms ``h_{t-1}ᵀ δgh_t`` inside the loop, one small matmul per step.
-
-Variable lengths: ``lengths[b]`` steps of sequence ``b`` are real, the rest padding. Padded steps
-leave the carry unchanged, output zeros and receive no gradient; the final carry (and the
-"last" output) is each sequence's own. With ``reverse=True`` the scan runs from each sequence's
-own last real step back to step 0 (outputs stay in input order, as in PyTorch's bidirectional
-layers), so its final carry is the output at step 0.
+Each layer is defined by its residual pair: ``fwd`` scans the cell's fast step and keeps the
+input and every step's gate activations as residuals; ``bwd`` runs the hand BPTT of
+``fnn.layers._rnn_scan`` from them (``backward`` is ``bwd`` of ``fwd``). ``apply`` scans the
+plain step, the form autodiff differentiates; ``fwd``'s outputs equal ``apply``'s to rounding.
+Variable lengths, reverse scans and carries are described in ``fnn.layers._rnn_scan``.
 """
 from __future__ import annotations
+
+import warnings
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
 
 from fnn import activations as acts
-from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
 from fnn.layers._checks import check_param_shapes
-from fnn.layers.cells import (Cell, bias, check_carry, check_lengths, check_sequence,
-                              from_tuple, gru_cell, lstm_cell, make_rnn_cell, rnn_cell,
-                              with_recurrent, zeros_carry)
+from fnn.layers._rnn_scan import (_run_apply, _run_bwd, _run_fwd, _setup,
+                                  scan_rnn, scan_rnn_backward)
+from fnn.layers.cells import (Cell, check_carry, from_tuple, gru_cell, lstm_cell, make_rnn_cell,
+                              rnn_cell, zeros_carry)
 
 __all__ = ["rnn_cell", "lstm_cell", "gru_cell", "make_rnn_cell", "Cell", "scan_rnn",
            "scan_rnn_backward", "SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 
 
-# --------------------------------------------------------------------------- runner
-
-def _project(cell, params, xs):
-    # (B, T, F) @ (F, G·H) -> (T, B, G·H): every step's input projection in one matmul
-    return jnp.einsum("btf,fg->tbg", xs, params["wi"]) + bias(params[cell.bias], 3)
-
-
-def _forward(cell, params, xs, carry0, mask, reverse, share=True):
-    """Scan the cell over time. Returns ``(final_carry, hs (T, B, H), emitted, xp)``; ``hs`` is
-    zero at padding.
-
-    With ``share`` the scan emits what the cell's backward needs and ``hs`` is formed from it;
-    ``backward`` calls exactly this, so under ``jit`` XLA runs one scan for both
-    (common-subexpression elimination). Without, the scan emits ``h`` alone (cheapest for
-    ``jax.grad``), and ``emitted`` is ``None``.
-    """
-    xp = _project(cell, params, xs)
-
-    def body(carry, inp):
-        xp_t, m_t = inp
-        new, emitted = cell.step(params, carry, xp_t)
-        if m_t is not None:                                      # padding keeps the carry
-            new = tuple(jnp.where(m_t, a, b) for a, b in zip(new, carry))
-        return new, (emitted if share else new[0])
-    final, out = jax.lax.scan(body, carry0, (xp, mask), reverse=reverse)
-    hs = cell.output(params, out, xp) if share else out          # (T, B, H), in bulk
-    return (final, (hs if mask is None else jnp.where(mask, hs, 0)), out if share else None,
-            xp)
-
-
-def _last_output(hs, final_h, lengths, reverse):
-    """Each sequence's own last output, read from ``hs`` (the same value as ``final_h`` where a
-    sequence has a step; ``final_h`` where it has none)."""
-    if lengths is None:
-        return hs[0] if reverse else hs[-1]
-    idx = jnp.zeros_like(lengths) if reverse else jnp.maximum(lengths - 1, 0)
-    last = jnp.take_along_axis(hs, idx[None, :, None], axis=0)[0]     # (B, H)
-    return jnp.where((lengths > 0)[:, None], last, final_h)
-
-
-def _backward(cell, params, xs, dys, dcarry, carry0, mask, reverse):
-    """Hand BPTT. ``dys``: ``(T, B, H)`` or ``None``; ``dcarry``: gradient of the final carry
-    (tuple). Returns ``(dparams, dxs (B, T, F), dcarry0)``."""
-    _, hs, emitted, xp = _forward(cell, params, xs, carry0, mask, reverse)
-    prevs, res = cell.unpack(params, emitted, xp, hs, carry0, mask, reverse)
-    wh_t = params["wh"].T
-    if dys is not None and mask is not None:
-        dys = jnp.where(mask, dys, 0)                            # padded outputs are constants
-
-    def body(d, inp):
-        prev, r, dy_t, m_t = inp
-        dcar = d if dy_t is None else (d[0] + dy_t,) + d[1:]
-        dxp, dgh, dprev = cell.step_back(params, prev, r, dcar)
-        dprev = with_recurrent(dprev, (dxp if dgh is None else dgh) @ wh_t)
-        if m_t is not None:                                      # padding passes errors through
-            dprev = tuple(jnp.where(m_t, a, b) for a, b in zip(dprev, dcar))
-            dxp = jnp.where(m_t, dxp, 0)
-            dgh = None if dgh is None else jnp.where(m_t, dgh, 0)
-        return dprev, (dxp, dgh)
-
-    d0, (dxp, dgh) = jax.lax.scan(body, dcarry, (prevs, res, dys, mask), reverse=not reverse)
-    dgh = dxp if dgh is None else dgh                            # (T, B, G·H)
-    grads = {"wi": jnp.einsum("btf,tbg->fg", xs, dxp),
-             "wh": jnp.einsum("tbh,tbg->hg", prevs[0], dgh),
-             cell.bias: jnp.sum(dxp, axis=(0, 1))}
-    if cell.rec_bias:
-        grads[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
-    return grads, jnp.einsum("tbg,fg->btf", dxp, params["wi"]), d0
-
-
-# Compiled once per cell, shapes and options: eager calls reuse the executable, and inside an
-# outer ``jit`` they are inlined (apply's and backward's forward scans stay one computation).
-_run_forward = jax.jit(_forward, static_argnums=(0, 5, 6))
-_run_backward = jax.jit(_backward, static_argnums=(0, 7))
-
-
-def _prepare(name, cell, params, xs, carry, lengths):
-    check_sequence(name, xs, params["wi"].shape[0])
-    B, T, _ = xs.shape
-    H = params["wh"].shape[0]
-    mask = check_lengths(name, lengths, B, T)
-    c0 = zeros_carry(cell, B, H, xs.dtype) if carry is None else check_carry(name, cell, carry,
-                                                                                 B, H)
-    return mask, c0
-
-
-def scan_rnn(cell: Cell, params, xs, carry=None, *, lengths=None, reverse=False):
-    """Run ``cell`` over a batch of sequences.
-
-    **Arguments:** ``xs: [batch, time, in]``; ``carry``: initial carry (``h`` or ``(h, c)``,
-    each ``[batch, H]``; default zeros); ``lengths: int[batch]`` real steps per sequence;
-    ``reverse``: scan from each sequence's end to its start.
-    **Returns:** ``(ys [batch, time, H], final_carry)``; ``ys`` is zero at padded steps.
-
-    >>> ys, (h, c) = scan_rnn(lstm_cell, params, xs)
-    """
-    mask, c0 = _prepare(f"scan_rnn({cell.name})", cell, params, xs, carry, lengths)
-    final, hs, _, _ = _run_forward(cell, params, xs, c0, mask, reverse, True)
-    return jnp.swapaxes(hs, 0, 1), from_tuple(cell, final)
-
-
-def scan_rnn_backward(cell: Cell, params, xs, dys, dcarry=None, carry=None, *, lengths=None,
-                      reverse=False):
-    """Hand-derived VJP of :func:`scan_rnn` (backpropagation through time).
-
-    ``dys: [batch, time, H]`` or ``None``; ``dcarry``: gradient of the final carry or ``None``.
-    **Returns:** ``(dparams, dxs [batch, time, in], dcarry0)``.
-    """
-    name = f"scan_rnn_backward({cell.name})"
-    mask, c0 = _prepare(name, cell, params, xs, carry, lengths)
-    B, T, _ = xs.shape
-    H = c0[0].shape[1]
-    d = zeros_carry(cell, B, H, xs.dtype) if dcarry is None else \
-        check_carry(name, cell, dcarry, B, H, "dcarry")
-    if dys is not None and tuple(dys.shape) != (B, T, H):
-        raise ValueError(f"{name}: dys must have shape {(B, T, H)}, got {tuple(dys.shape)}")
-    dys = None if dys is None else jnp.swapaxes(dys, 0, 1)
-    grads, dxs, d0 = _run_backward(cell, params, xs, dys, d, c0, mask, reverse)
-    return grads, dxs, from_tuple(cell, d0)
-
-
 # --------------------------------------------------------------------------- layers
 
 def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, reverse, stateful,
-                     share_forward, wi_init, wh_init, twin) -> Layer:
+                     wi_init, wh_init, twin) -> Layer:
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"{label}: hidden must be a positive int, got {hidden!r}")
     name = f"{label}({hidden}{', reverse' if reverse else ''})"
@@ -178,44 +48,60 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
             out = (out, from_tuple(cell, tuple((B, hidden) for _ in carry)))
         return params, state, out
 
-    def _setup(params, state, x, lengths, initial_carry):
-        check_sequence(label, x, params["wi"].shape[0])
+    def setup(params, state, x, lengths, initial_carry):
         g = cell.gates * hidden
         shapes = {"wi": (x.shape[-1], g), "wh": (hidden, g), cell.bias: (g,)}
         check_param_shapes(name, params, {**shapes, **({cell.rec_bias: (g,)}
                                                       if cell.rec_bias else {})})
-        B, T, _ = x.shape
-        mask = check_lengths(label, lengths, B, T)
-        if initial_carry is not None:
-            c0 = check_carry(label, cell, initial_carry, B, hidden)
-        elif stateful:
-            c0 = check_carry(label, cell, state["carry"], B, hidden, "the stateful carry")
-        else:
-            c0 = zeros_carry(cell, B, hidden, x.dtype)
-        return mask, c0
+        if initial_carry is None and stateful:
+            return _setup(label, cell, params, x, lengths, state["carry"], "the stateful carry")
+        return _setup(label, cell, params, x, lengths, initial_carry)
 
-    def apply(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
-        mask, c0 = _setup(params, state, x, lengths, initial_carry)
-        final, hs, _, _ = _run_forward(cell, params, x, c0, mask, reverse, share_forward)
-        y = jnp.swapaxes(hs, 0, 1) if return_sequences else \
-            _last_output(hs, final[0], None if lengths is None else jnp.asarray(lengths), reverse)
+    def finish(hs, final, state):
+        # the last output of each sequence is its final carry's h (padding keeps the carry;
+        # a reversed scan ends at step 0; an empty sequence keeps its initial carry)
+        y = jnp.swapaxes(hs, 0, 1) if return_sequences else final[0]
         carry = from_tuple(cell, final)
         return ((y, carry) if return_carry else y), ({"carry": carry} if stateful else state)
 
-    def backward(params, state, x, dy, *, key=None, train=False, lengths=None,
-                 initial_carry=None):
-        mask, c0 = _setup(params, state, x, lengths, initial_carry)
+    def apply(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
+        mask, c0 = setup(params, state, x, lengths, initial_carry)
+        final, hs = _run_apply(cell, params, x, c0, mask, reverse, return_sequences)
+        return finish(hs, final, state)
+
+    def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
+        mask, c0 = setup(params, state, x, lengths, initial_carry)
+        final, hs, emitted = _run_fwd(cell, params, x, c0, mask, reverse)
+        return (*finish(hs, final, state), {"x": x, "gates": emitted})
+
+    def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
+        x = res["x"]
+        mask, c0 = setup(params, state, x, lengths, initial_carry)
         dy, dcarry = dy if return_carry else (dy, None)
         d = tuple(jnp.zeros_like(a) for a in c0) if dcarry is None else \
             check_carry(label, cell, dcarry, *c0[0].shape, "dcarry")
+        want = tuple(x.shape[:2]) + (hidden,) if return_sequences else (x.shape[0], hidden)
+        if getattr(dy, "shape", None) != want:
+            raise ValueError(f"{label}: the output gradient dy must have the output's shape "
+                             f"{want}, got {getattr(dy, 'shape', type(dy).__name__)}")
         if not return_sequences:                                 # the last output is the carry's h
             d = (d[0] + dy,) + d[1:]
         dys = jnp.swapaxes(dy, 0, 1) if return_sequences else None
-        grads, dx, _ = _run_backward(cell, params, x, dys, d, c0, mask, reverse)
+        grads, dx, _ = _run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse)
         return grads, dx
 
-    apply.recurrent = {"twin": twin, "return_carry": return_carry}   # read by Bidirectional
-    return Layer(init, apply, backward, name, frozenset({"lengths", "initial_carry"}))
+    meta = MappingProxyType({"twin": twin, "return_carry": return_carry, "reverse": reverse,
+                             "cell": cell.name})
+    return Layer(init, apply, backward_from(fwd, bwd), name,
+                 frozenset({"lengths", "initial_carry"}), fwd=fwd, bwd=bwd, meta=meta)
+
+
+def _no_share_forward(label, share_forward):
+    if share_forward is not None:
+        warnings.warn(f"{label}: share_forward is gone and is ignored: apply is always the plain "
+                      f"scan, and the hand path (fnn.backprop; layer.fwd/layer.bwd) keeps the "
+                      f"gate activations as residuals. Remove the argument.",
+                      DeprecationWarning, stacklevel=3)
 
 
 _OPTIONS = """
@@ -226,18 +112,18 @@ _OPTIONS = """
     sequence's end to its start, outputs in input order. ``stateful``: keep the carry in
     ``state["carry"]`` (zeros at ``init``, batch size fixed by ``input_shape``) and return the
     final carry as the new state, for truncated BPTT over long text; reset by re-initializing
-    the state. ``share_forward`` (default ``True``): the scan of ``apply`` emits the gate values
-    that ``backward`` needs, so that in a jitted training step with the hand-derived backward
-    (``fnn.backprop``) XLA runs the forward scan once; ``False`` emits ``h`` alone, which makes
-    ``jax.grad`` of ``apply`` some 5–20% cheaper and the hand-derived step dearer (values are
-    identical either way). ``wi_init``/``wh_init``: per-gate initializers (default Glorot
-    uniform and orthogonal, as the lesson advises).
+    the state. ``wi_init``/``wh_init``: per-gate initializers (default Glorot uniform and
+    orthogonal, as the lesson advises). ``share_forward`` is deprecated and ignored (the
+    residuals replaced it).
     **Call keywords:** ``lengths: int[batch]`` (real steps per sequence; checked against the
     time axis outside ``jit``, clamped inside it); ``initial_carry`` (overrides the state's;
     in a ``serial`` every recurrent layer receives the same one — use ``stateful`` for stacks).
     **Input:** ``[batch, time, in]``.
-    Backward: hand-derived BPTT (see the module docstring); no gradient flows into the initial
-    carry through ``backward`` (use :func:`scan_rnn_backward` for that).
+    **Residuals:** ``fwd`` returns ``{"x": x, "gates": ...}``, the input and every step's gate
+    activations (``[time, batch, ...]``); ``bwd`` runs hand-derived BPTT from them (see the
+    module docstring). No gradient flows into the initial carry through ``backward`` (use
+    :func:`scan_rnn_backward` for that). ``meta``: ``twin`` (constructor of the mirrored layer,
+    for ``Bidirectional``), ``return_carry``, ``reverse``, ``cell``.
 """
 
 
@@ -253,51 +139,63 @@ def _carry_kw(n):
     return make
 
 
+def _pair_kw(make):
+    def pair(key, shape):
+        kf, kb = jax.random.split(key)
+        return {"initial_carry": (make(kf, shape)["initial_carry"],
+                                  make(kb, shape)["initial_carry"])}
+    return pair
+
+
 _RNN_EXAMPLE = Example((3, 5, 2), (3,), {"return_sequences": False, "reverse": True,
                                         "stateful": True}, call_kwargs=_lengths_kw)
-_LSTM_EXAMPLE = Example((2, 4, 3), (3,), {"return_carry": True, "share_forward": False},
-                        call_kwargs=_carry_kw(2))
+_LSTM_EXAMPLE = Example((2, 4, 3), (3,), {"return_carry": True}, call_kwargs=_carry_kw(2))
+_LSTM_EXAMPLE_2 = Example((3, 4, 2), (3,), {"reverse": True, "stateful": True},
+                          call_kwargs=_lengths_kw)
 _GRU_EXAMPLE = Example((3, 4, 2), (3,), {"return_carry": True}, call_kwargs=_lengths_kw)
 
 
 @examples(_RNN_EXAMPLE)
 def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, return_carry=False,
-              reverse=False, stateful=False, share_forward=True, wi_init=None,
-              wh_init=None) -> Layer:
+              reverse=False, stateful=False, wi_init=None, wh_init=None,
+              share_forward=None) -> Layer:
     """Elman RNN ``h_t = act(x_t wi + h_{t-1} wh + b)`` over ``[batch, time, in]`` sequences.
 
     **Params:** ``{"wi": (in, H), "wh": (H, H), "b": (H,)}``; carry ``h [batch, H]``.
     PyTorch ``nn.RNN`` (batch_first): ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``,
     ``b = bias_ih_l0 + bias_hh_l0``.
     """
+    _no_share_forward("SimpleRNN", share_forward)
     cell = rnn_cell if activation is acts.tanh else make_rnn_cell(activation)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
-              share_forward=share_forward, wi_init=wi_init, wh_init=wh_init)
+              wi_init=wi_init, wh_init=wh_init)
     return _recurrent_layer(cell, "SimpleRNN", hidden, reverse=reverse,
                             twin=lambda: SimpleRNN(hidden, activation, reverse=not reverse, **kw),
                             **kw)
 
 
-@examples(_LSTM_EXAMPLE)
+@examples(_LSTM_EXAMPLE, _LSTM_EXAMPLE_2)
 def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
-         stateful=False, share_forward=True, wi_init=None, wh_init=None) -> Layer:
+         stateful=False, wi_init=None, wh_init=None, share_forward=None) -> Layer:
     """Long short-term memory over ``[batch, time, in]`` sequences (Hochreiter & Schmidhuber).
 
     ``[i f g o] = x_t wi + h_{t-1} wh + b``; ``c_t = σ(f) c_{t-1} + σ(i) tanh(g)``;
     ``h_t = σ(o) tanh(c_t)``. **Params:** ``{"wi": (in, 4H), "wh": (H, 4H), "b": (4H,)}``,
     gates in PyTorch's order input, forget, cell, output; forget-gate bias initialized to 1.
     Carry ``(h, c)``. PyTorch ``nn.LSTM``: ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``,
-    ``b = bias_ih_l0 + bias_hh_l0``.
+    ``b = bias_ih_l0 + bias_hh_l0``. ``fwd`` applies one ``tanh`` to all four gate columns
+    (``σ(u) = (1 + tanh(u/2))/2``); its outputs equal ``apply``'s to rounding.
     """
+    _no_share_forward("LSTM", share_forward)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
-              share_forward=share_forward, wi_init=wi_init, wh_init=wh_init)
+              wi_init=wi_init, wh_init=wh_init)
     return _recurrent_layer(lstm_cell, "LSTM", hidden, reverse=reverse,
                             twin=lambda: LSTM(hidden, reverse=not reverse, **kw), **kw)
 
 
 @examples(_GRU_EXAMPLE)
 def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
-        stateful=False, share_forward=True, wi_init=None, wh_init=None) -> Layer:
+        stateful=False, wi_init=None, wh_init=None, share_forward=None) -> Layer:
     """Gated recurrent unit over ``[batch, time, in]`` sequences (Cho et al., 2014).
 
     ``[r z n]`` gates: ``r = σ(x wi_r + bi_r + h wh_r + bh_r)``, ``z`` likewise,
@@ -306,8 +204,9 @@ def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False
     "wh": (H, 3H), "bi": (3H,), "bh": (3H,)}``; carry ``h``. PyTorch ``nn.GRU``:
     ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``, ``bi = bias_ih_l0``, ``bh = bias_hh_l0``.
     """
+    _no_share_forward("GRU", share_forward)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
-              share_forward=share_forward, wi_init=wi_init, wh_init=wh_init)
+              wi_init=wi_init, wh_init=wh_init)
     return _recurrent_layer(gru_cell, "GRU", hidden, reverse=reverse,
                             twin=lambda: GRU(hidden, reverse=not reverse, **kw), **kw)
 
@@ -328,63 +227,70 @@ def _split_pair(name, what, pair):
 
 
 @examples(Example((3, 5, 2), (GRU(3, return_sequences=False, return_carry=True), "sum"),
-                  call_kwargs=_lengths_kw))
+                  call_kwargs=_lengths_kw),
+          Example((2, 4, 3), (LSTM(3, return_carry=True),), call_kwargs=_pair_kw(_carry_kw(2))))
 def Bidirectional(layer: Layer, merge: str = "concat") -> Layer:
     """Run a recurrent layer forwards and a mirrored copy backwards; merge their outputs.
 
-    ``layer``: a ``SimpleRNN``, ``LSTM`` or ``GRU``; the backward copy is built from the same
-    options with ``reverse`` flipped (own parameters). ``merge``: ``"concat"`` (last axis,
-    forward first, as PyTorch) or ``"sum"``. With ``return_sequences=False`` the merged outputs
-    are the forward direction's last step and the backward direction's step 0 (Keras's
-    convention). With ``return_carry`` the output is ``(y, (carry_fwd, carry_bwd))`` and the
-    ``initial_carry`` keyword takes such a pair too.
+    ``layer``: a ``SimpleRNN``, ``LSTM`` or ``GRU``, or any layer whose ``meta`` names its
+    mirrored ``twin`` (a constructor) and ``return_carry``; the backward copy is ``twin()`` (own
+    parameters). ``merge``: ``"concat"`` (last axis, forward first, as PyTorch) or ``"sum"``.
+    With ``return_sequences=False`` the merged outputs are the forward direction's last step
+    and the backward direction's step 0 (Keras's convention). With ``return_carry`` the output
+    is ``(y, (carry_fwd, carry_bwd))`` and the ``initial_carry`` keyword takes such a pair too.
     **Params:** ``{"forward": ..., "backward": ...}`` (PyTorch's ``*_reverse`` weights load into
-    ``"backward"``). Backward: each direction's hand BPTT; ``dx`` is their sum.
+    ``"backward"``). **Residuals:** ``{"forward": ..., "backward": ...}``, each direction's own.
+    Backward: each direction's hand BPTT; ``dx`` is their sum.
     """
-    info = getattr(getattr(layer, "apply", None), "recurrent", None)
-    if info is None:
-        raise TypeError(f"Bidirectional: expected a SimpleRNN, LSTM or GRU layer, got "
+    meta = getattr(layer, "meta", None) or {}
+    if not isinstance(layer, Layer) or "twin" not in meta:
+        raise TypeError(f"Bidirectional: expected a SimpleRNN, LSTM or GRU layer (one whose "
+                        f"meta names its 'twin'), got "
                         f"{getattr(layer, 'name', type(layer).__name__)}")
     if merge not in ("concat", "sum"):
         raise ValueError(f"Bidirectional: merge must be 'concat' or 'sum', got {merge!r}")
-    fwd, bwd, rc = layer, info["twin"](), info["return_carry"]
+    fl, bl, rc = layer, meta["twin"](), bool(meta.get("return_carry", False))
+    dirs = (("forward", fl), ("backward", bl))
 
     def merged(yf, yb):
         return jnp.concatenate([yf, yb], axis=-1) if merge == "concat" else yf + yb
 
     def init(key, input_shape):
         kf, kb = jax.random.split(key)
-        pf, sf, of = fwd.init(kf, input_shape)
-        pb, sb, ob = bwd.init(kb, input_shape)
+        pf, sf, of = fl.init(kf, input_shape)
+        pb, sb, ob = bl.init(kb, input_shape)
         y, c = (of[0], (of[1], ob[1])) if rc else (of, None)
         y = y[:-1] + (2 * y[-1],) if merge == "concat" else y
         return {"forward": pf, "backward": pb}, {"forward": sf, "backward": sb}, \
             ((y, c) if rc else y)
 
-    def _kw(initial_carry, lengths):
-        cf, cb = _split_pair("Bidirectional", "initial_carry", initial_carry)
-        return {"lengths": lengths, "initial_carry": cf}, {"lengths": lengths, "initial_carry": cb}
+    def kws(initial_carry, lengths):
+        cs = _split_pair("Bidirectional", "initial_carry", initial_carry)
+        return [{"lengths": lengths, "initial_carry": c} for c in cs]
+
+    def run(method, params, state, x, lengths, initial_carry):
+        outs = [getattr(l, method)(params[n], state[n], x, **k)
+                for (n, l), k in zip(dirs, kws(initial_carry, lengths))]
+        (yf, yb), new_state = [o[0] for o in outs], {n: o[1] for (n, _), o in zip(dirs, outs)}
+        y = (merged(yf[0], yb[0]), (yf[1], yb[1])) if rc else merged(yf, yb)
+        return y, new_state, {n: o[2] for (n, _), o in zip(dirs, outs) if len(o) > 2}
 
     def apply(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
-        kf, kb = _kw(initial_carry, lengths)
-        yf, sf = fwd.apply(params["forward"], state["forward"], x, **kf)
-        yb, sb = bwd.apply(params["backward"], state["backward"], x, **kb)
-        new_state = {"forward": sf, "backward": sb}
-        if rc:
-            return (merged(yf[0], yb[0]), (yf[1], yb[1])), new_state
-        return merged(yf, yb), new_state
+        return run("apply", params, state, x, lengths, initial_carry)[:2]
 
-    def backward(params, state, x, dy, *, key=None, train=False, lengths=None,
-                 initial_carry=None):
-        kf, kb = _kw(initial_carry, lengths)
+    def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
+        return run("vjp_fwd", params, state, x, lengths, initial_carry)
+
+    def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
         dy, dc = dy if rc else (dy, None)
-        dcf, dcb = _split_pair("Bidirectional", "dcarry", dc)
-        dyf, dyb = jnp.split(dy, 2, axis=-1) if merge == "concat" else (dy, dy)
-        gf, dxf = fwd.backward(params["forward"], state["forward"], x,
-                               (dyf, dcf) if rc else dyf, **kf)
-        gb, dxb = bwd.backward(params["backward"], state["backward"], x,
-                               (dyb, dcb) if rc else dyb, **kb)
-        return {"forward": gf, "backward": gb}, dxf + dxb
+        dcs = _split_pair("Bidirectional", "dcarry", dc)
+        dys = jnp.split(dy, 2, axis=-1) if merge == "concat" else (dy, dy)
+        grads, dx = {}, 0
+        for (n, l), k, d, c in zip(dirs, kws(initial_carry, lengths), dys, dcs):
+            grads[n], dxn = l.vjp_bwd(params[n], state[n], res[n], (d, c) if rc else d, **k)
+            dx = dx + dxn
+        return grads, dx
 
-    return Layer(init, apply, backward, f"Bidirectional({fwd.name}, {merge})",
-                 frozenset({"lengths", "initial_carry"}), (("forward", fwd), ("backward", bwd)))
+    return Layer(init, apply, backward_from(fwd, bwd), f"Bidirectional({fl.name}, {merge})",
+                 frozenset({"lengths", "initial_carry"}), dirs, fwd=fwd, bwd=bwd,
+                 meta=MappingProxyType({"return_carry": rc, "merge": merge}))
