@@ -117,14 +117,13 @@ def recurrent(take, pt, st, in_shape, suffix="_l0"):
 
 def attention(take, pt, st, in_shape):
     """``nn.MultiheadAttention``: packed ``in_proj_weight (3E, E)`` when the query, key and
-    value widths agree and ``take`` finds it, else ``q_proj_weight``, ``k_proj_weight``,
-    ``v_proj_weight``."""
+    value input widths agree (unless the state_dict has ``q_proj_weight`` instead), else
+    ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` (PyTorch's ``kdim``/``vdim``)."""
     sizes = {n: _t(pt[n]["w"]) for n in "qkv"}                     # (in, out) each
     outs = [sizes[n][1] for n in "qkv"]
-    params = {}
-    if take.has("in_proj_weight"):
-        ins = {sizes[n][0] for n in "qkv"}
-        w = take("in_proj_weight", (sum(outs), ins.pop() if len(ins) == 1 else -1))
+    ins = {sizes[n][0] for n in "qkv"}
+    if len(ins) == 1 and (take.has("in_proj_weight") or not take.has("q_proj_weight")):
+        w = take("in_proj_weight", (sum(outs), ins.pop()))
         parts = np.split(w, np.cumsum(outs)[:2])
         params = {n: {"w": p.T} for n, p in zip("qkv", parts)}
     else:

@@ -258,3 +258,26 @@ def test_torch_save_needs_torch_only_to_read(tmp_path, monkeypatch):
     (tmp_path / "w.pt").write_bytes(b"PK\x03\x04rest")
     with pytest.raises(ImportError, match="w.pt is a torch.save file.*needs PyTorch"):
         read_state_dict(tmp_path / "w.pt")
+
+
+def test_cross_attention_with_kdim_reads_separate_projections(rng):
+    shapes = {"q_proj_weight": (8, 8), "k_proj_weight": (8, 6), "v_proj_weight": (8, 6),
+              "in_proj_bias": (24,), "out_proj.weight": (8, 8), "out_proj.bias": (8,)}
+    sd = {k: rng.normal(size=s) for k, s in shapes.items()}
+    x, ctx = rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 4, 6))
+    model = L.MultiHeadAttention(2)
+    params, state = load_state_dict(model, sd, (x.shape, ctx.shape))
+    np.testing.assert_allclose(model.apply(params, state, (x, ctx))[0],
+                               R.mha_cross(x, ctx, sd, 2), atol=1e-9)
+    try:
+        import torch
+    except ImportError:
+        return
+    m = torch.nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True).eval()
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == shapes
+    xt, ct = (torch.from_numpy(a.astype(np.float32)) for a in (x, ctx))
+    with torch.no_grad():
+        want = m(xt, ct, ct, need_weights=False)[0].numpy()
+    params, state = load_state_dict(model, m.state_dict(), (x.shape, ctx.shape), dtype=np.float32)
+    got = model.apply(params, state, (xt.numpy(), ct.numpy()))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -140,3 +140,17 @@ def encoder_layer(x, sd, heads, norm_first):
         return h + ff(ln(h, "norm2"))
     h = ln(x + sa(x), "norm1")
     return ln(h + ff(h), "norm2")
+
+
+def mha_cross(x, ctx, sd, heads):
+    """nn.MultiheadAttention with ``kdim = vdim ≠ E``: separate ``q/k/v_proj_weight``, packed
+    ``in_proj_bias``; query from ``x``, key and value from ``ctx``."""
+    (B, T, E), S = x.shape, ctx.shape[1]
+    d = E // heads
+    bq, bk, bv = np.split(sd["in_proj_bias"], 3)
+    split = lambda a, n: a.reshape(B, n, heads, d).transpose(0, 2, 1, 3)
+    q = split(linear(x, sd["q_proj_weight"], bq), T)
+    k, v = (split(linear(ctx, sd[f"{n}_proj_weight"], b), S) for n, b in (("k", bk), ("v", bv)))
+    a = softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)) @ v
+    return linear(a.transpose(0, 2, 1, 3).reshape(B, T, E), sd["out_proj.weight"],
+                  sd["out_proj.bias"])
