@@ -9,7 +9,7 @@ import pytest
 
 from fnn import cli, debug, initializers, losses, serial
 from fnn.core import Layer
-from fnn.layers import Dense, Relu
+from fnn.layers import Dense, Relu, Sigmoid
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 
@@ -119,3 +119,26 @@ def test_doctor_command(capsys):
     assert "hand-derived gradient matches jax.grad and finite differences" in out
     assert cli.main(["doctor", "no-such-task"]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
+
+
+def test_vanishing_gradients_are_named(rng):
+    tiny = initializers.normal(1e-3)
+    model = serial(Dense(8, w_init=tiny), Sigmoid(), Dense(8, w_init=tiny), Sigmoid(),
+                   Dense(8, w_init=tiny), Sigmoid(), Dense(3))
+    report = debug.check(model, CE, _data(rng), checks=("gradients",))
+    assert any(m.startswith("layer '0': gradient norm") and "is vanishing" in m
+               for m in _messages(report, "gradients", "warning")), str(report)
+
+
+def test_doctor_exits_non_zero_on_an_error(monkeypatch, capsys, rng):
+    from fnn import tasks
+    x, y = _data(rng)
+    y[0] = -1
+    model = serial(Dense(3))
+    broken = tasks.Task("broken-labels", "a label out of range", None,
+                        lambda seed=0: (model, CE, *model.init(jax.random.PRNGKey(0), x.shape)[:2],
+                                        x, y))
+    monkeypatch.setitem(tasks._TASKS, "broken-labels", broken)
+    assert cli.main(["doctor", "broken-labels"]) == 1
+    out = capsys.readouterr().out
+    assert "fnn doctor broken-labels: 1 error" in out and "label -1 at index (0,)" in out
