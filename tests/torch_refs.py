@@ -154,3 +154,28 @@ def mha_cross(x, ctx, sd, heads):
     a = softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)) @ v
     return linear(a.transpose(0, 2, 1, 3).reshape(B, T, E), sd["out_proj.weight"],
                   sd["out_proj.bias"])
+
+
+def group_norm(x, groups, w, b, eps=1e-5):
+    """nn.GroupNorm: channels (axis 1) split into ``groups`` consecutive blocks, each
+    standardized per example over its channels and every spatial cell; ``γ, β`` per channel."""
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)
+    sh = (1, c) + (1,) * (x.ndim - 2)
+    return g.reshape(x.shape) * w.reshape(sh) + b.reshape(sh)
+
+
+def rms_norm(x, w, eps):
+    """nn.RMSNorm: ``x / √(mean(x²) + ε) · γ`` over the last axis."""
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def rnn(x, w_ih, w_hh, b_ih, b_hh):
+    """nn.RNN (tanh): ``h' = tanh(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh)``."""
+    B, T, _ = x.shape
+    h, out = np.zeros((B, w_hh.shape[1])), np.zeros((B, T, w_hh.shape[1]))
+    for t in range(T):
+        h = np.tanh(x[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+        out[:, t] = h
+    return out
