@@ -4,11 +4,13 @@
 (or ``parallel``) child ``n`` is PyTorch's submodule ``n`` — ``nn.Sequential`` numbers its
 children ``0, 1, ...`` and so does ``serial`` — so ``serial(Dense(8), Relu(), Dense(3))`` reads
 ``0.weight, 0.bias, 2.weight, 2.bias``; ``residual`` adds no level; ``stack(layer, n)`` reads
-copy ``i`` (fnn path ``<path>/i``) from ``<prefix>.i`` (``nn.ModuleList``, ``nn.TransformerEncoder``'s ``layers``);
+copy ``i`` (fnn path ``<path>/i``) from ``<prefix>.i`` (``nn.ModuleList``,
+``nn.TransformerEncoder``'s ``layers``);
 ``Bidirectional`` reads PyTorch's ``*_l0`` and ``*_l0_reverse`` weights; ``MLP`` reads
 ``nn.Sequential(Linear, act, Linear)`` (``0``, ``2``); ``TransformerBlock`` reads
 ``nn.TransformerEncoderLayer`` (``self_attn``, ``linear1``, ``linear2``, ``norm1``, ``norm2``;
-``norm_first=True`` is fnn's ``norm="pre"``). ``mapping={fnn_path: torch_prefix}`` renames any
+``norm_first=True`` is fnn's ``norm="pre"``; build it with ``activation="gelu"``, fnn's default,
+or give the fnn block PyTorch's ``relu``). ``mapping={fnn_path: torch_prefix}`` renames any
 node: an fnn path is the parameter keys joined by ``/`` (``"0"``, ``"encoder/2"``,
 ``"attn/mha"``), a torch prefix the dotted module name (``"features.0"``, ``""`` for the root).
 
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _torch_layers as conv
+from fnn import _torch_layers as tl
 from fnn import checkpoint
 
 __all__ = ["load_state_dict", "read_state_dict", "StateDictError"]
@@ -191,9 +193,9 @@ class _Walk:
             return self.bidirectional(layer, shape, pt, st, path, prefix)
         take = _Take(self, prefix, path, layer)
         if kind == "Dense":
-            return conv.dense(take, pt, st, shape, flat_from)
-        if kind in conv.CONVERTERS:
-            params, state = conv.CONVERTERS[kind](take, pt, st, shape)
+            return tl.dense(take, pt, st, shape, flat_from)
+        if kind in tl.CONVERTERS:
+            params, state = tl.CONVERTERS[kind](take, pt, st, shape)
             return params, _zeros(st) if state is None else state
         if _has_leaves(pt) or _has_leaves(st):
             self.problems.append(f"unsupported: fnn layer {path or '<root>'!r} ({layer.name}) has "
@@ -236,14 +238,14 @@ class _Walk:
             p = _join(path, name, "/")
             tp = self.mapping.get(p, self.defaults.get(p, _join(prefix, default, ".")))
             self.used_map.update({p} & set(self.mapping))
-            out[name] = conv.dense(_Take(self, tp, p, layer), pt[name], {}, None)[0]
+            out[name] = tl.dense(_Take(self, tp, p, layer), pt[name], {}, None)[0]
         return out
 
     def bidirectional(self, layer, shape, pt, st, path, prefix):
         params = {}
         for (name, child), suffix in zip(layer.children, ("_l0", "_l0_reverse")):
             take = _Take(self, prefix, _join(path, name, "/"), child)
-            params[name] = conv.recurrent(take, pt[name], st[name], shape, suffix)[0]
+            params[name] = tl.recurrent(take, pt[name], st[name], shape, suffix)[0]
         return params, _zeros(st)
 
 

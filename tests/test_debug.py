@@ -107,7 +107,8 @@ def test_exploding_gradients_are_named(rng):
 def test_report_renders_and_unknown_checks_are_an_error(rng):
     report = debug.Report([debug.Finding("data", "error", "bad"),
                            debug.Finding("size", "ok", "fine")], title="t")
-    assert str(report) == "t: 1 error, 0 warnings\n  ERROR   data      bad\n  ok      size      fine"
+    assert str(report) == ("t: 1 error, 0 warnings\n  ERROR   data      bad\n"
+                           "  ok      size      fine")
     with pytest.raises(ValueError, match="unknown checks \\['speed'\\]"):
         debug.check(serial(Dense(3)), CE, _data(rng), checks=("speed",))
 

@@ -5,7 +5,6 @@ equations (tests/torch_refs.py; always), and against PyTorch itself (float32, to
 torch is installed (the benchmark extra)."""
 from typing import Callable, NamedTuple
 
-import jax
 import numpy as np
 import pytest
 

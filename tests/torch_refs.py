@@ -39,7 +39,8 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 
 def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1):
     """nn.ConvTranspose2d (the adjoint of conv2d): every input cell scatters
-    ``x[n, c, i, j] · W[c, o, p, q]`` to ``out[n, g(c)·O/G + o, i·s + p − pad, j·s + q − pad]``;
+    ``x[n, c, i, j] · W[c, o, p, q]`` to
+    ``out[n, g(c)·O/G + o, i·s + p − pad, j·s + q − pad]``;
     size ``(H − 1)·s − 2·pad + K + output_padding``."""
     n, cin, h, wd = x.shape
     _, og, kh, kw = w.shape
@@ -50,8 +51,8 @@ def conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups
         g = c // cg
         for i in range(h):
             for j in range(wd):
-                full[:, g * og:(g + 1) * og, i * stride:i * stride + kh, j * stride:j * stride + kw] \
-                    += x[:, c, i, j][:, None, None, None] * w[c][None]
+                rows, cols = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+                full[:, g * og:(g + 1) * og, rows, cols] += x[:, c, i, j][:, None, None, None] * w[c]
     oh = (h - 1) * stride - 2 * padding + kh + output_padding
     ow = (wd - 1) * stride - 2 * padding + kw + output_padding
     out = full[:, :, padding:padding + oh, padding:padding + ow]
