@@ -5,8 +5,10 @@
 children ``0, 1, ...`` and so does ``serial`` — so ``serial(Dense(8), Relu(), Dense(3))`` reads
 ``0.weight, 0.bias, 2.weight, 2.bias``; ``residual`` adds no level; ``stack(layer, n)`` reads
 copy ``i`` (fnn path ``<path>/i``) from ``<prefix>.i`` (``nn.ModuleList``,
-``nn.TransformerEncoder``'s ``layers``);
-``Bidirectional`` reads PyTorch's ``*_l0`` and ``*_l0_reverse`` weights; ``MLP`` reads
+``nn.TransformerEncoder``'s ``layers``); a recurrent layer reads PyTorch's ``*_l0`` weights
+(``Bidirectional``: ``*_l0`` and ``*_l0_reverse``), and a mapping to ``"name[k]"`` reads
+layer ``k`` of a multi-layer ``nn.LSTM`` (``*_lk``), so ``serial(LSTM(h), LSTM(h))`` loads
+``nn.LSTM(..., num_layers=2)`` with ``mapping={"0": "lstm[0]", "1": "lstm[1]"}``; ``MLP`` reads
 ``nn.Sequential(Linear, act, Linear)`` (``0``, ``2``); ``TransformerBlock`` reads
 ``nn.TransformerEncoderLayer`` (``self_attn``, ``linear1``, ``linear2``, ``norm1``, ``norm2``;
 ``norm_first=True`` is fnn's ``norm="pre"``; build it with ``activation="gelu"``, fnn's default,
@@ -27,6 +29,7 @@ mis-shaped tensor (and every unused ``mapping`` entry) is reported at once in a
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -44,6 +47,7 @@ _BLOCK = {"pre": {"attn/norm": "norm1", "attn/mha": "self_attn", "mlp/norm": "no
                   "mlp/mlp/fc1": "linear1", "mlp/mlp/fc2": "linear2"},
           "post": {"attn/mha": "self_attn", "norm1": "norm1", "norm2": "norm2",
                    "mlp/mlp/fc1": "linear1", "mlp/mlp/fc2": "linear2"}}
+_RECURRENT = ("SimpleRNN", "LSTM", "GRU", "Bidirectional")
 _PASS = ("Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Swish",
          "Softplus", "Softmax", "LogSoftmax", "Dropout", "SpatialDropout")
 
@@ -176,6 +180,14 @@ class _Walk:
         elif path in self.defaults:
             prefix = self.defaults[path]
         kind = _kind(layer)
+        level = re.fullmatch(r"(.*)\[(\d+)\]", prefix)           # "lstm[1]": layer 1 of nn.LSTM
+        if level:
+            if kind not in _RECURRENT:
+                self.problems.append(f"mapping: {prefix!r} selects a layer of a multi-layer "
+                                     f"nn.RNN/LSTM/GRU, but fnn layer {path or '<root>'!r} is "
+                                     f"{layer.name}")
+                return _zeros(pt), _zeros(st)
+            prefix, level = level[1], int(level[2])
         if kind in ("serial", "parallel"):
             return self.children(layer, shape, pt, st, path, prefix, kind == "serial")
         if kind == "residual":
@@ -190,8 +202,10 @@ class _Walk:
         if kind == "MLP":
             return self.mlp(layer, pt, path, prefix), _zeros(st)
         if kind == "Bidirectional":
-            return self.bidirectional(layer, shape, pt, st, path, prefix)
+            return self.bidirectional(layer, shape, pt, st, path, prefix, level or 0)
         take = _Take(self, prefix, path, layer)
+        if kind in _RECURRENT:
+            return tl.recurrent(take, pt, st, shape, f"_l{level or 0}")[0], _zeros(st)
         if kind == "Dense":
             return tl.dense(take, pt, st, shape, flat_from)
         if kind in tl.CONVERTERS:
@@ -241,9 +255,9 @@ class _Walk:
             out[name] = tl.dense(_Take(self, tp, p, layer), pt[name], {}, None)[0]
         return out
 
-    def bidirectional(self, layer, shape, pt, st, path, prefix):
+    def bidirectional(self, layer, shape, pt, st, path, prefix, level):
         params = {}
-        for (name, child), suffix in zip(layer.children, ("_l0", "_l0_reverse")):
+        for (name, child), suffix in zip(layer.children, (f"_l{level}", f"_l{level}_reverse")):
             take = _Take(self, prefix, _join(path, name, "/"), child)
             params[name] = tl.recurrent(take, pt[name], st[name], shape, suffix)[0]
         return params, _zeros(st)

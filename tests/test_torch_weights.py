@@ -293,3 +293,40 @@ def test_cross_attention_with_kdim_reads_separate_projections(rng):
     params, state = load_state_dict(model, m.state_dict(), (x.shape, ctx.shape), dtype=np.float32)
     got = model.apply(params, state, (xt.numpy(), ct.numpy()))[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_layer_lstm_by_mapping(rng):
+    shapes = {f"lstm.{w}_l{k}": s for k in (0, 1) for w, s in
+              (("weight_ih", (12, 5 if k == 0 else 3)), ("weight_hh", (12, 3)), ("bias_ih", (12,)),
+               ("bias_hh", (12,)))}
+    sd = {k: rng.normal(size=s) for k, s in shapes.items()}
+    model, x = serial(L.LSTM(3), L.LSTM(3)), rng.normal(size=(2, 4, 5))
+    mapping = {"0": "lstm[0]", "1": "lstm[1]"}
+    params, state = load_state_dict(model, sd, x.shape, mapping=mapping)
+    layer = lambda h, k: R.lstm(h, *(sd[f"lstm.{w}_l{k}"] for w in
+                                     ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+    np.testing.assert_allclose(model.apply(params, state, x)[0], layer(layer(x, 0), 1), atol=1e-9)
+    with pytest.raises(StateDictError, match=r"mapping: 'fc\[1\]' selects a layer of a multi"):
+        load_state_dict(serial(L.Dense(3)), {}, (1, 4), mapping={"0": "fc[1]"})
+    try:
+        import torch
+    except ImportError:
+        return
+    m = torch.nn.Module()
+    m.lstm = torch.nn.LSTM(5, 3, num_layers=2, batch_first=True)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == shapes
+    with torch.no_grad():
+        want = m.lstm(torch.from_numpy(x.astype(np.float32)))[0].numpy()
+    params, state = load_state_dict(model, m.state_dict(), x.shape, mapping=mapping,
+                                    dtype=np.float32)
+    got = model.apply(params, state, x.astype(np.float32))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_save_checkpoint_dict_is_unwrapped(tmp_path):
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Linear(5, 3)
+    torch.save({"state_dict": module.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    sd = read_state_dict(tmp_path / "ckpt.pth")
+    assert set(sd) == {"weight", "bias"}
+    np.testing.assert_array_equal(sd["bias"], module.bias.detach().numpy())
