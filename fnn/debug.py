@@ -18,7 +18,8 @@ The checklist (``Debugging Neural Networks`` in the lesson), and what each check
    (:func:`fnn.gradcheck.check_model`; float64 only — without ``jax_enable_x64`` this compares
    against ``jax.grad`` alone and says so).
 
-Each finding has a severity (``ok``, ``info``, ``warning``, ``error``) and a plain-words
+A check that raises (a shape error in the model, say) is reported as an error finding of that
+check, and the others still run. Each finding has a severity (``ok``, ``info``, ``warning``, ``error``) and a plain-words
 message; ``str(report)`` lists them, ``report.errors`` holds the errors. When the data check
 finds an error (a NaN input, a label out of range) the other checks are skipped: their numbers
 would be meaningless.
@@ -351,18 +352,25 @@ def check(model, loss, data, *, params=None, state=None, key=None, checks=CHECKS
         rest = [c for c in CHECKS[1:] if c in checks]
         return Report(findings + [Finding(c, "info", "skipped: fix the data errors first")
                                   for c in rest])
-    if params is None:
-        params, state0, _ = model.init(key, tuple(np.shape(x)))
-        state = state0 if state is None else state
-    state = {} if state is None else state
-    if "size" in checks:
-        findings += _size(params)
-    if "gradients" in checks:
-        findings += _gradients(model, loss, params, state, x, target, key)
-    if "backward" in checks:
-        findings += _backward(model, loss, params, state, x, target)
-    if "overfit" in checks:
-        n = overfit_examples
-        findings += _overfit(model, loss, params, state, x[:n], target[:n], key,
-                             overfit_steps, learning_rate)
+    if params is None or state is None:
+        p0, s0, _ = model.init(key, tuple(np.shape(x)))
+        params, state = (p0 if params is None else params), (s0 if state is None else state)
+    n = overfit_examples
+    runs = {"size": lambda: _size(params),
+            "gradients": lambda: _gradients(model, loss, params, state, x, target, key),
+            "backward": lambda: _backward(model, loss, params, state, x, target),
+            "overfit": lambda: _overfit(model, loss, params, state, x[:n], target[:n], key,
+                                        overfit_steps, learning_rate)}
+    for name in CHECKS[1:]:
+        if name in checks:
+            findings += _guarded(name, runs[name])
     return Report(findings)
+
+
+def _guarded(name, run):
+    """A check that raises becomes an error finding, so the other checks still report."""
+    try:
+        return run()
+    except Exception as e:                                              # noqa: BLE001
+        return [Finding(name, "error", f"the check could not run: {type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''}")]

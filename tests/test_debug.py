@@ -9,7 +9,7 @@ import pytest
 
 from fnn import cli, debug, initializers, losses, serial
 from fnn.core import Layer
-from fnn.layers import Dense, Relu, Sigmoid
+from fnn.layers import BatchNorm, Dense, Relu, Sigmoid
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 
@@ -143,3 +143,17 @@ def test_doctor_exits_non_zero_on_an_error(monkeypatch, capsys, rng):
     assert cli.main(["doctor", "broken-labels"]) == 1
     out = capsys.readouterr().out
     assert "fnn doctor broken-labels: 1 error" in out and "label -1 at index (0,)" in out
+
+
+def test_a_check_that_raises_is_reported_and_state_comes_from_init(rng):
+    x, y = _data(rng)
+    model = serial(Dense(3))
+    params, _, _ = model.init(jax.random.PRNGKey(0), (1, 5))          # 5 features, data has 4
+    report = debug.check(model, CE, (x, y), params=params, checks=("size", "gradients"))
+    (msg,) = _messages(report, "gradients", "error")
+    assert msg == ("the check could not run: ValueError: serial[0] (Dense(3)): Dense: expected "
+                   "input of shape (batch, ..., 5), got shape (12, 4)")
+    assert _messages(report, "size", "ok") == ["18 parameters: small enough to debug"]  # 5·3 + 3
+    bn = serial(Dense(4), BatchNorm(), Relu(), Dense(3))      # params given, state from init
+    params, _, _ = bn.init(jax.random.PRNGKey(0), x.shape)
+    assert debug.check(bn, CE, (x, y), params=params, checks=("gradients",)).passed
