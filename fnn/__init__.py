@@ -3,8 +3,9 @@
 Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived and checked
 against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
-from fnn import (activations, augment, backprop, checkpoint, checks, data, gradcheck,
-                 initializers, layers, losses, models, optim, precision, regularizers, train)
+from fnn import (activations, augment, backprop, checkpoint, checks, data, debug, gradcheck,
+                 initializers, layers, losses, models, optim, precision, regularizers,
+                 torch_weights, train)
 from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
                       stack, summary)
 
@@ -14,5 +15,5 @@ __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
     "summary", "cast", "activations", "augment", "backprop", "checkpoint", "checks", "data",
     "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
-    "regularizers", "train",
+    "regularizers", "train", "debug", "torch_weights",
 ]
