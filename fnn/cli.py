@@ -4,7 +4,7 @@
 
     fnn list
     fnn train digits-cnn [--epochs N] [--lr X] [--batch-size B] [--seed S] [--out DIR]
-                         [--quiet] [--quick] [--resume]
+                         [--quiet] [--quick] [--resume] [--precision bfloat16|float16|float32]
     fnn gradcheck xor [--seed S] [--directions K]
     fnn doctor xor [--seed S] [--steps N] [--lr X]       (the debugging checklist: fnn.doctor)
 
@@ -24,6 +24,8 @@ import json
 import math
 import sys
 import time
+
+from fnn.precision import policy
 
 __all__ = ["main"]
 
@@ -58,6 +60,14 @@ def _learning_rate(text):
     return value
 
 
+def _precision(text):
+    try:
+        policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _task_names():
     from fnn import tasks
     return tasks.names()
@@ -84,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="out", help="folder for checkpoint and plots")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
     tr.add_argument("--quick", action="store_true", help="a tiny run (for smoke tests)")
+    tr.add_argument("--precision", type=_precision, default=None,
+                    help="a mixed-precision policy: bfloat16, float16 (dynamic loss scaling), "
+                         "float32, or params=…,compute=…,output=… (fnn.precision)")
     tr.add_argument("--resume", action="store_true", help="continue training from the "
                     "checkpoints in OUT/ckpt (fit's checkpoint_dir=OUT/ckpt, resume=True)")
     gc = sub.add_parser("gradcheck", help="check a task's hand-derived gradient against "
@@ -124,7 +137,7 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     metrics = task.train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          seed=args.seed, out=args.out, quiet=args.quiet, quick=args.quick,
-                         resume=args.resume)
+                         resume=args.resume, precision=args.precision)
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in metrics.items())
     print(f"{task.name}: {shown} ({time.perf_counter() - t0:.1f} s); checkpoint and plots "

@@ -20,20 +20,25 @@ least float32), the loss (the output dtype is float32 by default, so the loss an
 are computed there), and any layer wrapped in :func:`full_precision`.
 
 Loss scaling for float16 (whose gradients underflow below ~6e-8): :class:`LossScale` is a
-pytree ``(scale, good_steps)`` with PyTorch GradScaler's dynamic rule, applied by
-``fnn.train.fit(precision=...)`` inside the compiled epoch.
+pytree ``(scale, good_steps)`` with PyTorch GradScaler's dynamic rule. :func:`loss_scaling`
+wraps an optimizer so that the scale lives in the optimizer state: its ``update`` unscales the
+gradients, skips a non-finite step (zero update, inner state kept) and moves the scale; the
+train step differentiates ``scale · loss`` (:func:`current_scale` reads it). ``fit(precision=
+"float16")`` does all this inside the compiled epoch.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fnn.core import Layer, backward_from
+from fnn.optim.base import GradientTransformation
 
 __all__ = ["Policy", "policy", "mixed_precision", "full_precision", "LossScale",
-           "loss_scale", "scale_loss", "unscale", "update_scale", "all_finite"]
+           "loss_scale", "scale_loss", "unscale", "update_scale", "all_finite",
+           "LossScalingState", "loss_scaling", "current_scale", "ScaledLoss"]
 
 _SHORT = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "f16": "float16", "half": "float16", "float64": "float64",
@@ -230,3 +235,62 @@ def update_scale(ls: LossScale, finite, *, growth_interval: int = 2000,
     scale = jnp.where(finite, jnp.where(grow, ls.scale * growth_factor, ls.scale),
                       ls.scale * backoff_factor)
     return LossScale(scale.astype(jnp.float32), jnp.where(grow, 0, good).astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------- in an optimizer
+
+class LossScalingState(NamedTuple):
+    """The wrapped optimizer's state and the :class:`LossScale`."""
+
+    inner: Any
+    loss_scale: LossScale
+
+
+def loss_scaling(optimizer, *, initial: float = 2.0 ** 15, dynamic: bool = True,
+                 growth_interval: int = 2000) -> GradientTransformation:
+    """``optimizer`` taking gradients of ``scale · loss``: ``update`` divides them by the scale
+    (in float32), applies ``optimizer`` when all are finite and otherwise returns zero updates
+    with the inner state unchanged (the step is skipped); a dynamic scale then follows
+    :func:`update_scale`, a static one (``dynamic=False``) stays at ``initial``.
+    """
+    if growth_interval < 1:
+        raise ValueError(f"loss_scaling: growth_interval must be >= 1, got {growth_interval}")
+
+    def init(params):
+        return LossScalingState(optimizer.init(params), loss_scale(initial))
+
+    def update(grads, state, params=None):
+        ls = state.loss_scale
+        grads = unscale(grads, ls)
+        ok = all_finite(grads)
+        safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+        updates, inner = optimizer.update(safe, state.inner, params)
+        updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+        inner = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner, state.inner)
+        ls = update_scale(ls, ok, growth_interval=growth_interval) if dynamic else ls
+        return updates, LossScalingState(inner, ls)
+
+    return GradientTransformation(init, update)
+
+
+def current_scale(opt_state):
+    """The :class:`LossScale` inside ``opt_state`` (found at trace time), or ``None``."""
+    found = [n for n in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, LossScale))
+             if isinstance(n, LossScale)]
+    return found[0] if found else None
+
+
+class ScaledLoss(NamedTuple):
+    """``loss`` whose hand-derived ``grad`` is multiplied by ``scale`` (its value is not): the
+    output error of a loss-scaled hand backward, scaled in float32 before the model casts it
+    down."""
+
+    loss: Any
+    scale: jax.Array
+
+    def __call__(self, pred, target, **kw):
+        return self.loss(pred, target, **kw)
+
+    def grad(self, pred, target, **kw):
+        g = self.loss.grad(pred, target, **kw)
+        return g * self.scale.astype(g.dtype)

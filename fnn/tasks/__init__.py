@@ -6,7 +6,7 @@ every module here, so a new file joins the CLI without further wiring.
 A :class:`Task` has
 
 - ``train(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False,
-  quick=False, resume=False) -> dict``: runs the whole story (data, model, training with
+  quick=False, resume=False, precision=None) -> dict``: runs the whole story (data, model, training with
   progress, evaluation, checkpoint and plots written under ``out``) and returns its final
   metrics (e.g. ``{"test_accuracy": 0.985}``); ``None`` means the task's default (see
   :func:`default`: ``0`` is a value, not "the default"); ``quick`` a tiny run for tests;
@@ -88,8 +88,9 @@ def default(value, fallback):
     return fallback if value is None else value
 
 
-def resume_options(resume: bool, out: str) -> dict:
-    """The :func:`fnn.train.fit` keywords for ``fnn train --resume``:
-    ``{"checkpoint_dir": out/ckpt, "resume": True}``, or ``{}`` without ``resume`` (so that a
-    plain run does not depend on those keywords)."""
-    return {"checkpoint_dir": os.path.join(out, "ckpt"), "resume": True} if resume else {}
+def resume_options(resume: bool, out: str, precision=None) -> dict:
+    """The :func:`fnn.train.fit` keywords for ``fnn train --resume`` and ``--precision``:
+    ``{"checkpoint_dir": out/ckpt, "resume": True}`` with ``resume``, ``{"precision": p}`` with a
+    precision; ``{}`` for a plain run."""
+    kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "resume": True} if resume else {}
+    return kw if precision is None else {**kw, "precision": precision}

@@ -114,7 +114,7 @@ def _config(quick, hidden, batch, window):
 
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
-        resume=False, hidden=None, batch=None, window=None, temperature=0.6, sample_length=400,
+        resume=False, precision=None, hidden=None, batch=None, window=None, temperature=0.6, sample_length=400,
         prompt="The ") -> dict:
     """Train (default: 4 epochs, hidden 128, 32 streams × 64-step windows; ``quick``: 1 epoch
     of a small model on 24k characters), report validation bits/char per epoch; returns
@@ -150,7 +150,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     result = train.fit(net, LOSS, opt, (x, y), train_state=ts, epochs=epochs, batch_size=B,
                        shuffle=False, drop_last=True, grad="manual", accuracy=None,
                        callbacks=(report,), progress=progress, learning_rate=lr,
-                       **resume_options(resume, out))
+                       **resume_options(resume, out, precision))
     ts = result.train_state
     text = _write(out, ts, history, chars, prompt, sample_length, temperature, seed)
     say(f"sampled at temperature {temperature}:\n{text}")

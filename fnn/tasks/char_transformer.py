@@ -110,7 +110,7 @@ def _plots(history, maps, text, out):
 
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
-        resume=False) -> dict:
+        resume=False, precision=None) -> dict:
     """Train, report validation bits/char per epoch, sample; returns ``val_bpc`` (last epoch),
     ``history`` (per-epoch ``train_bpc``/``val_bpc``), ``samples`` (one text per prompt in
     ``PROMPTS``, 64 characters: the context the positions were trained on) and ``epochs``."""
@@ -135,7 +135,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
                        val_data=val_xy, key=jax.random.PRNGKey(seed),
                        grad=value_and_grad(net, unroll=True),
                        accuracy=None, drop_last=True, progress=progress, grad_norm=False,
-                       **resume_options(resume, out))
+                       **resume_options(resume, out, precision))
     ts, hist = result.train_state, result.history
     history = {"epoch": hist["epoch"], "train_bpc": [l / math.log(2) for l in hist["loss"]],
                "val_bpc": [l / math.log(2) for l in hist["val_loss"]]}

@@ -67,7 +67,7 @@ def plot_errors(x, y, pred, path, cols=10):
 
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
-        resume=False) -> dict:
+        resume=False, precision=None) -> dict:
     """Train (``quick``: 2 epochs on 256 images) with early stopping on a validation split of
     the training set, then evaluate once on the 360 test digits; returns ``test_accuracy``,
     ``test_loss``, ``errors`` (test), ``val_accuracy`` and ``best_epoch`` (the restored epoch),
@@ -85,7 +85,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
                        batch_size=batch, val_data=val_xy, key=jax.random.PRNGKey(seed),
                        grad="manual", learning_rate=schedule, progress=progress,
                        early_stopping=PATIENCE, restore_best=True,
-                       **resume_options(resume, out))
+                       **resume_options(resume, out, precision))
     ts = result.train_state
     hist = result.history
     best = result.best_epoch or hist["epoch"][-1]

@@ -26,7 +26,7 @@ def model():
 
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
-        resume=False) -> dict:
+        resume=False, precision=None) -> dict:
     """Train (``quick``: 2 epochs), evaluate on the 360 test digits; returns
     ``test_accuracy``, ``test_loss``, ``best_epoch``, ``epochs``."""
     epochs = default(epochs, 2 if quick else 60)
@@ -38,7 +38,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs,
                        batch_size=default(batch_size, 32), val_data=val_xy,
                        key=jax.random.PRNGKey(seed), early_stopping=8, learning_rate=lr,
-                       progress=progress, **resume_options(resume, out))
+                       progress=progress, **resume_options(resume, out, precision))
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
     os.makedirs(out, exist_ok=True)

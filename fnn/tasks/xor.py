@@ -33,7 +33,7 @@ def _data(n, seed):
 
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
-        resume=False) -> dict:
+        resume=False, precision=None) -> dict:
     """Train on 512 noisy points (64 with ``quick``; 128 more for the validation curves), test
     on 256 fresh ones and on the four exact corners; returns ``test_accuracy``,
     ``truth_table_accuracy``, ``test_loss``."""
@@ -46,7 +46,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs,
                        batch_size=default(batch_size, 32), val_data=val_xy,
                        key=jax.random.PRNGKey(seed), grad="manual", learning_rate=lr,
-                       progress=progress, **resume_options(resume, out))
+                       progress=progress, **resume_options(resume, out, precision))
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
     corners, labels = _data(4, 0)

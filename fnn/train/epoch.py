@@ -19,6 +19,7 @@ from fnn.core import default_dtype
 from fnn.optim.rates import _rate_nodes
 from fnn.train.cache import cached
 from fnn.train.metrics import resolve_metrics
+from fnn.precision import current_scale
 from fnn.train.step import _as_data, _step_core, _where
 
 __all__ = ["evaluate"]
@@ -63,12 +64,14 @@ def _loop(core, ts, stacked, limit, count):
 
 class Report(NamedTuple):
     """What the host reads after an epoch or chunk: ``steps`` run, ``bad`` (the last one was
-    not finite), the ``sums`` and the ``learning_rate`` in the optimizer state (NaN if none)."""
+    not finite), the ``sums``, and the ``learning_rate`` and loss scale in the optimizer state
+    (NaN if none)."""
 
     steps: int
     bad: bool
     sums: Sums
     learning_rate: float
+    loss_scale: float
 
 
 class Runner:
@@ -81,7 +84,9 @@ class Runner:
 
         def packed(ts, data, limit):
             ts, i, bad, acc = fn(ts, data, limit)
-            leaves, self.tree = jax.tree.flatten(Report(i, bad, acc, _rate(ts.opt_state)))
+            ls = current_scale(ts.opt_state)
+            leaves, self.tree = jax.tree.flatten(Report(
+                i, bad, acc, _rate(ts.opt_state), jnp.full((), jnp.nan) if ls is None else ls.scale))
             self.specs = [(np.shape(v), jnp.asarray(v).dtype) for v in leaves]
             f = jnp.result_type(float)
             return ts, jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves])
@@ -97,7 +102,8 @@ class Runner:
             out.append(flat[at:at + k].reshape(shape).astype(dtype))
             at += k
         r = jax.tree.unflatten(self.tree, out)
-        return Report(int(r.steps), bool(r.bad), r.sums, float(r.learning_rate))
+        return Report(int(r.steps), bool(r.bad), r.sums, float(r.learning_rate),
+                      float(r.loss_scale))
 
 
 def _rate(opt_state):

@@ -9,8 +9,10 @@ import warnings
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fnn.precision import loss_scaling, mixed_precision, policy
 from fnn.train import resume as _resume
 from fnn.train.callbacks import _EarlyStop
 from fnn.train.epoch import make_chunk, make_epoch, make_eval
@@ -163,6 +165,27 @@ def _callbacks(callbacks, epoch, ts, logs):
     return ts, reason
 
 
+def _with_precision(model, optimizer, precision, loss_scale):
+    """The model under ``precision`` and the optimizer with the loss scaling asked for."""
+    if precision is None:
+        if loss_scale not in ("auto", None):
+            raise ValueError("fit: loss_scale needs precision= (a float16 or bfloat16 policy)")
+        return model, optimizer
+    p = policy(precision)
+    if loss_scale == "auto":
+        loss_scale = "dynamic" if p.compute == jnp.float16 else None
+    if loss_scale is None or loss_scale is False:
+        return mixed_precision(model, p), optimizer
+    if loss_scale == "dynamic":
+        return mixed_precision(model, p), loss_scaling(optimizer)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) \
+            or not loss_scale > 0:
+        raise ValueError(f"fit: loss_scale must be 'auto', 'dynamic', a positive number or None, "
+                         f"got {loss_scale!r}")
+    return mixed_precision(model, p), loss_scaling(optimizer, initial=float(loss_scale),
+                                                   dynamic=False)
+
+
 def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | None = None,
         val_data=None, key=None, params=None, state=None, train_state: TrainState | None = None,
         grad: str | Callable = "autodiff", accuracy="auto", metrics=(), regularizer=None,
@@ -171,7 +194,8 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
         monitor: str | None = None, restore_best: bool = True, callbacks=(),
         on_nonfinite: str = "stop", progress="auto", grad_norm: bool = False,
         eval_batch_size: int = 512, steps_per_epoch: int | None = None, chunk: int = 32,
-        check_data: bool = True, checkpoint_dir=None, resume: bool = False) -> FitResult:
+        check_data: bool = True, checkpoint_dir=None, resume: bool = False, precision=None,
+        loss_scale="auto") -> FitResult:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs; returns a :class:`FitResult`.
 
     ``train_data``: ``(x, target[, model_kwargs])`` arrays in memory (each epoch one compiled
@@ -203,9 +227,18 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     (``FloatingPointError``); the message says whether that batch's inputs were finite.
     ``check_data``: before training (each streamed batch as it comes, on the host), refuse
     non-finite inputs, integer labels outside the model's classes and token ids outside an
-    ``Embedding``'s vocabulary (:func:`fnn.checks.data_checker`). ``progress``: ``"auto"`` (a tqdm bar on a terminal), ``True``, ``"lines"``,
-    ``False``. ``grad_norm=True``: the mean gradient norm per epoch in the history (one more
-    pass over the gradients per step) and a non-finite gradient stops training too.
+    ``Embedding``'s vocabulary (:func:`fnn.checks.data_checker`). ``progress``: ``"auto"``
+    (a tqdm bar on a terminal), ``True``, ``"lines"``, ``False``. ``grad_norm=True``: the mean
+    gradient norm per epoch in the history (one more pass over the gradients per step) and a
+    non-finite gradient stops training too.
+    ``precision``: a :mod:`fnn.precision` policy (``"bfloat16"``, ``"float16"``,
+    ``"params=float32,compute=bfloat16,output=float32"``): the model runs as
+    ``mixed_precision(model, precision)``, master weights and optimizer state stay in the
+    policy's params dtype. ``loss_scale``: ``"auto"`` (dynamic for float16 compute, none
+    otherwise), ``"dynamic"``, a number (a static scale), or ``None``; the optimizer is wrapped
+    in :func:`fnn.precision.loss_scaling`, a non-finite step is skipped and the scale after each
+    epoch is the history's ``loss_scale`` column. bfloat16 has float32's range and needs no
+    scaling, but may be given one.
 
     Example::
 
@@ -215,6 +248,7 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     """
     stream = is_stream(train_data)
     _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir)
+    model, optimizer = _with_precision(model, optimizer, precision, loss_scale)
     ms = resolve_metrics(loss, accuracy, metrics)
     ctx = dict(stream=stream, model=model, loss=loss, metrics=ms, check=None,
                shuffle=shuffle, steps_per_epoch=steps_per_epoch, chunk=chunk, data=train_data)
@@ -291,6 +325,8 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
             step = start + report.steps
             logs.update(lr=_learning_rate(learning_rate, report.learning_rate, step),
                         time=ctx.pop("epoch_time", time.perf_counter() - t0))
+            if not math.isnan(report.loss_scale):
+                logs["loss_scale"] = report.loss_scale
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
             bar.update(logs)

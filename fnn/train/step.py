@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn import backprop
+from fnn.precision import ScaledLoss, current_scale
 from fnn.data import num_examples
 from fnn.optim import apply_updates, global_norm
 from fnn.train.cache import cached
@@ -102,28 +103,36 @@ def _where(ok, new, old):
 
 
 def _grad_fn(model, loss, grad, regularizer, need_pred):
-    """``f(params, state, x, t, kw, key) -> (loss, pred, new_state, grads)``; ``pred`` is
-    ``None`` when not needed and not free."""
+    """``f(params, state, x, t, kw, key, scale=None) -> (loss, pred, new_state, grads)``;
+    ``pred`` is ``None`` when not needed and not free. With a loss ``scale`` (a float32 scalar,
+    :mod:`fnn.precision`) the gradients are those of ``scale · (loss + penalty)``; the loss
+    returned is not scaled."""
     if grad == "autodiff":
-        def f(params, state, x, t, kw, key):
+        def f(params, state, x, t, kw, key, scale=None):
             def objective(p):
                 pred, new_state = model.apply(p, state, x, key=key, train=True, **kw)
                 value = loss(pred, t)
-                return value + (regularizer(p) if regularizer else 0.0), (value, pred, new_state)
+                total = value + (regularizer(p) if regularizer else 0.0)
+                return total * (1 if scale is None else scale), (value, pred, new_state)
             (_, (value, pred, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
             return value, pred, new_state, g
         return f
     if grad == "manual":
-        vg = backprop.value_and_grad(model, loss, with_output=True)
-
-        def f(params, state, x, t, kw, key):
+        def f(params, state, x, t, kw, key, scale=None):
+            scaled = loss if scale is None else ScaledLoss(loss, scale)
+            vg = backprop.value_and_grad(model, scaled, with_output=True)
             (value, new_state, pred), g = vg(params, state, x, t, key=key, train=True, **kw)
             if regularizer:
-                g = jax.tree.map(jnp.add, g, regularizer.grad(params))
+                r = regularizer.grad(params)
+                g = jax.tree.map(jnp.add, g, r if scale is None else
+                                 jax.tree.map(lambda a: a * scale.astype(a.dtype), r))
             return value, pred, new_state, g
         return f
     if callable(grad):
-        def f(params, state, x, t, kw, key):
+        def f(params, state, x, t, kw, key, scale=None):
+            if scale is not None:
+                raise ValueError("fit: loss scaling needs grad='autodiff' or 'manual'; a "
+                                 "gradient function cannot be told the scale")
             (value, new_state), g = grad(params, state, x, t, key=key, train=True, **kw)
             pred = model.apply(params, state, x, key=key, train=True, **kw)[0] if need_pred \
                 else None
@@ -151,15 +160,20 @@ def _step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=Non
         if augment is not None:
             x, t = augment(jax.random.fold_in(ts.key, ts.step), x, t)
         key, sub = jax.random.split(ts.key) if stochastic else (ts.key, None)  # dropout keys
-        value, pred, new_state, grads = vg(ts.params, ts.state, x, t, kw, sub)
+        ls = current_scale(ts.opt_state)          # loss scaling: the optimizer skips bad steps
+        value, pred, new_state, grads = vg(ts.params, ts.state, x, t, kw, sub,
+                                           None if ls is None else ls.scale)
         gnorm = global_norm(grads) if grad_norm else jnp.full((), jnp.nan)
+        if ls is not None:
+            gnorm = gnorm / ls.scale
         updates, opt_state = update(grads, ts.opt_state, ts.params)
         new = TrainState(apply_updates(ts.params, updates), new_state, opt_state, ts.step + 1,
                          key)
         size = jax.tree.leaves(x)[0].shape[0]
         w = jnp.ones((size,), jnp.result_type(float))
         stats = tuple(m.stats(pred, t, w) for m in metrics)
-        finite = jnp.isfinite(value) & (jnp.isfinite(gnorm) if grad_norm else True)
+        finite = jnp.isfinite(value) & (jnp.isfinite(gnorm) if grad_norm and ls is None
+                                        else True)
         return new, StepOut(value, finite, gnorm, size, stats)
     return step
 
