@@ -34,9 +34,10 @@ def batch_sharding(mesh, axis="data") -> NamedSharding:
 def _check_divisible(tree, n, what, where):
     for a in jax.tree.leaves(tree):
         if not jnp.ndim(a) or jnp.shape(a)[0] % n:
-            raise ValueError(f"{where}: {what} size {jnp.shape(a)[:1] or 'of a scalar'} is not "
-                             f"divisible by the {n} devices of the data axis; use a batch "
-                             f"size that is a multiple of {n} (fnn does not pad batches)")
+            size = jnp.shape(a)[0] if jnp.ndim(a) else "of a scalar"
+            raise ValueError(f"{where}: {what} size {size} is not divisible by the {n} "
+                             f"devices of the data axis; use a batch size that is a multiple "
+                             f"of {n} (fnn does not pad batches)")
 
 
 def shard_batch(batch, mesh, axis="data"):

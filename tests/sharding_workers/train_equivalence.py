@@ -117,8 +117,46 @@ def same_shardings(ts, mesh, rules):
     return ok, ok_opt, split
 
 
-def main(cases):
-    out = []
+def checkpoint_across_meshes(tmp):
+    """Save an FSDP train state from 8 devices, restore on 2 devices and on 1: bit-exact?"""
+    from fnn.sharding import checkpoint
+    ts, (mesh, rules) = run("mlp", "manual", "fsdp")
+    checkpoint.save(tmp, ts)
+    saved = [np.asarray(a) for a in jax.tree.leaves(ts)]
+    out = {}
+    for n in (2, 1):
+        small = sharding.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+        back = checkpoint.restore(tmp, ts, sharding.train_state_shardings(ts, small, rules))
+        out[n] = {"bit_exact": all(np.array_equal(np.asarray(a), b) and
+                                   np.asarray(a).dtype == b.dtype
+                                   for a, b in zip(jax.tree.leaves(back), saved)),
+                  "devices": sorted({d.id for a in jax.tree.leaves(back)
+                                     for d in a.sharding.device_set}),
+                  "split": sum(not a.sharding.is_fully_replicated
+                               for a in jax.tree.leaves(back.params))}
+    return out
+
+
+def errors():
+    """The messages of the bad inputs that need several devices."""
+    mesh = sharding.make_mesh((4, 2), ("data", "model"))
+    msgs = {}
+    for what, f in {
+        "batch": lambda: sharding.shard_batch(np.zeros((6, 3)), mesh),
+        "split": lambda: sharding.shard_params({"w": np.zeros((3, 5))}, mesh,
+                                               [(r"w", jax.sharding.PartitionSpec("data"))]),
+        "shuffle": lambda: sharding.shard_shuffle(None, np.zeros((10, 2)), 4, 8),
+    }.items():
+        try:
+            f()
+            msgs[what] = None
+        except ValueError as e:
+            msgs[what] = str(e)
+    return msgs
+
+
+def main(cases, tmp):
+    out = {"errors": errors(), "checkpoint": checkpoint_across_meshes(tmp), "cases": []}
     refs = {}
     for name, grad, mesh_name, explicit in cases:
         if (name, grad) not in refs:
@@ -127,12 +165,11 @@ def main(cases):
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                    for a, b in zip(jax.tree.leaves(ts.params), jax.tree.leaves(refs[name, grad])))
         ok, ok_opt, split = same_shardings(ts, mesh, rules)
-        out.append({"model": name, "grad": grad, "mesh": mesh_name, "explicit": explicit,
+        out["cases"].append({"model": name, "grad": grad, "mesh": mesh_name, "explicit": explicit,
                     "max_diff": diff, "steps": int(ts.step), "params_sharded_as_asked": ok,
                     "opt_state_like_params": ok_opt, "split_params": split})
     print(json.dumps(out))
 
 
 if __name__ == "__main__":
-    cases = [tuple(c) for c in json.loads(sys.argv[1])]
-    main(cases)
+    main([tuple(c) for c in json.loads(sys.argv[1])], sys.argv[2])
