@@ -31,7 +31,9 @@ def make_sharded_step(step, mesh, train_state_sharding, batch_sharding_=None, *,
     :func:`fnn.sharding.train_state_shardings`); ``batch_sharding_``: the batch's sharding (a
     sharding or a tree of them; default: split over ``"data"``). ``rest`` and ``outputs``
     (metrics, step counts) are replicated. ``donate``: the input train state's buffers are
-    reused for the output (do not use the old state after the call).
+    reused for the output (do not use the old state after the call — nor the arrays it was
+    made from: ``jax.device_put`` and :func:`~fnn.sharding.shard_params` return the arrays
+    given when they already sit where asked).
 
     **Returns:** the compiled function, same signature as ``step``.
 
