@@ -4,7 +4,8 @@ Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived an
 against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
 from fnn import (activations, augment, backprop, checkpoint, checks, data, gradcheck,
-                 initializers, layers, losses, models, optim, precision, regularizers, train)
+                 initializers, layers, losses, models, optim, precision, regularizers, sharding,
+                 train)
 from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
                       stack, summary)
 
@@ -14,5 +15,5 @@ __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
     "summary", "cast", "activations", "augment", "backprop", "checkpoint", "checks", "data",
     "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
-    "regularizers", "train",
+    "regularizers", "sharding", "train",
 ]
