@@ -66,8 +66,8 @@ def contenders(model, x, t, rules=None):
         shard = (sp, sharding.opt_state_shardings(opt.init(params), sp, mesh))
         run = sharding.make_sharded_step(step, mesh, shard)
         out[f"sharded, {n} device{'s' * (n > 1)}"] = (
-            run, lambda shard=shard: jax.device_put(jax.tree.map(jnp.copy, (params, opt.init(params))),
-                                                    shard),
+            run, lambda shard=shard: jax.device_put(
+                jax.tree.map(jnp.copy, (params, opt.init(params))), shard),
             lambda mesh=mesh: sharding.shard_batch((x, t), mesh))
     return out
 

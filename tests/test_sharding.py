@@ -3,7 +3,7 @@
 The multi-device checks run in subprocesses (the device count is fixed when JAX starts):
 ``sharding_workers/train_equivalence.py`` on 8 simulated CPU devices (one process: every
 model, mesh and gradient path at once, so start-up and compilation are paid once), and
-``sharding_workers/multiprocess.py`` as two processes × 2 devices against one × 4. The rest
+``sharding_workers/two_processes.py`` as two processes × 2 devices against one × 4. The rest
 runs here on the suite's single device.
 """
 import json
@@ -53,6 +53,7 @@ def eight(tmp_path_factory):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_device(eight):
     """20 Adam steps (float32) on (8,) data, (4, 2) data×model and FSDP meshes give the
     one-device parameters to 1e-5, with params and moments where the rules put them."""
@@ -64,6 +65,7 @@ def test_sharded_training_matches_one_device(eight):
         assert (c["split_params"] > 0) == (c["mesh"] != "dp"), c
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_8_restored_on_2_and_1(eight):
     for n, r in eight["checkpoint"].items():
         assert r["bit_exact"], (n, r)
@@ -71,6 +73,15 @@ def test_checkpoint_saved_on_8_restored_on_2_and_1(eight):
     assert eight["checkpoint"]["2"]["split"] > 0
 
 
+@pytest.mark.slow
+def test_per_shard_shuffle_moves_no_data(eight):
+    """The compiled epoch has no collective of the data set's shape; a global permutation of
+    the same batch-sharded data has one (the check can fail)."""
+    assert eight["shuffle"]["per_shard"] == []
+    assert len(eight["shuffle"]["global"]) >= 1
+
+
+@pytest.mark.slow
 def test_bad_input_on_eight_devices(eight):
     e = eight["errors"]
     assert re.search(r"shard_batch: batch size 6 is not divisible by the 4 devices", e["batch"])
@@ -88,10 +99,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     """2 processes × 2 CPU devices (gloo) train as 1 × 4 to 1e-6; their checkpoint, saved
     by both, restores bit-exact in one process onto 2 devices."""
-    port, worker = _free_port(), os.path.join(WORKERS, "multiprocess.py")
+    port, worker = _free_port(), os.path.join(WORKERS, "two_processes.py")
     procs = [subprocess.Popen([sys.executable, worker, "multi", str(p), "2", str(port),
                                str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
@@ -182,8 +194,8 @@ def test_mesh_without_the_named_axis():
 
 
 def test_spec_longer_than_parameter():
-    with pytest.raises(ValueError, match=r"spec P\('data', None\) for parameter 'w' has 2 entries, the "
-                                         r"parameter only 1 axes"):
+    with pytest.raises(ValueError, match=r"spec P\('data', None\) for parameter 'w' has 2 "
+                                         r"entries, the parameter only 1 axes"):
         sharding.param_specs({"w": jnp.zeros(2)}, _mesh(), [("w", P("data", None))])
 
 

@@ -1,10 +1,10 @@
 """Worker for tests/test_sharding.py: two processes × 2 CPU devices against one × 4.
 
-``multiprocess.py multi PID NPROC PORT OUT``: one of NPROC processes (gloo collectives on
+``two_processes.py multi PID NPROC PORT OUT``: one of NPROC processes (gloo collectives on
 localhost); trains an MLP for 20 FSDP steps over a (4,) data mesh spanning both processes,
 each process feeding its half of every batch; saves a sharded checkpoint to OUT/ckpt from
 both processes; process 0 writes the gathered params to OUT/multi.npz.
-``multiprocess.py single OUT``: one process, 4 devices, the same training; restores
+``two_processes.py single OUT``: one process, 4 devices, the same training; restores
 OUT/ckpt onto 2 devices; prints JSON comparing both.
 """
 import json
