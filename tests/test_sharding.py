@@ -215,6 +215,34 @@ def test_explicit_mesh_is_used_with_auto_axes():
         sharding.make_mesh((2, 4), ("data", "model"))
 
 
+def test_simulate_cpu_devices_after_start():
+    jnp.zeros(1).block_until_ready()
+    sharding.simulate_cpu_devices(jax.device_count())          # already so: fine
+    with pytest.raises(RuntimeError, match=r"simulate_cpu_devices\(3\): JAX has already "
+                                           r"started with 1 device"):
+        sharding.simulate_cpu_devices(3)
+    with pytest.raises(ValueError, match=r"n must be a positive int, got 0"):
+        sharding.simulate_cpu_devices(0)
+
+
+def test_shard_train_state_and_process_local_batch_on_one_process():
+    from fnn import optim
+    from fnn.train import TrainState
+    mesh = _mesh()
+    params = {"w": jnp.ones((4, 2))}
+    opt = optim.adam(1e-3)
+    ts = TrainState(params, {}, opt.init(params), jnp.zeros((), jnp.int32),
+                    jax.random.PRNGKey(0))
+    placed, sh = sharding.shard_train_state(ts, mesh, [("w", P(None, "model"))])
+    assert placed.params["w"].sharding == sh.params["w"]
+    assert placed.opt_state[0].mu["w"].sharding.spec == P(None, "model")
+    assert placed.step.sharding.spec == P()
+    x = np.arange(6.0).reshape(3, 2)
+    got = sharding.process_local_batch(x, mesh)
+    assert got.shape == (3, 2) and got.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(got), x)
+
+
 def test_opt_state_takes_its_params_shardings():
     from fnn import optim
     mesh = _mesh()

@@ -15,14 +15,16 @@ See ``docs/scaling.md``.
 """
 from fnn.sharding.data import (batch_sharding, process_local_batch, shard_batch, shard_shuffle,
                                take_batch)
-from fnn.sharding.mesh import as_auto, axis_size, check_axes, make_mesh, replicated
+from fnn.sharding.mesh import (as_auto, axis_size, check_axes, make_mesh, replicated,
+                               simulate_cpu_devices)
 from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_shardings,
-                                param_specs, shard_opt_state, shard_params, tensor_parallel,
-                                train_state_shardings)
+                                param_specs, shard_opt_state, shard_params, shard_train_state,
+                                tensor_parallel, train_state_shardings)
 from fnn.sharding.step import make_epoch, make_sharded_step, sharding_table
 
-__all__ = ["make_mesh", "as_auto", "axis_size", "check_axes", "replicated",
+__all__ = ["make_mesh", "as_auto", "axis_size", "check_axes", "replicated", "simulate_cpu_devices",
            "param_paths", "param_specs", "param_shardings", "shard_params", "fsdp",
            "tensor_parallel", "opt_state_shardings", "shard_opt_state", "train_state_shardings",
+           "shard_train_state",
            "batch_sharding", "shard_batch", "process_local_batch", "shard_shuffle", "take_batch",
            "make_sharded_step", "make_epoch", "sharding_table"]

@@ -11,7 +11,24 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["make_mesh", "as_auto", "check_axes", "replicated", "axis_size"]
+__all__ = ["make_mesh", "as_auto", "check_axes", "replicated", "axis_size",
+           "simulate_cpu_devices"]
+
+
+def simulate_cpu_devices(n: int):
+    """Give the CPU backend ``n`` devices (``jax_num_cpu_devices``), for data parallelism on
+    one CPU (``fnn train TASK --devices N``). Must run before JAX's first computation;
+    afterwards a ``RuntimeError`` says so (unless the backend already has ``n`` devices)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"simulate_cpu_devices: n must be a positive int, got {n!r}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        if jax.device_count() != n:
+            raise RuntimeError(f"simulate_cpu_devices({n}): JAX has already started with "
+                               f"{jax.device_count()} device(s); call it before any JAX "
+                               f"computation (or set XLA_FLAGS=--xla_force_host_platform_"
+                               f"device_count={n} in the environment)") from None
 
 
 def make_mesh(shape, names=("data",), *, devices=None) -> Mesh:

@@ -25,7 +25,7 @@ from fnn.sharding.mesh import as_auto, axis_size, check_axes
 
 __all__ = ["param_paths", "param_specs", "param_shardings", "shard_params", "fsdp",
            "tensor_parallel", "opt_state_shardings", "shard_opt_state",
-           "train_state_shardings"]
+           "train_state_shardings", "shard_train_state"]
 
 
 def _key(k) -> str:
@@ -217,3 +217,13 @@ def train_state_shardings(train_state, mesh, rules=None):
     fields["params"] = ps
     fields["opt_state"] = opt_state_shardings(train_state.opt_state, ps, mesh)
     return type(train_state)(**fields)
+
+
+def shard_train_state(train_state, mesh, rules=None):
+    """``(train_state placed on mesh, its shardings)``: :func:`train_state_shardings` and
+    ``jax.device_put``. Ready for :func:`fnn.sharding.make_sharded_step`.
+
+    >>> ts, ts_sh = shard_train_state(ts, mesh, tensor_parallel())
+    """
+    shardings = train_state_shardings(train_state, mesh, rules)
+    return jax.device_put(train_state, shardings), shardings
