@@ -295,11 +295,14 @@ def test_sharded_step_equals_plain_step_and_donates(rng):
     s0 = (params, opt.init(params))
     sh = jax.tree.map(lambda _: sharding.replicated(mesh), s0)
     ref = jax.jit(step)(s0, (x, t))
-    start = jax.device_put(s0, sh)
+    start = jax.device_put(jax.tree.map(jnp.copy, s0), sh)
     got = sharding.make_sharded_step(step, mesh, sh)(start, sharding.shard_batch((x, t), mesh))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.leaves(start)[0].is_deleted()        # the old state's buffers were donated
+    kept = jax.device_put(jax.tree.map(jnp.copy, s0), sh)
+    sharding.make_sharded_step(step, mesh, sh, donate=False)(kept, (x, t))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(kept))
 
 
 # --------------------------------------------------------------------------- checkpoints
