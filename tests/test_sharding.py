@@ -280,6 +280,23 @@ def test_shard_shuffle_permutes_within_shards(rng):
     np.testing.assert_array_equal(np.asarray(rest0), [4, 9])
 
 
+@pytest.mark.parametrize("n, d, b", [(24, 4, 8), (28, 4, 8), (12, 2, 6), (16, 1, 5)])
+def test_interleaved_placement_reads_batches_in_sequence(n, d, b):
+    """Unshuffled, the sharded layout gives exactly the plain epoch's batches: data[i·B:(i+1)·B]
+    and then the partial batch data[full·B:]."""
+    if n % d or b % d:
+        pytest.skip("layout needs multiples")
+    x = np.arange(n) * 10
+    head, rest = sharding.shard_shuffle(None, x[sharding.interleave_order(n, d, b)], d, b)
+    for i in range(n // b):
+        np.testing.assert_array_equal(np.asarray(sharding.take_batch(head, i)),
+                                      x[i * b:(i + 1) * b])
+    np.testing.assert_array_equal(np.asarray(rest), x[(n // b) * b:])
+    with pytest.raises(ValueError, match=r"interleave_order: 10 examples and batch size 4 "
+                                         r"must both be multiples of the 4 data shards"):
+        sharding.interleave_order(10, 4, 4)
+
+
 def test_sharded_step_equals_plain_step_and_donates(rng):
     from fnn import losses, optim
     from fnn.layers import Dense

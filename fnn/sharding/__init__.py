@@ -13,8 +13,8 @@ shardings, XLA's collectives, ``jax.distributed``. No home-made communication la
 
 See ``docs/scaling.md``.
 """
-from fnn.sharding.data import (batch_sharding, process_local_batch, shard_batch, shard_shuffle,
-                               take_batch)
+from fnn.sharding.data import (batch_sharding, interleave_order, process_local_batch,
+                               shard_batch, shard_dataset, shard_shuffle, take_batch)
 from fnn.sharding.mesh import (as_auto, axis_size, check_axes, make_mesh, replicated,
                                simulate_cpu_devices)
 from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_shardings,
@@ -27,4 +27,5 @@ __all__ = ["make_mesh", "as_auto", "axis_size", "check_axes", "replicated", "sim
            "tensor_parallel", "opt_state_shardings", "shard_opt_state", "train_state_shardings",
            "shard_train_state",
            "batch_sharding", "shard_batch", "process_local_batch", "shard_shuffle", "take_batch",
+           "interleave_order", "shard_dataset",
            "make_sharded_step", "make_epoch", "sharding_table"]

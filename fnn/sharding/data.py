@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fnn.sharding.mesh import as_auto, axis_size, check_axes
 
 __all__ = ["batch_sharding", "shard_batch", "process_local_batch", "shard_shuffle",
-           "take_batch"]
+           "take_batch", "interleave_order", "shard_dataset"]
 
 
 def batch_sharding(mesh, axis="data") -> NamedSharding:
@@ -98,3 +99,35 @@ def take_batch(head, i):
     return jax.tree.map(
         lambda a: jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False)
         .reshape((-1,) + a.shape[3:]), head)
+
+
+def interleave_order(n: int, num_shards: int, batch_size: int) -> np.ndarray:
+    """Row order that makes unshuffled sharded epochs read batches in sequence.
+
+    ``data[order]`` split into ``num_shards`` (``D``) contiguous blocks puts in block ``j``
+    the ``j``-th ``B / D`` rows of every batch ``i`` (rows ``i·B + j·B/D ...``), then its part
+    of the last partial batch. :func:`shard_shuffle` with ``key=None`` then gives batch ``i`` =
+    ``data[i·B:(i+1)·B]`` and ``rest = data[full·B:]``, exactly the batches of an unsharded
+    epoch; with a key, each device shuffles only rows it holds.
+    """
+    if n % num_shards or batch_size % num_shards:
+        raise ValueError(f"interleave_order: {n} examples and batch size {batch_size} must "
+                         f"both be multiples of the {num_shards} data shards")
+    full, local = n // batch_size, batch_size // num_shards
+    r = (n - full * batch_size) // num_shards
+    blocks = []
+    for j in range(num_shards):
+        head = (np.arange(full)[:, None] * batch_size + j * local + np.arange(local)[None, :])
+        blocks += [head.ravel(), full * batch_size + j * r + np.arange(r)]
+    return np.concatenate(blocks).astype(np.int64)
+
+
+def shard_dataset(data, mesh, batch_size: int, axis="data"):
+    """A whole training set (pytree of ``[n, ...]`` arrays, held by this process) placed for
+    sharded epochs: rows reordered on the host by :func:`interleave_order` (once, before
+    training), then split over ``axis``. ``n`` and ``batch_size`` must be multiples of the
+    axis size (``ValueError`` otherwise)."""
+    d = axis_size(batch_sharding(mesh, axis).mesh, axis)
+    n = jnp.shape(jax.tree.leaves(data)[0])[0]
+    order = interleave_order(n, d, batch_size)
+    return shard_batch(jax.tree.map(lambda a: np.asarray(a)[order], data), mesh, axis)
