@@ -388,3 +388,14 @@ def test_checkpoint_piece_outside_its_array_is_refused(tmp_path):
     ckpt.save(file, {"a0": np.zeros((2, 2))}, metadata={"pieces": "[[0, [[0, 2], [1, 3]]]]"})
     with pytest.raises(sckpt.CheckpointError, match=r"corrupt shard file: piece bounds"):
         sckpt.restore(tmp_path / "c", t)
+
+
+def test_opt_state_leaves_unlike_params_stay_replicated():
+    """A single-array params tree: the scalar step count is not mistaken for a moment, and a
+    factored moment of another shape is replicated."""
+    mesh = _mesh()
+    w = sharding.shard_params(jnp.zeros((4, 4)), mesh, [("", P(None, "model"))])
+    state = {"count": jnp.zeros((), jnp.int32), "mu": jnp.zeros((4, 4)), "row": jnp.zeros((4,))}
+    got = sharding.opt_state_shardings(state, w, mesh)
+    assert got["mu"].spec == P(None, "model")
+    assert got["count"].spec == P() and got["row"].spec == P()

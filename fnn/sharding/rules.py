@@ -15,6 +15,7 @@ A parameter's path is its key path joined by ``/`` (``blocks/attn/mha/q/w``, ``0
 """
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -123,7 +124,7 @@ def fsdp(axis: str = "data", min_size: int = 2 ** 10):
     def rule(path, shape, mesh):
         check_axes(mesh, (axis,), "fsdp")
         n = mesh.shape[axis]
-        if not shape or int(jnp.prod(jnp.array(shape))) < min_size:
+        if not shape or math.prod(shape) < min_size:
             return None
         dims = [d for d in range(len(shape)) if shape[d] % n == 0]
         if not dims:
@@ -180,19 +181,22 @@ def opt_state_shardings(opt_state, params_sharding, mesh):
     any other leaf (step counts, scalars) is replicated. ``params_sharding`` holds
     ``NamedSharding``s or sharded arrays."""
     mesh = as_auto(mesh)
-    shard = jax.tree.map(lambda a: getattr(a, "sharding", a), params_sharding,
-                         is_leaf=lambda a: isinstance(a, NamedSharding))
-    pstruct = jax.tree.structure(shard, is_leaf=lambda a: isinstance(a, NamedSharding))
+    is_sh = lambda a: isinstance(a, NamedSharding)
+    shard = jax.tree.map(lambda a: getattr(a, "sharding", a), params_sharding, is_leaf=is_sh)
+    given = jax.tree.leaves(params_sharding, is_leaf=is_sh)
+    wants = [(a if is_sh(a) else a.sharding, None if is_sh(a) else tuple(jnp.shape(a)))
+             for a in given]
+    pstruct = jax.tree.structure(shard, is_leaf=is_sh)
     rep = NamedSharding(mesh, P())
 
     def like_params(x):
-        return jax.tree.structure(x) == pstruct
+        if jax.tree.structure(x) != pstruct:
+            return False
+        return all(len(s.spec) <= jnp.ndim(a) and (want is None or tuple(jnp.shape(a)) == want)
+                   for a, (s, want) in zip(jax.tree.leaves(x), wants))
 
-    def pick(x):
-        if like_params(x):
-            return shard
-        return rep
-    return jax.tree.map(pick, opt_state, is_leaf=like_params)
+    return jax.tree.map(lambda x: shard if like_params(x) else rep, opt_state,
+                        is_leaf=like_params)
 
 
 def shard_opt_state(optimizer, params, mesh):
