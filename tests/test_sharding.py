@@ -9,7 +9,6 @@ runs here on the suite's single device.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -93,35 +92,22 @@ def test_bad_input_on_eight_devices(eight):
 
 # --------------------------------------------------------------------------- two processes
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    """2 processes × 2 CPU devices (gloo) train as 1 × 4 to 1e-6; their checkpoint, saved
-    by both, restores bit-exact in one process onto 2 devices."""
-    port, worker = _free_port(), os.path.join(WORKERS, "two_processes.py")
-    procs = [subprocess.Popen([sys.executable, worker, "multi", str(p), "2", str(port),
-                               str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
-             for p in (0, 1)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the two training processes did not finish in 300 s")
-    if any(p.returncode for p in procs):
-        text = "\n".join(logs)
+    """2 processes × 2 CPU devices (gloo), started by fnn.sharding.launch, train as 1 × 4 to
+    1e-6; their checkpoint, saved by both, restores bit-exact in one process onto 2 devices."""
+    from fnn.sharding.launch import launch_local
+    worker = os.path.join(WORKERS, "two_processes.py")
+    with open(tmp_path / "log.txt", "w") as log:
+        codes = launch_local([sys.executable, worker, "multi", str(tmp_path)], 2,
+                             cpu_devices=2, timeout=300, env=_env(), cwd=ROOT, stdout=log,
+                             stderr=subprocess.STDOUT)
+    text = (tmp_path / "log.txt").read_text()
+    if any(codes):
         if re.search(r"gloo", text, re.I) and re.search(r"not (available|supported|built)|"
                                                         r"unknown|invalid", text, re.I):
             pytest.skip(f"this jaxlib has no gloo CPU collectives: {text[-300:]}")
-        pytest.fail(text[-3000:])
+        pytest.fail(f"exit codes {codes} (-9: killed at the 300 s timeout)\n{text[-3000:]}")
     r = subprocess.run([sys.executable, worker, "single", str(tmp_path)], capture_output=True,
                        text=True, env=_env(), timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -399,3 +385,28 @@ def test_opt_state_leaves_unlike_params_stay_replicated():
     got = sharding.opt_state_shardings(state, w, mesh)
     assert got["mu"].spec == P(None, "model")
     assert got["count"].spec == P() and got["row"].spec == P()
+
+
+def test_initialize_without_a_coordinator_does_nothing(monkeypatch):
+    from fnn.sharding.launch import initialize
+    for v in ("FNN_COORDINATOR", "FNN_NUM_PROCESSES", "FNN_PROCESS_ID", "FNN_CPU_DEVICES"):
+        monkeypatch.delenv(v, raising=False)
+    assert initialize() is False
+    with pytest.raises(ValueError, match=r"initialize: coordinator 'localhost:1' given but "
+                                         r"not FNN_NUM_PROCESSES"):
+        initialize("localhost:1")
+    with pytest.raises(ValueError, match=r"initialize: process id 2 not in \[0, 2\)"):
+        initialize("localhost:1", 2, 2)
+
+
+def test_launch_local_runs_each_process_with_its_id(tmp_path):
+    from fnn.sharding.launch import launch_local
+    code = ("import os; open(os.path.join(%r, os.environ['FNN_PROCESS_ID']), 'w')"
+            ".write(os.environ['FNN_NUM_PROCESSES'] + ' ' + os.environ['FNN_COORDINATOR'])"
+            % str(tmp_path))
+    assert launch_local([sys.executable, "-c", code], 3, timeout=60) == [0, 0, 0]
+    got = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(got) == ["0", "1", "2"] and len(set(got.values())) == 1
+    assert re.fullmatch(r"3 localhost:\d+", got["0"])
+    assert launch_local([sys.executable, "-c", "import sys; sys.exit(3)"], 2,
+                        timeout=60) == [3, 3]

@@ -187,7 +187,8 @@ def errors():
 
 
 def main(cases, tmp):
-    out = {"errors": errors(), "shuffle": shuffle_collectives(), "checkpoint": checkpoint_across_meshes(tmp), "cases": []}
+    out = {"errors": errors(), "shuffle": shuffle_collectives(),
+           "checkpoint": checkpoint_across_meshes(tmp), "cases": []}
     refs = {}
     for name, grad, mesh_name, explicit in cases:
         if (name, grad) not in refs:

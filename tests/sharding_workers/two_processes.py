@@ -1,8 +1,8 @@
 """Worker for tests/test_sharding.py: two processes × 2 CPU devices against one × 4.
 
-``two_processes.py multi PID NPROC PORT OUT``: one of NPROC processes (gloo collectives on
-localhost); trains an MLP for 20 FSDP steps over a (4,) data mesh spanning both processes,
-each process feeding its half of every batch; saves a sharded checkpoint to OUT/ckpt from
+``python -m fnn.sharding.launch -n 2 --cpu-devices 2 -- python two_processes.py multi OUT``:
+one of two processes (gloo collectives on localhost); trains an MLP for 20 FSDP steps over
+a (4,) data mesh spanning both processes, each process feeding its half of every batch; saves a sharded checkpoint to OUT/ckpt from
 both processes; process 0 writes the gathered params to OUT/multi.npz.
 ``two_processes.py single OUT``: one process, 4 devices, the same training; restores
 OUT/ckpt onto 2 devices; prints JSON comparing both.
@@ -19,12 +19,11 @@ STEPS, BATCH, N = 20, 16, 64
 
 
 def setup(role):
-    jax.config.update("jax_num_cpu_devices", 2 if role == "multi" else 4)
-    if role == "multi":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        pid, nproc, port = map(int, sys.argv[2:5])
-        jax.distributed.initialize(f"localhost:{port}", nproc, pid,
-                                   initialization_timeout=60)
+    from fnn.sharding.launch import initialize
+    if role == "multi":             # started by fnn.sharding.launch: FNN_* variables
+        assert initialize(timeout=60)
+    else:
+        jax.config.update("jax_num_cpu_devices", 4)
 
 
 def train(mesh, feed):
