@@ -2,8 +2,9 @@
 
 ``python -m fnn.sharding.launch -n 2 --cpu-devices 2 -- python two_processes.py multi OUT``:
 one of two processes (gloo collectives on localhost); trains an MLP for 20 FSDP steps over
-a (4,) data mesh spanning both processes, each process feeding its half of every batch; saves a sharded checkpoint to OUT/ckpt from
-both processes; process 0 writes the gathered params to OUT/multi.npz.
+a (4,) data mesh spanning both processes, each process feeding its half of every batch;
+saves a sharded checkpoint to OUT/ckpt from both processes; process 0 writes the gathered
+params to OUT/multi.npz.
 ``two_processes.py single OUT``: one process, 4 devices, the same training; restores
 OUT/ckpt onto 2 devices; prints JSON comparing both.
 """
