@@ -6,10 +6,12 @@ shardings, XLA's collectives, ``jax.distributed``. No home-made communication la
   :func:`tensor_parallel` presets, :func:`shard_params`, :func:`shard_opt_state`,
   :func:`train_state_shardings`.
 - :mod:`~fnn.sharding.data`: :func:`shard_batch`, :func:`process_local_batch`,
-  :func:`shard_shuffle` (permute within each device's shard).
+  :func:`shard_dataset`, :func:`shard_shuffle` (permute within each device's shard).
 - :mod:`~fnn.sharding.step`: :func:`make_sharded_step`, :func:`make_epoch`,
   :func:`sharding_table`.
 - :mod:`~fnn.sharding.checkpoint`: sharded, multi-process, atomic checkpoints.
+- :mod:`~fnn.sharding.launch`: ``python -m fnn.sharding.launch -n 2 -- CMD`` and
+  :func:`~fnn.sharding.launch.initialize` for several processes.
 
 See ``docs/scaling.md``.
 """
