@@ -23,6 +23,7 @@ from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_sh
                                 param_specs, shard_opt_state, shard_params, shard_train_state,
                                 tensor_parallel, train_state_shardings)
 from fnn.sharding.step import make_epoch, make_sharded_step, sharding_table
+from fnn.sharding import checkpoint, launch  # noqa: E402  (submodules: sharding.checkpoint.save)
 
 __all__ = ["make_mesh", "as_auto", "axis_size", "check_axes", "replicated", "simulate_cpu_devices",
            "param_paths", "param_specs", "param_shardings", "shard_params", "fsdp",
