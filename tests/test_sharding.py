@@ -410,3 +410,15 @@ def test_launch_local_runs_each_process_with_its_id(tmp_path):
     assert re.fullmatch(r"3 localhost:\d+", got["0"])
     assert launch_local([sys.executable, "-c", "import sys; sys.exit(3)"], 2,
                         timeout=60) == [3, 3]
+
+
+def test_default_mesh_context():
+    assert sharding.current_mesh() is None
+    mesh = jax.make_mesh((1,), ("data",))                      # Explicit: stored as Auto
+    with sharding.default_mesh(mesh):
+        got = sharding.current_mesh()
+        assert got.axis_types == (jax.sharding.AxisType.Auto,) and got.axis_names == ("data",)
+        with sharding.default_mesh(None):
+            assert sharding.current_mesh() is None
+        assert sharding.current_mesh() is got
+    assert sharding.current_mesh() is None

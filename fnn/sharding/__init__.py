@@ -17,8 +17,8 @@ See ``docs/scaling.md``.
 """
 from fnn.sharding.data import (batch_sharding, interleave_order, process_local_batch,
                                shard_batch, shard_dataset, shard_shuffle, take_batch)
-from fnn.sharding.mesh import (as_auto, axis_size, check_axes, make_mesh, replicated,
-                               simulate_cpu_devices)
+from fnn.sharding.mesh import (as_auto, axis_size, check_axes, current_mesh, default_mesh,
+                               make_mesh, replicated, simulate_cpu_devices)
 from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_shardings,
                                 param_specs, shard_opt_state, shard_params, shard_train_state,
                                 tensor_parallel, train_state_shardings)
@@ -26,6 +26,7 @@ from fnn.sharding.step import make_epoch, make_sharded_step, sharding_table
 from fnn.sharding import checkpoint, launch  # noqa: E402  (submodules: sharding.checkpoint.save)
 
 __all__ = ["make_mesh", "as_auto", "axis_size", "check_axes", "replicated", "simulate_cpu_devices",
+           "default_mesh", "current_mesh",
            "param_paths", "param_specs", "param_shardings", "shard_params", "fsdp",
            "tensor_parallel", "opt_state_shardings", "shard_opt_state", "train_state_shardings",
            "shard_train_state",

@@ -8,11 +8,33 @@ such a mesh and uses the same devices with ``Auto`` axes (:func:`as_auto`), so b
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["make_mesh", "as_auto", "check_axes", "replicated", "axis_size",
-           "simulate_cpu_devices"]
+           "simulate_cpu_devices", "default_mesh", "current_mesh"]
+
+_DEFAULT = contextvars.ContextVar("fnn_default_mesh", default=None)
+
+
+@contextlib.contextmanager
+def default_mesh(mesh):
+    """Within the block, :func:`current_mesh` returns ``mesh`` (so ``fnn.train.fit`` can use it
+    when given no ``mesh=``: ``fnn train TASK --devices N`` runs a task unchanged inside
+    ``with default_mesh(make_mesh((N,)))``)."""
+    token = _DEFAULT.set(None if mesh is None else as_auto(mesh))
+    try:
+        yield mesh
+    finally:
+        _DEFAULT.reset(token)
+
+
+def current_mesh():
+    """The mesh of the innermost :func:`default_mesh` block, or ``None``."""
+    return _DEFAULT.get()
 
 
 def simulate_cpu_devices(n: int):
