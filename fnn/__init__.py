@@ -4,7 +4,7 @@ Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived an
 against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
 from fnn import (activations, augment, backprop, checkpoint, checks, data, debug, gradcheck,
-                 initializers, layers, losses, models, optim, precision, regularizers,
+                 initializers, layers, losses, models, optim, precision, regularizers, sharding,
                  torch_weights, train)
 from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
                       stack, summary)
@@ -14,6 +14,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
     "summary", "cast", "activations", "augment", "backprop", "checkpoint", "checks", "data",
-    "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
-    "regularizers", "train", "debug", "torch_weights",
+    "debug", "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
+    "regularizers", "sharding", "torch_weights", "train",
 ]
