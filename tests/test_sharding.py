@@ -422,3 +422,28 @@ def test_default_mesh_context():
             assert sharding.current_mesh() is None
         assert sharding.current_mesh() is got
     assert sharding.current_mesh() is None
+
+
+FIT_CASES = [("mlp", "autodiff", "dp"), ("mlp", "manual", "tp"), ("mlp", "manual", "fsdp")]
+if os.environ.get("FNN_SHARDING_FULL"):         # every model, mesh and gradient path (minutes)
+    FIT_CASES = [(m, g, k) for m in ("mlp", "cnn", "lm", "lstm") for g in ("autodiff", "manual")
+                 for k in ("dp", "tp", "fsdp")]
+
+
+@pytest.mark.slow
+def test_fit_on_a_mesh_matches_fit_on_one_device():
+    """``fit(mesh=, param_sharding=)`` (no shuffle) gives the one-device ``fit``'s parameters
+    to 1e-5 after 20 Adam steps, with params and moments sharded as asked; a shuffled run
+    (within shards) trains."""
+    r = subprocess.run([sys.executable, os.path.join(WORKERS, "fit_equivalence.py"),
+                        json.dumps(FIT_CASES)], capture_output=True, text=True, env=_env(),
+                       timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(got["cases"]) == len(FIT_CASES)
+    for c in got["cases"]:
+        assert c["steps"] == 20, c
+        assert c["max_diff"] < 1e-5, c
+        assert c["params_sharded_as_asked"] and c["opt_state_like_params"], c
+        assert (c["split_params"] > 0) == (c["mesh"] != "dp"), c
+    assert got["shuffled_trains"]

@@ -19,6 +19,7 @@ from fnn.core import default_dtype
 from fnn.optim.rates import _rate_nodes
 from fnn.train.cache import cached
 from fnn.train.metrics import resolve_metrics
+from fnn.sharding.data import shard_shuffle
 from fnn.precision import current_scale
 from fnn.train.step import _as_data, _step_core, _where
 
@@ -79,7 +80,7 @@ class Runner:
     host reads it in one transfer (``unpack(flat) -> Report``; each small array read on its
     own cost about a tenth of a small epoch)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, jit=jax.jit):
         self.tree, self.specs = None, None
 
         def packed(ts, data, limit):
@@ -90,7 +91,7 @@ class Runner:
             self.specs = [(np.shape(v), jnp.asarray(v).dtype) for v in leaves]
             f = jnp.result_type(float)
             return ts, jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves])
-        self.jitted = jax.jit(packed)
+        self.jitted = jit(packed)
 
     def __call__(self, ts, data, limit):
         return self.jitted(ts, data, limit)
@@ -131,10 +132,15 @@ def make_chunk(model, loss, update, grad, metrics, regularizer, grad_norm, augme
 
 @cached
 def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
-               batch_size, drop_last, shuffle):
+               batch_size, drop_last, shuffle, shards=None, jit=jax.jit):
     """One epoch as a :class:`Runner` ``(ts, data, limit) -> (ts, packed report)``, and the
     batch sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
-    partial one (a real smaller batch, not padding) unless ``drop_last``."""
+    partial one (a real smaller batch, not padding) unless ``drop_last``.
+
+    ``shards``: the data is split over that many devices (laid out by
+    :func:`fnn.sharding.shard_dataset`), and the shuffle permutes within each device's shard
+    (:func:`fnn.sharding.shard_shuffle`) so no batch gathers the data set; ``jit`` then
+    compiles with the mesh's shardings (:func:`fnn.sharding.make_sharded_step`)."""
     full, tail = divmod(n, batch_size)
     tail = 0 if drop_last else tail
     if full + (tail > 0) == 0:
@@ -143,12 +149,18 @@ def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augme
 
     def epoch(ts, data, limit):
         key, pkey = jax.random.split(ts.key)
-        if shuffle:
-            order = jax.random.permutation(pkey, n)
-            data = jax.tree.map(lambda a: a[order], data)
-        head = jax.tree.map(                             # (full, batch, ...)
-            lambda a: a[:full * batch_size].reshape((full, batch_size) + a.shape[1:]), data)
-        rest = jax.tree.map(lambda a: a[full * batch_size:], data)
+        if shards:
+            head, rest = shard_shuffle(pkey if shuffle else None, data, shards, batch_size)
+            # [D, full, B/D, ...] -> (full, B, ...): each device keeps its rows (no collective)
+            head = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape((full, -1) + a.shape[3:]),
+                                head)
+        else:
+            if shuffle:
+                order = jax.random.permutation(pkey, n)
+                data = jax.tree.map(lambda a: a[order], data)
+            head = jax.tree.map(                         # (full, batch, ...)
+                lambda a: a[:full * batch_size].reshape((full, batch_size) + a.shape[1:]), data)
+            rest = jax.tree.map(lambda a: a[full * batch_size:], data)
         ts = ts._replace(key=key)
         if full:
             i, ts, acc, bad = _loop(core, ts, head, limit, full)
@@ -160,7 +172,7 @@ def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augme
             ts, acc = _where(go, new, ts), _where(go, _add(acc, out), acc)
             i, bad = i + go, bad | (go & ~out.finite)
         return ts, i, bad, acc
-    return Runner(epoch), (batch_size,) * full + ((tail,) if tail else ())
+    return Runner(epoch, jit), (batch_size,) * full + ((tail,) if tail else ())
 
 
 def batch_order(ts, n, shuffle):

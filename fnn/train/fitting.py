@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import time
@@ -12,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn import sharding
 from fnn.precision import loss_scaling, mixed_precision, policy
+from fnn.sharding.mesh import current_mesh
 from fnn.train import resume as _resume
 from fnn.train.callbacks import _EarlyStop
 from fnn.train.epoch import make_chunk, make_epoch, make_eval
@@ -165,6 +168,22 @@ def _callbacks(callbacks, epoch, ts, logs):
     return ts, reason
 
 
+def _on_mesh(ctx, mesh, rules, ts, epoch_args):
+    """Lay the data and the train state out on ``mesh`` and compile the epoch for it."""
+    if ctx["stream"]:
+        raise ValueError("fit: mesh= trains from arrays in memory; for streamed batches shard "
+                         "each one yourself (fnn.sharding.make_sharded_step, shard_batch)")
+    sharding.check_axes(mesh, ("data",), "fit: mesh")
+    shards, batch_size = mesh.shape["data"], epoch_args[9]
+    ctx["data"] = sharding.shard_dataset(ctx["data"], mesh, batch_size)
+    ts, ts_sh = sharding.shard_train_state(ts, mesh, rules)
+    # no donation: the non-finite replay and early stopping keep earlier states alive
+    jit = functools.partial(sharding.make_sharded_step, mesh=mesh, train_state_sharding=ts_sh,
+                            donate=False)
+    ctx["run"], ctx["sizes"] = make_epoch(*epoch_args, shards, jit)
+    return ts
+
+
 def _with_precision(model, optimizer, precision, loss_scale):
     """The model under ``precision`` and the optimizer with the loss scaling asked for."""
     if precision is None:
@@ -195,7 +214,7 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
         on_nonfinite: str = "stop", progress="auto", grad_norm: bool = False,
         eval_batch_size: int = 512, steps_per_epoch: int | None = None, chunk: int = 32,
         check_data: bool = True, checkpoint_dir=None, resume: bool = False, precision=None,
-        loss_scale="auto") -> FitResult:
+        loss_scale="auto", mesh=None, param_sharding=None) -> FitResult:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs; returns a :class:`FitResult`.
 
     ``train_data``: ``(x, target[, model_kwargs])`` arrays in memory (each epoch one compiled
@@ -239,6 +258,12 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     in :func:`fnn.precision.loss_scaling`, a non-finite step is skipped and the scale after each
     epoch is the history's ``loss_scale`` column. bfloat16 has float32's range and needs no
     scaling, but may be given one.
+    ``mesh``: a ``jax.sharding.Mesh`` with a ``"data"`` axis (default: the one set with
+    :func:`fnn.sharding.default_mesh`): data parallel, each batch split over ``"data"``, the
+    shuffle within each device's shard, the epoch still one compiled call. ``param_sharding``:
+    rules for the parameters (:func:`fnn.sharding.fsdp`, :func:`fnn.sharding.tensor_parallel`,
+    a list of ``(regex, PartitionSpec)``); optimizer state follows its parameters. In-memory
+    data only; the example count and batch size must be multiples of the data axis.
 
     Example::
 
@@ -279,6 +304,13 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
             raise ValueError("fit: pass key= (a jax.random key) or train_state=")
         train_state = create_train_state(model, optimizer, key, _input_shape(x0, shape_batch),
                                          params=params, state=state)
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is not None:
+        train_state = _on_mesh(ctx, mesh, param_sharding, train_state, (
+            model, loss, optimizer.update, grad, ms, regularizer, grad_norm, augment, n,
+            batch_size, drop_last, shuffle))
+    elif param_sharding is not None:
+        raise ValueError("fit: param_sharding= needs mesh= (a jax.sharding.Mesh)")
     ctx["val_stream"] = val_data is not None and is_stream(val_data)
     ctx["val"] = val = val_data if ctx["val_stream"] else (
         _as_data(val_data, "fit: val_data") if val_data is not None else None)
