@@ -20,10 +20,13 @@ central finite differences along random directions (:func:`fnn.gradcheck.check_m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
+
+import jax
 
 from fnn.precision import policy
 
@@ -68,6 +71,22 @@ def _precision(text):
     return text
 
 
+def _devices(n):
+    """A context in which ``fit`` trains data parallel on ``n`` devices (``None``: as is)."""
+    if n is None:
+        return contextlib.nullcontext()
+    from fnn import sharding
+    try:                                # the CPU backend's device count, before it starts;
+        sharding.simulate_cpu_devices(n)   # harmless where an accelerator is the backend
+    except RuntimeError:
+        pass                            # started already (a test, a notebook): use what is there
+    if jax.device_count() < n:
+        raise SystemExit(f"fnn train: --devices {n}, but this machine has "
+                         f"{jax.device_count()} {jax.default_backend()} device(s)")
+    return sharding.default_mesh(sharding.make_mesh((n,), ("data",),
+                                                    devices=jax.devices()[:n]))
+
+
 def _task_names():
     from fnn import tasks
     return tasks.names()
@@ -97,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", type=_precision, default=None,
                     help="a mixed-precision policy: bfloat16, float16 (dynamic loss scaling), "
                          "float32, or params=…,compute=…,output=… (fnn.precision)")
+    tr.add_argument("--devices", type=_positive_int, default=None,
+                    help="data parallel over N devices (simulated CPU devices where the "
+                         "backend is the CPU); see docs/scaling.md")
     tr.add_argument("--resume", action="store_true", help="continue training from the "
                     "checkpoints in OUT/ckpt (fit's checkpoint_dir=OUT/ckpt, resume=True)")
     gc = sub.add_parser("gradcheck", help="check a task's hand-derived gradient against "
@@ -135,9 +157,10 @@ def cmd_train(args) -> int:
     if task is None:
         return 2
     t0 = time.perf_counter()
-    metrics = task.train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         seed=args.seed, out=args.out, quiet=args.quiet, quick=args.quick,
-                         resume=args.resume, precision=args.precision)
+    with _devices(args.devices):
+        metrics = task.train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             seed=args.seed, out=args.out, quiet=args.quiet, quick=args.quick,
+                             resume=args.resume, precision=args.precision)
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in metrics.items())
     print(f"{task.name}: {shown} ({time.perf_counter() - t0:.1f} s); checkpoint and plots "

@@ -180,3 +180,28 @@ def test_resume_continues_from_the_checkpoint_dir(tmp_path, capsys):
     assert cli.main(common + ["--epochs", "2", "--resume"]) == 0
     assert os.listdir(os.path.join(out, "ckpt"))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+
+
+SPY = """
+import json, sys
+import jax
+import fnn.train.fitting as F
+from fnn import cli
+seen, real = [], F._on_mesh
+F._on_mesh = lambda ctx, mesh, *a: (seen.append(dict(mesh.shape)), real(ctx, mesh, *a))[1]
+rc = cli.main(["train", "xor", "--quick", "--quiet", "--epochs", "2", "--devices", "2",
+               "--out", sys.argv[1]])
+print(json.dumps({"rc": rc, "meshes": seen, "devices": jax.device_count()}))
+"""
+
+
+def test_train_on_two_simulated_devices(tmp_path):
+    """``--devices 2`` gives the CPU backend two devices (a fresh process: the count is fixed
+    when JAX starts) and every ``fit`` of the task a ("data": 2) mesh."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-c", SPY, str(tmp_path / "run")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0 and got["devices"] == 2
+    assert got["meshes"] and all(m == {"data": 2} for m in got["meshes"])

@@ -174,13 +174,23 @@ def _on_mesh(ctx, mesh, rules, ts, epoch_args):
         raise ValueError("fit: mesh= trains from arrays in memory; for streamed batches shard "
                          "each one yourself (fnn.sharding.make_sharded_step, shard_batch)")
     sharding.check_axes(mesh, ("data",), "fit: mesh")
-    shards, batch_size = mesh.shape["data"], epoch_args[9]
+    shards, n, batch_size = mesh.shape["data"], epoch_args[8], epoch_args[9]
+    if batch_size % shards:
+        raise ValueError(f"fit: batch_size {batch_size} is not a multiple of the mesh's "
+                         f"{shards} 'data' devices; each device takes an equal part of a batch")
+    if n % shards:                       # the documented rule: the last n % shards are dropped
+        warnings.warn(f"fit: {n} examples do not split over {shards} 'data' devices; training "
+                      f"on the first {n - n % shards}")
+        n -= n % shards
+        ctx["data"] = jax.tree.map(lambda a: a[:n], ctx["data"])
+        epoch_args = epoch_args[:8] + (n,) + epoch_args[9:]
     ctx["data"] = sharding.shard_dataset(ctx["data"], mesh, batch_size)
     ts, ts_sh = sharding.shard_train_state(ts, mesh, rules)
     # no donation: the non-finite replay and early stopping keep earlier states alive
     jit = functools.partial(sharding.make_sharded_step, mesh=mesh, train_state_sharding=ts_sh,
                             donate=False)
     ctx["run"], ctx["sizes"] = make_epoch(*epoch_args, shards, jit)
+    ctx["limit"] = jax.device_put(np.int32(len(ctx["sizes"])))
     return ts
 
 
@@ -263,7 +273,8 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     shuffle within each device's shard, the epoch still one compiled call. ``param_sharding``:
     rules for the parameters (:func:`fnn.sharding.fsdp`, :func:`fnn.sharding.tensor_parallel`,
     a list of ``(regex, PartitionSpec)``); optimizer state follows its parameters. In-memory
-    data only; the example count and batch size must be multiples of the data axis.
+    data only; the batch size must be a multiple of the data axis, and when the example count
+    is not, the last ``n % devices`` examples are left out (with a warning).
 
     Example::
 
