@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import checkpoint, data, losses, optim, train
+from fnn import augment, checkpoint, data, losses, optim, train
 from fnn.layers import Conv, Dense, Dropout, Flatten, MaxPool, Relu, serial
 from fnn.tasks import Task, default, register, resume_options
 
@@ -66,8 +66,13 @@ def plot_errors(x, y, pred, path, cols=10):
     return path
 
 
+def augmentation():
+    """Small shifts and rotations (bilinear, per image): digits stay digits (no flips)."""
+    return augment.random_affine(max_degrees=10.0, max_shift=1.0)
+
+
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
-        resume=False, precision=None) -> dict:
+        resume=False, precision=None, augmented=False) -> dict:
     """Train (``quick``: 2 epochs on 256 images) with early stopping on a validation split of
     the training set, then evaluate once on the 360 test digits; returns ``test_accuracy``,
     ``test_loss``, ``errors`` (test), ``val_accuracy`` and ``best_epoch`` (the restored epoch),
@@ -85,6 +90,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
                        batch_size=batch, val_data=val_xy, key=jax.random.PRNGKey(seed),
                        grad="manual", learning_rate=schedule, progress=progress,
                        early_stopping=PATIENCE, restore_best=True,
+                       augment=augmentation() if augmented else None,
                        **resume_options(resume, out, precision))
     ts = result.train_state
     hist = result.history
