@@ -65,7 +65,7 @@ def test_decoding_equals_full_forward(positions):
     x = tokens((2, 8), 13)
     full = jax.jit(lambda p: model.apply(p, state, x)[0])(params)
     step = jax.jit(lambda p, c, t: decode_step(model, p, c, t, 10))
-    cache = init_cache(model, params, state, 2, 10)
+    cache = init_cache(model, params, state, x[:, :1], 10)
     first = 3 if positions == "learned" else 1          # a multi-token prefill once
     logits, cache = step(params, cache, x[:, :first])
     rows = [logits]
