@@ -1,7 +1,8 @@
 """Scaled dot-product attention (plain and chunked) and MultiHeadAttention against float64 NumPy
 references written from the equations; hand-derived backward against jax.vjp with autodiff
-patched to raise; error messages. (Decoding with the cache against the full causal forward, for
-all three kinds of positions, is in tests/test_gpt.py.)"""
+patched to raise; the residual pair (``fwd``/``bwd``) against ``apply``/``backward``/``jax.vjp``;
+error messages. (Decoding with the cache against the full causal forward, for all three kinds of
+positions, is in tests/test_gpt.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,10 @@ import pytest
 from fnn.layers import MultiHeadAttention, decode_step, init_cache
 from fnn.layers.attention import dot_product_attention as dpa
 from fnn.layers.attention import dot_product_attention_backward as dpa_backward
+from fnn.layers.attention import dot_product_attention_bwd as dpa_bwd
+from fnn.layers.attention import dot_product_attention_fwd as dpa_fwd
 
-from helpers import rel_err, tree_rel_err, vjp_and_hand
+from helpers import no_autodiff, rel_err, tree_rel_err, vjp_and_hand
 
 
 def np_attention(q, k, v, mask=None, causal=False, q_offset=0, bias=None):
@@ -126,6 +129,25 @@ def test_vjp_returns_the_forward_output_and_the_backward(chunk, rng):
                                rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, dpa_backward(q, k, v, dout, **kw)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["plain-causal-mask", "chunked-all"])
+def test_residuals_are_arrays_and_cross_jit(case, rng, monkeypatch):
+    """``dpa_fwd`` returns the forward's output and residuals that are arrays only: computed in
+    one jitted call, handed to ``dpa_bwd`` in another (dropout on), they give jax.vjp's
+    gradients."""
+    q, k, v = qkv(rng)
+    kw = build(rng, case)
+    kw.update(dropout_rate=0.3, dropout_key=jax.random.PRNGKey(2))
+    out, res = jax.jit(lambda q, k, v: dpa_fwd(q, k, v, **kw))(q, k, v)
+    eager_res = dpa_fwd(q, k, v, **kw)[1]
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(eager_res))
+    np.testing.assert_array_equal(out, jax.jit(lambda q, k, v: dpa(q, k, v, **kw))(q, k, v))
+    dout = jnp.asarray(rng.normal(size=out.shape))
+    got = jax.jit(lambda r, d: dpa_bwd(r, d, **kw))(res, dout)
+    ref = jax.vjp(lambda q, k, v: dpa(q, k, v, **kw), q, k, v)[1](dout)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-9
 
 
 def test_autodiff_of_the_forward_matches_finite_differences(rng):
@@ -275,6 +297,69 @@ def test_mha_backward_with_biases(cross, rng, monkeypatch):
     assert tree_rel_err(got, ref) < 1e-9
     if cross:    # without rope the key bias adds a constant to each row of logits
         assert np.abs(np.asarray(got[0]["k"]["b"])).max() < 1e-12 * np.abs(got[0]["k"]["w"]).max()
+
+
+def check_pair(layer, params, state, x, dy, monkeypatch, **kw):
+    """The layer's residual pair against its ``apply``, ``backward`` and jax.vjp of ``apply``
+    (float64, autodiff patched to raise while the hand rules are traced)."""
+    res = layer.fwd(params, state, x, **kw)[2]                   # eager: real leaves
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
+    real_vjp = jax.vjp
+
+    def run(params, x, dy):
+        y, s = layer.apply(params, state, x, **kw)
+        y2, s2, res = layer.fwd(params, state, x, **kw)
+        ref = real_vjp(lambda p, x: layer.apply(p, state, x, **kw)[0], params, x)[1](dy)
+        return (y, s), (y2, s2), layer.bwd(params, state, res, dy, **kw), ref, \
+            layer.backward(params, state, x, dy, **kw)
+    with no_autodiff(monkeypatch):
+        (y, s), (y2, s2), got, ref, back = jax.jit(run)(params, x, dy)
+    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
+    assert jax.tree.structure(s2) == jax.tree.structure(s)
+    jax.tree.map(np.testing.assert_array_equal, s2, s)
+    assert tree_rel_err(got, ref) < 1e-9
+    assert tree_rel_err(got, back) < 1e-12
+
+
+MHA_CASES = {   # name: (constructor kwargs, input shape, call: mask?, train?)
+    "plain": ({}, (2, 5, 8), False, False),
+    "plain-causal-mask-dropout": ({"causal": True, "dropout": 0.3, "num_kv_heads": 1,
+                                   "rope": True}, (2, 6, 8), True, True),
+    "plain-causal-long": ({"causal": True, "head_dim": 2}, (1, 64, 4), False, False),
+    "chunked-causal-mask": ({"causal": True, "chunk_size": 3}, (2, 7, 8), True, False),
+    "chunked-dropout-rope": ({"chunk_size": 4, "dropout": 0.2, "rope": True}, (2, 6, 8), False,
+                             True),
+    "cross-chunked": ({"chunk_size": 2, "out_features": 3}, ((2, 5, 6), (2, 3, 4)), False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_mha_residual_pair(case, rng, monkeypatch):
+    """bwd(fwd) = backward = jax.vjp of apply; fwd's y and state = apply's; residuals are arrays
+    (biases on; plain and chunked; causal, mask, dropout in training, rope, grouped kv heads,
+    the plain form's causal query blocks, cross-attention)."""
+    kwargs, shape, masked, train = MHA_CASES[case]
+    layer = MultiHeadAttention(2, **kwargs)
+    params, state, out = layer.init(jax.random.PRNGKey(1), shape)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    cross = not isinstance(shape[0], int)
+    x = tuple(jnp.asarray(rng.normal(size=s)) for s in shape) if cross else \
+        jnp.asarray(rng.normal(size=shape))
+    kw = {"train": train, "key": jax.random.PRNGKey(7) if train else None}
+    if masked:
+        kw["mask"] = random_mask(rng, (shape[0], 1, shape[1], shape[1]))
+    check_pair(layer, params, state, x, jnp.asarray(rng.normal(size=out)), monkeypatch, **kw)
+
+
+def test_mha_fwd_refuses_decoding():
+    layer = MultiHeadAttention(2, causal=True)
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 3, 4))
+    with pytest.raises(ValueError, match=r"MultiHeadAttention\(2\): fwd/backward does not run "
+                                         r"in decoding mode"):
+        layer.fwd(params, state, jnp.ones((1, 3, 4)), cache_len=4)
+    res = layer.fwd(params, state, jnp.ones((1, 3, 4)))[2]
+    with pytest.raises(ValueError, match=r"dy shape \(1, 3, 5\) differs from the output shape"):
+        layer.bwd(params, state, res, jnp.ones((1, 3, 5)))
 
 
 def test_mha_dropout_needs_key():

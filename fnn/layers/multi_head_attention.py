@@ -247,6 +247,9 @@ def init_cache(model: Layer, params, state, x, max_len: int):
     >>> cache = init_cache(gpt, params, state, prompt, 64)
     >>> logits, cache = decode_step(gpt, params, cache, prompt, 64)
     """
+    if isinstance(x, int):
+        raise ValueError(f"init_cache: expected an input x of shape (batch, time, ...) (the "
+                         f"prompt), got the int {x} (a batch size: pass the prompt instead)")
     if not hasattr(x, "shape") or len(x.shape) < 2:
         raise ValueError(f"init_cache: expected an input x of shape (batch, time, ...) (the "
                          f"prompt), got {getattr(x, 'shape', type(x).__name__)}")
