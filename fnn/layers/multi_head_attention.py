@@ -42,8 +42,8 @@ def _mask_example(key, input_shape):
 
 # use_bias=False in the sweep: the key bias's gradient is exactly zero in exact arithmetic
 # (softmax ignores a constant added to a row), so vjp and backward agree only to roundoff, which
-# the sweep's relative test cannot tell from an error; tests/test_attention.py checks use_bias=True
-# and the chunked form (slow to run eagerly here).
+# the sweep's relative test cannot tell from an error; tests/test_multi_head_attention.py checks
+# use_bias=True and the chunked form (slow to run eagerly here).
 @examples(Example((2, 5, 8), (2,), {"use_bias": False}),
           Example((2, 6, 8), (4,), {"num_kv_heads": 2, "causal": True, "rope": True,
                                     "dropout": 0.25, "use_bias": False},
@@ -64,7 +64,9 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
     ``head_dim`` defaults to ``F / num_heads``; ``num_kv_heads`` (default ``num_heads``) gives
     grouped-query attention; ``rope`` rotates q and k by their positions (cache offset included);
     ``dropout`` drops attention probabilities when ``train=True`` (needs a ``key``, as PyTorch);
-    ``chunk_size`` selects the memory-efficient form.
+    ``chunk_size`` selects the memory-efficient form. ``fwd`` keeps the input(s) and the
+    attention op's residuals (``q, k, v``, the heads' output, and the probabilities or, chunked,
+    the log-sum-exp); ``bwd`` starts from them, so the forward runs once.
     **Params:** ``{"q", "k", "v", "o"}``, each ``{"w": (in, out), "b": (out,)}``: ``q.w: (F, heads·d)``,
     ``k.w, v.w: (Fc, kv_heads·d)``, ``o.w: (heads·d, out)``; Glorot-uniform kernels, zero biases.
     From ``torch.nn.MultiheadAttention`` (``E`` = embed_dim, same head split):
