@@ -20,8 +20,9 @@ of ``V`` there). ``bias`` is an additive constant (no gradient is returned for i
 unnormalized output), so no ``T × S`` matrix is ever held; with ``causal=True`` blocks above the
 diagonal are skipped. Its forward keeps the output and each row's log-sum-exp as residuals; its
 backward recomputes each block's ``P = exp(S − lse)`` from them and uses
-``rowsum(dP ⊙ P) = rowsum(dO ⊙ O)``; memory is linear in the length. The plain form keeps
-``exp(S − m)`` and its row sums instead (the ``T × S`` matrix it computes anyway).
+``rowsum(dP ⊙ P) = rowsum(dO ⊙ O)``; memory is linear in the length. The plain form keeps the
+same (per query span), and its backward recomputes ``S`` and ``P = exp(S − lse)`` in one go:
+keeping the ``T × S`` matrix ``P`` instead was measured slower (benchmarks/RESULTS.md).
 
 ``dot_product_attention_fwd`` → ``(out, res)`` and ``dot_product_attention_bwd(res, dout)`` →
 ``(dq, dk, dv)`` are the pair a layer's ``fwd``/``bwd`` call; ``dot_product_attention_vjp`` runs
@@ -91,8 +92,8 @@ def _as5(what, a, b, h, kh, t, s):
 # fuses into one kernel (the same maths with a boolean select and an ``isfinite`` guard split into
 # five; timings in benchmarks/RESULTS.md, "Attention and transformers"). In the backward every
 # product is arranged so that its left operand contracts over its last axis (``dVᵀ = dOᵀ P``,
-# ``dKᵀ = Qᵀ dS``), the form those kernels take. The forward keeps ``e = exp(S − m)`` and its row
-# sums as residuals, so the backward starts from them instead of recomputing ``S``.
+# ``dKᵀ = Qᵀ dS``), the form those kernels take. The forward keeps each row's log-sum-exp; the
+# backward recomputes ``S`` (one matmul) rather than read a kept ``P`` back from memory.
 
 def _heads_first(a, kh, last=False):
     """``(b, t, h, d)`` → ``(b, kh, g·t, d)`` with ``g = h / kh`` (``last``: ``(b, kh, d, g·t)``)."""
@@ -110,25 +111,32 @@ def _heads_last(a, h):
     return a.reshape(b, kh, g, gt // g, d).transpose(0, 3, 1, 2, 4).reshape(b, gt // g, h, d)
 
 
-def _exp_scores(q, k, mask5, bias5, causal, scale, q_offset):
-    """``(qf, kf, e, l)``: scaled heads-first ``q``, heads-first ``k``, ``e = exp(S − m)`` (``m``
-    the row max, zero off the allowed keys) and ``l = max(rowsum(e), 1)``: a row with an allowed
-    key has ``rowsum(e) ≥ 1`` (its max contributes ``exp(0)``), so ``l`` is its sum; a row with
-    none has ``e = 0``, ``m`` clamped finite and ``l = 1``, so ``P = e / l`` and ``O`` are zero
-    there, never NaN. The clamp is added as a constant so that autodiff of the forward sees
-    ``∂l/∂rowsum = 1`` even at ``rowsum = 1`` (a lone allowed key), where ``max`` would split it."""
+def _scores(q, k, mask5, bias5, causal, scale, q_offset):
+    """``(qf, kf, S)``: scaled heads-first ``q``, heads-first ``k`` and ``S = scale·Q Kᵀ`` plus
+    the additive mask (0/−inf) and bias, ``(b, kh, g·t, s)``."""
     b, t, h, _ = q.shape
     s_len, kh = k.shape[1], k.shape[2]
     qf, kf = _heads_first(q * scale, kh), k.transpose(0, 2, 1, 3)
     s = jnp.matmul(qf, jnp.swapaxes(kf, -1, -2))                              # scale·Q Kᵀ
     ok = allowed(mask5, q_offset + jnp.arange(t), jnp.arange(s_len), causal)
     add = additive(ok, bias5, h // kh, t, s.dtype)
-    if add is not None:
-        s = s + add
+    return qf, kf, (s if add is None else s + add)
+
+
+def _exp_scores(q, k, mask5, bias5, causal, scale, q_offset, with_max=False):
+    """``(qf, kf, e, l)``: scaled heads-first ``q``, heads-first ``k``, ``e = exp(S − m)`` (``m``
+    the row max, zero off the allowed keys) and ``l = max(rowsum(e), 1)``: a row with an allowed
+    key has ``rowsum(e) ≥ 1`` (its max contributes ``exp(0)``), so ``l`` is its sum; a row with
+    none has ``e = 0``, ``m`` clamped finite and ``l = 1``, so ``P = e / l`` and ``O`` are zero
+    there, never NaN. The clamp is added as a constant so that autodiff of the forward sees
+    ``∂l/∂rowsum = 1`` even at ``rowsum = 1`` (a lone allowed key), where ``max`` would split it.
+    ``with_max``: ``m`` too."""
+    qf, kf, s = _scores(q, k, mask5, bias5, causal, scale, q_offset)
     m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), jnp.finfo(s.dtype).min)
     e = jnp.exp(s - lax.stop_gradient(m))
     l = jnp.sum(e, axis=-1, keepdims=True)
-    return qf, kf, e, l + lax.stop_gradient(jnp.maximum(l, 1) - l)
+    l = l + lax.stop_gradient(jnp.maximum(l, 1) - l)
+    return (qf, kf, e, l, m) if with_max else (qf, kf, e, l)
 
 
 def _drop(e, rate, key, q, k):
@@ -143,20 +151,22 @@ def _drop(e, rate, key, q, k):
 
 
 def _span_fwd(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key):
-    """One query span's ``O`` (heads-last) and residuals ``(e, l, keep)``: the forward's
-    unnormalized probabilities ``e``, their row sums ``l`` and the dropout mask (``None`` at
-    rate 0), so that the backward never recomputes ``S``."""
-    _, _, e, l = _exp_scores(q, k, mask5, bias5, causal, scale, q_offset)
+    """One query span's ``O`` (heads-last) and residuals ``(lse, keep)``: each row's
+    log-sum-exp ``m + log l`` and the dropout mask (``None`` at rate 0)."""
+    _, _, e, l, m = _exp_scores(q, k, mask5, bias5, causal, scale, q_offset, with_max=True)
     ed, keep = _drop(e, rate, key, q, k)
     o = jnp.matmul(ed, v.transpose(0, 2, 1, 3)) / l                          # O = P V
-    return _heads_last(o, q.shape[2]), (e, l, keep)
+    return _heads_last(o, q.shape[2]), (m + jnp.log(l), keep)
 
 
-def _span_bwd(q, k, v, o, do, e, l, keep, scale, rate):
-    """``(dq, dk, dv)`` of one span from its residuals (``o``, ``do``: heads-last)."""
+def _span_bwd(q, k, v, o, do, lse, keep, mask5, bias5, causal, scale, q_offset, rate):
+    """``(dq, dk, dv)`` of one span from its residuals (``o``, ``do``: heads-last): ``S`` is
+    recomputed and ``P = exp(S − lse)`` (zero off the allowed keys and on a row allowing none,
+    whose ``lse`` is the lowest float)."""
     h, kh = q.shape[2], k.shape[2]
-    kf, vf = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    p = e / l                                                                 # P
+    qf, kf, s = _scores(q, k, mask5, bias5, causal, scale, q_offset)
+    vf = v.transpose(0, 2, 1, 3)
+    p = jnp.exp(s - lse)                                                      # P
     pd = p if keep is None else jnp.where(keep, p / (1 - rate), 0)            # dropped P
     dvt = jnp.matmul(_heads_first(do, kh, last=True), pd)                     # dVᵀ = dOᵀ P
     dof = _heads_first(do, kh)
@@ -209,15 +219,17 @@ def _plain_fwd(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key):
     return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), res
 
 
-def _plain_bwd(q, k, v, o, do, spans_res, causal, scale, q_offset, rate):
+def _plain_bwd(q, k, v, o, do, spans_res, mask5, bias5, causal, scale, q_offset, rate):
     t, s = q.shape[1], k.shape[1]
     spans = _spans(t, s, causal, q_offset)
     if len(spans) == 1:
-        return _span_bwd(q, k, v, o, do, *spans_res[0], scale, rate)
+        return _span_bwd(q, k, v, o, do, *spans_res[0], mask5, bias5, causal, scale, q_offset,
+                         rate)
     dqs, dk, dv = [], 0, 0
     for (a, b, ke), r in zip(spans, spans_res):
         dq, dki, dvi = _span_bwd(q[:, a:b], k[:, :ke], v[:, :ke], o[:, a:b], do[:, a:b], *r,
-                                 scale, rate)
+                                 _cut(mask5, a, b, ke, t, s), _cut(bias5, a, b, ke, t, s),
+                                 causal, scale, q_offset + a, rate)
         pad = [(0, 0), (0, s - ke), (0, 0), (0, 0)]
         dqs.append(dq)
         dk, dv = dk + jnp.pad(dki, pad), dv + jnp.pad(dvi, pad)
@@ -272,9 +284,9 @@ def dot_product_attention_fwd(q, k, v, mask=None, *, causal=False, bias=None, sc
                               chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
     """``(out, res)``: :func:`dot_product_attention`'s output and the residuals its backward
     :func:`dot_product_attention_bwd` starts from — a dict of arrays: ``q, k, v``, ``o`` (the
-    output), and per query span of the plain form ``e = exp(S − m)``, its row sums ``l`` and the
-    dropout mask, or for the chunked form the log-sum-exp ``lse`` of each row (so the chunked
-    backward recomputes ``P`` block by block but never the forward). Same arguments."""
+    output) and the log-sum-exp of each row (``spans``: per query span of the plain form, with
+    its dropout mask; ``lse``: the chunked form's blocks), from which the backward recomputes
+    ``P`` but never the forward's output. Same arguments."""
     rate, key = dropout_rate, dropout_key
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key)
     res = {"q": q, "k": k, "v": v}
@@ -304,7 +316,8 @@ def dot_product_attention_bwd(res, dout, mask=None, *, causal=False, bias=None, 
     if empty:
         return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
     if chunk_size is None:
-        return _plain_bwd(q, k, v, o, dout, res["spans"], causal, scale, q_offset, rate)
+        return _plain_bwd(q, k, v, o, dout, res["spans"], mask5, bias5, causal, scale, q_offset,
+                          rate)
     tl = Tiles(q, k, v, mask5, bias5, causal, scale, q_offset, chunk_size, rate, key)
     return chunked_backward(tl, dout, tl.tile(o), res["lse"])
 

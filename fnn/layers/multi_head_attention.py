@@ -7,7 +7,7 @@ Forward (self-attention, ``x: [b, T, F]``; cross-attention takes ``(x, context)`
     A = attention(q, k, v),   y = A W_o + b_o
 
 ``fwd`` keeps ``x`` (and ``context``) and the attention op's residuals (``q, k, v``, ``A`` and
-the probabilities or, chunked, the log-sum-exp) so ``bwd`` runs::
+each row's log-sum-exp) so ``bwd`` runs::
 
     dW_o = Aᵀ dy,   dA = dy W_oᵀ,   (dq, dk, dv) = attention_bwd(dA),
     dq, dk = ropeᵀ(dq), ropeᵀ(dk),   dW_q = xᵀ dq, ...,   dx = dq W_qᵀ + (dk W_kᵀ + dv W_vᵀ)
@@ -65,8 +65,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
     grouped-query attention; ``rope`` rotates q and k by their positions (cache offset included);
     ``dropout`` drops attention probabilities when ``train=True`` (needs a ``key``, as PyTorch);
     ``chunk_size`` selects the memory-efficient form. ``fwd`` keeps the input(s) and the
-    attention op's residuals (``q, k, v``, the heads' output, and the probabilities or, chunked,
-    the log-sum-exp); ``bwd`` starts from them, so the forward runs once.
+    attention op's residuals (``q, k, v``, the heads' output and each row's log-sum-exp);
+    ``bwd`` starts from them, so the forward runs once.
     **Params:** ``{"q", "k", "v", "o"}``, each ``{"w": (in, out), "b": (out,)}``: ``q.w: (F, heads·d)``,
     ``k.w, v.w: (Fc, kv_heads·d)``, ``o.w: (heads·d, out)``; Glorot-uniform kernels, zero biases.
     From ``torch.nn.MultiheadAttention`` (``E`` = embed_dim, same head split):

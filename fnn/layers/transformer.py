@@ -6,9 +6,8 @@ children's backward rules run in reverse::
     pre-norm  (GPT-2):   h = x + Drop(Attn(Norm(x))),   y = h + Drop(MLP(Norm(h)))
     post-norm (Vaswani): h = Norm(x + Drop(Attn(x))),   y = Norm(h + Drop(MLP(h)))
 
-with ``MLP(x) = act(x W₁ + b₁) W₂ + b₂`` (GELU by default). ``MLP.fwd`` keeps ``x``,
-``act(z)`` and ``act'(z)`` (``z = x W₁ + b₁``; ``z`` itself for an activation with only a
-``.vjp``) as residuals; a block's ``fwd``/``bwd`` are its composition's,
+with ``MLP(x) = act(x W₁ + b₁) W₂ + b₂`` (GELU by default). ``MLP.fwd`` keeps ``x`` and
+``z = x W₁ + b₁`` as residuals; a block's ``fwd``/``bwd`` are its composition's,
 carrying every child's residuals. Stack blocks with ``fnn.core.stack(TransformerBlock(...),
 depth)`` for one ``lax.scan`` over the layers (its hand backward then runs each block's ``bwd``
 from the residuals the forward scan stacked).
@@ -67,7 +66,6 @@ def MLP(hidden_features: int, out_features: int | None = None, *, activation=act
                         f"got {activation!r}")
     name = f"MLP({hidden_features})"
     w_init = w_init or inits.glorot_uniform()
-    grad = getattr(activation, "grad", None)             # elementwise act'(z), where given
 
     def init(key, input_shape):
         if not is_shape(input_shape) or len(input_shape) < 2:
@@ -96,16 +94,14 @@ def MLP(hidden_features: int, out_features: int | None = None, *, activation=act
     def fwd(params, state, x, *, key=None, train=False):
         w1, b1, w2, b2 = unpack(params, x)
         z = dense(x, w1, b1)
-        a = activation(z)
-        # an elementwise activation's derivative is taken here, beside act(z) (shared terms:
-        # GELU's erf), and kept instead of z
-        keep = {"dz": grad(z)} if grad else {"z": z}
-        return dense(a, w2, b2), state, {"x": x, "a": a, **keep}
+        # act(z) is recomputed in bwd: cheaper here than keeping it (benchmarks/RESULTS.md)
+        return dense(activation(z), w2, b2), state, {"x": x, "z": z}
 
     def bwd(params, state, res, dy, *, key=None, train=False):
         w1, b1, w2, b2 = unpack(params, res["x"])
-        dw2, db2, da = dense_backward(res["a"], w2, dy, b2 is not None)       # dW₂ = aᵀ dy
-        dz = da * res["dz"] if grad else activation.vjp(res["z"], da)          # act'(z) ⊙ da
+        z = res["z"]
+        dw2, db2, da = dense_backward(activation(z), w2, dy, b2 is not None)  # dW₂ = act(z)ᵀ dy
+        dz = activation.vjp(z, da)                                            # act'(z) ⊙ da
         dw1, db1, dx = dense_backward(res["x"], w1, dz, b1 is not None)
         pack = lambda w, b: {"w": w} if b is None else {"w": w, "b": b}
         return {"fc1": pack(dw1, db1), "fc2": pack(dw2, db2)}, dx
