@@ -1,12 +1,13 @@
-"""Attention and transformer benchmarks (issue 10), float32 on CPU, one run, interleaved medians.
+"""Attention and transformer benchmarks (issues 10, 14), float32 on CPU, one run, interleaved
+medians.
 
 (a) Training step (grads + SGD update) of a small causal LM — vocab 96, d 128, 4 heads, MLP 512,
     seq 128, batch 16, depth 4, learned positions, tied embedding: fnn with autodiff
     (``jax.value_and_grad`` of ``GPT.apply``), fnn with its hand-derived rules (blocks in a
     ``stack``: ``fnn.models.value_and_grad`` = ``backprop.value_and_grad``, and
-    ``backprop.custom_vjp(gpt)`` under ``jax.grad``; blocks unrolled: ``unroll=True``), the same
-    model in plain JAX (unrolled, fused QKV, autodiff), and PyTorch eager if installed. Ratios to
-    plain JAX.
+    ``backprop.custom_vjp(gpt)`` under ``jax.grad``, also with ``remat=True``; blocks unrolled:
+    ``unroll=True``), the same model in plain JAX (unrolled, fused QKV, autodiff), and PyTorch
+    eager if installed. Ratios to plain JAX.
 (b) ``stack`` against unrolled blocks at depth 6, 12, 24 (``--quick``: 6, 12): compile time and
     step time of the autodiff and hand training steps (``stack`` also with ``remat=True``);
     plain JAX unrolled and ``lax.scan`` too; compiled peak memory (temp + arguments + outputs)
@@ -170,7 +171,11 @@ def part_a(rounds):
     params, state, _ = model.init(jax.random.PRNGKey(0), (B, T))
     x, y = data(jax.random.PRNGKey(1))
     runs = {}
-    for name, step in fnn_steps(model, state).items():
+    steps = fnn_steps(model, state)
+    deep = GPT(V, D, H, DEPTH, MLP, T, remat=True)
+    steps["fnn-hand stack remat (custom_vjp + jax.grad)"] = \
+        fnn_steps(deep, state)["fnn-hand stack (custom_vjp + jax.grad)"]
+    for name, step in steps.items():
         c, _ = compiled(step, params, x, y)
         runs[name] = (lambda c=c: c(params, x, y))
     pparams = plain_init(jax.random.PRNGKey(0), DEPTH)
@@ -184,7 +189,7 @@ def part_a(rounds):
     med = interleaved(runs, rounds)
     base = med["plain JAX"]
     for n, t in med.items():
-        print(f"  {n:38s} {1e3 * t:8.1f} ms   {t / base:5.2f}x plain JAX")
+        print(f"  {n:46s} {1e3 * t:8.1f} ms   {t / base:5.2f}x plain JAX")
     if tstep is not None:
         best = min((t, n) for n, t in med.items() if n.startswith("fnn"))
         print(f"  fastest fnn variant / PyTorch: {best[0] / med['PyTorch eager']:.2f}x ({best[1]})")
