@@ -17,6 +17,8 @@ compiled loop.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -71,7 +73,7 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
     name = f"GPT(vocab={vocab}, d={d_model}, heads={num_heads}, depth={depth}, {positions})"
     model = _lm(compose(stack(block, depth, remat=remat)), tie, name, dropout > 0)
     unrolled = _lm(compose(_unrolled(block, depth)), tie, name, dropout > 0)
-    return model._replace(meta={"unrolled": unrolled})
+    return model._replace(meta=MappingProxyType({"unrolled": unrolled}))   # for value_and_grad
 
 
 def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
