@@ -1,23 +1,29 @@
-"""Attention and transformer benchmarks (issue 10), float32 on CPU, one run, interleaved medians.
+"""Attention and transformer benchmarks (issues 10, 14), float32 on CPU, one run, interleaved
+medians.
 
 (a) Training step (grads + SGD update) of a small causal LM — vocab 96, d 128, 4 heads, MLP 512,
     seq 128, batch 16, depth 4, learned positions, tied embedding: fnn with autodiff
-    (``jax.value_and_grad`` of ``GPT.apply``), fnn with its hand-derived rules
-    (``fnn.models.value_and_grad``, one shared forward; and the generic
-    ``fnn.backprop.value_and_grad``, which runs ``apply`` then ``backward``), the same model in
-    plain JAX (unrolled, fused QKV, autodiff), and PyTorch eager if installed. Ratios to plain JAX.
+    (``jax.value_and_grad`` of ``GPT.apply``), fnn with its hand-derived rules (blocks in a
+    ``stack``: ``fnn.models.value_and_grad`` = ``backprop.value_and_grad``, and
+    ``backprop.custom_vjp(gpt)`` under ``jax.grad``, also with ``remat=True``; blocks unrolled:
+    ``unroll=True``), the same model in plain JAX (unrolled, fused QKV, autodiff), and PyTorch
+    eager if installed. Ratios to plain JAX.
 (b) ``stack`` against unrolled blocks at depth 6, 12, 24 (``--quick``: 6, 12): compile time and
-    step time of the autodiff and hand training steps; plain JAX unrolled and ``lax.scan`` too.
+    step time of the autodiff and hand training steps (``stack`` also with ``remat=True``);
+    plain JAX unrolled and ``lax.scan`` too; compiled peak memory (temp + arguments + outputs)
+    of each step.
 (c) Causal attention forward + hand backward (``dot_product_attention_vjp``: one pass), batch 1,
-    4 heads, head_dim 64, plain against chunked (``chunk_size=512``; also as a layer runs it,
-    ``apply`` then ``backward``, where the chunked forward runs twice because XLA does not merge
-    the two loops) and ``jax.nn.dot_product_attention`` + autodiff: XLA's compiled
+    4 heads, head_dim 64, plain against chunked (``chunk_size=512``; also as a layer:
+    ``backprop.value_and_grad`` over ``MultiHeadAttention(4, chunk_size=512)`` on 256 features,
+    which adds the four projections, and the same layer run as ``apply`` then ``backward``, two
+    forwards) and ``jax.nn.dot_product_attention`` + autodiff: XLA's compiled
     peak memory (temp + arguments + outputs, from ``memory_analysis``; compile only) at 1k-32k,
     and time where it runs (``--quick``: to 4k plain / 8k chunked; ``--full``: 8k / 32k).
 (d) Decoding 256 tokens after a 16-token prompt (model of (a), batch 1, greedy): KV cache
     (``fnn.models.sample``) against recomputing the whole prefix every step.
 
     python benchmarks/bench_attention.py [--quick | --full] [--parts abcd] [--rounds N]
+        [--depths 6,12] [--kinds stack,unrolled] [--lengths 2048]
 """
 from __future__ import annotations
 
@@ -31,11 +37,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fnn import backprop
+from fnn import backprop, losses
 from fnn.core import serial, stack
-from fnn.layers import Dense, Embedding, LayerNorm, PositionalEmbedding, TransformerBlock
-from fnn.layers.attention import (dot_product_attention, dot_product_attention_backward,
-                                  dot_product_attention_vjp)
+from fnn.layers import (Dense, Embedding, LayerNorm, MultiHeadAttention, PositionalEmbedding,
+                        TransformerBlock)
+from fnn.layers.attention import dot_product_attention_vjp
 from fnn.models import GPT, lm_loss, sample, value_and_grad
 
 V, D, H, MLP, T, B, DEPTH = 96, 128, 4, 512, 128, 16, 4
@@ -142,14 +148,15 @@ def fnn_steps(model, state):
                                                             train=False)
         return sgd(params, g), loss
 
-    generic_vg = backprop.value_and_grad(model, lm_loss)
+    bridged = backprop.custom_vjp(model)
 
-    def generic(params, tokens, targets):
-        (loss, _), g = generic_vg(params, state, tokens, targets, train=False)
+    def custom(params, tokens, targets):
+        f = lambda p: lm_loss(bridged.apply(p, state, tokens)[0], targets)
+        loss, g = jax.value_and_grad(f)(params)
         return sgd(params, g), loss
-    return {"fnn-autodiff": auto, "fnn-hand": hand,
-            "fnn-hand unrolled": lambda p, x, y: hand(p, x, y, unroll=True),
-            "fnn-hand (backprop.value_and_grad)": generic}
+    return {"fnn-autodiff": auto, "fnn-hand stack (value_and_grad)": hand,
+            "fnn-hand stack (custom_vjp + jax.grad)": custom,
+            "fnn-hand unrolled": lambda p, x, y: hand(p, x, y, unroll=True)}
 
 
 def data(key):
@@ -164,7 +171,11 @@ def part_a(rounds):
     params, state, _ = model.init(jax.random.PRNGKey(0), (B, T))
     x, y = data(jax.random.PRNGKey(1))
     runs = {}
-    for name, step in fnn_steps(model, state).items():
+    steps = fnn_steps(model, state)
+    deep = GPT(V, D, H, DEPTH, MLP, T, remat=True)
+    steps["fnn-hand stack remat (custom_vjp + jax.grad)"] = \
+        fnn_steps(deep, state)["fnn-hand stack (custom_vjp + jax.grad)"]
+    for name, step in steps.items():
         c, _ = compiled(step, params, x, y)
         runs[name] = (lambda c=c: c(params, x, y))
     pparams = plain_init(jax.random.PRNGKey(0), DEPTH)
@@ -178,7 +189,7 @@ def part_a(rounds):
     med = interleaved(runs, rounds)
     base = med["plain JAX"]
     for n, t in med.items():
-        print(f"  {n:38s} {1e3 * t:8.1f} ms   {t / base:5.2f}x plain JAX")
+        print(f"  {n:46s} {1e3 * t:8.1f} ms   {t / base:5.2f}x plain JAX")
     if tstep is not None:
         best = min((t, n) for n, t in med.items() if n.startswith("fnn"))
         print(f"  fastest fnn variant / PyTorch: {best[0] / med['PyTorch eager']:.2f}x ({best[1]})")
@@ -218,13 +229,23 @@ def lm(blocks):
                   ("blocks", blocks), ("norm", LayerNorm()), ("head", Dense(V)))
 
 
-def part_b(rounds, depths):
-    print("\n(b) stack vs unrolled: compile s / step ms (float32, model of (a) with an untied head)")
+def peak_mib(c):
+    m = c.memory_analysis()
+    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
+
+
+def part_b(rounds, depths, kinds=("stack", "stack remat", "unrolled", "plain")):
+    print("\n(b) stack vs unrolled: compile s / step ms / compiled peak MiB (float32, model of (a) "
+          "with an untied head)")
     x, y = data(jax.random.PRNGKey(1))
     blk = TransformerBlock(H, MLP, causal=True)
     for depth in depths:
-        runs, comp = {}, {}
-        for kind, blocks in (("stack", stack(blk, depth)), ("unrolled", serial(*[blk] * depth))):
+        runs, comp, mem = {}, {}, {}
+        for kind, blocks in (("stack", stack(blk, depth)), ("stack remat", stack(blk, depth,
+                                                                                  remat=True)),
+                             ("unrolled", serial(*[blk] * depth))):
+            if kind not in kinds:
+                continue
             model = lm(blocks)
             params, state, _ = model.init(jax.random.PRNGKey(0), (B, T))
             auto = lambda p, x, y, m=model, s=state: sgd(p, jax.grad(
@@ -232,16 +253,26 @@ def part_b(rounds, depths):
             vg = backprop.value_and_grad(model, lm_loss)
             hand = lambda p, x, y, vg=vg, s=state: sgd(p, vg(p, s, x, y, train=False)[1])
             for mode, step in (("autodiff", auto), ("hand", hand)):
-                c, comp[f"fnn {kind} {mode}"] = compiled(step, params, x, y)
-                runs[f"fnn {kind} {mode}"] = (lambda c=c, p=params: c(p, x, y))
+                n = f"fnn {kind} {mode}"
+                c, comp[n] = compiled(step, params, x, y)
+                mem[n] = peak_mib(c)
+                runs[n] = (lambda c=c, p=params: c(p, x, y))
         pparams = plain_init(jax.random.PRNGKey(0), depth)
-        for kind, scan in (("unrolled", False), ("scan", True)):
+        for kind, scan in (("unrolled", False), ("scan", True)) if "plain" in kinds else ():
             c, comp[f"plain JAX {kind}"] = compiled(plain_step(scan), pparams, x, y)
+            mem[f"plain JAX {kind}"] = peak_mib(c)
             runs[f"plain JAX {kind}"] = (lambda c=c: c(pparams, x, y))
         med = interleaved(runs, rounds)
         print(f"  depth {depth}:")
         for n in runs:
-            print(f"    {n:28s} compile {comp[n]:6.1f} s   step {1e3 * med[n]:8.1f} ms")
+            print(f"    {n:28s} compile {comp[n]:6.1f} s   step {1e3 * med[n]:8.1f} ms   "
+                  f"peak {mem[n]:7.0f} MiB")
+        if "fnn unrolled hand" in med and "fnn stack hand" in med:
+            print(f"    stack hand / unrolled hand: "
+                  f"{med['fnn stack hand'] / med['fnn unrolled hand']:.2f}x")
+        if "fnn stack hand" in med:
+            print(f"    stack hand / stack autodiff: "
+                  f"{med['fnn stack hand'] / med['fnn stack autodiff']:.2f}x")
 
 
 # --------------------------------------------------------------------------- (c) memory
@@ -253,16 +284,40 @@ def attention_fns(t):
     def fnn_chunked(q, k, v, do):
         return dot_product_attention_vjp(q, k, v, do, causal=True, chunk_size=min(512, t))
 
-    def fnn_chunked_twice(q, k, v, do):           # a layer's apply, then its backward
-        kw = dict(causal=True, chunk_size=min(512, t))
-        return dot_product_attention(q, k, v, **kw), dot_product_attention_backward(q, k, v, do, **kw)
+    layer = MultiHeadAttention(4, causal=True, chunk_size=min(512, t))
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, t, 256))
+    vg = backprop.value_and_grad(layer, losses.mse)
+
+    def chunked_layer(q, k, v, do):               # fwd once, bwd from its residuals
+        x, target = q.reshape(1, t, 256), do.reshape(1, t, 256)
+        return vg(params, state, x, target, train=False)
+
+    w = {n: params[n]["w"] for n in "qkvo"}
+
+    def one_pass_layer(q, k, v, do):              # the layer's maths around the one-pass VJP
+        x, dy = q.reshape(1, t, 256), do.reshape(1, t, 256)
+        heads = lambda a: a.reshape(1, t, 4, 64)
+        qh, kh, vh = (heads(x @ w[n]) for n in "qkv")
+        da = heads(dy @ w["o"].T)
+        out, (dq, dk, dv) = dot_product_attention_vjp(qh, kh, vh, da, causal=True,
+                                                      chunk_size=min(512, t))
+        a = out.reshape(1, t, 256)
+        flat = lambda g: g.reshape(t, 256)
+        xf = x.reshape(t, 256)
+        return (a @ w["o"], {n: xf.T @ flat(g) for n, g in zip("qkv", (dq, dk, dv))},
+                flat(a).T @ flat(dy), sum(flat(g) @ w[n].T for n, g in zip("qkv", (dq, dk, dv))))
+
+    def chunked_layer_twice(q, k, v, do):         # apply, then backward (which runs fwd again)
+        x, dy = q.reshape(1, t, 256), do.reshape(1, t, 256)
+        return layer.apply(params, state, x)[0], layer.backward(params, state, x, dy)
 
     def jax_nn(q, k, v, do):
         out, pull = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
                             q, k, v)
         return out, pull(do)
     return {"fnn plain": fnn_plain, "fnn chunked": fnn_chunked,
-            "fnn chunked, fwd + bwd calls": fnn_chunked_twice, "jax.nn + autodiff": jax_nn}
+            "MHA chunked, value_and_grad": chunked_layer, "MHA maths + one-pass VJP": one_pass_layer,
+            "MHA chunked, apply + backward": chunked_layer_twice, "jax.nn + autodiff": jax_nn}
 
 
 def part_c(rounds, lengths, time_limits):
@@ -275,13 +330,17 @@ def part_c(rounds, lengths, time_limits):
             c, _ = compiled(f, x, x, x, x)
             m = c.memory_analysis()
             mib = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
-            row.append(f"{name} {mib:9.0f} MiB")
+            row.append(f"{name:30s} {mib:7.0f} MiB")
             if t <= time_limits[name]:
                 q = jax.random.normal(jax.random.PRNGKey(t), (1, t, 4, 64))
                 runs[name] = (lambda c=c, q=q: c(q, q, q, q))
         med = interleaved(runs, rounds) if runs else {}
-        times = "   ".join(f"{n} {1e3 * s:8.1f} ms" for n, s in med.items())
-        print(f"  T={t:6d}: " + " | ".join(row) + ("\n           " + times if times else ""))
+        print(f"  T={t}:")
+        for r, name in zip(row, attention_fns(t)):
+            print(f"    {r}" + (f"   {1e3 * med[name]:9.1f} ms" if name in med else ""))
+        a, b = "MHA chunked, value_and_grad", "MHA maths + one-pass VJP"
+        if a in med and b in med:
+            print(f"    layer / one-pass: {med[a] / med[b]:.2f}x")
 
 
 # --------------------------------------------------------------------------- (d) decoding
@@ -318,19 +377,29 @@ def main():
     ap.add_argument("--full", action="store_true", help="(c) up to 32k tokens, timed")
     ap.add_argument("--parts", default="abcd")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--depths", default=None, help="(b) depths, e.g. 12 or 6,24")
+    ap.add_argument("--kinds", default="stack,stack remat,unrolled,plain",
+                    help="(b) which columns: stack, stack remat, unrolled, plain")
+    ap.add_argument("--lengths", default=None, help="(c) lengths, e.g. 2048")
     args = ap.parse_args()
     rounds = args.rounds or (5 if args.quick else 11)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, CPU: {cpu_model()}")
     if "a" in args.parts:
         part_a(rounds)
     if "b" in args.parts:
-        part_b(max(3, rounds // 2), (6, 12) if args.quick else (6, 12, 24))
+        depths = (6, 12) if args.quick else (6, 12, 24)
+        part_b(max(3, rounds // 2), tuple(map(int, args.depths.split(","))) if args.depths
+               else depths, tuple(args.kinds.split(",")))
     if "c" in args.parts:
-        lengths = [1024, 2048, 4096, 8192, 16384, 32768]
-        limits = ({"fnn plain": 8192, "fnn chunked": 32768, "fnn chunked, fwd + bwd calls": 8192,
-                   "jax.nn + autodiff": 8192} if args.full else
-                  {"fnn plain": 4096, "fnn chunked": 8192, "fnn chunked, fwd + bwd calls": 4096,
-                   "jax.nn + autodiff": 4096})
+        lengths = ([int(n) for n in args.lengths.split(",")] if args.lengths else
+                   [1024, 2048, 4096, 8192, 16384, 32768])
+        limits = ({"fnn plain": 8192, "fnn chunked": 32768, "MHA chunked, value_and_grad": 8192,
+                   "MHA maths + one-pass VJP": 8192,
+                   "MHA chunked, apply + backward": 8192, "jax.nn + autodiff": 8192}
+                  if args.full else
+                  {"fnn plain": 4096, "fnn chunked": 8192, "MHA chunked, value_and_grad": 4096,
+                   "MHA maths + one-pass VJP": 4096,
+                   "MHA chunked, apply + backward": 4096, "jax.nn + autodiff": 4096})
         part_c(5 if not args.full else 2, lengths, limits)
     if "d" in args.parts:
         part_d(max(3, rounds // 2))

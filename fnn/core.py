@@ -87,6 +87,9 @@ class Layer(NamedTuple):
     def __repr__(self):
         return f"<fnn.Layer {self.name}>"
 
+    def __hash__(self):                  # ``meta`` is a read-only mapping: hash its items
+        return hash(self[:-1] + (tuple(sorted(self.meta.items(), key=lambda kv: kv[0])),))
+
     def vjp_fwd(self, params, state, x, **kw):
         """``(y, new_state, res)``: ``fwd``, or ``apply`` keeping its input as the residual."""
         if self.fwd is not None:

@@ -1,18 +1,19 @@
-"""Scaled dot-product attention (plain and chunked) and MultiHeadAttention against float64 NumPy
-references written from the equations; hand-derived backward against jax.vjp with autodiff
-patched to raise; error messages. (Decoding with the cache against the full causal forward, for
-all three kinds of positions, is in tests/test_gpt.py.)"""
+"""Scaled dot-product attention (plain and chunked) against float64 NumPy references written from
+the equations; hand-derived backward against jax.vjp with autodiff patched to raise; the residual
+pair ``dot_product_attention_fwd``/``_bwd`` across jit calls; error messages. (The layer is in
+tests/test_multi_head_attention.py.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn.layers import MultiHeadAttention, decode_step, init_cache
 from fnn.layers.attention import dot_product_attention as dpa
 from fnn.layers.attention import dot_product_attention_backward as dpa_backward
+from fnn.layers.attention import dot_product_attention_bwd as dpa_bwd
+from fnn.layers.attention import dot_product_attention_fwd as dpa_fwd
 
-from helpers import rel_err, tree_rel_err, vjp_and_hand
+from helpers import rel_err, vjp_and_hand
 
 
 def np_attention(q, k, v, mask=None, causal=False, q_offset=0, bias=None):
@@ -128,6 +129,25 @@ def test_vjp_returns_the_forward_output_and_the_backward(chunk, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("case", ["plain-causal-mask", "chunked-all"])
+def test_residuals_are_arrays_and_cross_jit(case, rng, monkeypatch):
+    """``dpa_fwd`` returns the forward's output and residuals that are arrays only: computed in
+    one jitted call, handed to ``dpa_bwd`` in another (dropout on), they give jax.vjp's
+    gradients."""
+    q, k, v = qkv(rng)
+    kw = build(rng, case)
+    kw.update(dropout_rate=0.3, dropout_key=jax.random.PRNGKey(2))
+    out, res = jax.jit(lambda q, k, v: dpa_fwd(q, k, v, **kw))(q, k, v)
+    eager_res = dpa_fwd(q, k, v, **kw)[1]
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(eager_res))
+    np.testing.assert_array_equal(out, jax.jit(lambda q, k, v: dpa(q, k, v, **kw))(q, k, v))
+    dout = jnp.asarray(rng.normal(size=out.shape))
+    got = jax.jit(lambda r, d: dpa_bwd(r, d, **kw))(res, dout)
+    ref = jax.vjp(lambda q, k, v: dpa(q, k, v, **kw), q, k, v)[1](dout)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-9
+
+
 def test_autodiff_of_the_forward_matches_finite_differences(rng):
     """jax.grad through dot_product_attention itself (not the hand rule) against central
     differences of the NumPy reference; causal, so query 0 has a lone allowed key, where a
@@ -222,100 +242,3 @@ def test_errors(rng):
         dpa(q, k, v, chunk_size=0)
     with pytest.raises(ValueError, match="dout shape"):
         dpa_backward(q, k, v, jnp.zeros((2, 7, 4, 3)))
-
-
-# --------------------------------------------------------------------------- MultiHeadAttention
-
-def np_linear(x, p):
-    return np.asarray(x) @ np.asarray(p["w"]) + (np.asarray(p["b"]) if "b" in p else 0)
-
-
-def test_mha_matches_equations(rng):
-    """Self-attention with grouped kv heads and given weights, against NumPy projections +
-    per-head attention + output projection."""
-    layer = MultiHeadAttention(4, head_dim=3, num_kv_heads=2, out_features=5)
-    params, _, out_shape = layer.init(jax.random.PRNGKey(0), (2, 6, 8))
-    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-    x = jnp.asarray(rng.normal(size=(2, 6, 8)))
-    mask = random_mask(rng, (2, 1, 6, 6))
-    y, _ = jax.jit(lambda p, x, m: layer.apply(p, {}, x, mask=m))(params, x, mask)
-    q = np_linear(x, params["q"]).reshape(2, 6, 4, 3)
-    k = np_linear(x, params["k"]).reshape(2, 6, 2, 3)
-    v = np_linear(x, params["v"]).reshape(2, 6, 2, 3)
-    ref = np_linear(np_attention(q, k, v, mask).reshape(2, 6, 12), params["o"])
-    assert out_shape == (2, 6, 5)
-    np.testing.assert_allclose(y, ref, rtol=1e-11, atol=1e-12)
-
-
-def test_mha_cross_attention_matches_equations(rng):
-    layer = MultiHeadAttention(2)
-    params, _, out_shape = layer.init(jax.random.PRNGKey(0), ((2, 3, 4), (2, 5, 6)))
-    x, ctx = jnp.asarray(rng.normal(size=(2, 3, 4))), jnp.asarray(rng.normal(size=(2, 5, 6)))
-    y, _ = jax.jit(lambda p, x: layer.apply(p, {}, x))(params, (x, ctx))
-    q = np_linear(x, params["q"]).reshape(2, 3, 2, 2)
-    k = np_linear(ctx, params["k"]).reshape(2, 5, 2, 2)
-    v = np_linear(ctx, params["v"]).reshape(2, 5, 2, 2)
-    np.testing.assert_allclose(y, np_linear(np_attention(q, k, v).reshape(2, 3, 4), params["o"]),
-                               rtol=1e-11, atol=1e-12)
-    assert out_shape == (2, 3, 4)
-
-
-@pytest.mark.parametrize("cross", [False, True])
-def test_mha_backward_with_biases(cross, rng, monkeypatch):
-    """use_bias=True (the sweep runs use_bias=False): the key bias's exact gradient is zero."""
-    layer = MultiHeadAttention(2, causal=not cross, rope=not cross)
-    shape = ((2, 4, 6), (2, 5, 3)) if cross else (2, 5, 8)
-    params, _, out = layer.init(jax.random.PRNGKey(1), shape)
-    params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-    x = tuple(jnp.asarray(rng.normal(size=s)) for s in shape) if cross else \
-        jnp.asarray(rng.normal(size=shape))
-    dy = jnp.asarray(rng.normal(size=out))
-    ref, got = vjp_and_hand(lambda p, x: layer.apply(p, {}, x)[0], (params, x), dy,
-                            lambda p, x, dy: layer.backward(p, {}, x, dy), monkeypatch)
-    assert tree_rel_err(got, ref) < 1e-9
-    if cross:    # without rope the key bias adds a constant to each row of logits
-        assert np.abs(np.asarray(got[0]["k"]["b"])).max() < 1e-12 * np.abs(got[0]["k"]["w"]).max()
-
-
-def test_mha_dropout_needs_key():
-    layer = MultiHeadAttention(2, dropout=0.1)
-    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 3, 4))
-    with pytest.raises(ValueError, match="train=True needs a key"):
-        layer.apply(params, state, jnp.ones((1, 3, 4)), train=True)
-    assert layer.stochastic
-
-
-def test_decode_errors(rng):
-    layer = MultiHeadAttention(2, causal=True)
-    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 3, 4))
-    x = jnp.ones((1, 3, 4))
-    cache = init_cache(layer, params, state, x, 4)
-    assert cache["k"].shape == (1, 4, 2, 2) and int(cache["index"]) == 0
-    _, cache = decode_step(layer, params, cache, x, 4)
-    with pytest.raises(ValueError, match=r"decoding past the end of the cache: position 3 \+ 3"):
-        decode_step(layer, params, cache, x, 4)
-    step = jax.jit(lambda c, x: decode_step(layer, params, c, x, 4)[0])
-    with pytest.raises(Exception, match="decoding past the end of the cache"):
-        jax.block_until_ready(step(cache, x[:, :2]))
-    with pytest.raises(ValueError, match="do not fit a cache of capacity 4"):
-        decode_step(layer, params, {}, jnp.ones((1, 5, 4)), 4)
-    with pytest.raises(ValueError, match="backward does not run in decoding mode"):
-        layer.backward(params, state, x, x, cache_len=4)
-    bidir = MultiHeadAttention(2)
-    with pytest.raises(ValueError, match="needs causal self-attention"):
-        bidir.apply(params, state, x, cache_len=4)
-
-
-def test_mha_errors():
-    with pytest.raises(ValueError, match="num_heads 4 must be a multiple of num_kv_heads 3"):
-        MultiHeadAttention(4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
-        MultiHeadAttention(3).init(jax.random.PRNGKey(0), (1, 2, 8))
-    with pytest.raises(ValueError, match="rope needs an even head_dim"):
-        MultiHeadAttention(2, head_dim=3, rope=True).init(jax.random.PRNGKey(0), (1, 2, 8))
-    layer = MultiHeadAttention(2)
-    params, state, _ = layer.init(jax.random.PRNGKey(0), (1, 2, 8))
-    with pytest.raises(ValueError, match=r"input features 6/6 do not match"):
-        layer.apply(params, state, jnp.ones((1, 2, 6)))
-    with pytest.raises(ValueError, match=r"expected input shape \(batch, time, features\)"):
-        layer.apply(params, state, jnp.ones((2, 8)))

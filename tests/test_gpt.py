@@ -1,36 +1,27 @@
-"""The small GPT: hand-derived backward and training step against autodiff, KV-cache decoding
-against the full causal forward (learned, sinusoidal, rotary positions), sampling against the
-full forward, error messages."""
+"""The small GPT: hand-derived backward, residual pair and training step against autodiff,
+KV-cache decoding against the full causal forward (learned, sinusoidal, rotary positions),
+sampling (greedy, and top-k keeping exactly k tokens) against the full forward, error
+messages."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn import losses
+from fnn import backprop, losses
 from fnn.core import cast
 from fnn.models import GPT, decode_step, init_cache, sample, value_and_grad
 
-
-@pytest.fixture(autouse=True)
-def fast_threefry():
-    """XLA:CPU compiles partitionable threefry draws ~10x slower (see tests/test_attention.py)."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
-def tree_rel_err(a, b):
-    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
-    return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+from helpers import no_autodiff, tree_rel_err
 
 
 def tokens(shape, vocab=11, seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
 
 
-@pytest.mark.parametrize("tie,unroll,depth", [(True, False, 2), (False, True, 1)])
+@pytest.mark.parametrize("tie,unroll,depth", [(True, False, 2), (False, True, 2)])
 def test_hand_gradients_match_autodiff(tie, unroll, depth, monkeypatch):
-    """GPT.backward and value_and_grad (hand rules, autodiff patched to raise) against
+    """GPT.backward, value_and_grad and jax.grad through backprop.custom_vjp(GPT) (hand rules,
+    autodiff patched to raise except the grad that drives the custom_vjp) against
     jax.value_and_grad of the same loss, in training mode with dropout."""
     model = GPT(11, 8, 2, depth, 16, 8, tie=tie, dropout=0.1, num_kv_heads=1)
     params, state, out = model.init(jax.random.PRNGKey(0), (2, 6))
@@ -43,15 +34,43 @@ def test_hand_gradients_match_autodiff(tie, unroll, depth, monkeypatch):
     def run(params):
         logits = model.apply(params, state, x, **kw)[0]
         auto = real_vg(lambda p: loss(model.apply(p, state, x, **kw)[0], y))(params)
+        bridged = real_grad(lambda p: loss(bridge.apply(p, state, x, **kw)[0], y))(params)
         return auto, value_and_grad(model, unroll=unroll)(params, state, x, y, **kw), \
-            model.backward(params, state, x, loss.grad(logits, y), **kw)
-    with monkeypatch.context() as m:
-        for name in ("vjp", "grad", "value_and_grad", "jvp", "linearize", "linear_transpose"):
-            m.setattr(jax, name, None)
-        (l_auto, g_auto), ((l_hand, _), g_hand), (g_back, dx) = jax.jit(run)(params)
+            model.backward(params, state, x, loss.grad(logits, y), **kw), bridged
+    bridge, real_grad = backprop.custom_vjp(model), jax.grad
+    with no_autodiff(monkeypatch):
+        (l_auto, g_auto), ((l_hand, _), g_hand), (g_back, dx), g_bridge = jax.jit(run)(params)
     assert dx is None
     assert abs(float(l_hand - l_auto)) < 1e-12
-    assert tree_rel_err(g_hand, g_auto) < 1e-9 and tree_rel_err(g_back, g_auto) < 1e-9
+    for g in (g_hand, g_back, g_bridge):
+        assert tree_rel_err(g, g_auto) < 1e-9
+
+
+@pytest.mark.parametrize("tie,train", [(True, True), (False, False)])
+def test_residual_pair(tie, train, monkeypatch):
+    """fwd's logits and state equal apply's; its residuals are arrays; bwd of them equals
+    backward and jax.vjp of apply (with a mask keyword reaching the blocks)."""
+    model = GPT(11, 8, 2, 2, 16, 8, tie=tie, dropout=0.2, positions="rope")
+    params, state, _ = model.init(jax.random.PRNGKey(0), (2, 5))
+    x = tokens((2, 5))
+    kw = dict(key=jax.random.PRNGKey(1) if train else None, train=train,
+              mask=jnp.asarray(np.random.default_rng(0).random((2, 1, 5, 5)) > 0.3))
+    res = model.fwd(params, state, x, **kw)[2]
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
+    dy = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 11))
+    real_vjp = jax.vjp
+
+    def run(params):
+        y, s = model.apply(params, state, x, **kw)
+        y2, s2, res = model.fwd(params, state, x, **kw)
+        ref = real_vjp(lambda p: model.apply(p, state, x, **kw)[0], params)[1](dy)[0]
+        return y, y2, s2, model.bwd(params, state, res, dy, **kw), ref, \
+            model.backward(params, state, x, dy, **kw)
+    with no_autodiff(monkeypatch):
+        y, y2, s2, (got, dx), ref, (back, _) = jax.jit(run)(params)
+    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
+    assert dx is None and jax.tree.structure(s2) == jax.tree.structure(state)
+    assert tree_rel_err(got, ref) < 1e-9 and tree_rel_err(got, back) < 1e-12
 
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope"])
@@ -65,7 +84,7 @@ def test_decoding_equals_full_forward(positions):
     x = tokens((2, 8), 13)
     full = jax.jit(lambda p: model.apply(p, state, x)[0])(params)
     step = jax.jit(lambda p, c, t: decode_step(model, p, c, t, 10))
-    cache = init_cache(model, params, state, 2, 10)
+    cache = init_cache(model, params, state, x[:, :1], 10)
     first = 3 if positions == "learned" else 1          # a multi-token prefill once
     logits, cache = step(params, cache, x[:, :first])
     rows = [logits]
@@ -93,6 +112,41 @@ def test_sampling_against_the_full_forward():
     assert bool(jnp.all(jnp.any(top3 == drawn[:, 3:, None], axis=-1)))
 
 
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_top_k_keeps_exactly_k_tokens(k):
+    """400 copies of one prompt, one step at a high temperature (near-uniform over what is kept):
+    the set of drawn tokens is exactly the k most likely under the full forward — keeping k − 1
+    tokens misses one, keeping k + 1 draws an extra one (each of the ≤ 7 candidates appears
+    with probability > 1 − (1 − 1/7)^400 ≈ 1 − 1e-27 when kept)."""
+    model = GPT(7, 8, 2, 1, 16, 8)
+    params, state, _ = model.init(jax.random.PRNGKey(0), (1, 4))
+    prompt = jnp.tile(jnp.array([[1, 2, 3]]), (400, 1))
+    drawn = sample(model, params, state, jax.random.PRNGKey(3), prompt, 1, temperature=1e3,
+                   top_k=k)[:, -1]
+    logits = np.asarray(model.apply(params, state, prompt[:1])[0][0, -1], np.float64)
+    order = np.argsort(-logits)
+    assert logits[order[k - 1]] > logits[order[k]]                    # no tie at the cut
+    assert set(np.asarray(drawn).tolist()) == set(order[:k].tolist())
+
+
+def test_init_cache_signature_is_shared():
+    """fnn.models.init_cache/decode_step are fnn.layers': (model, params, state, x, max_len) with
+    ``x`` the prompt; a prefill from the cache gives the full forward's logits."""
+    import fnn.layers
+    assert init_cache is fnn.layers.init_cache and decode_step is fnn.layers.decode_step
+    model = GPT(5, 8, 2, 2, 8, 6)
+    params, state, _ = model.init(jax.random.PRNGKey(0), (3, 4))
+    prompt = tokens((3, 4), 5)
+    cache = init_cache(model, params, state, prompt, 6)
+    assert cache["blocks"]["attn"]["mha"]["k"].shape == (2, 3, 6, 2, 4)
+    assert int(cache["pos"]["index"]) == 0
+    logits, cache = decode_step(model, params, cache, prompt, 6)
+    np.testing.assert_allclose(logits, model.apply(params, state, prompt)[0], atol=1e-12)
+    with pytest.raises(ValueError, match=r"init_cache: expected an input x of shape \(batch, "
+                                         r"time, ...\) \(the prompt\), got the int 3"):
+        init_cache(model, params, state, 3, 6)
+
+
 def test_gpt_errors():
     with pytest.raises(ValueError, match="positions must be 'learned', 'sinusoidal' or 'rope'"):
         GPT(5, positions="alibi")
@@ -113,11 +167,12 @@ def test_gpt_errors():
         sample(model, params, state, jax.random.PRNGKey(0), prompt, 2, top_k=9)
     with pytest.raises(TypeError, match="expected a model built by fnn.models.GPT"):
         value_and_grad(params)
+    with pytest.raises(ValueError, match="GPT: fwd/backward does not run in decoding mode"):
+        model.backward(params, state, prompt, jnp.ones((1, 2, 5)), cache_len=6)
 
 
 def test_char_transformer_task_quick_run(tmp_path):
-    """The bundled task end to end (tiny model, 1 epoch, the unrolled hand-derived step in
-    ``fit``): it learns something (validation below the uniform log2(vocab) bits) and writes its
+    """The bundled task end to end (tiny model, 1 epoch, the hand-derived step in ``fit``): it learns something (validation below the uniform log2(vocab) bits) and writes its
     files."""
     import math
     import os

@@ -146,3 +146,12 @@ def test_a_user_layer_without_residuals_trains_under_fit_by_hand():
             for g in ("autodiff", "manual")}
     assert_trees_close(runs["manual"].train_state.params, runs["autodiff"].train_state.params)
     assert runs["manual"].history["loss"][-1] < runs["manual"].history["loss"][0]
+
+
+def test_layers_hash_with_their_meta():
+    """``meta`` is a read-only mapping; a Layer still hashes (caches keyed on layers work)."""
+    from fnn.layers import LSTM, Embedding
+    for layer in (LSTM(3), Embedding(5, 2), serial(TanhDense(), Scale())):
+        assert hash(layer) == hash(layer)
+    e = Embedding(5, 2)
+    assert hash(e._replace(meta=dict(e.meta))) == hash(e)

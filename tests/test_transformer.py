@@ -1,7 +1,6 @@
 """MLP and TransformerBlock against NumPy written from the equations, their hand-derived backward
-against jax.vjp, and ``stack(block, n)`` against n unrolled copies (outputs and gradients, hand
-and autodiff, with dropout keys; ``remat`` changes neither)."""
-import contextlib
+and residual pair (``fwd``/``bwd``) against jax.vjp, and ``stack(block, n)`` against n unrolled
+copies (outputs and gradients, hand and autodiff, with dropout keys; ``remat`` changes neither)."""
 import math
 
 import jax
@@ -13,28 +12,7 @@ from fnn.activations import relu
 from fnn.core import serial, stack
 from fnn.layers import MLP, TransformerBlock
 
-
-@pytest.fixture(autouse=True)
-def fast_threefry():
-    """XLA:CPU compiles partitionable threefry draws ~10x slower (see tests/test_attention.py)."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
-@contextlib.contextmanager
-def no_autodiff(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("autodiff called inside a hand-derived backward")
-    with monkeypatch.context() as m:
-        for name in ("vjp", "grad", "jvp", "value_and_grad", "linearize", "linear_transpose"):
-            m.setattr(jax, name, boom)
-        yield
-
-
-def tree_rel_err(a, b):
-    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
-    return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+from helpers import no_autodiff, tree_rel_err
 
 
 def randomize(params, rng):
@@ -88,6 +66,37 @@ def test_mlp_matches_numpy_and_vjp(rng, monkeypatch):
     assert tree_rel_err(got, ref) < 1e-12 and out == (2, 4, 3)
 
 
+def check_pair(layer, params, state, x, dy, monkeypatch, **kw):
+    """``fwd``'s y and state equal ``apply``'s; ``bwd`` of its residuals (arrays only) equals
+    ``backward`` and jax.vjp of ``apply`` (float64)."""
+    assert layer.fwd is not None and layer.bwd is not None
+    res = layer.fwd(params, state, x, **kw)[2]
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
+    real_vjp = jax.vjp
+
+    def run(params, x, dy):
+        y, s = layer.apply(params, state, x, **kw)
+        y2, s2, res = layer.fwd(params, state, x, **kw)
+        ref = real_vjp(lambda p, x: layer.apply(p, state, x, **kw)[0], params, x)[1](dy)
+        return (y, s), (y2, s2), layer.bwd(params, state, res, dy, **kw), ref, \
+            layer.backward(params, state, x, dy, **kw)
+    with no_autodiff(monkeypatch):
+        (y, s), (y2, s2), got, ref, back = jax.jit(run)(params, x, dy)
+    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
+    assert jax.tree.structure(s2) == jax.tree.structure(s)
+    jax.tree.map(np.testing.assert_array_equal, s2, s)
+    assert tree_rel_err(got, ref) < 1e-9 and tree_rel_err(got, back) < 1e-12
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_mlp_residual_pair(activation, rng, monkeypatch):
+    layer = MLP(6, 3, activation=relu) if activation == "relu" else MLP(6, use_bias=False)
+    params, state, out = layer.init(jax.random.PRNGKey(0), (2, 4, 5))
+    params = randomize(params, rng)
+    x, dy = jnp.asarray(rng.normal(size=(2, 4, 5))), jnp.asarray(rng.normal(size=out))
+    check_pair(layer, params, state, x, dy, monkeypatch)
+
+
 # --------------------------------------------------------------------------- block
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
@@ -125,18 +134,34 @@ def test_block_backward_matches_vjp(rng, monkeypatch):
     assert tree_rel_err(got, ref) < 1e-9
 
 
+@pytest.mark.parametrize("norm,train,chunk", [("pre", True, None), ("post", False, 2),
+                                              ("pre", False, 3)])
+def test_block_residual_pair(norm, train, chunk, rng, monkeypatch):
+    """Biases on; training with dropout (attention and sublayer outputs) or eval; the chunked
+    attention form; causal with a mask."""
+    block = TransformerBlock(2, 12, dropout=0.2, norm=norm, causal=True, chunk_size=chunk)
+    params, state, _ = block.init(jax.random.PRNGKey(0), (2, 5, 8))
+    params = randomize(params, rng)
+    x, dy = (jnp.asarray(rng.normal(size=(2, 5, 8))) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 1, 5, 5)) > 0.3)
+    check_pair(block, params, state, x, dy, monkeypatch, mask=mask, train=train,
+               key=jax.random.PRNGKey(3) if train else None)
+
+
 # --------------------------------------------------------------------------- stack
 
 def unstack(tree, n):
     return {str(i): jax.tree.map(lambda a: a[i], tree) for i in range(n)}
 
 
-def test_stack_equals_unrolled_copies(rng, monkeypatch):
+@pytest.mark.parametrize("remat", [False, True])
+def test_stack_equals_unrolled_copies(remat, rng, monkeypatch):
     """stack(block, 2) against serial(block, block) with the same params and keys, in training
-    mode with dropout: outputs, and stack's hand-derived backward against autodiff of the
+    mode with dropout: outputs, and stack's hand-derived backward (``bwd`` of the residuals its
+    ``fwd`` stacked; with ``remat`` each copy's input, its forward rerun) against autodiff of the
     unrolled copies (autodiff through the stack is checked by test_remat_changes_nothing)."""
     block = TransformerBlock(2, 6, dropout=0.1, causal=True)
-    deep, unrolled = stack(block, 2), serial(block, block)
+    deep, unrolled = stack(block, 2, remat=remat), serial(block, block)
     params, state, out = deep.init(jax.random.PRNGKey(0), (2, 3, 4))
     assert jax.tree.leaves(params)[0].shape[0] == 2 and out == (2, 3, 4)
     params_u, state_u = unstack(params, 2), unstack(state, 2)
@@ -145,7 +170,8 @@ def test_stack_equals_unrolled_copies(rng, monkeypatch):
     kw = dict(key=key, train=True)
 
     def run_stack(params, state):
-        return deep.apply(params, state, x, **kw)[0], deep.backward(params, state, x, dy, **kw)
+        y, _, res = deep.fwd(params, state, x, **kw)
+        return y, deep.bwd(params, state, res, dy, **kw)
 
     def run_unrolled(params, state):
         f = lambda p, x: unrolled.apply(p, state, x, **kw)[0]
@@ -157,6 +183,8 @@ def test_stack_equals_unrolled_copies(rng, monkeypatch):
             params, state, params_u, state_u)
     np.testing.assert_allclose(ys, yu, rtol=1e-12, atol=1e-12)
     assert tree_rel_err((unstack(dps, 2), dxs), auto_u) < 1e-10      # stack's hand rules
+    res = deep.fwd(params, state, x, **kw)[2]
+    assert all(isinstance(a, jax.Array) and a.shape[0] == 2 for a in jax.tree.leaves(res))
 
 
 def test_remat_changes_nothing(rng):

@@ -5,9 +5,10 @@ The test suite sweeps ``__all__``: each CamelCase constructor must carry ``@exam
 from fnn.activations import (Activation, Elu, Gelu, LeakyRelu, LogSoftmax, PRelu, Relu, Selu,
                              Sigmoid, Softmax, Softplus, Swish, Tanh)
 from fnn.core import parallel, residual, serial, stack
-from fnn.layers.attention import (MultiHeadAttention, decode_step, dot_product_attention,
-                                  dot_product_attention_backward, dot_product_attention_vjp,
-                                  init_cache)
+from fnn.layers.attention import (dot_product_attention, dot_product_attention_backward,
+                                  dot_product_attention_bwd, dot_product_attention_fwd,
+                                  dot_product_attention_vjp)
+from fnn.layers.multi_head_attention import MultiHeadAttention, decode_step, init_cache
 from fnn.layers.positional import PositionalEmbedding, SinusoidalPositions, rope, sinusoidal
 from fnn.layers.transformer import MLP, TransformerBlock
 from fnn.layers.conv import Conv, ConvTranspose

@@ -134,6 +134,11 @@ class Tiles:
         """Does query block ``i`` see any key of block ``j`` (causal)?"""
         return j * self.ck <= self.q_offset + i * self.cq + self.cq - 1
 
+    def tile(self, a):
+        """``(b, t, h, e)`` → ``(nq, b, kh, g·cq, e)`` query blocks (the inverse of
+        :meth:`untile`)."""
+        return _query_blocks(a, self.shape[5], self.nq, self.cq)
+
     def untile(self, o):
         """``(nq, b, kh, g·cq, e)`` → ``(b, t, h, e)``."""
         b, t, h = self.shape[:3]

@@ -26,7 +26,7 @@ Kernel gradient formulation (``kernel_grad=``): ``"conv"`` hands the correlation
 ``lax.conv_general_dilated`` (batch as the contracted axis); ``"im2col"`` gathers the ``prod(K)``
 shifted input slices into one ``(B·out, prod(K)·C)`` matrix and multiplies it by the error
 ``(B·out, O)``. On CPU, XLA's convolution-shaped kernel gradient is several times slower than the
-matmul (see ``benchmarks/bench_conv.py``), so ``"auto"`` looks the backend up in
+matmul (measured in ``benchmarks/RESULTS.md``, "Convolution"), so ``"auto"`` looks the backend up in
 :data:`KERNEL_GRAD` — edit that table to revisit the choice.
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
            "Conv", "ConvTranspose"]
 
 #: Kernel-gradient formulation per backend for ``kernel_grad="auto"`` (backends not listed:
-#: ``"conv"``, the library convolution, right for GPU/TPU). Measured with bench_conv.py on a
-#: 2-core AMD EPYC (AVX2, no AVX-512), batch 64, 28x28, 32 -> 64 channels: im2col + matmul
-#: 4.0x faster than XLA's CPU convolution (461 vs 1855 ms on a loaded machine).
+#: ``"conv"``, the library convolution, right for GPU/TPU). The CPU choice was measured with
+#: bench_conv.py: benchmarks/RESULTS.md, "Convolution" (im2col + matmul against XLA's CPU
+#: convolution for the kernel gradient).
 KERNEL_GRAD = {"cpu": "im2col"}
 
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}

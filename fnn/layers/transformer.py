@@ -6,8 +6,11 @@ children's backward rules run in reverse::
     pre-norm  (GPT-2):   h = x + Drop(Attn(Norm(x))),   y = h + Drop(MLP(Norm(h)))
     post-norm (Vaswani): h = Norm(x + Drop(Attn(x))),   y = Norm(h + Drop(MLP(h)))
 
-with ``MLP(x) = act(x W₁ + b₁) W₂ + b₂`` (GELU by default). Stack blocks with
-``fnn.core.stack(TransformerBlock(...), depth)`` for one ``lax.scan`` over the layers.
+with ``MLP(x) = act(x W₁ + b₁) W₂ + b₂`` (GELU by default). ``MLP.fwd`` keeps ``x`` and
+``z = x W₁ + b₁`` as residuals; a block's ``fwd``/``bwd`` are its composition's,
+carrying every child's residuals. Stack blocks with ``fnn.core.stack(TransformerBlock(...),
+depth)`` for one ``lax.scan`` over the layers (its hand backward then runs each block's ``bwd``
+from the residuals the forward scan stacked).
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import jax
 
 from fnn import activations as acts
 from fnn import initializers as inits
-from fnn.core import Example, Layer, default_dtype, examples, is_shape, residual, serial
-from fnn.layers.attention import MultiHeadAttention
+from fnn.core import (Example, Layer, backward_from, default_dtype, examples, is_shape, residual,
+                       serial)
+from fnn.layers.multi_head_attention import MultiHeadAttention
 from fnn.layers.dense import dense, dense_backward
 from fnn.layers.dropout import Dropout
 from fnn.layers.norm import LayerNorm, RMSNorm
@@ -87,12 +91,22 @@ def MLP(hidden_features: int, out_features: int | None = None, *, activation=act
     def apply(params, state, x, *, key=None, train=False):
         return mlp(x, *unpack(params, x), activation), state
 
-    def backward(params, state, x, dy, *, key=None, train=False):
-        dw1, db1, dw2, db2, dx = mlp_backward(x, *unpack(params, x), dy, activation)
+    def fwd(params, state, x, *, key=None, train=False):
+        w1, b1, w2, b2 = unpack(params, x)
+        z = dense(x, w1, b1)
+        # act(z) is recomputed in bwd: cheaper here than keeping it (benchmarks/RESULTS.md)
+        return dense(activation(z), w2, b2), state, {"x": x, "z": z}
+
+    def bwd(params, state, res, dy, *, key=None, train=False):
+        w1, b1, w2, b2 = unpack(params, res["x"])
+        z = res["z"]
+        dw2, db2, da = dense_backward(activation(z), w2, dy, b2 is not None)  # dW₂ = act(z)ᵀ dy
+        dz = activation.vjp(z, da)                                            # act'(z) ⊙ da
+        dw1, db1, dx = dense_backward(res["x"], w1, dz, b1 is not None)
         pack = lambda w, b: {"w": w} if b is None else {"w": w, "b": b}
         return {"fc1": pack(dw1, db1), "fc2": pack(dw2, db2)}, dx
 
-    return Layer(init, apply, backward, name)
+    return Layer(init, apply, backward_from(fwd, bwd), name, fwd=fwd, bwd=bwd)
 
 
 def _norm(norm_type, eps):
@@ -150,4 +164,4 @@ def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
         return block.init(key, input_shape)
 
     return Layer(init, block.apply, block.backward, name, block.keywords, (("block", block),),
-                 block.stochastic)
+                 block.stochastic, block.fwd, block.bwd)

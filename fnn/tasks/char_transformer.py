@@ -8,9 +8,10 @@ streams with a carried state; here each window starts from scratch, so context i
 Non-overlapping windows of ``SEQ + 1`` characters give ``(input, next-character target)``
 pairs. The model is
 ``fnn.models.GPT`` (learned positions, pre-norm blocks, tied embedding), trained by
-``fnn.train.fit`` with the hand-derived backward (``fnn.models.value_and_grad`` with the blocks
-unrolled: the fastest step, see ``benchmarks/RESULTS.md``), AdamW with warmup and cosine decay,
-gradients clipped at norm 1.
+``fnn.train.fit`` with the hand-derived backward (``fnn.models.value_and_grad``: one forward
+keeping every layer's residuals, then the hand rules; blocks unrolled, which at this depth
+compiles quickly and is at least as fast as the scan, see ``benchmarks/RESULTS.md``), AdamW with
+warmup and cosine decay, gradients clipped at norm 1.
 
 Writes to ``out``: ``char_transformer_curves.png`` (validation bits/char per epoch),
 ``char_transformer_attention.png`` (every head's attention map for a sampled sequence),
