@@ -39,11 +39,11 @@ class _Same:
         return id(self.obj)
 
 
-def _cells(fn, path):
+def _cells(fn, path, memo):
     out = []
     for cell in fn.__closure__ or ():
         try:
-            out.append(fingerprint(cell.cell_contents, path))
+            out.append(fingerprint(cell.cell_contents, path, memo))
         except ValueError:                      # an empty cell (a name not yet bound)
             out.append("<empty>")
     return tuple(out)
@@ -62,18 +62,36 @@ def _global_names(code) -> tuple:
 _IMMUTABLE = _VALUES + (float, complex, tuple, frozenset)
 
 
-def _globals(fn, path):
+def _globals(fn, path, memo):
     """The globals ``fn``'s code reads: immutable values by value, the rest by identity."""
     g = fn.__globals__
-    return tuple((name, fingerprint(g[name], path) if isinstance(g[name], _IMMUTABLE)
+    return tuple((name, fingerprint(g[name], path, memo) if isinstance(g[name], _IMMUTABLE)
                   else _Same(g[name])) for name in _global_names(fn.__code__) if name in g)
 
 
-def fingerprint(obj, _path=()):
+def fingerprint(obj, _path=(), _memo=None):
     """A hashable stand-in for ``obj``: equal for objects that compute the same thing.
+
+    Each object is fingerprinted once per call (``_memo``, by identity); a later visit gives
+    ``("<seen>", i)``, the order of its first visit. A model's ``apply``, ``fwd``, ``bwd`` and
+    ``backward`` close over the same children, which a plain recursion (and the hash of the
+    nested result) would visit once per path — exponentially many in the depth of the model.
+    The visit order depends only on the structure, so equal structures still compare equal.
 
     Example: ``fingerprint(optim.sgd(0.01).update) == fingerprint(optim.sgd(0.02).update)``.
     """
+    memo = {} if _memo is None else _memo
+    kind = type(obj)
+    if kind in _EXACT_VALUES or kind is float or kind is complex:
+        return _fingerprint(obj, _path, memo)
+    hit = memo.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return "<seen>", hit[1]
+    memo[id(obj)] = (obj, len(memo))
+    return _fingerprint(obj, _path, memo)
+
+
+def _fingerprint(obj, _path, memo):
     kind = type(obj)
     if kind in _EXACT_VALUES:
         return kind, obj
@@ -86,22 +104,24 @@ def fingerprint(obj, _path=()):
             return "<cycle>", depth
     path = _path + (obj,)
     if isinstance(obj, (tuple, list)):                 # NamedTuples included: the type counts
-        return type(obj), tuple(fingerprint(x, path) for x in obj)
+        return type(obj), tuple(fingerprint(x, path, memo) for x in obj)
     if isinstance(obj, dict):
-        return type(obj), tuple((fingerprint(k, path), fingerprint(v, path))
+        return type(obj), tuple((fingerprint(k, path, memo), fingerprint(v, path, memo))
                                 for k, v in obj.items())
     if isinstance(obj, frozenset):
-        return frozenset, frozenset(fingerprint(x, path) for x in obj)
+        return frozenset, frozenset(fingerprint(x, path, memo) for x in obj)
     if isinstance(obj, types.FunctionType):
         d, kd = obj.__defaults__, obj.__kwdefaults__
-        return (types.FunctionType, obj.__code__, d and fingerprint(d, path),
-                kd and fingerprint(tuple(sorted(kd.items())), path),
-                obj.__closure__ and _cells(obj, path), _globals(obj, path))
+        return (types.FunctionType, obj.__code__, d and fingerprint(d, path, memo),
+                kd and fingerprint(tuple(sorted(kd.items())), path, memo),
+                obj.__closure__ and _cells(obj, path, memo), _globals(obj, path, memo))
     if isinstance(obj, functools.partial):
-        return (functools.partial, fingerprint(obj.func, path), fingerprint(obj.args, path),
-                fingerprint(tuple(sorted(obj.keywords.items())), path))
+        return (functools.partial, fingerprint(obj.func, path, memo),
+                fingerprint(obj.args, path, memo),
+                fingerprint(tuple(sorted(obj.keywords.items())), path, memo))
     if isinstance(obj, types.MethodType):
-        return types.MethodType, fingerprint(obj.__func__, path), fingerprint(obj.__self__, path)
+        return (types.MethodType, fingerprint(obj.__func__, path, memo),
+                fingerprint(obj.__self__, path, memo))
     return _Same(obj)
 
 
