@@ -89,6 +89,7 @@ def test_static_loss_scale_and_bfloat16_with_a_scale_given():
     (dict(precision="compute=int8"), r"dtypes must be floating point, got int8"),
     (dict(precision=None, loss_scale="dynamic"), r"loss_scale needs precision="),
     (dict(precision="float16", loss_scale=-1.0), r"loss_scale must be 'auto', 'dynamic'"),
+    (dict(precision="bfloat16", grad=lambda *a, **k: None), r"precision= needs grad="),
 ])
 def test_fit_precision_errors(kw, match):
     _, x, y = tiny_regression(8)

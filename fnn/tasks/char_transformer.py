@@ -134,7 +134,9 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
     result = train.fit(net, lm_loss, opt, train_xy, epochs=epochs, batch_size=batch,
                        val_data=val_xy, key=jax.random.PRNGKey(seed),
-                       grad=value_and_grad(net, unroll=True),
+                       # the unrolled hand step is built for the float32 model; under a
+                       # precision policy fit's manual path runs the wrapped model's hand rules
+                       grad="manual" if precision else value_and_grad(net, unroll=True),
                        accuracy=None, drop_last=True, progress=progress, grad_norm=False,
                        **resume_options(resume, out, precision))
     ts, hist = result.train_state, result.history

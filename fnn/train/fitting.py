@@ -284,6 +284,10 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     """
     stream = is_stream(train_data)
     _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir)
+    if precision is not None and callable(grad):
+        raise ValueError("fit: precision= needs grad='autodiff' or 'manual'; a gradient "
+                         "function computes with the model it was built from, not the "
+                         "mixed-precision one")
     model, optimizer = _with_precision(model, optimizer, precision, loss_scale)
     ms = resolve_metrics(loss, accuracy, metrics)
     ctx = dict(stream=stream, model=model, loss=loss, metrics=ms, check=None,
