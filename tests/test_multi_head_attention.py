@@ -9,7 +9,7 @@ import pytest
 
 from fnn.layers import MultiHeadAttention, decode_step, init_cache
 
-from helpers import no_autodiff, tree_rel_err, vjp_and_hand
+from helpers import check_pair, no_autodiff, tree_rel_err, vjp_and_hand
 from test_attention import np_attention, random_mask
 
 
@@ -62,28 +62,6 @@ def test_mha_backward_with_biases(cross, rng, monkeypatch):
     assert tree_rel_err(got, ref) < 1e-9
     if cross:    # without rope the key bias adds a constant to each row of logits
         assert np.abs(np.asarray(got[0]["k"]["b"])).max() < 1e-12 * np.abs(got[0]["k"]["w"]).max()
-
-
-def check_pair(layer, params, state, x, dy, monkeypatch, **kw):
-    """The layer's residual pair against its ``apply``, ``backward`` and jax.vjp of ``apply``
-    (float64, autodiff patched to raise while the hand rules are traced)."""
-    res = layer.fwd(params, state, x, **kw)[2]                   # eager: real leaves
-    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
-    real_vjp = jax.vjp
-
-    def run(params, x, dy):
-        y, s = layer.apply(params, state, x, **kw)
-        y2, s2, res = layer.fwd(params, state, x, **kw)
-        ref = real_vjp(lambda p, x: layer.apply(p, state, x, **kw)[0], params, x)[1](dy)
-        return (y, s), (y2, s2), layer.bwd(params, state, res, dy, **kw), ref, \
-            layer.backward(params, state, x, dy, **kw)
-    with no_autodiff(monkeypatch):
-        (y, s), (y2, s2), got, ref, back = jax.jit(run)(params, x, dy)
-    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
-    assert jax.tree.structure(s2) == jax.tree.structure(s)
-    jax.tree.map(np.testing.assert_array_equal, s2, s)
-    assert tree_rel_err(got, ref) < 1e-9
-    assert tree_rel_err(got, back) < 1e-12
 
 
 MHA_CASES = {   # name: (constructor kwargs, input shape, call: mask?, train?)

@@ -12,7 +12,7 @@ from fnn.activations import relu
 from fnn.core import serial, stack
 from fnn.layers import MLP, TransformerBlock
 
-from helpers import no_autodiff, tree_rel_err
+from helpers import check_pair, no_autodiff, tree_rel_err
 
 
 def randomize(params, rng):
@@ -64,28 +64,6 @@ def test_mlp_matches_numpy_and_vjp(rng, monkeypatch):
         y, ref, got = jax.jit(run)(params, x, dy)
     np.testing.assert_allclose(y, np_mlp(np.asarray(x), params), rtol=1e-12, atol=1e-12)
     assert tree_rel_err(got, ref) < 1e-12 and out == (2, 4, 3)
-
-
-def check_pair(layer, params, state, x, dy, monkeypatch, **kw):
-    """``fwd``'s y and state equal ``apply``'s; ``bwd`` of its residuals (arrays only) equals
-    ``backward`` and jax.vjp of ``apply`` (float64)."""
-    assert layer.fwd is not None and layer.bwd is not None
-    res = layer.fwd(params, state, x, **kw)[2]
-    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
-    real_vjp = jax.vjp
-
-    def run(params, x, dy):
-        y, s = layer.apply(params, state, x, **kw)
-        y2, s2, res = layer.fwd(params, state, x, **kw)
-        ref = real_vjp(lambda p, x: layer.apply(p, state, x, **kw)[0], params, x)[1](dy)
-        return (y, s), (y2, s2), layer.bwd(params, state, res, dy, **kw), ref, \
-            layer.backward(params, state, x, dy, **kw)
-    with no_autodiff(monkeypatch):
-        (y, s), (y2, s2), got, ref, back = jax.jit(run)(params, x, dy)
-    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
-    assert jax.tree.structure(s2) == jax.tree.structure(s)
-    jax.tree.map(np.testing.assert_array_equal, s2, s)
-    assert tree_rel_err(got, ref) < 1e-9 and tree_rel_err(got, back) < 1e-12
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
