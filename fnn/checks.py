@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from fnn.core import output_shape
+
 __all__ = ["check_range", "checked", "check_data", "data_checker", "is_concrete"]
 
 _MODE = threading.local()
@@ -114,17 +116,6 @@ def _input_layers(layer):
         yield from _input_layers(child)
 
 
-def _output_shape(model, input_shape):
-    out = []
-
-    def init(key):
-        params, state, shape = model.init(key, input_shape)
-        out.append(shape)
-        return params, state
-    jax.eval_shape(init, jax.eval_shape(jax.random.PRNGKey, 0))  # shapes only, no FLOPs
-    return out[0]
-
-
 def data_checker(model, loss, input_shape) -> Callable:
     """A check of ``(x, target)`` against ``model`` and ``loss``, for the data or each batch.
 
@@ -139,7 +130,7 @@ def data_checker(model, loss, input_shape) -> Callable:
               if "input_range" in l.meta]
     classes = None
     if getattr(loss, "integer_labels", False):
-        out = _output_shape(model, tuple(input_shape))
+        out = output_shape(model, tuple(input_shape))
         if out and all(isinstance(d, (int, np.integer)) for d in out):   # one output array
             classes = int(out[-1])
 

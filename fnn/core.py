@@ -45,7 +45,7 @@ PyTree = Any
 __all__ = [
     "Layer", "Example", "examples", "serial", "parallel", "residual", "stack",
     "count_params", "summary", "default_dtype", "cast", "is_shape", "child_key", "split_key",
-    "backward_from",
+    "backward_from", "output_shape",
 ]
 
 
@@ -167,6 +167,19 @@ def backward_from(fwd: Callable, bwd: Callable) -> Callable:
 
 
 # --------------------------------------------------------------------------- inspection
+
+def output_shape(layer: Layer, input_shape):
+    """The output shape ``layer.init`` infers for ``input_shape``, traced abstractly (no
+    parameters are drawn, no FLOPs)."""
+    out = []
+
+    def init(key):
+        params, state, shape = layer.init(key, input_shape)
+        out.append(shape)
+        return params, state
+    jax.eval_shape(init, jax.eval_shape(jax.random.PRNGKey, 0))
+    return out[0]
+
 
 def count_params(params: PyTree) -> int:
     """Total number of scalar parameters in a pytree."""

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import backprop, checks, gradcheck, optim
-from fnn.core import count_params
+from fnn.core import count_params, output_shape
 
 __all__ = ["check", "Finding", "Report", "CHECKS"]
 
@@ -206,7 +206,7 @@ def _initial_loss(loss, value, params, state, x, model):
     are confidently wrong (too large initial weights)."""
     if not getattr(loss, "integer_labels", False):
         return []
-    out = checks._output_shape(model, tuple(np.shape(x)))
+    out = output_shape(model, tuple(np.shape(x)))
     if not out or not all(isinstance(d, (int, np.integer)) for d in out):
         return []                                          # not one array of logits
     c = int(out[-1])

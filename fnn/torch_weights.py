@@ -38,6 +38,7 @@ import numpy as np
 
 from fnn import _torch_layers as tl
 from fnn import checkpoint
+from fnn.core import output_shape
 
 __all__ = ["load_state_dict", "read_state_dict", "StateDictError"]
 
@@ -144,17 +145,6 @@ def _join(a, b, sep):
     return f"{a}{sep}{b}" if a else str(b)
 
 
-def _out_shape(layer, shape):
-    out = []
-
-    def init(key):
-        p, s, o = layer.init(key, shape)
-        out.append(o)
-        return p, s
-    jax.eval_shape(init, jax.eval_shape(jax.random.PRNGKey, 0))
-    return out[0]
-
-
 def _templates(model, shape):
     return jax.eval_shape(lambda k: model.init(k, shape)[:2],
                           jax.eval_shape(jax.random.PRNGKey, 0))
@@ -235,7 +225,7 @@ class _Walk:
             if chained:
                 if kind == "Flatten" and len(shape) > 2:
                     flat_from = tuple(shape[1:])
-                shape = _out_shape(child, shape)
+                shape = output_shape(child, shape)
         return params, state
 
     def stack(self, layer, shape, pt, st, path, prefix):
