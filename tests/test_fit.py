@@ -241,3 +241,67 @@ def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
                             params=params, key=key, grad_norm=grad_norm, progress=False)
         chex.assert_trees_all_equal(res.train_state.params, params)
         assert int(res.train_state.step) == 0
+
+
+# --------------------------------------------------------------------------- donation
+
+def test_epoch_donates_the_state_and_computes_what_a_non_donating_epoch_does(key):
+    """The compiled epoch reuses the params', model state's and optimizer state's buffers (they
+    are deleted after the call); step and key stay readable; the numbers are those of the same
+    epoch compiled without donation."""
+    from fnn.train.epoch import make_epoch
+    x, y = _xor()
+    args = (MODEL, CE, optim.adam(0.01).update, "autodiff", (), None, False, None, 40, 16,
+            False, True)
+    donating, sizes = make_epoch(*args)
+    plain, _ = make_epoch(*args, None, jax.jit)
+    ts = train.create_train_state(MODEL, optim.adam(0.01), key, (16, 2))
+    keep = jax.tree.map(jnp.copy, ts)
+    data = (x, y, {})
+    want, flat_want, _ = plain(keep, data, np.int32(len(sizes)))
+    got, flat, nxt = donating(ts, data, np.int32(len(sizes)))
+    assert all(a.is_deleted() for a in jax.tree.leaves((ts.params, ts.opt_state)))
+    assert not ts.step.is_deleted() and not ts.key.is_deleted()
+    assert not any(a.is_deleted() for a in jax.tree.leaves(keep))     # not donated
+    chex.assert_trees_all_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(flat), np.asarray(flat_want))
+    assert int(nxt) == len(sizes)
+
+
+def test_fit_leaves_the_callers_arrays_alive_and_unchanged(key):
+    x, y = _xor()
+    ts = train.create_train_state(MODEL, optim.adam(0.01), key, (16, 2))
+    before = jax.tree.map(np.array, ts)
+    for kw in (dict(train_state=ts), dict(params=ts.params, key=key)):
+        res = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16,
+                        progress=False, **kw)
+        assert not any(a.is_deleted() for a in jax.tree.leaves(ts))
+        chex.assert_trees_all_equal(jax.tree.map(np.array, ts.params), before.params)
+        assert int(res.train_state.step) == 9
+    again = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16,
+                      progress=False, train_state=ts)          # the same start: the same run
+    chex.assert_trees_all_equal(again.train_state, res.train_state)
+
+
+@pytest.mark.parametrize("poisoned", [5, 37])
+def test_guard_without_a_kept_copy_stops_where_the_replay_does(poisoned, key):
+    """With grad_norm=True fit keeps no copy of the epoch's start (the in-loop guard keeps the
+    last good state); with grad_norm=False it replays from a copy. A NaN example gives both
+    the same state, step and history, and the state of plain SGD up to the bad batch."""
+    x, y = _xor(64)
+    x = x.at[poisoned].set(jnp.nan)
+    params = MODEL.init(key, (16, 2))[0]
+    kw = dict(epochs=3, batch_size=16, params=params, key=key, shuffle=False, progress=False,
+              check_data=False)
+    runs = []
+    for grad_norm in (False, True):
+        with pytest.warns(RuntimeWarning, match=rf"step {poisoned // 16} "):
+            runs.append(train.fit(MODEL, CE, optim.sgd(0.1), (x, y), grad_norm=grad_norm,
+                                  **kw))
+    a, b = runs
+    chex.assert_trees_all_equal(a.train_state.params, b.train_state.params)
+    assert int(a.train_state.step) == int(b.train_state.step) == poisoned // 16
+    assert a.history["loss"] == b.history["loss"] and a.stop_reason == b.stop_reason
+    ref = _plain_sgd(params, x[:16 * (poisoned // 16)], y[:16 * (poisoned // 16)], 0.1, 1,
+                     lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
+    chex.assert_trees_all_close(a.train_state.params, ref, rtol=1e-12, atol=1e-12)

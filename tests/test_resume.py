@@ -53,8 +53,8 @@ CHILD = RUN + textwrap.dedent("""
     if mode == "kill-mid-epoch":           # dies with epoch 6's compiled call in flight
         import fnn.train.fitting as fitting
         real_launch = fitting.memory_launch
-        def memory_launch(run_epoch, sizes, ts, *rest):
-            out = real_launch(run_epoch, sizes, ts, *rest)
+        def memory_launch(run_epoch, sizes, ts, *rest, **kw):
+            out = real_launch(run_epoch, sizes, ts, *rest, **kw)
             if int(ts.step) == 5 * 4:
                 die()
             return out

@@ -191,7 +191,8 @@ class _EarlyStop:
             from fnn.regularizers import early_stopping
             rule = early_stopping(rule, min_delta)
         self.update, self.monitor = jax.jit(rule.update), monitor
-        self.state = rule.init((ts.params, ts.state))
+        # a copy: fit's epochs donate the train state's buffers
+        self.state = rule.init(jax.tree.map(jax.numpy.copy, (ts.params, ts.state)))
 
     def __call__(self, epoch, ts, logs):
         """Feed one epoch; return the reason to stop, or ``None``."""

@@ -2,12 +2,13 @@
 
 The loop carries the state and the *sums* of what the history reports (loss × examples, each
 metric's sums, the gradient norm only when asked for): nothing is written per step, nothing
-is recomputed after. It leaves at the first non-finite loss (the guard); the caller replays
-the same call with ``limit`` set to the steps before it, which gives the last good state bit
-for bit (same program, same inputs) and the sums of the good steps only.
+is recomputed after. It leaves at the first non-finite loss (the guard), keeping the state and sums from before
+that step (an in-loop select), so the last good state comes back from the call itself and the
+train state's buffers can be donated (:data:`DONATE`): the epoch updates them in place.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ from fnn.train.cache import cached
 from fnn.train.metrics import resolve_metrics
 from fnn.sharding.data import shard_shuffle
 from fnn.precision import current_scale
-from fnn.train.step import _as_data, _step_core, _where
+from fnn.train.step import TrainState, _as_data, _step_core, _where
 
 __all__ = ["evaluate"]
 
@@ -50,14 +51,16 @@ def zero_sums(core, ts, batch) -> Sums:
 
 def _loop(core, ts, stacked, limit, count):
     """Run ``core`` over the first ``min(limit, count)`` slices of ``stacked``, leaving after a
-    non-finite one: ``(steps_run, ts, sums, bad)``."""
+    non-finite one: ``(steps_run, ts, sums, bad)``; ``steps_run`` counts the bad step, ``ts``
+    and ``sums`` are those from before it."""
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
     acc = zero_sums(core, ts, one)
 
     def body(c):
         i, ts, acc, _ = c
         new, out = core(ts, jax.tree.map(lambda a: a[i], stacked))
-        return i + 1, new, _add(acc, out), ~out.finite
+        ok = out.finite
+        return i + 1, _where(ok, new, ts), _where(ok, _add(acc, out), acc), ~ok
     i, bad = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
     return jax.lax.while_loop(lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body,
                               (i, ts, acc, bad))
@@ -75,26 +78,40 @@ class Report(NamedTuple):
     loss_scale: float
 
 
+DONATE = functools.partial(jax.jit, donate_argnums=(0,))
+"""The default ``jit`` of :func:`make_epoch`: the train state's params, model state and
+optimizer state (the first argument of the packed function) are donated."""
+
+
 class Runner:
-    """A jitted ``(ts, data, limit) -> (ts, flat)``: the report packed into one vector, so the
-    host reads it in one transfer (``unpack(flat) -> Report``; each small array read on its
-    own cost about a tenth of a small epoch)."""
+    """A jitted ``(ts, data, limit) -> (ts, flat, next_limit)``: the report packed into one
+    vector, so the host reads it in one transfer (``unpack(flat) -> Report``; each small array
+    read on its own cost about a tenth of a small epoch). ``next_limit`` (on the device):
+    ``limit``, or 0 after a non-finite step, the limit for an epoch launched from this one's
+    state before its report is read (it then runs no step and hands the state on).
+
+    ``jit`` compiles ``packed(big, small, data, limit)`` with ``big = (params, state,
+    opt_state)`` and ``small = (step, key)``: donating the first argument (:data:`DONATE`)
+    reuses the train state's buffers and keeps the step and key of the state launched from
+    readable (the host needs them after a non-finite step)."""
 
     def __init__(self, fn, jit=jax.jit):
         self.tree, self.specs = None, None
 
-        def packed(ts, data, limit):
-            ts, i, bad, acc = fn(ts, data, limit)
+        def packed(big, small, data, limit):
+            ts, i, bad, acc = fn(join(big, small), data, limit)
             ls = current_scale(ts.opt_state)
             leaves, self.tree = jax.tree.flatten(Report(
                 i, bad, acc, _rate(ts.opt_state), jnp.full((), jnp.nan) if ls is None else ls.scale))
             self.specs = [(np.shape(v), jnp.asarray(v).dtype) for v in leaves]
             f = jnp.result_type(float)
-            return ts, jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves])
+            nxt = jnp.where(bad, 0, limit).astype(jnp.int32)
+            return (*split(ts), jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves]), nxt)
         self.jitted = jit(packed)
 
     def __call__(self, ts, data, limit):
-        return self.jitted(ts, data, limit)
+        big, small, flat, nxt = self.jitted(*split(ts), data, limit)
+        return join(big, small), flat, nxt
 
     def unpack(self, flat) -> Report:
         flat, out, at = np.asarray(jax.device_get(flat)), [], 0
@@ -105,6 +122,16 @@ class Runner:
         r = jax.tree.unflatten(self.tree, out)
         return Report(int(r.steps), bool(r.bad), r.sums, float(r.learning_rate),
                       float(r.loss_scale))
+
+
+def split(ts):
+    """A train state as ``(big, small)``: ``(params, state, opt_state)`` and ``(step, key)``."""
+    return (ts.params, ts.state, ts.opt_state), (ts.step, ts.key)
+
+
+def join(big, small):
+    """The inverse of :func:`split`."""
+    return TrainState(*big, *small)
 
 
 def _rate(opt_state):
@@ -132,7 +159,7 @@ def make_chunk(model, loss, update, grad, metrics, regularizer, grad_norm, augme
 
 @cached
 def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
-               batch_size, drop_last, shuffle, shards=None, jit=jax.jit):
+               batch_size, drop_last, shuffle, shards=None, jit=DONATE):
     """One epoch as a :class:`Runner` ``(ts, data, limit) -> (ts, packed report)``, and the
     batch sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
     partial one (a real smaller batch, not padding) unless ``drop_last``.
@@ -140,7 +167,8 @@ def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augme
     ``shards``: the data is split over that many devices (laid out by
     :func:`fnn.sharding.shard_dataset`), and the shuffle permutes within each device's shard
     (:func:`fnn.sharding.shard_shuffle`) so no batch gathers the data set; ``jit`` then
-    compiles with the mesh's shardings (:func:`fnn.sharding.make_sharded_step`)."""
+    compiles with the mesh's shardings (:func:`fnn.train.distributed.epoch_jit`). The train
+    state given to the runner is donated (``jit``: :data:`DONATE`)."""
     full, tail = divmod(n, batch_size)
     tail = 0 if drop_last else tail
     if full + (tail > 0) == 0:
@@ -169,7 +197,8 @@ def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augme
         if tail:
             go = (i == full) & (limit > full) & ~bad
             new, out = core(ts, rest)
-            ts, acc = _where(go, new, ts), _where(go, _add(acc, out), acc)
+            ok = go & out.finite
+            ts, acc = _where(ok, new, ts), _where(ok, _add(acc, out), acc)
             i, bad = i + go, bad | (go & ~out.finite)
         return ts, i, bad, acc
     return Runner(epoch, jit), (batch_size,) * full + ((tail,) if tail else ())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import math
 import time
@@ -13,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import sharding
 from fnn.precision import loss_scaling, mixed_precision, policy
 from fnn.sharding.mesh import current_mesh
 from fnn.train import resume as _resume
 from fnn.train.callbacks import _EarlyStop
 from fnn.train.epoch import make_chunk, make_epoch, make_eval
-from fnn.train.loops import (logs_from_sums, memory_finish, memory_launch, stream_epoch,
-                              stream_eval)
+from fnn.train.distributed import is_writer, on_mesh, place, to_host
+from fnn.train.loops import (batch_inputs_finite, copy_state, logs_from_sums, memory_finish,
+                             memory_launch, stream_epoch, stream_eval)
 from fnn.train.metrics import resolve_metrics
 from fnn.train.progress import _Progress
 from fnn.train.step import TrainState, _as_data, _unpack, create_train_state
@@ -63,8 +62,9 @@ def _nonfinite_message(epoch, bad, start):
              "(lower the learning rate, clip the gradients)") if bad.inputs_finite else \
         ("the inputs of that batch hold NaN or Inf: a data problem, not the model")
     kept = "keeping the state from before that step" if bad.params_finite else (
-        "but the parameters were already non-finite before it (a non-finite gradient with a "
-        "finite loss in an earlier epoch; fit(grad_norm=True) stops at that step)")
+        "but the parameters were already non-finite before it (a non-finite gradient or "
+        "update with a finite loss, in an earlier epoch or, with grad_norm=True, an earlier "
+        "step; fit(grad_norm=True) stops at a non-finite gradient)")
     return (f"fit: non-finite loss or gradient at epoch {epoch}, step {bad.step} (update "
             f"{bad.step - start + 1} of the epoch); {cause}; training stopped, {kept}")
 
@@ -103,20 +103,21 @@ def _run_epoch(ctx, epoch, ts, pending, remaining):
         return stream_epoch(ctx["run"], ts, batches, ctx["chunk"], ctx["check"],
                             "fit: train_data")
     q, args = ctx["inflight"], (ctx["run"], ctx["sizes"])
-    if q and q[0][0] is not ts:
+    if q and q[0].before is not ts:
         q.clear()
     if not q:
-        t0, last = time.perf_counter(), ts
+        t0, last, limit = time.perf_counter(), ts, ctx["limit"]
         for _ in range(max(1, min(ctx["chain"], remaining))):
-            q.append(memory_launch(*args, last, ctx["data"], ctx["limit"]))
-            last = q[-1][1][0]
-        jax.block_until_ready(q[-1][1][1])
+            q.append(memory_launch(*args, last, ctx["data"], limit, keep=ctx["keep"]))
+            last, limit = q[-1].ts, q[-1].nxt
+        jax.block_until_ready(q[-1].flat)
         per = (time.perf_counter() - t0) / len(q)
         if len(q) > 1:
             ctx["epoch_time"] = per
         if ctx["quiet"]:
             ctx["chain"] = _chain_length(per, ctx["state_bytes"])
-    out = memory_finish(*args, q.popleft(), ctx["data"], ctx["shuffle"])
+    out = memory_finish(*args, q.popleft(), ctx["data"], ctx["bad_inputs"],
+                        q[-1] if q else None)
     if out[2] is not None:
         q.clear()
     return out
@@ -131,11 +132,13 @@ def _chain_length(seconds_per_epoch, state_bytes, most=64, seconds=0.25, memory=
 
 
 def _speculate(ctx, ts):
-    """Launch the next in-memory epoch from ``ts`` before this one's bookkeeping (validation
-    read-back, history, callbacks), so the device does not wait for the host."""
-    if not ctx["stream"] and not ctx["inflight"] and ctx["chain"] == 1:
+    """Launch the next in-memory epoch before this one's bookkeeping (validation read-back,
+    history, callbacks), so the device does not wait for the host. The epoch donates its
+    input and the bookkeeping reads ``ts``: it runs from a copy, made only for a small state
+    (``ctx["speculate"]``); a large one is worth its memory more than the overlap."""
+    if not ctx["stream"] and not ctx["inflight"] and ctx["chain"] == 1 and ctx["speculate"]:
         ctx["inflight"].append(memory_launch(ctx["run"], ctx["sizes"], ts, ctx["data"],
-                                             ctx["limit"]))
+                                             ctx["limit"], copy=True))
 
 
 def _validate(ctx, ts, before_read=lambda: None):
@@ -166,32 +169,6 @@ def _callbacks(callbacks, epoch, ts, logs):
         elif out is True:
             reason = reason or f"fit: a callback stopped training after epoch {epoch}"
     return ts, reason
-
-
-def _on_mesh(ctx, mesh, rules, ts, epoch_args):
-    """Lay the data and the train state out on ``mesh`` and compile the epoch for it."""
-    if ctx["stream"]:
-        raise ValueError("fit: mesh= trains from arrays in memory; for streamed batches shard "
-                         "each one yourself (fnn.sharding.make_sharded_step, shard_batch)")
-    sharding.check_axes(mesh, ("data",), "fit: mesh")
-    shards, n, batch_size = mesh.shape["data"], epoch_args[8], epoch_args[9]
-    if batch_size % shards:
-        raise ValueError(f"fit: batch_size {batch_size} is not a multiple of the mesh's "
-                         f"{shards} 'data' devices; each device takes an equal part of a batch")
-    if n % shards:                       # the documented rule: the last n % shards are dropped
-        warnings.warn(f"fit: {n} examples do not split over {shards} 'data' devices; training "
-                      f"on the first {n - n % shards}")
-        n -= n % shards
-        ctx["data"] = jax.tree.map(lambda a: a[:n], ctx["data"])
-        epoch_args = epoch_args[:8] + (n,) + epoch_args[9:]
-    ctx["data"] = sharding.shard_dataset(ctx["data"], mesh, batch_size)
-    ts, ts_sh = sharding.shard_train_state(ts, mesh, rules)
-    # no donation: the non-finite replay and early stopping keep earlier states alive
-    jit = functools.partial(sharding.make_sharded_step, mesh=mesh, train_state_sharding=ts_sh,
-                            donate=False)
-    ctx["run"], ctx["sizes"] = make_epoch(*epoch_args, shards, jit)
-    ctx["limit"] = jax.device_put(np.int32(len(ctx["sizes"])))
-    return ts
 
 
 def _with_precision(model, optimizer, precision, loss_scale):
@@ -319,9 +296,13 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
             raise ValueError("fit: pass key= (a jax.random key) or train_state=")
         train_state = create_train_state(model, optimizer, key, _input_shape(x0, shape_batch),
                                          params=params, state=state)
+    if not stream:          # the epoch donates its input: never the caller's own arrays
+        train_state = copy_state(train_state)
+        ctx.update(place=lambda t: t, bad_inputs=batch_inputs_finite(ctx["data"], ctx["sizes"],
+                                                                      shuffle))
     mesh = current_mesh() if mesh is None else mesh
     if mesh is not None:
-        train_state = _on_mesh(ctx, mesh, param_sharding, train_state, (
+        train_state = on_mesh(ctx, mesh, param_sharding, train_state, (
             model, loss, optimizer.update, grad, ms, regularizer, grad_norm, augment, n,
             batch_size, drop_last, shuffle))
     elif param_sharding is not None:
@@ -329,6 +310,10 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     ctx["val_stream"] = val_data is not None and is_stream(val_data)
     ctx["val"] = val = val_data if ctx["val_stream"] else (
         _as_data(val_data, "fit: val_data") if val_data is not None else None)
+    if val is not None and not ctx["val_stream"] and mesh is not None:
+        rep = jax.sharding.NamedSharding(jax.tree.leaves(train_state)[0].sharding.mesh,
+                                         jax.sharding.PartitionSpec())
+        val = ctx["val"] = (place(val[0], jax.tree.map(lambda _: rep, val[0])), val[1])
     if val is not None and not ctx["val_stream"]:
         if check_data:
             ctx["check"](_unpack(val_data, "fit: val_data"), "fit: val_data")
@@ -347,14 +332,18 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
     ctx.update(inflight=collections.deque(), chain=1, quiet=quiet, state_bytes=sum(
         np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(ts)
         if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)))
+    # a replay source only where the guard may see a NaN gradient a step late
+    ctx.update(keep=not grad_norm, speculate=ctx["state_bytes"] <= 2 ** 26)
     if resume and (saved := _resume.load_run(checkpoint_dir, ts, stopper and stopper.state)):
         ts, es, info = saved
+        ts = ctx["place"](ts) if "place" in ctx else ts
         if stopper:
             stopper.state = es
         done, history, reason = info["epoch"], info["history"], info["stop_reason"]
         _resume.restore_callbacks(callbacks, info["callbacks"])
         pending = None                          # the first batch peeked was epoch 1's
-    bar, step = _Progress(progress, epochs, initial=done), int(ts.step)
+    bar = _Progress(progress if is_writer() else False, epochs, initial=done)
+    step = int(to_host(ts.step))
     try:
         for epoch in range(done + 1, epochs + 1):
             if reason:
@@ -383,9 +372,10 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
                 ts, reason = _callbacks(callbacks, epoch, ts, logs)
                 if not reason and stopper:
                     reason = stopper(epoch, ts, logs)
-            if checkpoint_dir is not None:
-                _resume.save_run(checkpoint_dir, ts, stopper and stopper.state, epoch, history,
-                                 callbacks, reason)
+            if checkpoint_dir is not None:      # gathered by all, written by process 0
+                saved = to_host((ts, stopper and stopper.state))
+                if is_writer():
+                    _resume.save_run(checkpoint_dir, *saved, epoch, history, callbacks, reason)
     finally:
         bar.close(reason)
     best = None
@@ -394,5 +384,6 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
     if reason and reason.startswith("fit: non-finite"):
         if on_nonfinite == "raise":
             raise FloatingPointError(reason)
-        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+        if is_writer():
+            warnings.warn(reason, RuntimeWarning, stacklevel=3)
     return FitResult(ts, history, reason, best)
