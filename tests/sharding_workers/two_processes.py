@@ -5,8 +5,11 @@ one of two processes (gloo collectives on localhost); trains an MLP for 20 FSDP 
 a (4,) data mesh spanning both processes, each process feeding its half of every batch;
 saves a sharded checkpoint to OUT/ckpt from both processes; process 0 writes the gathered
 params to OUT/multi.npz.
-``two_processes.py single OUT``: one process, 4 devices, the same training; restores
-OUT/ckpt onto 2 devices; prints JSON comparing both.
+Then both processes run ``fit(mesh=...)`` (FSDP, 3 epochs, progress lines, a resume
+directory each: OUT/fit-P) on the same in-memory data; process 0 writes the params to
+OUT/fit.npz.
+``two_processes.py single OUT``: one process, 4 devices, the same training and the same
+``fit``; restores OUT/ckpt onto 2 devices; prints JSON comparing both.
 """
 import json
 import os
@@ -52,6 +55,18 @@ def train(mesh, feed):
     return state, shard, rules
 
 
+def fit_run(mesh, out):
+    from fnn import losses, optim, sharding
+    from fnn.layers import Dense, Tanh, serial
+    from fnn.train import fit
+    r = np.random.default_rng(1)
+    x, t = r.normal(size=(N, 8)).astype("f4"), r.normal(size=(N, 4)).astype("f4")
+    return fit(serial(Dense(32), Tanh(), Dense(4)), losses.mse, optim.adam(1e-2), (x, t),
+               epochs=3, batch_size=BATCH, key=jax.random.PRNGKey(2), mesh=mesh,
+               param_sharding=sharding.fsdp("data", min_size=32), grad="manual",
+               progress="lines", checkpoint_dir=out)
+
+
 def mesh_of(devices):
     from fnn import sharding
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
@@ -72,6 +87,11 @@ def multi(out):
     params = multihost_utils.process_allgather(state[0], tiled=True)
     if p == 0:
         np.savez(os.path.join(out, "multi.npz"), *jax.tree.leaves(params))
+    from fnn.train.distributed import to_host
+    result = fit_run(mesh, os.path.join(out, f"fit-{p}"))
+    fitted = to_host(result.train_state.params)                  # every process joins
+    if p == 0:
+        np.savez(os.path.join(out, "fit.npz"), *jax.tree.leaves(fitted))
     jax.distributed.shutdown()
 
 
@@ -87,7 +107,12 @@ def single(out):
     small_params = sharding.param_shardings(state[0], small, rules)
     like_sh = (small_params, sharding.opt_state_shardings(state[1], small_params, small))
     back = checkpoint.restore(os.path.join(out, "ckpt"), state, like_sh)
+    fitted = [np.asarray(a) for a in jax.tree.leaves(fit_run(mesh, None).train_state.params)]
+    got_fit = np.load(os.path.join(out, "fit.npz"))
     print(json.dumps({
+        "fit_max_diff": max(float(np.max(np.abs(a - got_fit[f"arr_{i}"])))
+                            for i, a in enumerate(fitted)),
+        "fit_dirs": sorted(d for d in os.listdir(out) if d.startswith("fit-")),
         "train_max_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(ref, multi_params)),
         "restore_bit_exact": all(np.array_equal(np.asarray(a), b)
                                  for a, b in zip(jax.tree.leaves(back[0]), multi_params)),
