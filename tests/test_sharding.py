@@ -453,3 +453,33 @@ def test_fit_on_a_mesh_matches_fit_on_one_device():
         assert c["params_sharded_as_asked"] and c["opt_state_like_params"], c
         assert (c["split_params"] > 0) == (c["mesh"] != "dp"), c
     assert got["shuffled_trains"]
+
+
+_TRACES = []
+
+
+def test_fit_on_a_mesh_donates_keeps_callers_state_and_reuses_its_compiled_epoch(key):
+    """On a one-device mesh: the same parameters as plain fit, the caller's arrays intact, and
+    a second call (fresh optimizer and mesh objects, equal values) traces nothing."""
+    from fnn import losses, optim, train
+    from fnn.layers import Dense, Tanh, serial
+    model, traces = serial(Dense(4), Tanh(), Dense(2)), _TRACES
+
+    def loss(pred, target, **kw):
+        _TRACES.append(1)                  # a global: the closure does not change with it
+        return losses.mse(pred, target, **kw)
+    r = np.random.default_rng(0)
+    x, t = jnp.asarray(r.normal(size=(32, 3))), jnp.asarray(r.normal(size=(32, 2)))
+    params = model.init(key, (8, 3))[0]
+    kw = dict(epochs=2, batch_size=8, params=params, key=key, shuffle=False, progress=False)
+    ref = train.fit(model, loss, optim.adam(1e-2), (x, t), **kw)
+    runs = [train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)),
+                      **kw) for _ in range(2)]
+    n = len(traces)
+    third = train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)), **kw)
+    assert len(traces) == n                                   # no new trace: cached
+    for got in runs + [third]:
+        for a, b in zip(jax.tree.leaves(got.train_state.params),
+                        jax.tree.leaves(ref.train_state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    assert not any(a.is_deleted() for a in jax.tree.leaves(params))
