@@ -84,8 +84,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fnn.sharding.launch",
                                  description="run COMMAND as N local processes of one "
                                              "jax.distributed training run")
-    ap.add_argument("-n", "--num-processes", type=int, default=2)
-    ap.add_argument("--cpu-devices", type=int, default=None,
+    ap.add_argument("-n", "--num-processes", "--processes", type=int, default=2)
+    ap.add_argument("--cpu-devices", "--devices-per-process", type=int, default=None,
                     help="devices per process for the CPU backend (simulated)")
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("command", nargs=argparse.REMAINDER)
