@@ -17,7 +17,7 @@ from fnn.sharding.mesh import current_mesh
 from fnn.train import resume as _resume
 from fnn.train.callbacks import _EarlyStop
 from fnn.train.epoch import make_chunk, make_epoch, make_eval
-from fnn.train.distributed import is_writer, on_mesh, place, to_host
+from fnn.train.distributed import is_writer, on_mesh as _on_mesh, place, to_host
 from fnn.train.loops import (batch_inputs_finite, copy_state, logs_from_sums, memory_finish,
                              memory_launch, stream_epoch, stream_eval)
 from fnn.train.metrics import resolve_metrics
@@ -302,7 +302,7 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
                                                                       shuffle))
     mesh = current_mesh() if mesh is None else mesh
     if mesh is not None:
-        train_state = on_mesh(ctx, mesh, param_sharding, train_state, (
+        train_state = _on_mesh(ctx, mesh, param_sharding, train_state, (
             model, loss, optimizer.update, grad, ms, regularizer, grad_norm, augment, n,
             batch_size, drop_last, shuffle))
     elif param_sharding is not None:
