@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -71,8 +72,24 @@ def _precision(text):
     return text
 
 
+def _join_processes():
+    """Under ``python -m fnn.sharding.launch`` (its ``FNN_COORDINATOR`` set): join the run with
+    ``jax.distributed`` before any other JAX call. ``True`` when this is one of several
+    processes."""
+    if not os.environ.get("FNN_COORDINATOR"):
+        return False
+    from fnn.sharding.launch import initialize
+    return initialize()
+
+
 def _devices(n):
-    """A context in which ``fit`` trains data parallel on ``n`` devices (``None``: as is)."""
+    """A context in which ``fit`` trains data parallel on ``n`` devices (``None``: as is; every
+    device of every process in a multi-process run)."""
+    if jax.distributed.is_initialized():        # (process_count() would start the backend)
+        n = jax.device_count() if n is None else n
+        if n != jax.device_count():
+            raise SystemExit(f"fnn train: --devices {n} across {jax.process_count()} processes; "
+                             f"a multi-process run trains on all {jax.device_count()} devices")
     if n is None:
         return contextlib.nullcontext()
     from fnn import sharding
@@ -158,9 +175,12 @@ def cmd_train(args) -> int:
         return 2
     t0 = time.perf_counter()
     with _devices(args.devices):
+        writer = jax.process_index() == 0    # several processes: process 0 speaks and writes
         metrics = task.train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                             seed=args.seed, out=args.out, quiet=args.quiet, quick=args.quick,
-                             resume=args.resume, precision=args.precision)
+                             seed=args.seed, out=args.out, quiet=args.quiet or not writer,
+                             quick=args.quick, resume=args.resume, precision=args.precision)
+    if not writer:
+        return 0
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in metrics.items())
     print(f"{task.name}: {shown} ({time.perf_counter() - t0:.1f} s); checkpoint and plots "
@@ -211,6 +231,7 @@ def cmd_gradcheck(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``fnn`` console script; returns the exit status."""
+    _join_processes()
     args = _parser().parse_args(argv)
     from fnn.doctor import cmd_doctor
     return {"list": cmd_list, "train": cmd_train, "gradcheck": cmd_gradcheck,

@@ -195,13 +195,33 @@ print(json.dumps({"rc": rc, "meshes": seen, "devices": jax.device_count()}))
 """
 
 
-def test_train_on_two_simulated_devices(tmp_path):
+def test_train_on_two_devices_in_one_process_or_two(tmp_path):
     """``--devices 2`` gives the CPU backend two devices (a fresh process: the count is fixed
-    when JAX starts) and every ``fit`` of the task a ("data": 2) mesh."""
+    when JAX starts) and every ``fit`` of the task a ("data": 2) mesh. The same command under
+    ``fnn.sharding.launch`` as 2 processes × 1 device (jax.distributed, gloo) trains the same
+    model to 1e-6; only process 0 prints and writes files."""
+    from fnn.sharding.launch import launch_local
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = subprocess.run([sys.executable, "-c", SPY, str(tmp_path / "run")], capture_output=True,
                          text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    *_, one, spy = run.stdout.strip().splitlines()
+    got = json.loads(spy)
     assert got["rc"] == 0 and got["devices"] == 2
     assert got["meshes"] and all(m == {"data": 2} for m in got["meshes"])
+
+    out, log = tmp_path / "two", tmp_path / "two.txt"
+    cmd = [sys.executable, "-m", "fnn", "train", "xor", "--quick", "--quiet", "--epochs", "2",
+           "--out", str(out)]
+    with open(log, "w") as f:                  # both processes' output, interleaved
+        codes = launch_local(cmd, 2, cpu_devices=1, timeout=300, env=env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    text = log.read_text()
+    assert codes == [0, 0], text[-3000:]
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"task"')]
+    assert len(lines) == 1, text[-3000:]                 # process 1 printed no result
+    two, ref = lines[0], json.loads(one)
+    assert two.keys() == ref.keys()
+    for k in ("test_loss", "test_accuracy", "truth_table_accuracy"):
+        assert abs(two[k] - ref[k]) < 1e-6, (k, two, ref)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "run"))

@@ -24,7 +24,7 @@ import pkgutil
 from typing import Callable, NamedTuple
 
 __all__ = ["Task", "register", "get", "names", "load_all", "broken", "default",
-           "resume_options"]
+           "resume_options", "artifact_dir"]
 
 
 class Task(NamedTuple):
@@ -94,3 +94,19 @@ def resume_options(resume: bool, out: str, precision=None) -> dict:
     precision; ``{}`` for a plain run."""
     kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "resume": True} if resume else {}
     return kw if precision is None else {**kw, "precision": precision}
+
+
+def artifact_dir(out: str) -> str:
+    """Where this process writes a task's files (checkpoint, plots, samples): ``out`` on
+    process 0, the only process of a plain run. The other processes of a multi-process run
+    (``python -m fnn.sharding.launch -- fnn train ...``) write to a scratch directory removed
+    at exit, so the files are written once, not once per process."""
+    import jax
+    if jax.process_index() == 0:
+        return out
+    import atexit
+    import shutil
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix=f"fnn-process-{jax.process_index()}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    return scratch

@@ -30,7 +30,7 @@ import numpy as np
 
 from fnn import checkpoint, losses, optim, train
 from fnn.layers import LSTM, Dense, Embedding, lstm_cell, scan_rnn, serial
-from fnn.tasks import Task, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, default, register, resume_options
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 LN2 = math.log(2.0)
@@ -152,7 +152,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
                        callbacks=(report,), progress=progress, learning_rate=lr,
                        **resume_options(resume, out, precision))
     ts = result.train_state
-    text = _write(out, ts, history, chars, prompt, sample_length, temperature, seed)
+    text = _write(artifact_dir(out), ts, history, chars, prompt, sample_length, temperature, seed)
     say(f"sampled at temperature {temperature}:\n{text}")
     return {"val_bits_per_char": history["val_bits_per_char"][-1],
             "train_bits_per_char": history["bits_per_char"][-1], "epochs": epochs,

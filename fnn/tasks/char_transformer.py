@@ -33,7 +33,7 @@ from fnn.layers.attention import dot_product_attention
 from fnn.layers.dense import dense
 from fnn.layers.norm import layer_norm
 from fnn.models import GPT, lm_loss, sample, value_and_grad
-from fnn.tasks import Task, char_lstm, default, register, resume_options
+from fnn.tasks import Task, char_lstm, artifact_dir, default, register, resume_options
 
 SEQ, BATCH, D, HEADS, DEPTH, MLP = 64, 32, 96, 4, 3, 384
 EPOCHS, LR = 4, 3e-3
@@ -146,6 +146,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     ids = sample(net, ts.params, ts.state, jax.random.PRNGKey(seed + 1), prompt,
                  SEQ - prompt.shape[1], temperature=0.8, top_k=20)
     texts = ["".join(alphabet[i] for i in row) for row in np.asarray(ids)]
+    out = artifact_dir(out)                             # process 0 writes the files
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "char_transformer_sample.txt"), "w") as f:
         f.write("\n\n".join(texts) + "\n")

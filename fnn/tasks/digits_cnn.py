@@ -26,7 +26,7 @@ import numpy as np
 
 from fnn import augment, checkpoint, data, losses, optim, train
 from fnn.layers import Conv, Dense, Dropout, Flatten, MaxPool, Relu, serial
-from fnn.tasks import Task, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, default, register, resume_options
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 EPOCHS, LR, BATCH, PATIENCE, VAL_FRACTION = 30, 2e-3, 32, 8, 0.1
@@ -99,6 +99,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     best = result.best_epoch or hist["epoch"][-1]
     test = train.evaluate(net, LOSS, ts.params, ts.state, (x_test, y_test))
     pred = predict(net, ts.params, ts.state, x_test)
+    out = artifact_dir(out)                             # process 0 writes the files
     os.makedirs(out, exist_ok=True)
     checkpoint.save(os.path.join(out, "digits_cnn.safetensors"), ts)
     try:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fnn import checkpoint, data, losses, optim, train
 from fnn.layers import Dense, Relu, serial
-from fnn.tasks import Task, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, default, register, resume_options
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 
@@ -41,6 +41,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
                        progress=progress, **resume_options(resume, out, precision))
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
+    out = artifact_dir(out)                             # process 0 writes the files
     os.makedirs(out, exist_ok=True)
     checkpoint.save(os.path.join(out, "digits_mlp.safetensors"), ts)
     try:

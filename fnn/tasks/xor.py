@@ -17,7 +17,7 @@ import numpy as np
 from fnn import checkpoint, data, losses, optim, train
 from fnn.initializers import glorot_normal
 from fnn.layers import Dense, Tanh, serial
-from fnn.tasks import Task, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, default, register, resume_options
 
 LOSS = losses.sigmoid_binary_cross_entropy
 
@@ -52,6 +52,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     corners, labels = _data(4, 0)
     logits = net.apply(ts.params, ts.state, jnp.asarray(corners))[0]
     table = float(np.mean((np.asarray(logits) > 0) == (labels > 0.5)))
+    out = artifact_dir(out)                             # process 0 writes the files
     os.makedirs(out, exist_ok=True)
     checkpoint.save(os.path.join(out, "xor.safetensors"), ts)
     _plots(net, ts, result.history, test_xy, out)

@@ -24,7 +24,7 @@ from fnn.sharding.data import batch_sharding, interleave_order, shard_shuffle, t
 from fnn.sharding.mesh import as_auto
 from fnn.train.epoch import make_epoch, split
 
-__all__ = ["on_mesh", "epoch_jit", "place", "to_host", "is_writer"]
+__all__ = ["on_mesh", "epoch_jit", "place", "to_host", "gathered", "is_writer"]
 
 
 def is_writer() -> bool:
@@ -70,6 +70,13 @@ def to_host(tree):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return jax.tree.map(one, tree)
+
+
+def gathered(tree):
+    """``tree`` whole on this process's first local device, gathered from the processes
+    (:func:`to_host`; every process must call it together): what ``fit`` returns when its mesh
+    spans processes, so that evaluation, sampling and saving after it run as in one process."""
+    return jax.device_put(to_host(tree), jax.local_devices()[0])
 
 
 @functools.lru_cache(maxsize=32)

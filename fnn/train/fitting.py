@@ -17,7 +17,7 @@ from fnn.sharding.mesh import current_mesh
 from fnn.train import resume as _resume
 from fnn.train.callbacks import _EarlyStop
 from fnn.train.epoch import make_chunk, make_epoch, make_eval
-from fnn.train.distributed import is_writer, on_mesh as _on_mesh, place, to_host
+from fnn.train.distributed import gathered, is_writer, on_mesh as _on_mesh, place, to_host
 from fnn.train.loops import (batch_inputs_finite, copy_state, logs_from_sums, memory_finish,
                              memory_launch, stream_epoch, stream_eval)
 from fnn.train.metrics import resolve_metrics
@@ -251,7 +251,10 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     rules for the parameters (:func:`fnn.sharding.fsdp`, :func:`fnn.sharding.tensor_parallel`,
     a list of ``(regex, PartitionSpec)``); optimizer state follows its parameters. In-memory
     data only; the batch size must be a multiple of the data axis, and when the example count
-    is not, the last ``n % devices`` examples are left out (with a warning).
+    is not, the last ``n % devices`` examples are left out (with a warning). A mesh spanning
+    processes (``jax.distributed``): every process passes the same arrays, process 0 alone
+    writes progress and the resume file, and each gets the final train state whole on its
+    first local device (see ``docs/scaling.md``).
 
     Example::
 
@@ -321,8 +324,11 @@ def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | No
     stopper = None if early_stopping is None else _EarlyStop(
         early_stopping, min_delta, monitor or ("val_loss" if val is not None else "loss"),
         train_state)
-    return _train(ctx, train_state, stopper, epochs, callbacks, learning_rate, grad_norm,
-                  progress, on_nonfinite, restore_best, checkpoint_dir, resume, pending)
+    result = _train(ctx, train_state, stopper, epochs, callbacks, learning_rate, grad_norm,
+                    progress, on_nonfinite, restore_best, checkpoint_dir, resume, pending)
+    if mesh is not None and jax.process_count() > 1:   # every process gets the whole state
+        result = result._replace(train_state=gathered(result.train_state))
+    return result
 
 
 def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progress,
