@@ -6,13 +6,18 @@ docstrings as Markdown, where those come out as literal colons, nested block quo
 paragraphs. This extension rewrites each docstring's text before it is parsed (the source files
 are untouched):
 
+- ``:math:`x``` -> ``$x$`` (arithmatex, rendered by MathJax);
 - ``:func:`x``` (any role: func, class, mod, meth, attr, data, obj, ``~`` prefix) -> ``x``
   as inline code;
 - a paragraph ending in ``::`` -> ``:`` (reST's literal-block marker; the indented block that
   follows is already a Markdown code block);
 - a run of ``>>>``/``...`` lines (and their output up to a blank line) -> a fenced ``pycon``
   block;
-- a list item right after a paragraph line -> a blank line first (Markdown needs one).
+- a list item right after a paragraph line -> a blank line first (Markdown needs one), and
+  a line opening with a bold heading (``**Params:**``) starts a new paragraph.
+
+A public module-level name bound without a docstring (``silu = swish``, ``macro_f1 =
+Metric(...)``) gets a one-line one saying what it is bound to, so the API reference lists it.
 """
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ import re
 
 import griffe
 
+_MATH = re.compile(r":math:`([^`]+)`")
 _ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|obj|exc):`~?([^`]+)`")
+_HEAD = re.compile(r"^\*\*[A-Z][\w ()/-]*:\*\*")
 _ITEM = re.compile(r"^\s*(?:[-*+]|\d+\.)\s")
 
 
 def _roles(text: str) -> str:
+    text = _MATH.sub(lambda m: f"${m.group(1)}$", text)
     return _ROLE.sub(lambda m: f"`{m.group(1)}`", text)
 
 
@@ -68,6 +76,8 @@ def _list_spacing(lines: list[str]) -> list[str]:
         if (not fence and _ITEM.match(line) and out and out[-1].strip()
                 and not _ITEM.match(out[-1]) and not out[-1].startswith((" ", "\t"))):
             out.append("")
+        elif not fence and _HEAD.match(line) and out and out[-1].strip():
+            out.append("")                  # "**Params:** ..." starts its own paragraph
         out.append(line)
     return out
 
@@ -79,9 +89,23 @@ def to_markdown(text: str) -> str:
     return "\n".join(lines)
 
 
+def _binding(attr) -> str:
+    """A one-line description of a module attribute from its value expression."""
+    value = str(attr.value or "")
+    if re.fullmatch(r"[A-Za-z_][\w.]*", value):
+        return f"Another name for `{value}`: the same object."
+    call = re.match(r"([A-Za-z_][\w.]*)\(", value)
+    if call:
+        return f"A `{call.group(1)}` instance (see the module's description above)."
+    return f"The constant `{value}`." if len(value) < 80 else "A module-level constant."
+
+
 class RstToMarkdown(griffe.Extension):
     """Rewrite every docstring with :func:`to_markdown` as soon as griffe creates the object."""
 
     def on_instance(self, *, node, obj, agent, **kwargs) -> None:
         if obj.docstring is not None:
             obj.docstring.value = to_markdown(obj.docstring.value)
+        elif (obj.is_attribute and obj.parent is not None and obj.parent.is_module
+              and not obj.name.startswith("_")):
+            obj.docstring = griffe.Docstring(_binding(obj), parent=obj)
