@@ -129,8 +129,14 @@ def lecun_uniform():
     return variance_scaling(1.0, "fan_in", "uniform")
 
 
-xavier_normal, xavier_uniform = glorot_normal, glorot_uniform
-kaiming_normal, kaiming_uniform = he_normal, he_uniform
+xavier_normal = glorot_normal
+"""Glorot's initializer under PyTorch's name (``nn.init.xavier_normal_``)."""
+xavier_uniform = glorot_uniform
+"""Glorot's initializer under PyTorch's name (``nn.init.xavier_uniform_``)."""
+kaiming_normal = he_normal
+"""He's initializer under PyTorch's name (``nn.init.kaiming_normal_``)."""
+kaiming_uniform = he_uniform
+"""He's initializer under PyTorch's name (``nn.init.kaiming_uniform_``)."""
 
 
 def orthogonal(gain: float = 1.0):
