@@ -151,7 +151,12 @@ def scan_rnn(cell: Cell, params, xs, carry=None, *, lengths=None, reverse=False)
     ``reverse``: scan from each sequence's end to its start.
     **Returns:** ``(ys [batch, time, H], final_carry)``; ``ys`` is zero at padded steps.
 
+    >>> from fnn.layers import LSTM, lstm_cell
+    >>> xs = jnp.ones((2, 7, 3))                                     # [batch, time, in]
+    >>> params, _, _ = LSTM(5).init(jax.random.PRNGKey(0), xs.shape)
     >>> ys, (h, c) = scan_rnn(lstm_cell, params, xs)
+    >>> ys.shape, h.shape, bool(jnp.allclose(ys[:, -1], h))
+    ((2, 7, 5), (2, 5), True)
     """
     mask, c0 = _setup(f"scan_rnn({cell.name})", cell, params, xs, lengths, carry)
     final, hs = _run_apply(cell, params, xs, c0, mask, reverse)
