@@ -63,10 +63,10 @@ def serial(*layers) -> Layer:
     output error becoming the previous child's — backpropagation.
 
     >>> from fnn.layers import Dense, Relu
-    >>> model = serial(Dense(16), Relu(), Dense(10))
-    >>> params, state, out_shape = model.init(jax.random.PRNGKey(0), (32, 64))
+    >>> model = serial(Dense(8), Relu(), Dense(2))
+    >>> params, state, out_shape = model.init(jax.random.PRNGKey(0), (32, 4))
     >>> out_shape, sorted(params), params["0"]["w"].shape
-    ((32, 10), ['0', '1', '2'], (64, 16))
+    ((32, 2), ['0', '1', '2'], (4, 8))
     """
     named = _named(layers)
     keywords = frozenset().union(*(l.keywords for _, l in named)) if named else frozenset()

@@ -267,7 +267,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
     **Returns:** ``[batch, T, heads, dv]``; rows allowed no key are zero.
 
     >>> q = k = v = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 8))  # [batch, T, heads, d]
-    >>> out = dot_product_attention(q, k, v, causal=True)
+    >>> attend = jax.jit(dot_product_attention, static_argnames="causal")
+    >>> out = attend(q, k, v, causal=True)
     >>> out.shape, bool(jnp.allclose(out[:, 0], v[:, 0]))          # query 0 sees key 0 only
     ((2, 5, 4, 8), True)
     """

@@ -250,9 +250,10 @@ def init_cache(model: Layer, params, state, x, max_len: int):
     >>> x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8))       # [batch, time, features]
     >>> params, state, _ = mha.init(jax.random.PRNGKey(1), x.shape)
     >>> cache = init_cache(mha, params, state, x, 8)                  # room for 8 positions
-    >>> y01, cache = decode_step(mha, params, cache, x[:, :2], 8)     # the prompt
-    >>> y2, cache = decode_step(mha, params, cache, x[:, 2:], 8)      # then one step at a time
-    >>> full, _ = mha.apply(params, state, x)                         # one causal forward
+    >>> decode = jax.jit(lambda cache, x: decode_step(mha, params, cache, x, 8))
+    >>> y01, cache = decode(cache, x[:, :2])                          # the prompt
+    >>> y2, cache = decode(cache, x[:, 2:])                           # then one step at a time
+    >>> full, _ = jax.jit(mha.apply)(params, state, x)                # one causal forward
     >>> bool(jnp.allclose(jnp.concatenate([y01, y2], axis=1), full, atol=1e-6))
     True
     """
