@@ -65,6 +65,7 @@ def run_page(path: Path) -> int:
 
     Raises ``AssertionError`` naming ``path`` and the line that failed.
     """
+    __tracebackhide__ = True                     # pytest: show the example, not this
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     namespace = {"__name__": f"doc_example_{path.stem}"}
     count = 0
@@ -80,6 +81,7 @@ def run_page(path: Path) -> int:
 
 
 def _run_code(block: Block, rel, namespace: dict) -> None:
+    __tracebackhide__ = True                     # pytest: show the example, not this
     # Pad with blank lines so that tracebacks give the line numbers of the page itself.
     code = compile("\n" * (block.line - 1) + block.code, str(rel), "exec")
     try:
@@ -95,6 +97,7 @@ def _run_code(block: Block, rel, namespace: dict) -> None:
 
 
 def _run_session(block: Block, rel, namespace: dict) -> None:
+    __tracebackhide__ = True                     # pytest: show the example, not this
     test = doctest.DocTestParser().get_doctest(block.code, namespace, str(rel), str(rel),
                                                block.line - 1)
     _run_doctests([test], str(rel))
@@ -102,6 +105,7 @@ def _run_session(block: Block, rel, namespace: dict) -> None:
 
 def _run_doctests(tests, where: str) -> int:
     """Run doctests; raise ``AssertionError`` with each failure's ``file:line``."""
+    __tracebackhide__ = True                     # pytest: show the example, not this
     out = io.StringIO()
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     for test in tests:
@@ -159,6 +163,7 @@ def prompt_lines(path: Path) -> set[tuple[str, int]]:
 
 def run_module(module) -> int:
     """Run ``module``'s doctests; returns how many examples ran."""
+    __tracebackhide__ = True                     # pytest: show the example, not this
     tests = module_doctests(module)
     return _run_doctests(tests, module.__name__) if tests else 0
 
