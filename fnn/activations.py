@@ -8,8 +8,9 @@ Every activation ``f`` is a plain function of an array ``z`` and carries:
 
 All are stable for ``|z|`` up to 1e4: no overflow, no NaN.
 
->>> sigmoid(jnp.array([0.0]))          # [0.5]
->>> sigmoid.grad(jnp.array([0.0]))     # [0.25]
+>>> z = jnp.array([-2.0, 0.0, 2.0])
+>>> print(sigmoid(z).round(4), sigmoid.grad(z).round(4))    # σ(z) and σ'(z) = σ(z)(1 - σ(z))
+[0.1192 0.5 0.8808] [0.105 0.25 0.105]
 """
 from __future__ import annotations
 

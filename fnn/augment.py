@@ -16,8 +16,11 @@ images left–right, right for photographs of objects and *wrong for digits and 
 mirrored 2, 3, 4, 5, 7 or 9 is not that digit); small translations and rotations
 (:func:`random_translation`, :func:`random_rotation`, :func:`random_crop`) suit digits.
 
->>> aug = compose(random_crop(1), random_rotation(10.0), gaussian_noise(0.05))
->>> x_aug, y_aug = jax.jit(aug)(jax.random.PRNGKey(0), x, y)        # x: [32, 8, 8, 1]
+>>> aug = compose(random_crop(1), gaussian_noise(0.05))        # + random_rotation(10.0), ...
+>>> x, y = jnp.ones((4, 8, 8, 1)), jnp.arange(4)
+>>> x_aug, y_aug = jax.jit(aug)(jax.random.PRNGKey(0), x, y)
+>>> x_aug.shape, bool((y_aug == y).all()), bool((x_aug != x).any())
+((4, 8, 8, 1), True, True)
 """
 from __future__ import annotations
 

@@ -9,8 +9,13 @@ back to back. Array names are the leaves' key paths joined by ``/`` (``params/0/
 NamedTuples, ``None``), the format version and a SHA-256 of the data, so any safetensors
 reader can open the file and :func:`load` can rebuild the tree and detect corruption.
 
->>> checkpoint.save("out/ckpt.safetensors", train_state)
->>> train_state = checkpoint.load("out/ckpt.safetensors", like=train_state)
+>>> from fnn import checkpoint
+>>> tree = {"params": {"w": jnp.ones((2, 3))}, "step": jnp.array(7)}
+>>> checkpoint.save("ckpt.safetensors", tree)
+'ckpt.safetensors'
+>>> back = checkpoint.load("ckpt.safetensors", like=tree)
+>>> back["params"]["w"].shape, int(back["step"])
+((2, 3), 7)
 
 :func:`save` writes a temporary file in the same directory, ``fsync``s it, renames it over
 ``path`` (atomic on POSIX) and ``fsync``s the directory: a crash leaves either the old

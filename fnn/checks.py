@@ -21,8 +21,16 @@ Unchecked, under ``jit`` (what XLA's gathers do): ``Embedding`` with an id ``>= 
 gives a NaN loss, a label in ``[-classes, 0)`` the loss of class ``classes + label``; its
 gradient uses a one-hot of the label, all zeros out of range (finite, but wrong).
 
->>> check_data(model, losses.softmax_cross_entropy_with_integer_labels, x, y)
->>> err, out = jax.jit(checked(loss_fn))(params, x, y); err.throw()
+>>> from fnn import losses
+>>> from fnn.layers import Dense
+>>> model, loss = Dense(3), losses.softmax_cross_entropy_with_integer_labels
+>>> x, y = jnp.ones((4, 2)), jnp.array([0, 1, 2, 3])            # 3 classes: label 3 is wrong
+>>> check_data(model, loss, x, y)
+Traceback (most recent call last):
+ValueError: ...label 3 at index (3,) is outside the valid range [0, 3)...
+>>> err, out = jax.jit(checked(loss))(jnp.zeros((4, 3)), y)   # traced: no eager check
+>>> print(err.get())                                          # err.throw() raises it
+softmax_cross_entropy_with_integer_labels: label 3 at index [3] is outside the valid range [0, 3)...
 """
 from __future__ import annotations
 
@@ -85,8 +93,11 @@ def checked(f: Callable) -> Callable:
     ``error.get()`` for the message (``None`` if every check passed). Only code traced inside
     ``f`` is checked: a function jitted and cached before, unchecked, stays unchecked.
 
-    >>> err, loss = jax.jit(checked(lambda p, x, y: loss_fn(p, x, y)))(params, x, y)
-    >>> err.throw()
+    >>> from fnn import losses
+    >>> loss = losses.softmax_cross_entropy_with_integer_labels
+    >>> err, out = jax.jit(checked(loss))(jnp.zeros((2, 3)), jnp.array([0, 2]))
+    >>> print(err.get(), round(float(out), 4))                        # ln 3
+    None 1.0986
     """
     def traced(*args, **kwargs):
         with _checking():
@@ -153,7 +164,10 @@ def check_data(model, loss, x, target, *, input_shape=None):
     vocabulary of every ``Embedding`` that reads the raw input. One vectorised NumPy
     ``min``/``max`` per array; raises ``ValueError`` as :func:`data_checker`. Returns ``None``.
 
-    >>> check_data(model, losses.softmax_cross_entropy_with_integer_labels, x_train, y_train)
+    >>> from fnn import losses
+    >>> from fnn.layers import Dense
+    >>> check_data(Dense(10), losses.softmax_cross_entropy_with_integer_labels,
+    ...            jnp.ones((4, 64)), jnp.array([0, 3, 9, 1]))        # fine: returns None
     """
     shape = tuple(np.shape(x)) if input_shape is None else tuple(input_shape)
     data_checker(model, loss, shape)(x, target)

@@ -62,7 +62,11 @@ def serial(*layers) -> Layer:
     their residuals (``{name: res}``); ``bwd`` runs their ``vjp_bwd`` in reverse, each child's
     output error becoming the previous child's — backpropagation.
 
-    >>> model = serial(Dense(64), Relu(), Dense(10))
+    >>> from fnn.layers import Dense, Relu
+    >>> model = serial(Dense(8), Relu(), Dense(2))
+    >>> params, state, out_shape = model.init(jax.random.PRNGKey(0), (32, 4))
+    >>> out_shape, sorted(params), params["0"]["w"].shape
+    ((32, 2), ['0', '1', '2'], (4, 8))
     """
     named = _named(layers)
     keywords = frozenset().union(*(l.keywords for _, l in named)) if named else frozenset()

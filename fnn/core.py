@@ -206,7 +206,15 @@ def summary(model: Layer, input_shape, *, key=None, print_fn=None) -> Summary:
     script write ``print(fnn.summary(model, shape))``. ``print_fn`` (e.g. ``print`` or
     ``logging.info``) is also called with the text when given, Keras-style.
 
+    >>> from fnn.layers import Dense, Relu, serial
     >>> print(summary(serial(Dense(8), Relu(), Dense(2)), (32, 4)))
+    #  layer     output shape  params
+    ---------------------------------
+    0  Dense(8)  (32, 8)           40
+    1  Relu      (32, 8)            0
+    2  Dense(2)  (32, 2)           18
+    ---------------------------------
+    input (32, 4)   total params 58
     """
     key = jax.random.PRNGKey(0) if key is None else key
     rows = []

@@ -4,9 +4,14 @@ A data set is a tuple of arrays sharing their leading (example) axis, usually ``
 Everything here is deterministic given its ``seed``/``key`` and returns NumPy arrays; nothing
 is downloaded.
 
->>> (x_train, y_train), (x_test, y_test) = load_digits()        # 1437 / 360 examples
->>> for xb, yb in batches((x_train, y_train), 32, key=jax.random.PRNGKey(0)):
-...     ...
+>>> (x_train, y_train), (x_test, y_test) = load_digits()
+>>> x_train.shape, x_test.shape
+((1437, 64), (360, 64))
+>>> for xb, yb in batches((x_train, y_train), 500, key=jax.random.PRNGKey(0)):
+...     print(xb.shape, yb.shape)
+(500, 64) (500,)
+(500, 64) (500,)
+(437, 64) (437,)
 """
 from __future__ import annotations
 
@@ -48,7 +53,12 @@ def batches(data, batch_size: int, *, key=None, shuffle: bool = True,
     ``n % batch_size``). With ``shuffle`` the order is a permutation drawn from ``key``
     (``jax.random.permutation``; pass a new key each epoch), else the stored order.
 
-    >>> for xb, yb in batches((x, y), 32, key=jax.random.fold_in(key, epoch)): ...
+    >>> x, y = np.arange(10.0).reshape(5, 2), np.arange(5)
+    >>> for epoch in range(2):                      # a new permutation each epoch
+    ...     key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
+    ...     print(sorted(int(i) for _, yb in batches((x, y), 2, key=key) for i in yb))
+    [0, 1, 2, 3, 4]
+    [0, 1, 2, 3, 4]
     """
     n = num_examples(data, "batches")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

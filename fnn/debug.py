@@ -24,8 +24,20 @@ message; ``str(report)`` lists them, ``report.errors`` holds the errors. When th
 finds an error (a NaN input, a label out of range) the other checks are skipped: their numbers
 would be meaningless.
 
->>> report = fnn.debug.check(model, losses.softmax_cross_entropy_with_integer_labels, (x, y))
->>> print(report)                       # or: fnn doctor digits-mlp
+>>> import fnn
+>>> from fnn import losses
+>>> from fnn.layers import Dense, Relu, serial
+>>> model = serial(Dense(16), Relu(), Dense(3))
+>>> x, y = jax.random.normal(jax.random.PRNGKey(0), (12, 4)), jnp.arange(12) % 3
+>>> report = fnn.debug.check(model, losses.softmax_cross_entropy_with_integer_labels,
+...                          (x, y.at[0].set(5)))           # a label out of range
+>>> print(report)                                            # or: fnn doctor digits-mlp
+fnn.debug.check: 1 error, 0 warnings
+  ERROR   data      softmax_cross_entropy_with_integer_labels: label 5 at index (0,) is ...
+  INFO    size      skipped: fix the data errors first
+  INFO    gradients skipped: fix the data errors first
+  INFO    backward  skipped: fix the data errors first
+  INFO    overfit   skipped: fix the data errors first
 """
 from __future__ import annotations
 

@@ -214,7 +214,9 @@ def numerical_grad(f: Callable, params, *, eps: float | None = None, jit: bool =
     """The central-difference gradient of scalar ``f`` at ``params``, as a tree like ``params``
     (float64 leaves; other leaves come back as they were). ``2n`` evaluations of ``f``.
 
-    >>> numerical_grad(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.arange(3.0)})  # ≈ 2w
+    >>> g = numerical_grad(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.arange(3.0)})
+    >>> print(g["w"].round(6))                                              # 2w
+    [0. 2. 4.]
     """
     dtype, eps, _, _ = _settings(eps, None, None, allow_float32)
     flat = _flatten(params, dtype)

@@ -15,8 +15,12 @@ with ``w`` broadcast to the unreduced shape, so zero weights mask entries out of
 ``"sum"`` is ``sum(w·l)``; ``"none"`` is ``w·l``. ``weights`` has the unreduced shape or a
 prefix of it (``(batch,)`` for per-example weights).
 
->>> softmax_cross_entropy_with_integer_labels(logits, labels)
->>> softmax_cross_entropy_with_integer_labels.grad(logits, labels)  # (softmax - onehot) / n
+>>> logits, labels = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), jnp.array([0, 2])
+>>> print(softmax_cross_entropy_with_integer_labels(logits, labels).round(4))
+0.6691
+>>> print(softmax_cross_entropy_with_integer_labels.grad(logits, labels).round(4))  # (softmax - onehot) / n
+[[-0.1065  0.0533  0.0533]
+ [ 0.1667  0.1667 -0.3333]]
 """
 from __future__ import annotations
 

@@ -5,8 +5,13 @@ The rule updates only on mistakes: for each sample in order,
 separable and never does otherwise (XOR: Minsky and Papert, 1969). The whole fit is one jitted
 ``lax.scan`` over epochs of a ``lax.scan`` over samples.
 
->>> params = perceptron_fit(x, y, epochs=20)
->>> perceptron_predict(params, x)
+>>> x = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+>>> params, mistakes = perceptron_fit(x, jnp.array([0, 0, 0, 1]), epochs=6)   # AND
+>>> print(perceptron_predict(params, x), mistakes)          # converged: no mistakes in epoch 6
+[0 0 0 1] [1. 3. 3. 2. 1. 0.]
+>>> params, mistakes = perceptron_fit(x, jnp.array([0, 1, 1, 0]), epochs=6)   # XOR
+>>> print(perceptron_predict(params, x), mistakes)          # never converges
+[1 1 0 0] [2. 3. 4. 4. 4. 4.]
 """
 from __future__ import annotations
 

@@ -23,8 +23,16 @@ input is transposed from NCHW to NHWC computes PyTorch's outputs. Every missing,
 mis-shaped tensor (and every unused ``mapping`` entry) is reported at once in a
 :class:`StateDictError`.
 
+>>> import numpy as np
+>>> from fnn import checkpoint
+>>> from fnn.layers import Dense, Relu, serial
+>>> torch_sd = {"0.weight": np.ones((8, 4)), "0.bias": np.zeros(8),    # nn.Sequential(Linear,
+...             "2.weight": np.ones((3, 8)), "2.bias": np.zeros(3)}    # ReLU, Linear)
+>>> path = checkpoint.save("model.safetensors", torch_sd)            # as safetensors writes it
 >>> sd = read_state_dict("model.safetensors")            # or a torch.save file
->>> params, state = load_state_dict(model, sd, (1, 28, 28, 1))
+>>> params, state = load_state_dict(serial(Dense(8), Relu(), Dense(3)), sd, (1, 4))
+>>> params["0"]["w"].shape, params["2"]["w"].shape                  # (in, out): transposed
+((4, 8), (8, 3))
 """
 from __future__ import annotations
 
@@ -270,8 +278,13 @@ def load_state_dict(model, state_dict: Mapping[str, Any], input_shape, *,
     PyTorch's layout), every unused ``mapping`` entry and every layer with parameters fnn
     cannot match (a ``GroupNorm`` and the like load; a ``WeightNorm`` does not).
 
-    >>> params, state = load_state_dict(serial(Dense(8), Relu(), Dense(3)),
-    ...                                 torch_model.state_dict(), (1, 4))
+    >>> import numpy as np
+    >>> from fnn.layers import Dense, Relu, serial
+    >>> w = np.arange(6.0).reshape(3, 2)                    # torch.nn.Linear(2, 3).weight
+    >>> params, state = load_state_dict(Dense(3), {"weight": w, "bias": np.zeros(3)}, (1, 2))
+    >>> print(params["w"])                                  # fnn's w is (in, out) = weight.T
+    [[0. 2. 4.]
+     [1. 3. 5.]]
     """
     sd = {str(k): _numpy(k, v) for k, v in state_dict.items()}
     walk = _Walk(sd, mapping)

@@ -19,7 +19,11 @@ def check_param_shapes(name: str, params, expected: dict) -> None:
     **Raises:** ``TypeError`` if ``params`` is not a dict; ``ValueError`` naming the layer, the
     parameter, the expected and the actual shape, or the missing/unexpected keys.
 
-    >>> check_param_shapes("Dense(5)", {"w": w, "b": b}, {"w": (3, 5), "b": (5,)})
+    >>> import jax.numpy as jnp
+    >>> check_param_shapes("Dense(5)", {"w": jnp.ones((3, 5)), "b": jnp.ones(4)},
+    ...                    {"w": (3, 5), "b": (5,)})
+    Traceback (most recent call last):
+    ValueError: Dense(5): parameter 'b' has shape (4,), expected (5,) for this input
     """
     if not isinstance(params, dict):
         raise TypeError(f"{name}: expected a dict of parameters with keys {sorted(expected)}, "

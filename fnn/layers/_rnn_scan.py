@@ -151,7 +151,13 @@ def scan_rnn(cell: Cell, params, xs, carry=None, *, lengths=None, reverse=False)
     ``reverse``: scan from each sequence's end to its start.
     **Returns:** ``(ys [batch, time, H], final_carry)``; ``ys`` is zero at padded steps.
 
+    >>> from fnn.layers import lstm_cell
+    >>> xs = jnp.ones((2, 7, 3))                                     # [batch, time, in]
+    >>> params = {"wi": jnp.full((3, 4 * 5), 0.1), "wh": jnp.full((5, 4 * 5), 0.1),
+    ...           "b": jnp.zeros(4 * 5)}                             # 4 gates, H = 5
     >>> ys, (h, c) = scan_rnn(lstm_cell, params, xs)
+    >>> ys.shape, h.shape, bool(jnp.allclose(ys[:, -1], h))
+    ((2, 7, 5), (2, 5), True)
     """
     mask, c0 = _setup(f"scan_rnn({cell.name})", cell, params, xs, lengths, carry)
     final, hs = _run_apply(cell, params, xs, c0, mask, reverse)

@@ -266,7 +266,11 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
     or more queries: one per query block from ``fold_in(key, i)``).
     **Returns:** ``[batch, T, heads, dv]``; rows allowed no key are zero.
 
-    >>> out = dot_product_attention(q, k, v, causal=True)
+    >>> q = k = v = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 8))  # [batch, T, heads, d]
+    >>> attend = jax.jit(dot_product_attention, static_argnames="causal")
+    >>> out = attend(q, k, v, causal=True)
+    >>> out.shape, bool(jnp.allclose(out[:, 0], v[:, 0]))          # query 0 sees key 0 only
+    ((2, 5, 4, 8), True)
     """
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, dropout_rate,
                                           dropout_key)

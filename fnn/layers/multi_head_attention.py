@@ -246,8 +246,16 @@ def init_cache(model: Layer, params, state, x, max_len: int):
     Works for any model whose positional/attention layers take ``cache_len`` (``serial``,
     ``residual``, ``stack`` thread the cache as state; ``fnn.models.GPT`` too).
 
-    >>> cache = init_cache(gpt, params, state, prompt, 64)
-    >>> logits, cache = decode_step(gpt, params, cache, prompt, 64)
+    >>> mha = MultiHeadAttention(2, causal=True)
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8))       # [batch, time, features]
+    >>> params, state, _ = mha.init(jax.random.PRNGKey(1), x.shape)
+    >>> cache = init_cache(mha, params, state, x, 8)                  # room for 8 positions
+    >>> decode = jax.jit(lambda cache, x: decode_step(mha, params, cache, x, 8))
+    >>> y01, cache = decode(cache, x[:, :2])                          # the prompt
+    >>> y2, cache = decode(cache, x[:, 2:])                           # then one step at a time
+    >>> full, _ = jax.jit(mha.apply)(params, state, x)                # one causal forward
+    >>> bool(jnp.allclose(jnp.concatenate([y01, y2], axis=1), full, atol=1e-6))
+    True
     """
     if isinstance(x, int):
         raise ValueError(f"init_cache: expected an input x of shape (batch, time, ...) (the "

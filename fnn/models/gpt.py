@@ -55,8 +55,10 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
     "norm", "head"?}``. **Input:** ``[batch, time]`` ids → ``[batch, time, vocab]`` logits.
     Keywords: ``mask``, ``cache_len`` (decoding; ``state`` is then the cache).
 
-    >>> model = GPT(96, 128, 4, depth=4)
-    >>> params, state, _ = model.init(jax.random.PRNGKey(0), (16, 128))
+    >>> from fnn.core import output_shape
+    >>> model = GPT(96, 128, 4, depth=4)          # vocab 96, d_model 128, 4 heads, 4 blocks
+    >>> output_shape(model, (16, 128))            # what model.init(key, (16, 128)) infers
+    (16, 128, 96)
     """
     if positions not in ("learned", "sinusoidal", "rope"):
         raise ValueError(f"GPT: positions must be 'learned', 'sinusoidal' or 'rope', "

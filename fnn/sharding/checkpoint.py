@@ -82,7 +82,12 @@ def save(path, tree) -> str:
     to the directory ``path``; every process calls it with its view of the same global tree.
     Returns ``path``.
 
-    >>> sharding.checkpoint.save("out/ckpt", train_state)
+    >>> import jax.numpy as jnp
+    >>> from fnn import sharding
+    >>> mesh = sharding.make_mesh((jax.device_count(),), ("data",))
+    >>> tree = sharding.shard_params({"w": jnp.ones((8, 2))}, mesh, sharding.fsdp(min_size=1))
+    >>> sharding.checkpoint.save("ckpt", tree)                  # a directory
+    'ckpt'
     """
     path = os.fspath(path)
     leaves, names = _ckpt._names(tree)
@@ -205,7 +210,16 @@ def restore(path, like, shardings=None):
     malformed directory raises :class:`CheckpointError`. Bit-exact: the bytes saved are the
     bytes restored.
 
-    >>> ts = sharding.checkpoint.restore("out/ckpt", ts_like, train_state_shardings(...))
+    >>> import jax.numpy as jnp
+    >>> from fnn import sharding
+    >>> mesh = sharding.make_mesh((jax.device_count(),), ("data",))
+    >>> tree = sharding.shard_params({"w": jnp.arange(16.0).reshape(8, 2)}, mesh,
+    ...                              sharding.fsdp(min_size=1))
+    >>> path = sharding.checkpoint.save("ckpt", tree)
+    >>> like = {"w": jax.ShapeDtypeStruct((8, 2), tree["w"].dtype)}  # shapes only
+    >>> back = sharding.checkpoint.restore("ckpt", like, {"w": tree["w"].sharding})
+    >>> bool((back["w"] == tree["w"]).all()), back["w"].sharding.spec
+    (True, P('data',))
     """
     path = os.fspath(path)
     rec = _read_record(path)

@@ -45,7 +45,11 @@ def shard_batch(batch, mesh, axis="data"):
     """``batch`` (a pytree of ``[B, ...]`` arrays, all of this process) placed on ``mesh``
     split over ``axis``. Raises ``ValueError`` when ``B`` is not a multiple of the axis size.
 
-    >>> x, y = shard_batch((x, y), mesh)
+    >>> from fnn.sharding import make_mesh
+    >>> mesh = make_mesh((jax.device_count(),), ("data",))
+    >>> x, y = shard_batch((jnp.ones((8, 4)), jnp.arange(8)), mesh)
+    >>> x.sharding.spec
+    P('data',)
     """
     sharding = batch_sharding(mesh, axis)
     _check_divisible(batch, axis_size(sharding.mesh, axis), "batch", "shard_batch")

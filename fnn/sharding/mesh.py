@@ -56,7 +56,9 @@ def simulate_cpu_devices(n: int):
 def make_mesh(shape, names=("data",), *, devices=None) -> Mesh:
     """A mesh of ``shape`` (e.g. ``(8,)`` or ``(4, 2)``) over ``names`` with ``Auto`` axes.
 
-    >>> mesh = make_mesh((4, 2), ("data", "model"))
+    >>> mesh = make_mesh((jax.device_count(), 1), ("data", "model"))   # e.g. (4, 2) on 8 devices
+    >>> mesh.axis_names
+    ('data', 'model')
     """
     shape, names = tuple(shape), tuple(names)
     if len(shape) != len(names):

@@ -10,8 +10,13 @@ A parameter's path is its key path joined by ``/`` (``blocks/attn/mha/q/w``, ``0
   parameter is an error (a typo would otherwise silently replicate); or
 - a callable ``(path, shape, mesh) -> PartitionSpec | None`` (``None``: replicated).
 
->>> rules = [(r"embed/w$", P("model", None)), (r"fc1/w$", P(None, None, "model"))]
+>>> from fnn.sharding import make_mesh
+>>> mesh = make_mesh((jax.device_count(), 1), ("data", "model"))
+>>> params = {"embed": {"w": jnp.ones((16, 4))}, "fc1": {"w": jnp.ones((4, 8))}}
+>>> rules = [(r"embed/w$", P("model", None)), (r"fc1/w$", P(None, "model"))]
 >>> params = shard_params(params, mesh, rules)        # or fsdp(), tensor_parallel()
+>>> params["embed"]["w"].sharding.spec
+P('model', None)
 """
 from __future__ import annotations
 
@@ -119,7 +124,12 @@ def fsdp(axis: str = "data", min_size: int = 2 ** 10):
     tie); smaller ones are replicated. XLA all-gathers a parameter where it is used and
     reduce-scatters its gradient.
 
+    >>> from fnn.sharding import make_mesh
+    >>> mesh = make_mesh((jax.device_count(),), ("data",))
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
     >>> params = shard_params(params, mesh, fsdp("data", min_size=1024))
+    >>> params["w"].sharding.spec, params["b"].sharding.spec        # b is small: replicated
+    (P('data',), P())
     """
     def rule(path, shape, mesh):
         check_axes(mesh, (axis,), "fsdp")
@@ -227,7 +237,14 @@ def shard_train_state(train_state, mesh, rules=None):
     """``(train_state placed on mesh, its shardings)``: :func:`train_state_shardings` and
     ``jax.device_put``. Ready for :func:`fnn.sharding.make_sharded_step`.
 
+    >>> from fnn import optim, train
+    >>> from fnn.layers import Dense
+    >>> from fnn.sharding import make_mesh
+    >>> mesh = make_mesh((jax.device_count(), 1), ("data", "model"))
+    >>> ts = train.create_train_state(Dense(8), optim.adam(1e-3), jax.random.PRNGKey(0), (4, 16))
     >>> ts, ts_sh = shard_train_state(ts, mesh, tensor_parallel())
+    >>> ts_sh.params["w"].spec, ts.params["w"].sharding == ts_sh.params["w"]
+    (P(None, 'model'), True)
     """
     shardings = train_state_shardings(train_state, mesh, rules)
     return jax.device_put(train_state, shardings), shardings

@@ -37,9 +37,19 @@ def make_sharded_step(step, mesh, train_state_sharding, batch_sharding_=None, *,
 
     **Returns:** the compiled function, same signature as ``step``.
 
+    >>> import jax.numpy as jnp
+    >>> from fnn import losses, optim, train
+    >>> from fnn.layers import Dense
+    >>> from fnn.sharding import fsdp, make_mesh, shard_batch, train_state_shardings
+    >>> model, loss, opt = Dense(3), losses.softmax_cross_entropy_with_integer_labels, optim.sgd(0.1)
+    >>> mesh = make_mesh((jax.device_count(),), ("data",))
+    >>> ts = train.create_train_state(model, opt, jax.random.PRNGKey(0), (8, 4))
     >>> ts_sh = train_state_shardings(ts, mesh, fsdp())
     >>> run = make_sharded_step(train.make_step(model, loss, opt, jit=False), mesh, ts_sh)
+    >>> batch = (jnp.ones((8, 4)), jnp.arange(8) % 3)             # 8: a multiple of the devices
     >>> ts, metrics = run(jax.device_put(ts, ts_sh), shard_batch(batch, mesh))
+    >>> int(ts.step), metrics.loss.shape
+    (1, ())
     """
     mesh = as_auto(mesh)
     data = batch_sharding(mesh) if batch_sharding_ is None else batch_sharding_
@@ -87,7 +97,18 @@ def sharding_table(tree) -> Summary:
     ``PartitionSpec``, per-device shape and bytes per device, and the totals; a ``str``
     (``print`` it), like :func:`fnn.summary`.
 
-    >>> print(sharding_table(train_state.params))
+    >>> import jax.numpy as jnp
+    >>> from fnn.sharding import make_mesh, shard_params
+    >>> mesh = make_mesh((jax.device_count(),), ("data",))
+    >>> params = shard_params({"w": jnp.ones((4, 3), "float32"), "b": jnp.zeros(3, "float32")},
+    ...                       mesh)                                   # no rules: replicated
+    >>> print(sharding_table(params))
+    param  shape   dtype    spec  per device  bytes/device
+    ------------------------------------------------------
+    b      (3,)    float32  P()   (3,)                  12
+    w      (4, 3)  float32  P()   (4, 3)                48
+    ------------------------------------------------------
+    mesh {'data': ...}   bytes per device 60
     """
     leaves = jax.tree.leaves(tree)
     rows, total = [], 0
