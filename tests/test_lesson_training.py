@@ -66,3 +66,35 @@ def test_memory_task_marks_the_sign_and_hides_it_in_noise(key):
     np.testing.assert_array_equal(np.asarray(jnp.abs(x[:, 0, 0])), 1.0)
     np.testing.assert_array_equal(np.asarray(x[:, :, 1]), np.eye(7)[0][None, :].repeat(500, 0))
     assert 1.7 < float(jnp.std(x[:, 1:, 0])) < 2.3
+
+
+# --------------------------------------------------------------------------- 13 gradient checking
+
+def test_gradient_checking_passes_the_mlp_and_names_the_planted_bug(tmp_path):
+    gc = load("gradient_checking")
+    out = gc.main(["--quick", "--out", str(tmp_path)])
+    assert out["good"].passed and out["good"].worst.max_rel_err < 1e-6
+    assert out["caught"] == ["['1']['s']"]                 # only the buggy leaf, only fnn's rule
+    assert {r.source for r in out["bad"].failures()} == {"fnn.backprop"}
+    # the bug is ds = Σ dy·x instead of Σ dy·x²: check the reference by hand in float64 NumPy
+    model = gc.BuggySquareScale()
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    dy = np.random.default_rng(1).normal(size=(4, 3))
+    params, state, _ = model.init(None, x.shape)
+    ds, dx = model.backward(params, state, jnp.asarray(x), jnp.asarray(dy))
+    np.testing.assert_allclose(dx, 2 * x * dy, rtol=1e-12)
+    assert not np.allclose(ds["s"], (dy * x * x).sum(0))
+    figure(out["figure"])
+
+
+def test_gradient_checking_best_step_sizes_follow_machine_epsilon(key):
+    """Central differences: the best h sits within ~2 decades of ε^(1/3); float64 beats float32
+    by orders of magnitude at its best h."""
+    gc = load("gradient_checking")
+    hs = np.logspace(-12, -1, 23)
+    errs = gc.step_sizes(key, hs)
+    for name in ("float32", "float64"):
+        h_best = hs[np.argmin(errs[name])]
+        assert abs(np.log10(h_best) - np.log10(np.finfo(name).eps) / 3) <= 2, (name, h_best)
+    assert errs["float64"].min() < 1e-3 * errs["float32"].min()
+    assert errs["float64"][-1] > 1e-4                       # truncation: h = 0.1 is too big
