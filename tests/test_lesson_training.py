@@ -98,3 +98,23 @@ def test_gradient_checking_best_step_sizes_follow_machine_epsilon(key):
         assert abs(np.log10(h_best) - np.log10(np.finfo(name).eps) / 3) <= 2, (name, h_best)
     assert errs["float64"].min() < 1e-3 * errs["float32"].min()
     assert errs["float64"][-1] > 1e-4                       # truncation: h = 0.1 is too big
+
+
+# --------------------------------------------------------------------------- 11 gradient clipping
+
+def test_gradient_clipping_keeps_the_exploding_rnn_finite(tmp_path):
+    gcl = load("gradient_clipping")
+    out = gcl.main(["--quick", "--out", str(tmp_path)])
+    none, norm = out["no clipping"], out["clip_by_global_norm(1)"]
+    assert min(none["final_loss"]) > 1e6                 # every seed diverged (inf in float32)
+    assert max(norm["final_loss"]) < min(norm["first_loss"])        # finite and falling
+    assert min(out["clip_by_value(1)"]["final_loss"]) > max(norm["final_loss"])
+    # the recorded raw norm of step 0 is the norm of the true gradient at init (jax.grad)
+    net = gcl.model()
+    k0 = jax.random.split(jax.random.PRNGKey(0), 2)[0]
+    params, state, _ = net.init(k0, (gcl.BATCH, gcl.T, 1))
+    x, y = gcl.batch(jax.random.fold_in(k0, 0))
+    g = jax.grad(lambda p: jnp.mean((net.apply(p, state, x)[0] - y) ** 2))(params)
+    want = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g)))
+    np.testing.assert_allclose(out["runs"]["clip_by_global_norm(1)"][1][0, 0], want, rtol=1e-8)
+    figure(out["figure"])
