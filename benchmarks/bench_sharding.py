@@ -7,6 +7,9 @@ overhead on one device, and FSDP vs data-parallel memory per device.
     depth 4), compiled by :func:`fnn.sharding.make_sharded_step` on a (1,) and a (2,) data
     mesh, and as a plain ``jax.jit(step, donate_argnums=0)`` on one device. The ratio
     sharded(1 device) / plain is the overhead of the sharded path (goal ≤ 1.02×).
+(c) Whole ``fit`` calls (digits CNN, 1024 examples, batch 64, 2 epochs, Adam, hand
+    gradients, state donated) with ``mesh=`` a (1,) data mesh against plain ``fit`` on one
+    device: the sharded path's overhead as a user sees it (goal ≤ 1.02×).
 (b) Memory per device from XLA's compiled ``memory_analysis()`` (arguments + outputs + temp,
     aliased donations counted once) of one step of an MLP whose parameters dominate
     (4 × Dense 1024, batch 8) on 4 devices: data parallel (params and Adam moments
@@ -120,9 +123,38 @@ def memory(rounds_unused=None):
               f"{m.temp_size_in_bytes / 2**20:6.1f} MiB  total {total / 2**20:6.1f} MiB")
 
 
+def fit_overhead(rounds):
+    from fnn import train
+    r = np.random.default_rng(1)
+    x = jnp.asarray(r.random((1024, 8, 8, 1)), jnp.float32)
+    t = jnp.asarray(r.integers(0, 10, 1024), jnp.int32)
+    model = digits_cnn.model()
+    mesh = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    kw = dict(epochs=2, batch_size=64, key=jax.random.PRNGKey(0), grad="manual",
+              progress=False, check_data=False)
+    cands = {"plain fit": {}, "fit(mesh=(1,))": {"mesh": mesh}}
+
+    def once(extra):
+        res = train.fit(model, CE, optim.adam(1e-3), (x, t), **kw, **extra)
+        jax.block_until_ready(res.train_state.params)
+    for extra in cands.values():                             # compile (cached across calls)
+        once(extra)
+    times, names = {k: [] for k in cands}, list(cands)
+    for i in range(rounds * 2):
+        for k in names[i % 2:] + names[:i % 2]:
+            t0 = time.perf_counter()
+            once(cands[k])
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("\nfit, digits CNN, 1024 examples, batch 64, 2 epochs per call:")
+    for k, v in med.items():
+        print(f"  {k:16s} {v * 1e3:8.1f} ms/call   {v / med['plain fit']:5.3f}x plain fit")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only-fit", action="store_true", help="part (c) only")
     args = ap.parse_args()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
                          text=True).stdout.split(":")[-1].strip()
@@ -131,12 +163,15 @@ def main():
     r = np.random.default_rng(0)
     x = jnp.asarray(r.random((64, 8, 8, 1)), jnp.float32)
     t = jnp.asarray(r.integers(0, 10, 64), jnp.int32)
+    if args.only_fit:
+        return fit_overhead(args.rounds)
     report("digits CNN, batch 64", time_steps(contenders(digits_cnn.model(), x, t),
                                               args.rounds, 20))
     tok = jnp.asarray(r.integers(0, 96, (16, 128)), jnp.int32)
     lm = GPT(96, 128, 4, 4, 512, 128)
     report("transformer LM (d 128, depth 4, seq 128), batch 16",
            time_steps(contenders(lm, tok, tok), args.rounds, 3))
+    fit_overhead(args.rounds)
     memory()
     print(f"\nload after: {os.getloadavg()[0]:.1f}")
 
