@@ -118,3 +118,38 @@ def test_gradient_clipping_keeps_the_exploding_rnn_finite(tmp_path):
     want = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g)))
     np.testing.assert_allclose(out["runs"]["clip_by_global_norm(1)"][1][0, 0], want, rtol=1e-8)
     figure(out["figure"])
+
+
+# --------------------------------------------------------------------------- 9 regularization
+
+def test_regularization_penalties_shrink_and_sparsify_and_early_stopping_finds_the_minimum(
+        tmp_path):
+    """Paired by seed (same init, split and batches): L2 shrinks the kernels, L1 zeroes many
+    of them, both narrow the validation-training loss gap; dropout and augmentation fit the
+    training set less tightly; early stopping's best epoch and loss follow Keras' rule,
+    replayed in NumPy on the recorded validation losses."""
+    reg = load("regularization")
+    out = reg.main(["--quick", "--out", str(tmp_path)])
+    none = out["none"]
+    gap = {k: out[k]["val_loss"] - out[k]["train_loss"] for k in reg.VARIANTS}
+    assert (none["train_acc"] == 1.0).all()
+    assert (out["L2"]["kernel_norm"] < 0.8 * none["kernel_norm"]).all()
+    assert (out["L1"]["small_weights"] > 10 * none["small_weights"]).all()
+    assert (gap["L2"] < gap["none"]).all() and (gap["L1"] < gap["none"]).all(), gap
+    for k in ("dropout", "augment"):
+        assert (out[k]["train_loss"] > 2 * none["train_loss"]).all(), k
+    patience = 10
+    for k in reg.VARIANTS:
+        h = out[k]["history"]
+        for s in range(len(h["val_loss"])):
+            best, best_epoch, wait = np.inf, 0, 0          # Keras' rule, frozen once stopped
+            for e, v in enumerate(h["val_loss"][s]):
+                if wait >= patience:
+                    break
+                best, best_epoch, wait = (v, e, 0) if v < best else (best, best_epoch, wait + 1)
+            assert out[k]["best_epoch"][s] == best_epoch + 1, (k, s)
+            assert h["best_val_loss"][s] == best and bool(h["stop"][s]) == (wait >= patience)
+    h = none["history"]            # memorizing: after epoch 10 training loss falls >10x ...
+    assert (h["train_loss"][:, -1] < 0.1 * h["train_loss"][:, 9]).all(), h["train_loss"][:, 9]
+    assert (h["val_loss"][:, -1] > 0.7 * h["val_loss"][:, 9]).all()   # ... validation's < 30%
+    figure(out["figure"])
