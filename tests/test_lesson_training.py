@@ -153,3 +153,29 @@ def test_regularization_penalties_shrink_and_sparsify_and_early_stopping_finds_t
     assert (h["train_loss"][:, -1] < 0.1 * h["train_loss"][:, 9]).all(), h["train_loss"][:, 9]
     assert (h["val_loss"][:, -1] > 0.7 * h["val_loss"][:, 9]).all()   # ... validation's < 30%
     figure(out["figure"])
+
+
+# --------------------------------------------------------------------------- 12 LR finder
+
+def test_lr_finder_sweep_suggestion_and_the_three_rates(tmp_path):
+    """The sweep's rates, stopping rule and suggestion recomputed independently in NumPy;
+    then every seed at the suggested rate beats every seed at 100x smaller and 100x larger."""
+    lf = load("lr_finder")
+    out = lf.main(["--quick", "--out", str(tmp_path)])
+    f = out["found"]
+    t = np.arange(len(f.lrs))
+    np.testing.assert_allclose(f.lrs, 1e-4 * (1e5) ** (t / 99), rtol=1e-9)
+    assert abs(f.losses[0] - np.log(10)) < 0.5        # an untrained 10-class classifier
+    # stopped at the first loss above 4x the best before it; suggestion = argmin(EMA) / 10
+    assert f.diverged and not np.isfinite(f.losses[-1]) or f.losses[-1] > 4 * f.losses[:-1].min()
+    assert (f.losses[:-1] <= 4 * np.minimum.accumulate(f.losses[:-1])).all()
+    avg, smooth = 0.0, []
+    for i, v in enumerate(f.losses):
+        avg = 0.98 * avg + 0.02 * v
+        smooth.append(avg / (1 - 0.98 ** (i + 1)))
+    assert f.suggestion == pytest.approx(f.lrs[int(np.argmin(smooth))] / 10, rel=1e-12)
+    good, small, large = out["suggested"], out["100x smaller"], out["100x larger"]
+    assert good["val_accuracy"].min() > 0.85, good
+    assert good["val_loss"].max() < 0.5 * min(small["val_loss"].min(), large["val_loss"].min())
+    assert small["val_accuracy"].max() < 0.75 and large["val_accuracy"].max() < 0.3
+    figure(out["figure"])
