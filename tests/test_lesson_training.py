@@ -118,3 +118,64 @@ def test_gradient_clipping_keeps_the_exploding_rnn_finite(tmp_path):
     want = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g)))
     np.testing.assert_allclose(out["runs"]["clip_by_global_norm(1)"][1][0, 0], want, rtol=1e-8)
     figure(out["figure"])
+
+
+# --------------------------------------------------------------------------- 9 regularization
+
+def test_regularization_penalties_shrink_and_sparsify_and_early_stopping_finds_the_minimum(
+        tmp_path):
+    """Paired by seed (same init, split and batches): L2 shrinks the kernels, L1 zeroes many
+    of them, both narrow the validation-training loss gap; dropout and augmentation fit the
+    training set less tightly; early stopping's best epoch and loss follow Keras' rule,
+    replayed in NumPy on the recorded validation losses."""
+    reg = load("regularization")
+    out = reg.main(["--quick", "--out", str(tmp_path)])
+    none = out["none"]
+    gap = {k: out[k]["val_loss"] - out[k]["train_loss"] for k in reg.VARIANTS}
+    assert (none["train_acc"] == 1.0).all()
+    assert (out["L2"]["kernel_norm"] < 0.8 * none["kernel_norm"]).all()
+    assert (out["L1"]["small_weights"] > 10 * none["small_weights"]).all()
+    assert (gap["L2"] < gap["none"]).all() and (gap["L1"] < gap["none"]).all(), gap
+    for k in ("dropout", "augment"):
+        assert (out[k]["train_loss"] > 2 * none["train_loss"]).all(), k
+    patience = 10
+    for k in reg.VARIANTS:
+        h = out[k]["history"]
+        for s in range(len(h["val_loss"])):
+            best, best_epoch, wait = np.inf, 0, 0          # Keras' rule, frozen once stopped
+            for e, v in enumerate(h["val_loss"][s]):
+                if wait >= patience:
+                    break
+                best, best_epoch, wait = (v, e, 0) if v < best else (best, best_epoch, wait + 1)
+            assert out[k]["best_epoch"][s] == best_epoch + 1, (k, s)
+            assert h["best_val_loss"][s] == best and bool(h["stop"][s]) == (wait >= patience)
+    h = none["history"]            # memorizing: after epoch 10 training loss falls >10x ...
+    assert (h["train_loss"][:, -1] < 0.1 * h["train_loss"][:, 9]).all(), h["train_loss"][:, 9]
+    assert (h["val_loss"][:, -1] > 0.7 * h["val_loss"][:, 9]).all()   # ... validation's < 30%
+    figure(out["figure"])
+
+
+# --------------------------------------------------------------------------- 12 LR finder
+
+def test_lr_finder_sweep_suggestion_and_the_three_rates(tmp_path):
+    """The sweep's rates, stopping rule and suggestion recomputed independently in NumPy;
+    then every seed at the suggested rate beats every seed at 100x smaller and 100x larger."""
+    lf = load("lr_finder")
+    out = lf.main(["--quick", "--out", str(tmp_path)])
+    f = out["found"]
+    t = np.arange(len(f.lrs))
+    np.testing.assert_allclose(f.lrs, 1e-4 * (1e5) ** (t / 99), rtol=1e-9)
+    assert abs(f.losses[0] - np.log(10)) < 0.5        # an untrained 10-class classifier
+    # stopped at the first loss above 4x the best before it; suggestion = argmin(EMA) / 10
+    assert f.diverged and not np.isfinite(f.losses[-1]) or f.losses[-1] > 4 * f.losses[:-1].min()
+    assert (f.losses[:-1] <= 4 * np.minimum.accumulate(f.losses[:-1])).all()
+    avg, smooth = 0.0, []
+    for i, v in enumerate(f.losses):
+        avg = 0.98 * avg + 0.02 * v
+        smooth.append(avg / (1 - 0.98 ** (i + 1)))
+    assert f.suggestion == pytest.approx(f.lrs[int(np.argmin(smooth))] / 10, rel=1e-12)
+    good, small, large = out["suggested"], out["100x smaller"], out["100x larger"]
+    assert good["val_accuracy"].min() > 0.85, good
+    assert good["val_loss"].max() < 0.5 * min(small["val_loss"].min(), large["val_loss"].min())
+    assert small["val_accuracy"].max() < 0.75 and large["val_accuracy"].max() < 0.3
+    figure(out["figure"])
