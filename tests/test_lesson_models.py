@@ -67,3 +67,53 @@ def test_attention_maps_reverse_puts_each_query_on_the_mirrored_key(tmp_path):
     np.testing.assert_allclose(out["init"]["mirror_weight"], 1 / t, atol=0.05)
     assert np.all(out["init"]["mirror_hit"] < 0.5)
     figure(out["figure"])
+
+
+# --------------------------------------------------------------------------- 17 debugging
+
+def test_debugging_checklist_names_each_planted_fault(tmp_path):
+    dbg = load("debugging")
+    out = dbg.main(["--quick", "--out", str(tmp_path)])
+    reports = out["reports"]
+    healthy = reports["healthy"]
+    assert healthy.passed and not healthy.warnings
+    assert {f.check for f in healthy.findings} == {"data", "size", "gradients", "backward",
+                                                    "overfit"}
+
+    def only(report, check, severity):
+        hits = [f.message for f in report.findings if f.severity == severity]
+        assert hits and all(f.check == check for f in report.findings
+                            if f.severity == severity), report
+        return " ".join(hits)
+
+    # dead ReLUs: the finding names the ReLU layer and all 16 units; NumPy: every pre-activation
+    # of the bias -8 model is negative, none of the healthy one's units is dead
+    msg = only(reports["dead ReLUs (first bias -8)"], "gradients", "error")
+    assert "layer '1' (Relu): 16 of 16 units" in msg and "no gradient at all" in msg
+    assert out["pre"]["bias −8"].max() < 0 and (out["pre"]["healthy (zero bias)"] > 0).any(0).all()
+    # unnormalized inputs: a data warning, and the raw features' mean and std really are > 3
+    model, x, y, _ = out["cases"]["unnormalized inputs (40 + 25·x)"]
+    assert "inputs are not normalized" in only(reports["unnormalized inputs (40 + 25·x)"],
+                                               "data", "warning")
+    assert np.all(np.abs(x.mean(0)) > 3) and np.all(x.std(0) > 3)
+    # the 1-based labels: the out-of-range label 3 is named, the later checks skipped
+    rep = reports["labels 1..3 for 3 outputs"]
+    assert "label 3" in only(rep, "data", "error") and "[0, 3)" in rep.errors[0].message
+    assert all("skipped" in f.message for f in rep.findings if f.check != "data")
+    # the wrong backward: exactly the leaf '1/s' is named; in float64 NumPy the true gradient of
+    # s is Σ dy ⊙ x (what jax.grad gives) and the planted rule returns Σ dy
+    msg = only(reports["wrong backward (BuggyScale)"], "backward", "error")
+    assert "'1/s'" in msg and "'1/t'" not in msg and "'0/" not in msg
+    hand, auto = out["grads"]["layer 1 s"]
+    assert np.abs(hand - auto).max() > 0.1 * np.abs(auto).max()
+    for leaf in ("layer 1 t", "layer 0 w"):
+        np.testing.assert_allclose(*out["grads"][leaf], rtol=1e-10, atol=1e-14)
+    layer = dbg.BuggyScale()
+    rng = np.random.default_rng(0)
+    xs, dy = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    params, state, _ = layer.init(None, xs.shape)
+    d, dx = layer.backward(params, state, xs, dy)
+    np.testing.assert_allclose(d["s"], dy.sum(0), rtol=1e-12)
+    assert not np.allclose(d["s"], (dy * xs).sum(0))
+    np.testing.assert_allclose(dx, dy, rtol=1e-12)                # s = 1 at init: dx = dy ⊙ s
+    figure(out["figure"])
