@@ -1,0 +1,61 @@
+"""Smoke runs of the lesson's chapters 1–8 (``examples/*.py --quick``), each result checked
+against an independent reference: float64 NumPy written from the equations, ``jax.grad``, or a
+property the chapter claims (with a margin)."""
+import importlib.util
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+
+
+def run_example(name, tmp_path, *args):
+    """Import ``examples/<name>.py`` by path and run ``main(["--quick", "--out", tmp, ...])``."""
+    spec = importlib.util.spec_from_file_location(f"lesson_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.main(["--quick", "--out", str(tmp_path), *args])
+
+
+def assert_figure(path, name):
+    assert os.path.basename(path) == f"{name}.png"
+    assert os.path.isfile(path) and 1_000 < os.path.getsize(path) < 150_000
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+# --------------------------------------------------------------------------- 1. perceptron
+
+def numpy_perceptron(x, y, epochs=100, lr=1.0):
+    """The lesson's ``Perceptron.fit`` (zero init, per-sample rule), in float64 NumPy."""
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(epochs):
+        for xi, yi in zip(x, y):
+            update = lr * (yi - (1 if xi @ w + b > 0 else 0))
+            w, b = w + update * xi, b + update
+    return w, b
+
+
+def test_xor_perceptron_fails_mlp_solves(tmp_path):
+    module, out = run_example("xor", tmp_path)
+    w, b = numpy_perceptron(module.X, module.Y)
+    np.testing.assert_allclose(np.asarray(out["perceptron_params"]["w"]), w, atol=1e-12)
+    assert float(out["perceptron_params"]["b"]) == pytest.approx(b, abs=1e-12)
+    ref_acc = np.mean((module.X @ w + b > 0) == module.Y)
+    assert out["perceptron_accuracy"] == ref_acc <= 0.75       # no line separates XOR
+    assert out["perceptron_mistakes"][-1] > 0                   # it never converges
+
+    p = jax.tree.map(np.asarray, out["mlp_params"])              # leading seed axis
+    for s in range(len(out["seeds"])):
+        h = np.tanh(module.X @ p["0"]["w"][s] + p["0"]["b"][s])
+        prob = sigmoid(h @ p["2"]["w"][s] + p["2"]["b"][s])[:, 0]
+        np.testing.assert_allclose(out["mlp_probs"][s], prob, rtol=1e-10)
+        assert np.all(np.abs(prob - module.Y) < 0.25), (s, prob)   # right, with a margin
+    assert out["mlp_accuracy"] == [1.0] * len(out["seeds"])
+    assert_figure(out["figure"], "xor")
