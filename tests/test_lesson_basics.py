@@ -59,3 +59,32 @@ def test_xor_perceptron_fails_mlp_solves(tmp_path):
         assert np.all(np.abs(prob - module.Y) < 0.25), (s, prob)   # right, with a margin
     assert out["mlp_accuracy"] == [1.0] * len(out["seeds"])
     assert_figure(out["figure"], "xor")
+
+
+# --------------------------------------------------------------------------- 5. backprop
+
+def test_backprop_by_hand_factors_and_training(tmp_path):
+    """Every printed factor and gradient against the lesson's equations in float64 NumPy; the
+    page's claim that training shrinks ŷ(1 − ŷ) and with it the gradient, checked step by step."""
+    module, out = run_example("backprop_by_hand", tmp_path)
+    w1, b1, w2, b2, x, y = 0.6, -0.2, 1.5, 0.3, 0.5, 1.0
+    a1 = sigmoid(w1 * x + b1)
+    y_hat = sigmoid(w2 * a1 + b2)
+    factors = [2 * (y_hat - y), y_hat * (1 - y_hat), w2, a1 * (1 - a1), x]
+    np.testing.assert_allclose(out["factors"], factors, rtol=1e-12)
+    assert out["dw1"] == pytest.approx(np.prod(factors), rel=1e-12)
+    delta2 = factors[0] * factors[1]
+    want = {"w1": np.prod(factors), "b1": delta2 * w2 * a1 * (1 - a1), "w2": delta2 * a1,
+            "b2": delta2}
+    for way, grads in out["four_ways"].items():
+        for p, ref in want.items():
+            tol = 1e-7 if way == "finite diff" else 1e-12
+            assert grads[p] == pytest.approx(ref, rel=tol), (way, p)
+
+    hist = out["history"]
+    assert len(hist) == 30 and hist[-1]["loss"] < 0.1 * hist[0]["loss"]
+    sat = [h[module.FACTORS[1]] for h in hist]
+    assert all(b < a for a, b in zip(sat, sat[1:]))                 # ŷ(1 − ŷ) falls every step
+    for h in hist:                                                   # the product, each step
+        assert h["∂L/∂w₁"] == pytest.approx(np.prod([h[k] for k in module.FACTORS]), rel=1e-10)
+    assert_figure(out["figure"], "backprop_by_hand")
