@@ -88,3 +88,34 @@ def test_backprop_by_hand_factors_and_training(tmp_path):
     for h in hist:                                                   # the product, each step
         assert h["∂L/∂w₁"] == pytest.approx(np.prod([h[k] for k in module.FACTORS]), rel=1e-10)
     assert_figure(out["figure"], "backprop_by_hand")
+
+
+# --------------------------------------------------------------------------- 2. MLP forward
+
+def test_mlp_forward_values_and_shapes(tmp_path):
+    """Each printed z and a against a NumPy forward pass; each shape against n_{l-1}, n_l."""
+    _, out = run_example("mlp_forward", tmp_path)
+    p, a = jax.tree.map(np.asarray, out["small_params"]), np.asarray(out["small_x"])
+    want = []
+    for i, g in ((0, lambda z: np.maximum(z, 0)), (2, lambda z: np.maximum(z, 0)), (4, sigmoid)):
+        z = a @ p[str(i)]["w"] + p[str(i)]["b"]
+        a = g(z)
+        want += [z, a]
+    for (_, _, got), ref in zip(out["small_steps"], want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12, atol=1e-14)
+
+    sizes, batch = out["sizes"], out["x"].shape[0]
+    assert [r["W"] for r in out["table"]] == [(m, n) for m, n in zip(sizes, sizes[1:])]
+    assert [r["lesson_W"] for r in out["table"]] == [(n, m) for m, n in zip(sizes, sizes[1:])]
+    assert [r["z"] for r in out["table"]] == [(batch, n) for n in sizes[1:]]
+    assert out["total_params"] == sum((m + 1) * n for m, n in zip(sizes, sizes[1:])) == 109_386
+    assert out["output_shape"] == (batch, sizes[-1])
+    p, a = jax.tree.map(np.asarray, out["params"]), np.asarray(out["x"])
+    for i in ("0", "2"):
+        a = np.maximum(a @ p[i]["w"] + p[i]["b"], 0)
+    z = a @ p["4"]["w"] + p["4"]["b"]
+    softmax = np.exp(z - z.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(out["steps"][-1][2]), softmax, rtol=1e-10)
+    assert out["collapse_gap"] < 1e-12                     # float64: linear layers are one matrix
+    assert_figure(out["figure"], "mlp_forward")
