@@ -141,3 +141,44 @@ def test_activations_derivatives_and_vanishing_gradient(tmp_path):
         assert np.all((out["ratios"][name] > 0.05) & (out["ratios"][name] < 20)), name
     for path, name in zip(out["figures"], ("activations", "vanishing_gradient")):
         assert_figure(path, name)
+
+
+# --------------------------------------------------------------------------- 4. losses
+
+def lad_line(x, y):
+    """Least-absolute-deviations line by brute force: an optimum passes through two points."""
+    i, j = np.triu_indices(len(x), 1)
+    keep = np.abs(x[i] - x[j]) > 1e-9
+    a = (y[j] - y[i])[keep] / (x[j] - x[i])[keep]
+    b = y[i][keep] - a * x[i][keep]
+    cost = np.abs(a[:, None] * x[None, :] + b[:, None] - y[None, :]).mean(1)
+    k = np.argmin(cost)
+    return a[k], b[k], cost[k]
+
+
+def test_loss_functions_outliers_and_confident_mistakes(tmp_path):
+    """Fitted lines against NumPy optima (least squares, brute-force LAD, Huber's stationarity);
+    Huber and MAE nearer the true slope than MSE by a margin; the penalty table against the
+    formulas."""
+    module, out = run_example("loss_functions", tmp_path)
+    for s, (x, y, _) in enumerate(out["data"]):
+        x, y = x[:, 0], y[:, 0]
+        fit = {k: (a[s], b[s]) for k, (a, b) in out["fits"].items()}
+        a, b = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y, rcond=None)[0]
+        np.testing.assert_allclose(fit["MSE"], (a, b), atol=1e-3)
+        la, lb, lcost = lad_line(x, y)
+        a, b = fit["MAE"]
+        assert np.abs(a * x + b - y).mean() <= lcost + 1e-3
+        assert abs(a - la) < 0.05
+        a, b = fit["Huber(δ=1)"]
+        r = np.clip(a * x + b - y, -1, 1)
+        assert abs(np.mean(r * x)) < 1e-3 and abs(np.mean(r)) < 1e-3   # ∂(mean Huber) = 0
+    e = out["slope_errors"]
+    assert np.all(e["Huber(δ=1)"] < 0.5 * e["MSE"]) and np.all(e["MAE"] < 0.5 * e["MSE"])
+
+    t, p = out["table"], out["table"]["p"]
+    np.testing.assert_allclose(t["bce"], -np.log(p), rtol=1e-9)
+    np.testing.assert_allclose(t["mse"], (1 - p) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(t["bce_dz"], p - 1, rtol=1e-9)
+    np.testing.assert_allclose(t["mse_dz"], 2 * (p - 1) * p * (1 - p), rtol=1e-9)
+    assert_figure(out["figure"], "loss_functions")
