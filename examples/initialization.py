@@ -9,7 +9,7 @@ every layer's activations is printed and plotted (``OUT/initialization.png``), m
 ``--seeds`` draws. For tanh the fraction of saturated units (``|a| > 0.99``) is printed too:
 a too-large init keeps tanh's std near 1 only because almost every unit is pinned at ±1.
 
-    python examples/initialization.py [--depth 20] [--width 128] [--seeds 3] [--seed 0] [--out out]
+    python examples/initialization.py [--depth 20] [--width 100] [--seeds 5] [--seed 0] [--out out]
 """
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def plot(results, path):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depth", type=int, default=20)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--width", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--out", default="out")
-    ap.add_argument("--quick", action="store_true", help="width 100 (LAPACK QR stays unblocked), 2 seeds")
+    ap.add_argument("--quick", action="store_true", help="2 seeds")
     args = ap.parse_args(argv)
-    width, batch, n_seeds = (100, 100, 2) if args.quick else (args.width, args.batch, args.seeds)
+    width, batch, n_seeds = args.width, args.batch, (2 if args.quick else args.seeds)
     seeds = range(args.seed, args.seed + n_seeds)
 
     results = {a: run(a, args.depth, width, batch, seeds) for a in ACTIVATIONS}
