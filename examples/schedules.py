@@ -96,7 +96,8 @@ def plot(tables, curves, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     for name, r in tables.items():
         a.plot(np.asarray(r), label=name, lw=1.5)
-    a.set(title=f"fnn.optim.schedules (peak {np.max(tables['constant']):g})", xlabel="optimizer step", ylabel="learning rate")
+    a.set(title=f"fnn.optim.schedules (peak {np.max(tables['constant']):g})",
+          xlabel="optimizer step", ylabel="learning rate")
     a.legend(fontsize=7)
     k = max(1, curves[TRAINED[0]].shape[1] // 40)              # smooth: mean over k steps
     for name, c in curves.items():
