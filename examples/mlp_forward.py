@@ -40,7 +40,7 @@ def forward_steps(model, params, state, x):
     return steps
 
 
-def shape_table(model, params, steps, x):
+def shape_table(params, steps, x):
     """One row per Dense: ``W``, ``b``, ``z``, ``a`` shapes (fnn's and the lesson's ``W``)."""
     rows, prev = [], x.shape
     for i, (n, name, out) in enumerate(steps):
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     x = jax.random.uniform(jax.random.PRNGKey(args.seed + 1), (batch, sizes[0]), dtype)
     params, state, out_shape = model.init(jax.random.PRNGKey(args.seed), x.shape)
     steps = forward_steps(model, params, state, x)
-    rows = shape_table(model, params, steps, x)
+    rows = shape_table(params, steps, x)
     total = count_params(params)
     print(f"\nthe {'-'.join(map(str, sizes))} network on a batch of {batch} "
           f"(ReLU hidden, softmax output):")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnn.optim as optim
-from fnn import backprop
+from fnn import backprop, data
 from fnn.layers import Dense, Relu, serial
 from fnn.losses import softmax_cross_entropy_with_integer_labels as cross_entropy
 
@@ -33,15 +33,9 @@ OPTIMIZERS = {  # name: optimizer, learning rates as commonly recommended for ea
 
 
 def load(seed=0):
-    """Digits scaled to [0, 1]; a stratified 80/20 split with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, random_state=seed,
-                                              stratify=y)
-    as_jax = lambda a, dt: jnp.asarray(a, dt)
-    return (as_jax(x_tr, jnp.float32), as_jax(y_tr, jnp.int32)), \
-           (as_jax(x_te, jnp.float32), as_jax(y_te, jnp.int32))
+    """``fnn.data.load_digits``: pixels in [0, 1], a stratified 80/20 split with a fixed seed."""
+    (x_tr, y_tr), (x_te, y_te) = data.load_digits(seed=seed)
+    return (jnp.asarray(x_tr), jnp.asarray(y_tr)), (jnp.asarray(x_te), jnp.asarray(y_te))
 
 
 def make_epoch(model, state, opt, batch_size):
