@@ -15,6 +15,9 @@ descent and plots how the factors evolve: as ŷ saturates, ŷ(1 − ŷ) shrinks 
 gradient behind it — the vanishing gradient, seen in one neuron.
 
     python examples/backprop_by_hand.py [--epochs 300] [--lr 2.0] [--out out] [--quick]
+
+The weights are fixed (the lesson's numbers), so ``--seed`` changes nothing; it is accepted
+for the examples' common command line.
 """
 import argparse
 import os
@@ -24,7 +27,6 @@ import jax
 jax.config.update("jax_enable_x64", True)      # finite differences need float64
 
 import jax.numpy as jnp  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from fnn import backprop, gradcheck, losses  # noqa: E402
 from fnn.activations import sigmoid  # noqa: E402
@@ -114,7 +116,7 @@ def train(params, x, y, epochs, lr):
     step = jax.jit(backprop.value_and_grad(MODEL, losses.mse))
     factors = jax.jit(chain_factors)
     history = []
-    for _ in tqdm(range(epochs), desc="training", leave=False):
+    for _ in range(epochs):
         values = [float(v) for v in factors(params, x, y)]
         (value, _), grads = step(params, state, X, Y)
         history.append({"loss": float(value), "∂L/∂w₁": float(grads["0"]["w"][0, 0]),
@@ -138,11 +140,11 @@ def plot(history, path):
     b.set(title="the five chain-rule factors of ∂L/∂w₁", xlabel="gradient-descent step")
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--x", type=float, default=0.5)
     ap.add_argument("--y", type=float, default=1.0)
@@ -150,6 +152,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--out", default="out")
     ap.add_argument("--quick", action="store_true", help="30 steps")
+    ap.add_argument("--seed", type=int, default=0, help="unused: the weights are fixed")
     args = ap.parse_args(argv)
     epochs = 30 if args.quick else args.epochs
 
@@ -169,7 +172,10 @@ def main(argv=None):
     path = os.path.join(args.out, "backprop_by_hand.png")
     plot(history, path)
     print(f"wrote {path}")
-    return {"dw1": float(product), "history": history, "report": report}
+    factors = [float(v) for v in chain_factors(params, args.x, args.y)]
+    return {"dw1": float(product), "factors": factors,
+            "four_ways": jax.tree.map(float, four_ways(params, args.x, args.y)),
+            "history": history, "report": report, "figure": path}
 
 
 if __name__ == "__main__":
