@@ -7,9 +7,11 @@ import os
 # TransformerBlock's forward+backward: 1.45 s -> 0.3 s). Same HLO optimization passes, same IEEE
 # arithmetic (no fast-math either way); only machine-code quality drops, which no test measures.
 # Set before JAX creates its CPU backend; flags the caller already passes are left alone.
-_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# (Subprocesses inherit them; one that clears XLA_FLAGS passes FAST_COMPILE_FLAGS itself.)
+from helpers import FAST_COMPILE_FLAGS   # imports jax, which starts no backend yet
+
 _flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in _FAST_COMPILE
+os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in FAST_COMPILE_FLAGS
                                                if f.split("=")[0] not in _flags]).strip()
 
 import jax  # noqa: E402
