@@ -9,8 +9,6 @@ import pytest
 
 from fnn import checkpoint, cli
 
-from helpers import FAST_COMPILE_FLAGS
-
 
 def test_list_shows_the_bundled_tasks(capsys):
     assert cli.main(["list"]) == 0
@@ -201,7 +199,7 @@ def test_train_on_two_simulated_devices(tmp_path):
     """``--devices 2`` gives the CPU backend two devices (a fresh process: the count is fixed
     when JAX starts) and every ``fit`` of the task a ("data": 2) mesh."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # no device count given
-    env["XLA_FLAGS"] = " ".join(FAST_COMPILE_FLAGS)
+    env["XLA_FLAGS"] = os.environ.get("FNN_TEST_FAST_COMPILE_FLAGS", "")   # see conftest.py
     run = subprocess.run([sys.executable, "-c", SPY, str(tmp_path / "run")], capture_output=True,
                          text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
