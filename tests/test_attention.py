@@ -107,7 +107,8 @@ def test_causal_blocks_match_numpy_and_vjp(t, s, h, kh, q_offset, rng, monkeypat
     kw = dict(causal=True, q_offset=q_offset, mask=random_mask(rng, (2, 1, t, s)),
               bias=jnp.asarray(rng.normal(size=(h, t, s))))
     ref = np_attention(q, k, v, kw["mask"], True, q_offset, kw["bias"])
-    np.testing.assert_allclose(dpa(q, k, v, **kw), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(jax.jit(lambda q, k, v: dpa(q, k, v, **kw))(q, k, v), ref,
+                               rtol=1e-12, atol=1e-12)
     kw.update(dropout_rate=0.2, dropout_key=jax.random.PRNGKey(3))
     dout = jnp.asarray(rng.normal(size=(2, t, h, 3)))
     ref, got = vjp_and_hand(lambda q, k, v: dpa(q, k, v, **kw), (q, k, v), dout,
@@ -131,19 +132,27 @@ def test_vjp_returns_the_forward_output_and_the_backward(chunk, rng):
 
 @pytest.mark.parametrize("case", ["plain-causal-mask", "chunked-all"])
 def test_residuals_are_arrays_and_cross_jit(case, rng, monkeypatch):
-    """``dpa_fwd`` returns the forward's output and residuals that are arrays only: computed in
-    one jitted call, handed to ``dpa_bwd`` in another (dropout on), they give jax.vjp's
-    gradients."""
+    """``dpa_fwd`` returns the forward's output and residuals that are arrays only (checked as
+    ``dpa_fwd`` returns them, at trace time, where a Python number or NumPy array would show):
+    computed in one jitted call, handed to ``dpa_bwd`` in another (dropout on), they give
+    jax.vjp's gradients."""
     q, k, v = qkv(rng)
     kw = build(rng, case)
     kw.update(dropout_rate=0.3, dropout_key=jax.random.PRNGKey(2))
-    out, res = jax.jit(lambda q, k, v: dpa_fwd(q, k, v, **kw))(q, k, v)
-    eager_res = dpa_fwd(q, k, v, **kw)[1]
-    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(eager_res))
+    not_arrays = []
+
+    def fwd(q, k, v):
+        out, res = dpa_fwd(q, k, v, **kw)
+        not_arrays.extend(type(a).__name__ for a in jax.tree.leaves(res)
+                          if not isinstance(a, jax.Array))
+        return out, res
+    out, res = jax.jit(fwd)(q, k, v)
+    assert not not_arrays, f"residuals include {not_arrays}"
     np.testing.assert_array_equal(out, jax.jit(lambda q, k, v: dpa(q, k, v, **kw))(q, k, v))
     dout = jnp.asarray(rng.normal(size=out.shape))
     got = jax.jit(lambda r, d: dpa_bwd(r, d, **kw))(res, dout)
-    ref = jax.vjp(lambda q, k, v: dpa(q, k, v, **kw), q, k, v)[1](dout)
+    ref = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: dpa(q, k, v, **kw), q, k, v)[1](dout))(
+        q, k, v)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-9
 

@@ -201,7 +201,8 @@ def test_train_on_two_devices_in_one_process_or_two(tmp_path):
     ``fnn.sharding.launch`` as 2 processes × 1 device (jax.distributed, gloo) trains the same
     model to 1e-6; only process 0 prints and writes files."""
     from fnn.sharding.launch import launch_local
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # no device count given
+    env["XLA_FLAGS"] = os.environ.get("FNN_TEST_FAST_COMPILE_FLAGS", "")   # see conftest.py
     run = subprocess.run([sys.executable, "-c", SPY, str(tmp_path / "run")], capture_output=True,
                          text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -92,35 +92,49 @@ def assert_grads_close(name, what, got, want):
         assert rel_err(a, b) < 1e-9, f"{where}: rel err {rel_err(a, b):.2e}"
 
 
+def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch):
+    """In one jit (one compilation per case and mode; eager op-by-op dispatch compiled every
+    primitive anew): ``apply``, ``jax.vjp`` of ``apply`` (the real one, taken before the patch),
+    ``backward``, and ``vjp_bwd`` of ``vjp_fwd``'s residuals, the hand rules traced with
+    autodiff patched to raise. Also returns the type names of residual leaves that were not
+    arrays when ``vjp_fwd`` returned them (checked at trace time, where a Python number or a
+    NumPy array would still show as such)."""
+    real_vjp, not_arrays = jax.vjp, []
+    float_x = all(is_float(a) for a in jax.tree.leaves(x))
+
+    def run(params, state, x, dy, kw, key):
+        out = layer.apply(params, state, x, key=key, train=train, **kw)
+        f = lambda p, x: layer.apply(p, state, x, key=key, train=train, **kw)[0]
+        if float_x:
+            ref = real_vjp(f, params, x)[1](dy)
+        else:
+            ref = (real_vjp(lambda p: f(p, x), params)[1](dy)[0], None)
+        back = layer.backward(params, state, x, dy, key=key, train=train, **kw)
+        y2, state2, res = layer.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        not_arrays.extend(type(a).__name__ for a in jax.tree.leaves(res)
+                          if not isinstance(a, jax.Array))
+        bwd = layer.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+        return out, (y2, state2), ref, back, bwd
+    with no_autodiff(monkeypatch):
+        return jax.jit(run)(params, state, x, dy, kw, key), not_arrays
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
 def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
     """``backward`` and ``vjp_bwd`` of ``vjp_fwd``'s residuals against ``jax.vjp`` of ``apply``;
     ``vjp_fwd``'s output and new state equal ``apply``'s; residuals are arrays only."""
     layer, params, state, _, x, kw, key = setup(name, i, ex)
-    y, new_state = layer.apply(params, state, x, key=key, train=train, **kw)
-    dy = jax.tree.map(lambda a: normal(jax.random.PRNGKey(7), a.shape).astype(a.dtype), y)
-
+    y_shape = jax.eval_shape(lambda: layer.apply(params, state, x, key=key, train=train, **kw))[0]
+    dy = jax.tree.map(lambda a: normal(jax.random.PRNGKey(7), a.shape).astype(a.dtype), y_shape)
     float_x = all(is_float(a) for a in jax.tree.leaves(x))
-    if float_x:
-        f = lambda p, x: layer.apply(p, state, x, key=key, train=train, **kw)[0]
-        _, vjp = jax.vjp(f, params, x)
-        ref_p, ref_x = vjp(dy)
-    else:
-        f = lambda p: layer.apply(p, state, x, key=key, train=train, **kw)[0]
-        _, vjp = jax.vjp(f, params)
-        (ref_p,), ref_x = vjp(dy), None
-
-    with no_autodiff(monkeypatch):
-        dp, dx = layer.backward(params, state, x, dy, key=key, train=train, **kw)
-        y2, state2, res = layer.vjp_fwd(params, state, x, key=key, train=train, **kw)
-        dp2, dx2 = layer.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+    ((y, new_state), (y2, state2), (ref_p, ref_x), (dp, dx), (dp2, dx2)), not_arrays = \
+        hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch)
 
     for a, b in zip(jax.tree.leaves((y2, state2)), jax.tree.leaves((y, new_state))):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"{name}: fwd != apply")
     assert jax.tree.structure((y2, state2)) == jax.tree.structure((y, new_state))
-    for leaf in jax.tree.leaves(res):
-        assert isinstance(leaf, jax.Array), f"{name}: a residual is {type(leaf).__name__}"
+    assert not not_arrays, f"{name}: residuals include {not_arrays}"
     for what, (gp, gx) in (("backward", (dp, dx)), ("bwd", (dp2, dx2))):
         assert_grads_close(name, f"{what} dparams", gp, ref_p)
         if float_x:
@@ -131,20 +145,25 @@ def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
 
 @pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
 def test_vmap_over_a_leading_axis(name, i, ex):
-    """``vmap`` of ``apply`` and ``backward`` over two stacked inputs equals two calls (eval)."""
+    """``vmap`` of ``apply`` and ``backward`` over two stacked inputs equals two calls (eval;
+    the batched and the separate calls in one jit, one compilation per case)."""
     layer, params, state, _, x, kw, key = setup(name, i, ex)
     xs = jax.tree.map(lambda a: jnp.stack([a, a[::-1]]), x)
     kws = jax.tree.map(lambda a: jnp.stack([a, a]), kw)
-    apply = lambda x, kw: layer.apply(params, state, x, key=key, **kw)[0]
-    ys = jax.vmap(apply)(xs, kws)
-    dys = jax.tree.map(lambda a: a * 0.5 + 1.0 if is_float(a) else a, ys)
-    back = lambda x, dy, kw: layer.backward(params, state, x, dy, key=key, **kw)
-    grads = jax.vmap(back)(xs, dys, kws)
-    for j in range(2):
+
+    def run(xs, kws, kw):
+        apply = lambda x, kw: layer.apply(params, state, x, key=key, **kw)[0]
+        back = lambda x, dy, kw: layer.backward(params, state, x, dy, key=key, **kw)
+        ys = jax.vmap(apply)(xs, kws)
+        dys = jax.tree.map(lambda a: a * 0.5 + 1.0 if is_float(a) else a, ys)
+        pick = lambda t, j: jax.tree.map(lambda a: a[j], t)
+        each = [(apply(pick(xs, j), kw), back(pick(xs, j), pick(dys, j), kw)) for j in range(2)]
+        return ys, jax.vmap(back)(xs, dys, kws), each
+    ys, grads, each = jax.jit(run)(xs, kws, kw)
+    for j, (y, want) in enumerate(each):
         pick = lambda t: jax.tree.map(lambda a: a[j], t)
-        for a, b in zip(jax.tree.leaves(pick(ys)), jax.tree.leaves(apply(pick(xs), kw))):
+        for a, b in zip(jax.tree.leaves(pick(ys)), jax.tree.leaves(y)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-        want = back(pick(xs), pick(dys), kw)
         assert jax.tree.structure(pick(grads)) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(pick(grads)), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

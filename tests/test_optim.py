@@ -41,10 +41,15 @@ def run(opt, params, grads, apply=fo.apply_updates):
 
 
 def assert_trees_close(actual, expected, scale=1.0):
+    """Same structure and dtypes; each entry within ``RTOL`` of its value or of the largest entry
+    of its leaf (an entry that ends near 0 by cancellation is judged at its leaf's scale: fnn and
+    optax are each ~6 float32 ulps from the float64 run after 200 steps, and how far apart they
+    land depends on the compiler's instruction choice, 0 or 1 ulp)."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         assert a.dtype == e.dtype
-        np.testing.assert_allclose(a, e, rtol=scale * RTOL[a.dtype], atol=1e-30)
+        tol = scale * RTOL[a.dtype]
+        np.testing.assert_allclose(a, e, rtol=tol, atol=tol * float(np.max(np.abs(e))) + 1e-30)
 
 
 MASK = fo.not_named("b")  # decay everything but biases

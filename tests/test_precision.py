@@ -75,7 +75,7 @@ def test_bfloat16_hand_backward_of_every_layer(name, i, ex, monkeypatch):
     layer, params, state, _, x, kw, key = setup(name, i, ex)
     params, state, x, kw = to32(params), to32(state), to32(x), to32(kw)
     low, high = mixed_precision(layer, "bfloat16"), mixed_precision(layer, "float32")
-    y, _ = low.apply(params, state, x, key=key, **kw)
+    y = jax.eval_shape(lambda: low.apply(params, state, x, key=key, **kw)[0])   # no eager run
     assert all(a.dtype == F32 for a in jax.tree.leaves(y) if is_float(a))
     dy = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(i).standard_normal(a.shape),
                                             a.dtype), y)
@@ -127,10 +127,10 @@ def test_integer_inputs_stay_integers():
     model = mixed_precision(serial(Embedding(10, 4), Dense(3)), "bfloat16")
     params, state, _ = model.init(K, (2, 5))
     ids = jnp.arange(10).reshape(2, 5)
-    y, _ = model.apply(params, state, ids)
+    y, _ = jax.jit(model.apply)(params, state, ids)
     assert y.dtype == F32
-    (_, _), grads = backprop.value_and_grad(model, losses.mse)(params, state, ids,
-                                                                jnp.zeros((2, 5, 3), F32))
+    (_, _), grads = jax.jit(backprop.value_and_grad(model, losses.mse))(
+        params, state, ids, jnp.zeros((2, 5, 3), F32))
     assert all(g.dtype == F32 for g in jax.tree.leaves(grads))
 
 
@@ -142,10 +142,11 @@ def test_full_precision_marks_a_layer_float32_inside_bfloat16():
     model = mixed_precision(serial(Dense(6), full_precision(spy), Dense(2)), "bfloat16")
     params, state, _ = model.init(K, (3, 4))
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 4)), F32)
-    _, grads = backprop.value_and_grad(model, losses.mse)(params, state, x, jnp.zeros((3, 2), F32))
+    _, grads = jax.jit(backprop.value_and_grad(model, losses.mse))(params, state, x,
+                                                                    jnp.zeros((3, 2), F32))
     assert seen == [F32]                          # the marked layer computed in float32
-    ref = jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0], jnp.zeros((3, 2), F32)))(
-        params)
+    ref = jax.jit(jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0],
+                                                jnp.zeros((3, 2), F32))))(params)
     assert tree_err(grads, ref) < 2e-2
 
 
@@ -189,12 +190,12 @@ def test_loss_scaling_rescues_float16_gradients_that_underflow():
     t = model.apply(params, state, x)[0] + 1e-3
     loss = lambda y: 1e-4 * losses.mse(y, t)
     m16 = mixed_precision(model, "params=float32,compute=float16,output=float16")
-    ref = jax.grad(lambda p: loss(model.apply(p, state, x)[0]))(params)
-    plain = jax.grad(lambda p: loss(m16.apply(p, state, x)[0].astype(F32)))(params)
+    ref = jax.jit(jax.grad(lambda p: loss(model.apply(p, state, x)[0])))(params)
+    plain = jax.jit(jax.grad(lambda p: loss(m16.apply(p, state, x)[0].astype(F32))))(params)
     assert float(jnp.max(jnp.abs(plain["w"]))) == 0.0             # underflowed
     ls = loss_scale()
-    scaled = jax.grad(lambda p: scale_loss(loss(m16.apply(p, state, x)[0].astype(F32)), ls))(
-        params)
+    scaled = jax.jit(jax.grad(lambda p: scale_loss(loss(m16.apply(p, state, x)[0].astype(F32)),
+                                                    ls)))(params)
     assert all_finite(scaled)
     assert tree_err(unscale(scaled, ls), ref) < 2e-2
 
@@ -218,6 +219,22 @@ F32_CASES = [(n, i, ex, off) for n, i, ex in FIRST for off in (0.0, 100.0)
              if off == 0.0 or n in ILL]
 
 
+GRADS = {}      # (name, i) -> jitted (autodiff, hand): two compilations per example (float64
+                # reference, float32 run), shared by its plain and offset cases
+
+
+def float_grads(name, i, layer, float_x):
+    """``(jax.vjp of apply, backward)`` of one layer example, jitted once per example."""
+    if (name, i) not in GRADS:
+        def grads(params, state, x, dy, kw, key):
+            f = lambda *a: layer.apply(a[0], state, a[1] if float_x else x, key=key, **kw)[0]
+            auto = REAL_VJP(f, *((params, x) if float_x else (params,)))[1](dy)
+            dp, dx = layer.backward(params, state, x, dy, key=key, **kw)
+            return auto, ((dp, dx) if float_x else (dp,))
+        GRADS[name, i] = jax.jit(grads)
+    return GRADS[name, i]
+
+
 @pytest.mark.parametrize("name,i,ex,offset", F32_CASES,
                          ids=[f"{n}-{'offset100' if o else 'plain'}" for n, _, _, o in F32_CASES])
 def test_float32_hand_backward_is_as_accurate_as_autodiff(name, i, ex, offset, monkeypatch):
@@ -226,18 +243,12 @@ def test_float32_hand_backward_is_as_accurate_as_autodiff(name, i, ex, offset, m
     ordinary inputs and, for attention and normalization, on activations offset by 100."""
     layer, params, state, _, x, kw, key = setup(name, i, ex)
     x = jax.tree.map(lambda a: a + offset if is_float(a) else a, x)
-    y, _ = layer.apply(params, state, x, key=key, **kw)
+    y = jax.eval_shape(lambda: layer.apply(params, state, x, key=key, **kw)[0])
     dy = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(i).standard_normal(a.shape),
                                             a.dtype), y)
-    float_x = all(is_float(a) for a in jax.tree.leaves(x))
-
-    def grads(params, state, x, dy, kw):
-        f = lambda *a: layer.apply(a[0], state, a[1] if float_x else x, key=key, **kw)[0]
-        auto = REAL_VJP(f, *((params, x) if float_x else (params,)))[1](dy)
-        dp, dx = layer.backward(params, state, x, dy, key=key, **kw)
-        return auto, ((dp, dx) if float_x else (dp,))
+    grads = float_grads(name, i, layer, all(is_float(a) for a in jax.tree.leaves(x)))
     with no_autodiff(monkeypatch):
-        ref, _ = jax.jit(grads)(params, state, x, dy, kw)
-        auto, hand = jax.jit(grads)(to32(params), to32(state), to32(x), to32(dy), to32(kw))
+        ref, _ = grads(params, state, x, dy, kw, key)
+        auto, hand = grads(to32(params), to32(state), to32(x), to32(dy), to32(kw), key)
     e_hand, e_auto = tree_err(hand, ref), tree_err(auto, ref)
     assert e_hand <= 2 * e_auto + 2 ** -23, f"{name}: hand {e_hand:.3g}, autodiff {e_auto:.3g}"

@@ -14,7 +14,7 @@ from fnn.layers import (GRU, LSTM, Bidirectional, Dense, SimpleRNN, gru_cell, ls
                         rnn_cell, scan_rnn, scan_rnn_backward)
 from fnn.optim import clip_by_global_norm
 
-from helpers import no_autodiff, rel_err, tree_rel_err
+from helpers import no_autodiff, rel_err, tree_rel_err, vjp_and_hand
 
 CELLS = {"rnn": (SimpleRNN, rnn_cell, 1, 1), "lstm": (LSTM, lstm_cell, 4, 2),
          "gru": (GRU, gru_cell, 3, 1)}
@@ -156,12 +156,11 @@ def test_scan_backward_matches_vjp(kind, reverse, rng, monkeypatch):
     c0 = carry_of(kind, rng.normal(size=(B, H)), rng.normal(size=(B, H)))
     lengths = jnp.asarray(LENGTHS)
     run = lambda p, x, c0: scan_rnn(cell, p, x, c0, lengths=lengths, reverse=reverse)
-    (ys, cT), vjp = jax.vjp(run, p, x, c0)
+    ys, cT = jax.eval_shape(run, p, x, c0)
     dys = jnp.asarray(rng.normal(size=ys.shape))                 # also at padded steps: ignored
     dcT = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), cT)
-    want = vjp((dys, dcT))
-    with no_autodiff(monkeypatch):
-        got = scan_rnn_backward(cell, p, x, dys, dcT, c0, lengths=lengths, reverse=reverse)
+    want, got = vjp_and_hand(run, (p, x, c0), (dys, dcT), lambda p, x, c0, d: scan_rnn_backward(
+        cell, p, x, d[0], d[1], c0, lengths=lengths, reverse=reverse), monkeypatch)
     assert_trees_close(got, want)
     assert np.all(np.asarray(got[1])[2, 2:] == 0) and np.all(np.asarray(got[1])[1, 2:] == 0)
 
@@ -220,18 +219,27 @@ def test_fwd_bwd_equal_apply_backward_and_vjp(name, layer, kw, train, rng, monke
     """``fwd`` gives ``apply``'s output and new state (float64, 1e-12) and residuals that are
     arrays only; ``bwd`` of them equals ``backward`` and ``jax.vjp`` of ``apply`` (1e-9)."""
     params, state, x, kw = _case(layer, kw, rng)
-    y, new_state = layer.apply(params, state, x, train=train, **kw)
-    fy, fstate, res = jax.jit(lambda p, s, x, kw: layer.fwd(p, s, x, train=train, **kw))(
-        params, state, x, kw)                                    # residuals cross a jit boundary
-    assert tree_rel_err((fy, fstate), (y, new_state)) < 1e-12
-    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(res))
+    not_arrays, real_vjp = [], jax.vjp
+
+    def fwd(p, s, x, kw):
+        out = layer.fwd(p, s, x, train=train, **kw)
+        not_arrays.extend(type(a).__name__ for a in jax.tree.leaves(out[2])   # as fwd returns
+                          if not isinstance(a, jax.Array))                    # them (trace time)
+        return out
+    fy, fstate, res = jax.jit(fwd)(params, state, x, kw)         # residuals cross a jit boundary
+    assert not not_arrays, f"{name}: residuals include {not_arrays}"
     assert jax.tree.structure(res) == jax.tree.structure(jax.tree.map(jnp.asarray, res))
+    y = jax.eval_shape(lambda: layer.apply(params, state, x, train=train, **kw)[0])
     dy = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), y)
-    _, vjp = jax.vjp(lambda p, x: layer.apply(p, state, x, train=train, **kw)[0], params, x)
-    want = vjp(dy)
+
+    def rest(params, x, res, dy, kw):                # apply, its jax.vjp, bwd, backward: one jit
+        f = lambda p, x: layer.apply(p, state, x, train=train, **kw)[0]
+        return layer.apply(params, state, x, train=train, **kw), real_vjp(f, params, x)[1](dy), \
+            layer.bwd(params, state, res, dy, train=train, **kw), \
+            layer.backward(params, state, x, dy, train=train, **kw)
     with no_autodiff(monkeypatch):
-        got = layer.bwd(params, state, res, dy, train=train, **kw)
-        via_backward = layer.backward(params, state, x, dy, train=train, **kw)
+        (y, new_state), want, got, via_backward = jax.jit(rest)(params, x, res, dy, kw)
+    assert tree_rel_err((fy, fstate), (y, new_state)) < 1e-12
     assert tree_rel_err(got, want) < 1e-9
     assert tree_rel_err(via_backward, want) < 1e-9
 
@@ -293,9 +301,10 @@ def test_residuals_pass_through_stack_scan(rng, monkeypatch):
     params, state, _ = init(model, (B, T, F), 5)
     x = jnp.asarray(rng.normal(size=(B, T, F)))
     target = jnp.asarray(rng.normal(size=(B, T, 1)))
-    want = jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0], target))(params)
+    want = jax.jit(jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0], target)))(params)
     with no_autodiff(monkeypatch):
-        (_, _), got = backprop.value_and_grad(model, losses.mse)(params, state, x, target)
+        (_, _), got = jax.jit(backprop.value_and_grad(model, losses.mse))(params, state, x,
+                                                                          target)
     assert tree_rel_err(got, want) < 1e-9
 
 
