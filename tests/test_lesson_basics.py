@@ -277,14 +277,20 @@ def test_optimizer_paths_against_optax(tmp_path):
                "Adam": optax.adam(rates["Adam"]),
                "AdamW": optax.adamw(rates["AdamW"], weight_decay=module.WEIGHT_DECAY)}
         for name, opt in ref.items():
-            p = jnp.asarray(start)
-            s, pts = opt.init(p), [p]
-            step = jax.jit(lambda p, s, opt=opt: opt.update(jax.grad(f)(p), s, p))
-            for _ in range(steps):
-                u, s = step(p, s)
-                p = optax.apply_updates(p, u)
-                pts.append(p)
-            np.testing.assert_allclose(paths[name], np.stack(pts), rtol=1e-9, atol=1e-12,
+            # step for step: optax's update from each point of fnn's path (its state carried
+            # along that path) lands on fnn's next point. Comparing whole free-running paths
+            # would measure how a long (Rosenbrock: 1500-step) trajectory amplifies rounding
+            # differences between two compilations, not the optimizer.
+            path = jnp.asarray(paths[name])
+            assert path.shape == (steps + 1, 2) and np.allclose(path[0], start)
+
+            @jax.jit
+            def teacher_forced(path, opt=opt):
+                def one(s, p):
+                    u, s = opt.update(jax.grad(f)(p), s, p)
+                    return s, optax.apply_updates(p, u)
+                return jax.lax.scan(one, opt.init(path[0]), path[:-1])[1]
+            np.testing.assert_allclose(path[1:], teacher_forced(path), rtol=1e-9, atol=1e-12,
                                        err_msg=f"{surface} {name}")
 
     t = np.arange(11)                          # SGD on ½(x² + 100y²): y ← (1 − 100η)y, x ← (1 − η)x
