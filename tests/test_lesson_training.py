@@ -103,20 +103,29 @@ def test_gradient_checking_best_step_sizes_follow_machine_epsilon(key):
 # --------------------------------------------------------------------------- 11 gradient clipping
 
 def test_gradient_clipping_keeps_the_exploding_rnn_finite(tmp_path):
+    """The chapter's claims, each with a margin over what 288 seeds showed under float32,
+    float64, one program per mode and XLA -O0 (worst global-norm tail/first 0.23, lowest
+    value-clipping tail/first 8): no clipping overflows; global-norm clipping's mean loss over
+    the last 10 steps is below half its first loss; clipping by value's is above its first."""
     gcl = load("gradient_clipping")
     out = gcl.main(["--quick", "--out", str(tmp_path)])
-    none, norm = out["no clipping"], out["clip_by_global_norm(1)"]
-    assert min(none["final_loss"]) > 1e6                 # every seed diverged (inf in float32)
-    assert max(norm["final_loss"]) < min(norm["first_loss"])        # finite and falling
-    assert min(out["clip_by_value(1)"]["final_loss"]) > max(norm["final_loss"])
+    none, value, norm = (out[k] for k in gcl.CLIPS)
+    assert none["last_loss"].min() > 1e6                 # every seed diverged (inf in float32)
+    assert (norm["last_loss"] < 0.5 * norm["first_loss"]).all(), norm
+    assert (value["last_loss"] > value["first_loss"]).all(), value
+    assert none["max_grad_norm"] > 1e6 and norm["max_grad_norm"] < 1e3   # seen: 1e18, <= 40
     # the recorded raw norm of step 0 is the norm of the true gradient at init (jax.grad)
     net = gcl.model()
-    k0 = jax.random.split(jax.random.PRNGKey(0), 2)[0]
+    k0 = jax.random.split(jax.random.PRNGKey(0), 4)[0]
     params, state, _ = net.init(k0, (gcl.BATCH, gcl.T, 1))
     x, y = gcl.batch(jax.random.fold_in(k0, 0))
     g = jax.grad(lambda p: jnp.mean((net.apply(p, state, x)[0] - y) ** 2))(params)
     want = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g)))
-    np.testing.assert_allclose(out["runs"]["clip_by_global_norm(1)"][1][0, 0], want, rtol=1e-8)
+    for name in gcl.CLIPS:                               # same init, same batch in every mode
+        np.testing.assert_allclose(out["runs"][name][1][0, 0], want, rtol=1e-8)
+    # the tail mean, recomputed: inf once the run overflowed
+    np.testing.assert_allclose(norm["last_loss"], out["runs"][list(gcl.CLIPS)[2]][0][:, -10:]
+                               .mean(1), rtol=1e-12)
     figure(out["figure"])
 
 
