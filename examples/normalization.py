@@ -16,6 +16,7 @@ The lesson's normalization chapter, in two parts.
    program ``jax.vmap``-ed over seeds; the minibatch indices are drawn in NumPy.
 
 Figures: ``OUT/normalization.png`` (groups and statistics), ``OUT/normalization_training.png``.
+``--quick`` (150 steps, 3 seeds) compiles without XLA's backend optimization: faster to compile.
 
     python examples/normalization.py [--depth 10] [--steps 300] [--seeds 4] [--out out] [--quick]
 """
@@ -119,10 +120,12 @@ def hidden_stats(net, params, state, x):
     return jnp.sqrt(jnp.mean(h ** 2)), (jnp.sum(cos) - jnp.trace(cos)) / (n * (n - 1))
 
 
-def train_variant(net, keys, batches, train, val, lr):
+def train_variant(net, keys, batches, train, val, lr, quick=False):
     """SGD (momentum 0.9) from ``net.init(key)`` for each key on ``batches: [seeds, steps, b]``
     (indices into ``train``); one jit, vmapped over seeds. Returns ``(losses [seeds, steps],
-    validation accuracy [seeds], hidden_stats at init on 100 validation digits)``."""
+    validation accuracy [seeds], hidden_stats at init on 100 validation digits)``. ``quick``:
+    XLA's backend (LLVM) optimization off — compiles faster, runs slower; right for a smoke
+    run."""
     (x, y), (xv, yv) = (tuple(jnp.asarray(a) for a in d) for d in (train, val))
     inits = [net.init(k, (batches.shape[-1],) + x.shape[1:])[:2] for k in keys]   # eager: cheap
     params, state = jax.tree.map(lambda *a: jnp.stack(a), *inits)
@@ -140,7 +143,9 @@ def train_variant(net, keys, batches, train, val, lr):
         (p, s, _), vals = jax.lax.scan(step, (params, state, opt.init(params)), idx)
         logits, _ = net.apply(p, s, xv)
         return vals, jnp.mean(jnp.argmax(logits, -1) == yv), at_init
-    vals, acc, at_init = jax.jit(jax.vmap(one))(params, state, jnp.asarray(batches))
+    options = {"xla_backend_optimization_level": 0} if quick else None
+    vals, acc, at_init = jax.jit(jax.vmap(one), compiler_options=options)(
+        params, state, jnp.asarray(batches))
     return (np.asarray(vals, np.float64), np.asarray(acc, np.float64),
             tuple(np.asarray(a, np.float64) for a in at_init))
 
@@ -263,7 +268,8 @@ def main(argv=None):
     runs = {}
     for name, norm in (("plain", None), ("BatchNorm", BatchNorm), ("LayerNorm", LayerNorm)):
         vals, acc, (rms, cos) = runs[name] = train_variant(
-            deep_mlp(norm, args.depth, args.width, args.std), keys, batches, train, val, args.lr)
+            deep_mlp(norm, args.depth, args.width, args.std), keys, batches, train, val, args.lr,
+            args.quick)
         tail = vals[:, -20:].mean(1)
         result[name] = {"first_loss": vals[:, 0], "last_loss": tail, "val_acc": acc,
                         "init_rms": rms, "init_cos": cos}
