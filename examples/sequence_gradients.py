@@ -71,7 +71,9 @@ def gradient_story(key):
     for name, layer in gradient_models().items():
         kind = name.split(",")[0]
         backward.setdefault(kind, jax.jit(layer.backward))
-        norms, grads = gradient_per_step(backward[kind], *story_inputs(layer, key))
+        inputs = story_inputs(layer, key)
+        norms, grads = gradient_per_step(backward[kind], *inputs)
+        out.setdefault("story_inputs", {})[name] = inputs           # for checking (tests)
         curves[name] = norms[::-1]                                  # index = steps before end
         print(f"  {name:14s}" + "".join(f"{curves[name][d]:11.2e}" for d in (0, 10, 30, 60, 99)))
         if name == "RNN, gain 2.0":

@@ -26,12 +26,18 @@ def figure(path):
 
 # --------------------------------------------------------------------------- 15 RNN
 
-def test_sequence_gradients_lstm_learns_the_memory_task_and_the_rnn_does_not(tmp_path):
-    """The chapter's claim, at a size where it holds with margin (3 seeds, 150 steps; the LSTM
-    is at 100% by step ~60 at the default size): every LSTM seed >= 95%, every RNN seed within
-    chance +- 8%; the error reaching step 0 at init is >100x smaller in the RNN."""
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory):
     sg = load("sequence_gradients")
-    out = sg.main(["--steps", "150", "--seeds", "3", "--out", str(tmp_path)])
+    return sg, sg.main(["--steps", "100", "--seeds", "3", "--out",
+                        str(tmp_path_factory.mktemp("sequence"))])
+
+
+def test_sequence_gradients_lstm_learns_the_memory_task_and_the_rnn_does_not(sequence):
+    """The chapter's claim, at a size where it holds with margin (3 seeds, 100 steps; at 100
+    steps 12 LSTM seeds, float32 and float64, were all >= 99.4%): every LSTM seed >= 95%, every
+    RNN seed within chance +- 8%; the error reaching step 0 at init is >100x smaller in the RNN."""
+    _, out = sequence
     lstm, rnn = np.array(out["LSTM"]["accuracy"]), np.array(out["SimpleRNN"]["accuracy"])
     assert lstm.min() >= 0.95, lstm
     assert np.abs(rnn - 0.5).max() <= 0.08, rnn
@@ -44,23 +50,25 @@ def test_sequence_gradients_lstm_learns_the_memory_task_and_the_rnn_does_not(tmp
     figure(out["figure"])
 
 
-def test_sequence_gradients_story_matches_autodiff(key):
-    """The per-step norms come from the hand BPTT; check them against jax.vjp of apply."""
-    sg = load("sequence_gradients")
+def test_sequence_gradients_story_matches_autodiff(sequence):
+    """The printed per-step norms come from the hand BPTT; check them against jax.vjp of apply
+    on the same params and inputs (one jit per model)."""
+    sg, out = sequence
     for name, layer in sg.gradient_models().items():
         if name not in ("RNN, gain 2.0", "LSTM"):
             continue
-        params, state, x, dy = sg.story_inputs(layer, key)
-        x, dy = x[:2, :12], dy[:2]
-        norms, _ = sg.gradient_per_step(layer.backward, params, state, x, dy)
-        _, vjp = jax.vjp(lambda xx: layer.apply(params, state, xx)[0], x)
-        want = np.asarray(jnp.mean(jnp.linalg.norm(vjp(dy)[0], axis=-1), axis=0))
-        np.testing.assert_allclose(norms, want, rtol=1e-9)
+        params, state, x, dy = out["story_inputs"][name]
+
+        @jax.jit
+        def want(params, x, dy):
+            _, vjp = jax.vjp(lambda xx: layer.apply(params, state, xx)[0], x)
+            return jnp.mean(jnp.linalg.norm(vjp(dy)[0], axis=-1), axis=0)
+        np.testing.assert_allclose(out["curves"][name][::-1], want(params, x, dy), rtol=1e-9)
 
 
 def test_memory_task_marks_the_sign_and_hides_it_in_noise(key):
     sg = load("sequence_gradients")
-    x, y = sg.memory_task(key, 500, 7, 2.0)
+    x, y = jax.jit(sg.memory_task, static_argnums=(1, 2, 3))(key, 500, 7, 2.0)
     assert x.shape == (500, 7, 2) and y.shape == (500, 1)
     np.testing.assert_array_equal(np.asarray(y[:, 0]), np.asarray(x[:, 0, 0] > 0))
     np.testing.assert_array_equal(np.asarray(jnp.abs(x[:, 0, 0])), 1.0)
@@ -103,20 +111,32 @@ def test_gradient_checking_best_step_sizes_follow_machine_epsilon(key):
 # --------------------------------------------------------------------------- 11 gradient clipping
 
 def test_gradient_clipping_keeps_the_exploding_rnn_finite(tmp_path):
+    """The chapter's claims, each with a margin over what 288 seeds showed under float32,
+    float64, one program per mode and XLA -O0 (worst global-norm tail/first 0.23, lowest
+    value-clipping tail/first 8): no clipping overflows; global-norm clipping's mean loss over
+    the last 10 steps is below half its first loss; clipping by value's is above its first."""
     gcl = load("gradient_clipping")
     out = gcl.main(["--quick", "--out", str(tmp_path)])
-    none, norm = out["no clipping"], out["clip_by_global_norm(1)"]
-    assert min(none["final_loss"]) > 1e6                 # every seed diverged (inf in float32)
-    assert max(norm["final_loss"]) < min(norm["first_loss"])        # finite and falling
-    assert min(out["clip_by_value(1)"]["final_loss"]) > max(norm["final_loss"])
+    none, value, norm = (out[k] for k in gcl.CLIPS)
+    assert none["last_loss"].min() > 1e6                 # every seed diverged (inf in float32)
+    assert (norm["last_loss"] < 0.5 * norm["first_loss"]).all(), norm
+    assert (value["last_loss"] > value["first_loss"]).all(), value
+    assert none["max_grad_norm"] > 1e6 and norm["max_grad_norm"] < 1e3   # seen: 1e18, <= 40
     # the recorded raw norm of step 0 is the norm of the true gradient at init (jax.grad)
     net = gcl.model()
-    k0 = jax.random.split(jax.random.PRNGKey(0), 2)[0]
-    params, state, _ = net.init(k0, (gcl.BATCH, gcl.T, 1))
-    x, y = gcl.batch(jax.random.fold_in(k0, 0))
-    g = jax.grad(lambda p: jnp.mean((net.apply(p, state, x)[0] - y) ** 2))(params)
-    want = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g)))
-    np.testing.assert_allclose(out["runs"]["clip_by_global_norm(1)"][1][0, 0], want, rtol=1e-8)
+
+    @jax.jit                                             # one compile instead of many eager ops
+    def true_norm(k0):
+        params, state, _ = net.init(k0, (gcl.BATCH, gcl.T, 1))
+        x, y = gcl.batch(jax.random.fold_in(k0, 0))
+        g = jax.grad(lambda p: jnp.mean((net.apply(p, state, x)[0] - y) ** 2))(params)
+        return jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(g)))
+    want = float(true_norm(jax.random.split(jax.random.PRNGKey(0), 4)[0]))
+    for name in gcl.CLIPS:                               # same init, same batch in every mode
+        np.testing.assert_allclose(out["runs"][name][1][0, 0], want, rtol=1e-8)
+    # the tail mean, recomputed: inf once the run overflowed
+    np.testing.assert_allclose(norm["last_loss"], out["runs"][list(gcl.CLIPS)[2]][0][:, -10:]
+                               .mean(1), rtol=1e-12)
     figure(out["figure"])
 
 
@@ -179,3 +199,64 @@ def test_lr_finder_sweep_suggestion_and_the_three_rates(tmp_path):
     assert good["val_loss"].max() < 0.5 * min(small["val_loss"].min(), large["val_loss"].min())
     assert small["val_accuracy"].max() < 0.75 and large["val_accuracy"].max() < 0.3
     figure(out["figure"])
+
+
+# --------------------------------------------------------------------------- 10 normalization
+
+@pytest.fixture(scope="module")
+def normalization(tmp_path_factory):
+    nm = load("normalization")
+    return nm, nm.main(["--quick", "--out", str(tmp_path_factory.mktemp("normalization"))])
+
+
+def test_normalization_outputs_match_the_formulas_and_each_centres_its_own_groups(normalization):
+    """Each normalizer against its formula in float64 NumPy; then the script's table: mean 0 and
+    RMS 1 exactly on the groups the normalizer averages over (and on unions of them: instance
+    norm's groups tile batch norm's and group norm's), far from it on the others."""
+    nm, out = normalization
+    x, y = np.asarray(out["x"]), {k: np.asarray(v) for k, v in out["outputs"].items()}
+
+    def std(a, axes, eps=1e-5):
+        return (a - a.mean(axes, keepdims=True)) / np.sqrt(a.var(axes, keepdims=True) + eps)
+    g = x.reshape(nm.N, nm.L, nm.G, nm.C // nm.G)
+    want = {"BatchNorm": std(x, (0, 1)), "LayerNorm": std(x, -1), "InstanceNorm": std(x, 1),
+            f"GroupNorm({nm.G})": std(g, (1, 3)).reshape(x.shape),
+            "RMSNorm": x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)}
+    for k in nm.NORMS:
+        np.testing.assert_allclose(y[k], want[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    p = {k: np.asarray(v) for k, v in out["wn_params"].items()}
+    w = p["g"] * p["v"] / np.sqrt((p["v"] ** 2).sum(0))
+    np.testing.assert_allclose(out["wn_out"], x @ w + p["b"], rtol=1e-10)
+    wn = nm.WeightNorm(nm.Dense(4))                     # w depends on v's direction only
+    scaled = {**out["wn_params"], "v": 10 * out["wn_params"]["v"]}
+    np.testing.assert_allclose(wn.apply(scaled, {}, out["x"])[0], out["wn_out"], rtol=1e-10)
+    bn, ln, inn, gn = nm.GROUPINGS
+    zero = {bn: {bn}, ln: {ln}, inn: {inn, bn, gn}, gn: {gn}, "RMSNorm": set()}
+    for k, own in zero.items():
+        for grouping, (mean, rms) in out["table"][k].items():
+            if grouping in own:
+                assert mean < 1e-9 and rms < 1e-4, (k, grouping)
+            else:
+                assert max(mean, rms) > 0.05, (k, grouping)
+    assert out["table"]["RMSNorm"][ln][1] < 1e-6 and out["table"]["RMSNorm"][ln][0] > 0.3
+    assert min(min(v) for v in out["table"]["input x"].values()) > 5
+    figure(out["figure"])
+
+
+def test_normalization_batch_norm_trains_the_badly_initialized_deep_mlp(normalization):
+    """From weights 4x too small, the plain deep MLP stays at chance (its last hidden layer's
+    RMS ~1e-8 at init); batch norm trains every seed; layer norm restores the scale but not the
+    differences between examples (their mean cosine stays high, batch norm's is ~0.34) and
+    stays at chance. Margins over 18 seeds (6 runs of 3: float32, float64, XLA -O0, lr 0.01 to
+    0.1): batch norm's accuracy >= 0.75 and final/first loss <= 0.24; plain's and layer norm's
+    accuracy <= 0.114; cosine medians >= 0.83 (plain, layer norm) vs seeds <= 0.354."""
+    _, out = normalization
+    plain, bn, ln = out["plain"], out["BatchNorm"], out["LayerNorm"]
+    chance = np.log(10)
+    assert (bn["val_acc"] > 0.6).all() and (bn["last_loss"] < 0.4 * bn["first_loss"]).all(), bn
+    for r in (plain, ln):
+        assert (r["val_acc"] < 0.25).all() and (r["last_loss"] > 0.9 * chance).all(), r
+    assert plain["init_rms"].max() < 1e-5 and min(bn["init_rms"].min(), ln["init_rms"].min()) > 0.1
+    assert bn["init_cos"].max() < 0.45
+    assert min(np.median(plain["init_cos"]), np.median(ln["init_cos"])) > 0.7
+    figure(out["training_figure"])
