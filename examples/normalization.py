@@ -143,8 +143,7 @@ def train_variant(net, keys, batches, train, val, lr, quick=False):
         (p, s, _), vals = jax.lax.scan(step, (params, state, opt.init(params)), idx)
         logits, _ = net.apply(p, s, xv)
         return vals, jnp.mean(jnp.argmax(logits, -1) == yv), at_init
-    options = {"xla_backend_optimization_level": 0} if quick else None
-    vals, acc, at_init = jax.jit(jax.vmap(one), compiler_options=options)(
+    vals, acc, at_init = jax.jit(jax.vmap(one))(
         params, state, jnp.asarray(batches))
     return (np.asarray(vals, np.float64), np.asarray(acc, np.float64),
             tuple(np.asarray(a, np.float64) for a in at_init))

@@ -60,12 +60,6 @@ def kernel_stats(params):
     return jnp.sqrt(jnp.sum(flat ** 2)), jnp.mean(jnp.abs(flat) < 1e-3)
 
 
-def compile_options(args):
-    """``--quick`` turns XLA's backend (LLVM) optimization off: these small programs then
-    compile ~3x faster and run a little slower — the right trade for a smoke run."""
-    return {"xla_backend_optimization_level": 0} if args.quick else None
-
-
 def make_run(model, args, train, val, augmented=True):
     """``run(key, l2, l1, aug) -> history``: one whole training run (``lax.scan`` over epochs,
     each a ``lax.scan`` over shuffled batches) with the regularization given as numbers
@@ -114,7 +108,7 @@ def make_run(model, args, train, val, augmented=True):
                 "best_val_loss": es_state.best_loss, "stop": es_state.stop,
                 "kernel": kernel_stats(params),
                 "best_kernel": kernel_stats(regularizers.restore_best(es_state))}
-    return jax.jit(jax.vmap(run), compiler_options=compile_options(args))
+    return jax.jit(jax.vmap(run))
 
 
 def train_all(args, train, val):

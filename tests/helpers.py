@@ -1,5 +1,6 @@
 """Helpers shared by the tests of hand-derived backward rules."""
 import contextlib
+import os
 
 import jax
 import numpy as np
@@ -90,3 +91,22 @@ def check_pair(layer, params, state, x, dy, monkeypatch, **kw):
     jax.tree.map(np.testing.assert_array_equal, s2, s)
     assert tree_rel_err(got, ref) < 1e-9
     assert tree_rel_err(got, back) < 1e-12
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name):
+    """Import ``examples/<name>.py`` as a module (examples/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"lesson_{name}",
+                                                  os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_figure(path, name=None):
+    """A lesson figure: written, a real PNG's size, under the pages' 150 KB (and ``name.png``)."""
+    assert name is None or os.path.basename(path) == f"{name}.png", path
+    assert os.path.isfile(path) and 1_000 < os.path.getsize(path) < 150_000, path

@@ -1,29 +1,18 @@
 """Smoke runs of the lesson's chapters 1–8 (``examples/*.py --quick``), each result checked
 against an independent reference: float64 NumPy written from the equations, ``jax.grad``, or a
 property the chapter claims (with a margin)."""
-import importlib.util
-import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
-
+from helpers import assert_figure, load_example
 
 def run_example(name, tmp_path, *args):
     """Import ``examples/<name>.py`` by path and run ``main(["--quick", "--out", tmp, ...])``."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example(name)
     return module, module.main(["--quick", "--out", str(tmp_path), *args])
-
-
-def assert_figure(path, name):
-    assert os.path.basename(path) == f"{name}.png"
-    assert os.path.isfile(path) and 1_000 < os.path.getsize(path) < 150_000
 
 
 def sigmoid(z):

@@ -1,25 +1,10 @@
 """The lesson's model chapters (14 CNN, 16 transformer, 17 debugging): each example script run
 small, its numbers checked against an independent reference (float64 NumPy written from the
 equations, the conv arithmetic, the planted faults)."""
-import importlib.util
-import os
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-    """Import ``examples/<name>.py`` as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}",
-                                                  os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def figure(path):
-    assert os.path.isfile(path) and 1_000 < os.path.getsize(path) < 150_000, path
+from helpers import assert_figure as figure, load_example as load
 
 
 def softmax(z):

@@ -1,27 +1,12 @@
 """The lesson's training chapters (09-17): each example script run small, its numbers checked
 against an independent reference (jax.vjp, float64 NumPy, a known property)."""
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-    """Import ``examples/<name>.py`` as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}",
-                                                  os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def figure(path):
-    assert os.path.isfile(path) and 1_000 < os.path.getsize(path) < 150_000, path
+from helpers import assert_figure as figure, load_example as load
 
 
 # --------------------------------------------------------------------------- 15 RNN
