@@ -9,7 +9,7 @@ import pytest
 
 from fnn.layers import MultiHeadAttention, decode_step, init_cache
 
-from helpers import check_pair, no_autodiff, tree_rel_err, vjp_and_hand
+from helpers import check_pair, tree_rel_err, vjp_and_hand
 from test_attention import np_attention, random_mask
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fnn import backprop, losses
-from fnn.layers import BatchNorm, Dense, LayerNorm, Relu, Softmax, serial
-from fnn.precision import (LossScale, Policy, all_finite, full_precision, loss_scale,
+from fnn.layers import BatchNorm, Dense, LayerNorm, Softmax, serial
+from fnn.precision import (all_finite, full_precision, loss_scale,
                            mixed_precision, policy, scale_loss, unscale, update_scale)
 
 from helpers import no_autodiff

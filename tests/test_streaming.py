@@ -1,8 +1,6 @@
 """fit on a stream of batches: the same training as in memory, the data checks per batch, the
 non-finite guard across chunks, streamed validation, and the ways a source can end."""
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
