@@ -28,6 +28,7 @@ from fnn import backprop, losses, plot
 from fnn import activations as A
 from fnn.initializers import glorot_uniform, he_normal
 from fnn.layers import Dense, Relu, Sigmoid, Tanh, serial
+from fnn.plot import save as save_figure
 
 CHECKED = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "swish", "softplus")
 PLOTTED = CHECKED[:-1]
@@ -89,9 +90,7 @@ def plot_norms(norms, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

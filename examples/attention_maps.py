@@ -27,6 +27,7 @@ import numpy as np
 
 from fnn import backprop, losses, optim
 from fnn.layers import Dense, Embedding, MultiHeadAttention, PositionalEmbedding, serial
+from fnn.plot import save as save_figure
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 
@@ -115,9 +116,7 @@ def plot(maps, titles, tokens, path):
             ax.set_xlabel("input token (key)", fontsize=8)
     axes[0].set_ylabel("output token (query)", fontsize=8)
     axes[-1].set_ylabel("query position i", fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

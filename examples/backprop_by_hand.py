@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from fnn import backprop, gradcheck, losses  # noqa: E402
 from fnn.activations import sigmoid  # noqa: E402
 from fnn.layers import Dense, Sigmoid, serial  # noqa: E402
+from fnn.plot import save as save_figure  # noqa: E402
 
 MODEL = serial(Dense(1), Sigmoid(), Dense(1), Sigmoid())      # params "0" and "2"
 
@@ -140,8 +141,7 @@ def plot(history, path):
     b.set(title="the five chain-rule factors of ∂L/∂w₁", xlabel="gradient-descent step")
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from fnn import backprop, data, losses, optim
 from fnn.core import count_params, default_dtype, output_shape
 from fnn.layers import Conv, Dense, Flatten, MaxPool, Relu, serial
+from fnn.plot import save as save_figure
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 FILTERS, BATCH = 8, 32
@@ -121,9 +122,7 @@ def plot(w, image, fmaps, pooled, label, path):
     ax.imshow(image[:, :, 0], cmap="gray_r")
     ax.set_title(f"test digit ({label})", fontsize=9)
     ax.axis("off")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -33,6 +33,7 @@ jax.config.update("jax_enable_x64", True)        # the gradient check needs floa
 from fnn import backprop, debug, initializers, losses   # noqa: E402
 from fnn.core import Layer                              # noqa: E402
 from fnn.layers import Dense, Relu, serial              # noqa: E402
+from fnn.plot import save as save_figure  # noqa: E402
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 CLASSES, FEATURES, N = 3, 8, 32
@@ -95,9 +96,7 @@ def plot(pre, grads, path):
     c.set(title="wrong backward: each gradient component", xlabel="jax.grad",
           ylabel="hand-derived (fnn.backprop)")
     c.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_data(all_cases, key):

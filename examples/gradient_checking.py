@@ -25,6 +25,7 @@ jax.config.update("jax_enable_x64", True)        # finite differences need float
 from fnn import gradcheck, losses                  # noqa: E402
 from fnn.core import Layer                         # noqa: E402
 from fnn.layers import Dense, Tanh, serial         # noqa: E402
+from fnn.plot import save as save_figure  # noqa: E402
 
 
 def BuggySquareScale() -> Layer:
@@ -75,9 +76,7 @@ def plot(hs, errs, path):
     ax.set_ylabel("relative error of the central difference")
     ax.set_title("truncation ~h², rounding ~ε/h (dotted: ε^(1/3))")
     ax.legend()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ import numpy as np
 
 from fnn import backprop, initializers, losses, optim
 from fnn.layers import Dense, SimpleRNN, serial
+from fnn.plot import save as save_figure
 
 BATCH, T, HIDDEN, GAIN, LAST = 32, 30, 32, 2.0, 10
 INF = float("inf")
@@ -92,9 +93,7 @@ def plot(runs, path):
     for ax in (a, b):
         ax.set_xlabel("SGD step")
         ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ import numpy as np
 
 from fnn import initializers as I
 from fnn.layers import Dense, Relu, Tanh, serial
+from fnn.plot import save as save_figure
 
 ACTIVATIONS = {"relu": (Relu, math.sqrt(2.0)), "tanh": (Tanh, 1.0)}   # orthogonal gain
 
@@ -89,9 +90,7 @@ def plot(results, path):
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

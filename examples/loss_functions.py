@@ -29,6 +29,7 @@ import fnn.optim as optim
 from fnn import backprop, losses
 from fnn.activations import sigmoid
 from fnn.layers import Dense
+from fnn.plot import save as save_figure
 
 LOSSES = {"MSE": losses.mse, "MAE": losses.mae, "Huber(δ=1)": losses.huber(1.0)}
 TRUE_SLOPE, TRUE_INTERCEPT = 2.0, 1.0
@@ -109,9 +110,7 @@ def plot(data, fits, table, path):
               xlabel="predicted probability p of the true class", ylim=(0, 7))
     ax[2].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

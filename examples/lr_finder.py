@@ -21,6 +21,7 @@ from sklearn.datasets import load_digits
 
 from fnn import losses, optim, train
 from fnn.layers import Dense, Relu, serial
+from fnn.plot import save as save_figure
 
 xent = losses.softmax_cross_entropy_with_integer_labels
 
@@ -79,9 +80,7 @@ def plot(found, rates, hist, path):
     b.set_ylabel("validation loss")
     b.set_title(f"fit at three rates ({len(hs)} seeds each)")
     b.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

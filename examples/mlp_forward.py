@@ -21,6 +21,7 @@ import numpy as np
 
 from fnn.core import count_params, summary
 from fnn.layers import Dense, Relu, Sigmoid, Softmax, serial
+from fnn.plot import save as save_figure
 
 
 def mlp(sizes, hidden=Relu, output=Softmax):
@@ -122,9 +123,7 @@ def plot_network(params, steps, x, path):
                  fontsize=9)
     for s in ax.spines.values():
         s.set_visible(False)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

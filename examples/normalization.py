@@ -32,6 +32,7 @@ from fnn import backprop, initializers, losses, optim
 from fnn.core import default_dtype
 from fnn.layers import (BatchNorm, Dense, GroupNorm, InstanceNorm, LayerNorm, Relu, RMSNorm,
                         WeightNorm, serial, stack)
+from fnn.plot import save as save_figure
 
 N, L, C, G = 3, 4, 6, 2                         # the demo tensor [batch, positions, channels]
 NORMS = {"BatchNorm": BatchNorm(), "LayerNorm": LayerNorm(), "InstanceNorm": InstanceNorm(),
@@ -191,7 +192,7 @@ def plot_groups(x, outs, table, wn_params, path):
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
         ax.set_title(f"after each normalizer (rows): {label}, by grouping (columns)", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_training(runs, path):
@@ -213,14 +214,7 @@ def plot_training(runs, path):
     b.axhline(0.1, color="k", lw=0.6, ls=":")
     b.set_title("validation accuracy (one dot per seed)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # --------------------------------------------------------------------------- main

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnn.optim as optim
+from fnn.plot import save as save_figure
 
 
 def quadratic(p):
@@ -112,9 +113,7 @@ def plot(paths, path_out):
                ylabel="y")
     axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path_out)), exist_ok=True)
-    fig.savefig(path_out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path_out)
 
 
 def main(argv=None) -> dict:

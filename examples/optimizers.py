@@ -22,6 +22,7 @@ import fnn.optim as optim
 from fnn import backprop, data
 from fnn.layers import Dense, Relu, serial
 from fnn.losses import softmax_cross_entropy_with_integer_labels as cross_entropy
+from fnn.plot import save as save_figure
 
 OPTIMIZERS = {  # name: optimizer, learning rates as commonly recommended for each
     "SGD": optim.sgd(0.1),
@@ -99,8 +100,7 @@ def plot(histories, path):
     axes[1].legend()
     fig.suptitle("fnn.optim on the 8x8 digits: 64-64-10 MLP, batch 64")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -30,6 +30,7 @@ from sklearn.datasets import load_digits
 
 from fnn import augment, backprop, losses, optim, regularizers
 from fnn.layers import Dense, Dropout, Flatten, Relu, serial
+from fnn.plot import save as save_figure
 
 VARIANTS = ("none", "L2", "L1", "dropout", "augment")
 KERNELS = optim.not_named("b")                  # penalize the kernels, not the biases
@@ -161,9 +162,7 @@ def plot(hist, path):
     axes[2].legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def main(argv=None):

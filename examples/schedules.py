@@ -30,6 +30,7 @@ import fnn.optim as optim
 from fnn import backprop, data
 from fnn.layers import Dense, Relu, serial
 from fnn.losses import softmax_cross_entropy_with_integer_labels as cross_entropy
+from fnn.plot import save as save_figure
 
 S = optim.schedules
 MODEL = serial(Dense(64), Relu(), Dense(10))
@@ -109,9 +110,7 @@ def plot(tables, curves, path):
     b.grid(alpha=0.3)
     b.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

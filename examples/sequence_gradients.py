@@ -36,6 +36,7 @@ import numpy as np
 
 from fnn import backprop, initializers, losses, optim
 from fnn.layers import LSTM, Dense, SimpleRNN, serial
+from fnn.plot import save as save_figure
 
 B, T, F, H = 16, 100, 8, 64          # part 1 sizes
 BATCH, HIDDEN, EVAL = 64, 32, 1000   # part 2 sizes
@@ -167,9 +168,7 @@ def plot(curves, learning, args, path):
     b.set_ylabel("batch accuracy (band: min–max over seeds)")
     b.set_title(f"remember a marked sign for {args.delay} steps of noise")
     b.legend()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse(argv):

@@ -22,6 +22,7 @@ from fnn import backprop, losses
 from fnn.initializers import glorot_normal
 from fnn.layers import Dense, Sigmoid, Tanh, serial
 from fnn.perceptron import perceptron_fit, perceptron_predict
+from fnn.plot import save as save_figure
 
 X = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 Y = np.array([0, 1, 1, 0])
@@ -75,9 +76,7 @@ def plot(pparams, params, p_acc, m_acc, path):
         ax.scatter(X[:, 0], X[:, 1], c=Y, cmap="RdBu_r", edgecolors="k", s=120)
         ax.set(title=title, xlabel="x₁", ylabel="x₂")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -17,7 +17,8 @@ import os
 import jax
 import numpy as np
 
-__all__ = ["training_curves", "lr_finder", "decision_boundary", "activations", "histograms"]
+__all__ = ["training_curves", "lr_finder", "decision_boundary", "activations", "histograms",
+           "save"]
 
 
 def _pyplot():
@@ -31,13 +32,18 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
+def save(fig, path, *, dpi: int = 100) -> str:
+    """Write the matplotlib figure ``fig`` to ``path`` (its folder made if missing; cropped to
+    its contents) and close it; returns ``path``. Every figure fnn and its examples draw goes
+    out through here."""
     plt = _pyplot()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+_save = save
 
 
 _YLABELS = {"loss": "loss (mean per example)", "accuracy": "accuracy (fraction correct)",
