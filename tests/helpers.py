@@ -110,3 +110,28 @@ def assert_figure(path, name=None):
     """A lesson figure: written, a real PNG's size, under the pages' 150 KB (and ``name.png``)."""
     assert name is None or os.path.basename(path) == f"{name}.png", path
     assert os.path.isfile(path) and 1_000 < os.path.getsize(path) < 150_000, path
+
+
+TRACES = []
+
+
+def counted_ce(pred, target, **kw):
+    """Softmax cross-entropy on integer labels that counts how often JAX traces it (it runs only
+    while tracing): ``len(TRACES)`` before and after a call tells whether it compiled anew."""
+    from fnn import losses
+    TRACES.append(1)
+    return losses.softmax_cross_entropy_with_integer_labels(pred, target, **kw)
+
+
+counted_ce.name = "softmax_cross_entropy_with_integer_labels"
+
+
+def numpy_perceptron(x, y, epochs=100, lr=1.0):
+    """Rosenblatt's perceptron rule as the lesson writes it (zero init, one sample at a time),
+    in float64 NumPy: ``(w, b)``."""
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(epochs):
+        for xi, yi in zip(x, y):
+            update = lr * (yi - (1 if xi @ w + b > 0 else 0))
+            w, b = w + update * xi, b + update
+    return w, b

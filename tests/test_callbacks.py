@@ -8,20 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import TRACES, counted_ce
+
 from fnn import checkpoint, data, losses, optim, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 MODEL = serial(Dense(4), Tanh(), Dense(2))
-TRACES = []
-
-
-def counted_ce(pred, target, **kw):
-    TRACES.append(1)                      # runs only while JAX traces
-    return CE(pred, target, **kw)
-
-
-counted_ce.name = CE.name
 
 
 def _xor(n=48, seed=0):

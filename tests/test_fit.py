@@ -8,21 +8,14 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import TRACES, counted_ce
+
 from fnn import data, losses, optim, regularizers, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 MODEL = serial(Dense(4), Tanh(), Dense(2))
 STATE = MODEL.init(jax.random.PRNGKey(0), (1, 2))[1]
-TRACES = []
-
-
-def counted_ce(pred, target, **kw):
-    TRACES.append(1)                      # runs only while JAX traces
-    return CE(pred, target, **kw)
-
-
-counted_ce.name = CE.name
 
 
 def _xor(n=40, seed=0):

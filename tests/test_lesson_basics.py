@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_figure, load_example
+from helpers import assert_figure, load_example, numpy_perceptron
 
 def run_example(name, tmp_path, *args):
     """Import ``examples/<name>.py`` by path and run ``main(["--quick", "--out", tmp, ...])``."""
@@ -20,16 +20,6 @@ def sigmoid(z):
 
 
 # --------------------------------------------------------------------------- 1. perceptron
-
-def numpy_perceptron(x, y, epochs=100, lr=1.0):
-    """The lesson's ``Perceptron.fit`` (zero init, per-sample rule), in float64 NumPy."""
-    w, b = np.zeros(x.shape[1]), 0.0
-    for _ in range(epochs):
-        for xi, yi in zip(x, y):
-            update = lr * (yi - (1 if xi @ w + b > 0 else 0))
-            w, b = w + update * xi, b + update
-    return w, b
-
 
 def test_xor_perceptron_fails_mlp_solves(tmp_path):
     module, out = run_example("xor", tmp_path)

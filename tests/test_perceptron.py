@@ -2,16 +2,9 @@
 import numpy as np
 import pytest
 
+from helpers import numpy_perceptron
+
 from fnn.perceptron import perceptron_fit, perceptron_predict
-
-
-def numpy_perceptron(x, y, epochs, lr):
-    w, b = np.zeros(x.shape[1]), 0.0
-    for _ in range(epochs):
-        for xi, yi in zip(x, y):
-            update = lr * (yi - (1 if xi @ w + b > 0 else 0))
-            w, b = w + update * xi, b + update
-    return w, b
 
 
 def separable(rng, n=60):
