@@ -8,7 +8,8 @@ import pytest
 from fnn.combinators import residual, serial, stack
 from fnn.layers import (BatchNorm, Dense, Dropout, GroupNorm, InstanceNorm, LayerNorm, Relu,
                         RMSNorm, WeightNorm)
-from fnn.layers.norm import batch_norm, group_norm
+from fnn.layers.batch_norm import batch_norm
+from fnn.layers.norm import group_norm
 from fnn.layers.weight_norm import weight_norm, weight_norm_backward
 
 from helpers import rel_err

@@ -15,7 +15,8 @@ from fnn.layers.conv import Conv, ConvTranspose
 from fnn.layers.dense import Dense, Embedding, Flatten
 from fnn.layers.dropout import Dropout, SpatialDropout
 from fnn.layers.pooling import AvgPool, GlobalAvgPool, GlobalMaxPool, MaxPool
-from fnn.layers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from fnn.layers.batch_norm import BatchNorm
+from fnn.layers.norm import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from fnn.layers.weight_norm import WeightNorm
 from fnn.layers.recurrent import (GRU, LSTM, Bidirectional, SimpleRNN, gru_cell, lstm_cell,
                                   rnn_cell, scan_rnn, scan_rnn_backward)

@@ -126,12 +126,14 @@ def _compiled(f, static):
     return run
 
 
-_run_apply = _compiled(_apply_scan, (0, 5, 6))
-_run_fwd = _compiled(_fwd_scan, (0, 5))
-_run_bwd = _compiled(_bwd_scan, (0, 8))
+# The scans the layers in recurrent.py and the functions below run: (final, hs), (final, hs, gates)
+# and (grads, dxs, dcarry0).
+run_apply = _compiled(_apply_scan, (0, 5, 6))
+run_fwd = _compiled(_fwd_scan, (0, 5))
+run_bwd = _compiled(_bwd_scan, (0, 8))
 
 
-def _setup(name, cell, params, xs, lengths, carry, what="initial_carry"):
+def prepare(name, cell, params, xs, lengths, carry, what="initial_carry"):
     """Check ``xs``, ``lengths`` and ``carry``; return ``(mask (T, B, 1) or None, carry0)``,
     ``carry0`` zeros when ``carry`` is ``None``."""
     check_sequence(name, xs, params["wi"].shape[0])
@@ -159,8 +161,8 @@ def scan_rnn(cell: Cell, params, xs, carry=None, *, lengths=None, reverse=False)
     >>> ys.shape, h.shape, bool(jnp.allclose(ys[:, -1], h))
     ((2, 7, 5), (2, 5), True)
     """
-    mask, c0 = _setup(f"scan_rnn({cell.name})", cell, params, xs, lengths, carry)
-    final, hs = _run_apply(cell, params, xs, c0, mask, reverse)
+    mask, c0 = prepare(f"scan_rnn({cell.name})", cell, params, xs, lengths, carry)
+    final, hs = run_apply(cell, params, xs, c0, mask, reverse)
     return jnp.swapaxes(hs, 0, 1), from_tuple(cell, final)
 
 
@@ -172,7 +174,7 @@ def scan_rnn_backward(cell: Cell, params, xs, dys, dcarry=None, carry=None, *, l
     **Returns:** ``(dparams, dxs [batch, time, in], dcarry0)``.
     """
     name = f"scan_rnn_backward({cell.name})"
-    mask, c0 = _setup(name, cell, params, xs, lengths, carry)
+    mask, c0 = prepare(name, cell, params, xs, lengths, carry)
     B, T, _ = xs.shape
     H = c0[0].shape[1]
     d = zeros_carry(cell, B, H, xs.dtype) if dcarry is None else \
@@ -180,6 +182,6 @@ def scan_rnn_backward(cell: Cell, params, xs, dys, dcarry=None, carry=None, *, l
     if dys is not None and tuple(dys.shape) != (B, T, H):
         raise ValueError(f"{name}: dys must have shape {(B, T, H)}, got {tuple(dys.shape)}")
     dys = None if dys is None else jnp.swapaxes(dys, 0, 1)
-    _, _, emitted = _run_fwd(cell, params, xs, c0, mask, reverse)
-    grads, dxs, d0 = _run_bwd(cell, params, xs, emitted, dys, d, c0, mask, reverse)
+    _, _, emitted = run_fwd(cell, params, xs, c0, mask, reverse)
+    grads, dxs, d0 = run_bwd(cell, params, xs, emitted, dys, d, c0, mask, reverse)
     return grads, dxs, from_tuple(cell, d0)

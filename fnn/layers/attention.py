@@ -346,13 +346,3 @@ def dot_product_attention_backward(q, k, v, dout, mask=None, *, causal=False, bi
                                      chunk_size=chunk_size, q_offset=q_offset,
                                      dropout_rate=dropout_rate, dropout_key=dropout_key)[1]
 
-
-# The layer moved to fnn/layers/multi_head_attention.py; these names still resolve here.
-_MOVED = ("MultiHeadAttention", "init_cache", "decode_step")
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        from fnn.layers import multi_head_attention
-        return getattr(multi_head_attention, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,6 +41,8 @@ from jax import lax
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
 from fnn.layers._checks import check_param_shapes
+from fnn.layers._spatial import (LAYOUTS, explicit_padding, int_tuple, padding_mode,
+                                 padding_pairs, spatial_sizes)
 
 __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
            "conv_output_shape", "conv_transpose_output_shape", "KERNEL_GRAD",
@@ -53,60 +55,14 @@ __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
 KERNEL_GRAD = {"cpu": "im2col"}
 
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
-_NAMES = {1: "(batch, width, channels)", 2: "(batch, height, width, channels)",
-          3: "(batch, depth, height, width, channels)"}
 
 
 # --------------------------------------------------------------------------- argument handling
 
-def _tuple(name, what, v, n):
-    t = (v,) * n if isinstance(v, int) else tuple(v)
-    if len(t) != n or not all(isinstance(a, int) and a >= 1 for a in t):
-        raise ValueError(f"{name}: {what} must be a positive int or {n} positive ints, got {v!r}")
-    return t
-
-
-def _kernel_size(name, kernel_size):
-    if isinstance(kernel_size, int) or not kernel_size or len(tuple(kernel_size)) not in (1, 2, 3):
-        raise ValueError(f"{name}: kernel_size must be a tuple with one entry per spatial axis "
-                         f"(1 to 3 entries, e.g. (3, 3) for images), got {kernel_size!r}")
-    return _tuple(name, "kernel_size", kernel_size, len(tuple(kernel_size)))
-
-
-def _explicit(name, padding, n):
-    """Explicit padding: an int, or per spatial axis an int (symmetric) or a ``(lo, hi)`` pair."""
-    if isinstance(padding, int):
-        return ((padding, padding),) * n
-    p = tuple(padding) if isinstance(padding, (tuple, list)) else ()
-    pair = lambda a: isinstance(a, (tuple, list)) and len(a) == 2 and all(
-        isinstance(b, int) for b in a)
-    if len(p) == n and all(isinstance(a, int) or pair(a) for a in p):
-        return tuple((a, a) if isinstance(a, int) else tuple(a) for a in p)
-    raise ValueError(f"{name}: padding must be 'SAME', 'VALID', an int, {n} ints or {n} (lo, hi) "
-                     f"pairs, got {padding!r}")
-
-
-def _padding_mode(padding):
-    return padding.upper() if isinstance(padding, str) else None
-
-
-def _conv_pads(name, sizes, k_eff, strides, padding):
-    """``(lo, hi)`` per spatial axis; ``SAME`` is XLA's (extra cell at the high end)."""
-    mode = _padding_mode(padding)
-    if mode == "VALID":
-        return ((0, 0),) * len(sizes)
-    if mode == "SAME":
-        total = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(sizes, k_eff, strides)]
-        return tuple((t // 2, t - t // 2) for t in total)
-    if mode is not None:
-        raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or explicit, got {padding!r}")
-    return _explicit(name, padding, len(sizes))
-
-
 def _check_x(name, x_shape, n, channels):
     """Rank and channel checks with a hint for channels-first input."""
     if len(x_shape) != n + 2:
-        raise ValueError(f"{name}: expected input of rank {n + 2} {_NAMES[n]}, got shape "
+        raise ValueError(f"{name}: expected input of rank {n + 2} {LAYOUTS[n]}, got shape "
                          f"{tuple(x_shape)}")
     if channels is not None and x_shape[-1] != channels:
         hint = (" — it looks channels-first; fnn convolutions take channels-last input "
@@ -120,7 +76,8 @@ def _kernel_geometry(name, x_shape, w_shape, strides, dilation, groups):
     ``k_eff`` the dilated kernel sizes."""
     n = len(w_shape) - 2
     _check_x(name, x_shape, n, w_shape[-2] * groups)
-    strides, dilation = _tuple(name, "strides", strides, n), _tuple(name, "dilation", dilation, n)
+    strides = int_tuple(name, "strides", strides, n)
+    dilation = int_tuple(name, "dilation", dilation, n)
     if w_shape[-1] % groups:
         raise ValueError(f"{name}: {w_shape[-1]} output channels are not divisible by "
                          f"groups={groups}")
@@ -132,7 +89,7 @@ def _geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
     n, strides, dilation, k_eff = _kernel_geometry(name, x_shape, w_shape, strides, dilation,
                                                    groups)
     sizes = x_shape[1:-1]
-    pads = _conv_pads(name, sizes, k_eff, strides, padding)
+    pads = padding_pairs(name, sizes, k_eff, strides, padding)
     for i, (m, k, (lo, hi)) in enumerate(zip(sizes, k_eff, pads)):
         if m + lo + hi < k:
             raise ValueError(f"{name}: kernel of effective size {k} (kernel {w_shape[i]}, dilation "
@@ -244,7 +201,7 @@ def _transpose_geometry(name, x_shape, w_shape, strides, padding, dilation, grou
     lhs-dilated convolution that a transposed convolution is."""
     n, strides, dilation, k_eff = _kernel_geometry(name, x_shape, w_shape, strides, dilation,
                                                    groups)
-    mode = _padding_mode(padding)
+    mode = padding_mode(padding)
     if mode in ("SAME", "VALID"):      # lax.conv_transpose / Flax: out = n·s or (n-1)·s + k
         total = [k + s - 2 + (max(k - s, 0) if mode == "VALID" else 0)
                  for k, s in zip(k_eff, strides)]
@@ -254,7 +211,7 @@ def _transpose_geometry(name, x_shape, w_shape, strides, padding, dilation, grou
     elif mode is not None:
         raise ValueError(f"{name}: padding must be 'SAME', 'VALID' or explicit, got {padding!r}")
     else:
-        pads = _explicit(name, padding, n)
+        pads = explicit_padding(name, padding, n)
     out = [(m - 1) * s + 1 + lo + hi - k + 1
            for m, s, (lo, hi), k in zip(x_shape[1:-1], strides, pads, k_eff)]
     if min(out) < 1:
@@ -309,7 +266,7 @@ def conv_transpose_backward(x, w, dy, strides=1, padding="SAME", dilation=1, gro
 
 def _conv_layer(kind, op, op_backward, geometry, features, kernel_size, strides, padding,
                 dilation, groups, use_bias, w_init, b_init, kernel_grad):
-    ksize = _kernel_size(kind, kernel_size)
+    ksize = spatial_sizes(kind, "kernel_size", kernel_size, "(3, 3)")
     n = len(ksize)
     if not isinstance(features, int) or features < 1 or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{kind}: features and groups must be positive ints, got "
@@ -319,14 +276,15 @@ def _conv_layer(kind, op, op_backward, geometry, features, kernel_size, strides,
     if kernel_grad not in ("auto", "conv", "im2col"):
         raise ValueError(f"{kind}: kernel_grad must be 'auto', 'conv' or 'im2col', "
                          f"got {kernel_grad!r}")
-    strides, dilation = _tuple(kind, "strides", strides, n), _tuple(kind, "dilation", dilation, n)
+    strides = int_tuple(kind, "strides", strides, n)
+    dilation = int_tuple(kind, "dilation", dilation, n)
     w_init = w_init or inits.he_normal()
     opts = dict(strides=strides, padding=padding, dilation=dilation, groups=groups)
     name = f"{kind}({features}, {ksize})"
 
     def init(key, input_shape):
         if not is_shape(input_shape):
-            raise ValueError(f"{kind}: expected an input shape {_NAMES[n]}, got {input_shape}")
+            raise ValueError(f"{kind}: expected an input shape {LAYOUTS[n]}, got {input_shape}")
         _check_x(kind, input_shape, n, None)
         if input_shape[-1] % groups:
             raise ValueError(f"{kind}: {input_shape[-1]} input channels (last axis of shape "

@@ -12,6 +12,13 @@ each row's log-sum-exp) so ``bwd`` runs::
     dW_o = Aᵀ dy,   dA = dy W_oᵀ,   (dq, dk, dv) = attention_bwd(dA),
     dq, dk = ropeᵀ(dq), ropeᵀ(dk),   dW_q = xᵀ dq, ...,   dx = dq W_qᵀ + (dk W_kᵀ + dv W_vᵀ)
 
+The layer is written as module-level pieces over a :class:`Config` (the constructor's
+arguments), each with its backward beside it: :func:`project` / :func:`project_backward` (the
+q, k, v projections and rope), :func:`attend` / :func:`attend_backward` (the attention op),
+:func:`output` / :func:`output_backward` (the output projection) and the cache helpers
+:func:`open_cache` / :func:`append_to_cache`. :func:`forward` chains them once; ``apply``,
+``fwd`` and decoding all call it, and :func:`backward` chains the backward pieces.
+
 **Decoding.** Layers with positions take the keyword ``cache_len=L``: ``state`` is then the
 explicit cache (``{}`` starts an empty one of capacity ``L``), the input holds the next positions,
 and ``apply`` returns ``(y, new_cache)``. Composed with ``serial``/``residual``/``stack`` the whole
@@ -20,14 +27,15 @@ such model, the GPT included, with one signature.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
-from fnn.layers.attention import (dot_product_attention, dot_product_attention_bwd,
-                                  dot_product_attention_fwd)
+from fnn.layers.attention import dot_product_attention_bwd, dot_product_attention_fwd
 from fnn.layers.dense import dense, dense_backward
 from fnn.layers.positional import check_room, rope as rope_op, rope_backward
 
@@ -84,141 +92,240 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
     if not 0 <= dropout < 1:
         raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
     name = f"MultiHeadAttention({num_heads})"
-    w_init = w_init or inits.glorot_uniform()
-
-    def shapes(shape):
-        cross = not is_shape(shape)
-        xs, cs = (shape if cross and len(shape) == 2 else (shape, shape))
-        if not (is_shape(xs) and is_shape(cs) and len(xs) == 3 and len(cs) == 3
-                and xs[0] == cs[0]):
-            raise ValueError(f"{name}: expected input shape (batch, time, features) or a pair "
-                             f"((batch, T, F), (batch, S, Fc)), got {shape}")
-        d = head_dim or xs[2] // num_heads
-        if head_dim is None and xs[2] % num_heads:
-            raise ValueError(f"{name}: features {xs[2]} not divisible by num_heads {num_heads}; "
-                             f"pass head_dim")
-        if rope and d % 2:
-            raise ValueError(f"{name}: rope needs an even head_dim, got {d}")
-        return tuple(xs), tuple(cs), cross, d
+    cfg = Config(name, num_heads, kv, head_dim, out_features, dropout, use_bias, causal, rope,
+                 rope_base, chunk_size, w_init or inits.glorot_uniform())
 
     def init(key, input_shape):
-        xs, cs, cross, d = shapes(input_shape)
-        fo = out_features or xs[2]
-        ks = jax.random.split(key, 4)
-        sizes = {"q": (xs[2], num_heads * d), "k": (cs[2], kv * d), "v": (cs[2], kv * d),
-                 "o": (num_heads * d, fo)}
-        params = {n: {"w": w_init(k, s, default_dtype())} for k, (n, s) in zip(ks, sizes.items())}
-        if use_bias:
-            for n, s in sizes.items():
-                params[n]["b"] = jnp.zeros((s[1],), default_dtype())
-        return params, {}, xs[:2] + (fo,)
-
-    def split(params, x):
-        cross = isinstance(x, (tuple, list))
-        xq, ctx = (x if cross and len(x) == 2 else (x, x))
-        shapes((tuple(getattr(xq, "shape", ())), tuple(getattr(ctx, "shape", ()))))
-        if xq.shape[2] != params["q"]["w"].shape[0] or ctx.shape[2] != params["k"]["w"].shape[0]:
-            raise ValueError(f"{name}: input features {xq.shape[2]}/{ctx.shape[2]} do not match "
-                             f"params q.w {params['q']['w'].shape}, k.w {params['k']['w'].shape}")
-        return xq, ctx, cross, params["q"]["w"].shape[1] // num_heads
-
-    def project(params, xq, ctx, d, q_pos, k_pos, fused):
-        b, t, s = xq.shape[0], xq.shape[1], ctx.shape[1]
-        if fused:                   # self-attention: one matmul with [W_q | W_k | W_v]
-            w, bias = _fused(params, use_bias)
-            q, k, v = jnp.split(dense(xq, w, bias), [num_heads * d, (num_heads + kv) * d], -1)
-        else:
-            q, k, v = (dense(inp, params[n]["w"], params[n].get("b"))
-                       for n, inp in (("q", xq), ("k", ctx), ("v", ctx)))
-        q, k, v = q.reshape(b, t, num_heads, d), k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
-        if rope:
-            q, k = rope_op(q, q_pos, rope_base), rope_op(k, k_pos, rope_base)
-        return q, k, v
-
-    def project_backward(params, xq, ctx, dq, dk, dv, fused):
-        """``(grads of q, k, v params, dx, dcontext)`` from the heads' gradients."""
-        if fused:
-            w, _ = _fused(params, use_bias)
-            dw, db, dx = dense_backward(xq, w, jnp.concatenate(
-                [_merge(dq), _merge(dk), _merge(dv)], axis=-1), use_bias)
-            cuts = [dq.shape[2] * dq.shape[3], (dq.shape[2] + dk.shape[2]) * dq.shape[3]]
-            dws, dbs = jnp.split(dw, cuts, 1), (jnp.split(db, cuts) if use_bias else [None] * 3)
-            return {n: _pack(a, c) for n, a, c in zip("qkv", dws, dbs)}, dx, 0
-        gq, gk, gv = (dense_backward(inp, params[n]["w"], _merge(g), use_bias)
-                      for n, inp, g in (("q", xq, dq), ("k", ctx, dk), ("v", ctx, dv)))
-        grads = {n: _pack(*g[:2]) for n, g in zip("qkv", (gq, gk, gv))}
-        return grads, gq[2], gk[2] + gv[2]
-
-    def att_kw(key, train):
-        rate = dropout if train else 0.0
-        if rate and key is None:
-            raise ValueError(f"{name}: train=True needs a key for attention dropout; pass "
-                             f"key=jax.random.PRNGKey(...) to apply and backward (the same key)")
-        return dict(causal=causal, chunk_size=chunk_size, dropout_rate=rate, dropout_key=key)
+        return init_params(cfg, key, input_shape)
 
     def apply(params, state, x, *, key=None, train=False, mask=None, cache_len=None):
-        if cache_len is not None:
-            return decode(params, state, x, mask, cache_len)
-        xq, ctx, cross, d = split(params, x)
-        t, s = xq.shape[1], ctx.shape[1]
-        q, k, v = project(params, xq, ctx, d, jnp.arange(t), jnp.arange(s), not cross)
-        a = dot_product_attention(q, k, v, mask, **att_kw(key, train))          # (b, t, h, d)
-        return dense(_merge(a), params["o"]["w"], params["o"].get("b")), state
+        y, _, cache = forward(cfg, params, x, mask, key=key, train=train, cache=state,
+                              cache_len=cache_len)
+        return y, (state if cache_len is None else cache)
 
     def fwd(params, state, x, *, key=None, train=False, mask=None, cache_len=None):
         if cache_len is not None:
             raise ValueError(f"{name}: fwd/backward does not run in decoding mode "
                              f"(cache_len given)")
-        xq, ctx, cross, d = split(params, x)
-        t, s = xq.shape[1], ctx.shape[1]
-        q, k, v = project(params, xq, ctx, d, jnp.arange(t), jnp.arange(s), not cross)
-        a, att = dot_product_attention_fwd(q, k, v, mask, **att_kw(key, train))   # (b, t, h, d)
-        y = dense(_merge(a), params["o"]["w"], params["o"].get("b"))
-        return y, state, {"x": (xq, ctx) if cross else xq, "att": att}
+        y, res, _ = forward(cfg, params, x, mask, key=key, train=train)
+        return y, state, res
 
     def bwd(params, state, res, dy, *, key=None, train=False, mask=None, cache_len=None):
-        cross = isinstance(res["x"], tuple)
-        xq, ctx = res["x"] if cross else (res["x"], res["x"])
-        a = res["att"]["o"]                                                   # (b, t, h, d)
-        (b, t, h, d), s = a.shape, ctx.shape[1]
-        if not hasattr(dy, "shape") or dy.shape != (b, t, params["o"]["w"].shape[1]):
-            raise ValueError(f"{name}: dy shape {getattr(dy, 'shape', dy)} differs from the "
-                             f"output shape {(b, t, params['o']['w'].shape[1])}")
-        da = jnp.matmul(dy, params["o"]["w"].T).reshape(b, t, h, d)           # dA = dy W_oᵀ
-        dq, dk, dv = dot_product_attention_bwd(res["att"], da, mask, **att_kw(key, train))
-        if rope:
-            dq = rope_backward(dq, jnp.arange(t), rope_base)
-            dk = rope_backward(dk, jnp.arange(s), rope_base)
-        grads, dx, dctx = project_backward(params, xq, ctx, dq, dk, dv, not cross)
-        grads["o"] = _pack(*dense_backward(_merge(a), params["o"]["w"], dy, use_bias)[:2])
-        return {n: grads[n] for n in "qkvo"}, ((dx, dctx) if cross else dx + dctx)
-
-    def decode(params, cache, x, mask, cache_len):
-        if isinstance(x, (tuple, list)) or not causal:
-            raise ValueError(f"{name}: decoding (cache_len=) needs causal self-attention")
-        xq, _, _, d = split(params, x)
-        (b, t, _), dt = xq.shape, jnp.result_type(xq, params["k"]["w"])
-        if not isinstance(cache_len, int) or cache_len < 1:
-            raise ValueError(f"{name}: cache_len must be a positive int, got {cache_len!r}")
-        if not cache:
-            cache = {"k": jnp.zeros((b, cache_len, kv, d), dt),
-                     "v": jnp.zeros((b, cache_len, kv, d), dt), "index": jnp.zeros((), jnp.int32)}
-        if set(cache) != {"k", "v", "index"} or cache["k"].shape != (b, cache_len, kv, d):
-            raise ValueError(f"{name}: expected a cache {{'k', 'v': {(b, cache_len, kv, d)}, "
-                             f"'index'}}, got {jax.tree.map(jnp.shape, cache)}")
-        idx = cache["index"]
-        check_room(name, idx, t, cache_len)
-        pos = idx + jnp.arange(t)
-        q, k, v = project(params, xq, xq, d, pos, pos, True)
-        kc = lax.dynamic_update_slice_in_dim(cache["k"], k.astype(dt), idx, axis=1)
-        vc = lax.dynamic_update_slice_in_dim(cache["v"], v.astype(dt), idx, axis=1)
-        a = dot_product_attention(q, kc, vc, mask, causal=True, q_offset=idx,
-                                  chunk_size=chunk_size)                      # (b, t, h, d)
-        y = dense(_merge(a), params["o"]["w"], params["o"].get("b"))
-        return y, {"k": kc, "v": vc, "index": idx + t}
+        return backward(cfg, params, res, dy, mask, key=key, train=train)
 
     return Layer(init, apply, fwd, bwd, name, keywords={"mask", "cache_len"},
                  stochastic=dropout > 0)
+
+
+class Config(NamedTuple):
+    """What the pieces of one :func:`MultiHeadAttention` need: its constructor's arguments
+    (``kv_heads`` resolved, ``w_init`` defaulted) and its display ``name`` for errors."""
+    name: str
+    num_heads: int
+    kv_heads: int
+    head_dim: int | None = None
+    out_features: int | None = None
+    dropout: float = 0.0
+    use_bias: bool = True
+    causal: bool = False
+    rope: bool = False
+    rope_base: float = 10000.0
+    chunk_size: int | None = None
+    w_init: Callable | None = None
+
+
+# --------------------------------------------------------------------------- shapes, params
+
+def input_shapes(cfg: Config, shape):
+    """Check an input shape (``(b, T, F)`` or a pair ``((b, T, F), (b, S, Fc))``); return
+    ``(x_shape, context_shape, cross, head_dim)``."""
+    cross = not is_shape(shape)
+    xs, cs = (shape if cross and len(shape) == 2 else (shape, shape))
+    if not (is_shape(xs) and is_shape(cs) and len(xs) == 3 and len(cs) == 3
+            and xs[0] == cs[0]):
+        raise ValueError(f"{cfg.name}: expected input shape (batch, time, features) or a pair "
+                         f"((batch, T, F), (batch, S, Fc)), got {shape}")
+    d = cfg.head_dim or xs[2] // cfg.num_heads
+    if cfg.head_dim is None and xs[2] % cfg.num_heads:
+        raise ValueError(f"{cfg.name}: features {xs[2]} not divisible by num_heads "
+                         f"{cfg.num_heads}; pass head_dim")
+    if cfg.rope and d % 2:
+        raise ValueError(f"{cfg.name}: rope needs an even head_dim, got {d}")
+    return tuple(xs), tuple(cs), cross, d
+
+
+def init_params(cfg: Config, key, input_shape):
+    """The layer's ``init``: ``(params, {}, output_shape)``."""
+    xs, cs, _, d = input_shapes(cfg, input_shape)
+    fo = cfg.out_features or xs[2]
+    ks = jax.random.split(key, 4)
+    sizes = {"q": (xs[2], cfg.num_heads * d), "k": (cs[2], cfg.kv_heads * d),
+             "v": (cs[2], cfg.kv_heads * d), "o": (cfg.num_heads * d, fo)}
+    params = {n: {"w": cfg.w_init(k, s, default_dtype())} for k, (n, s) in zip(ks, sizes.items())}
+    if cfg.use_bias:
+        for n, s in sizes.items():
+            params[n]["b"] = jnp.zeros((s[1],), default_dtype())
+    return params, {}, xs[:2] + (fo,)
+
+
+def split_input(cfg: Config, params, x):
+    """``(x, context, cross)`` of an input ``x`` or pair ``(x, context)``, checked against
+    ``params`` (self-attention: ``context`` is ``x``)."""
+    cross = isinstance(x, (tuple, list))
+    xq, ctx = (x if cross and len(x) == 2 else (x, x))
+    input_shapes(cfg, (tuple(getattr(xq, "shape", ())), tuple(getattr(ctx, "shape", ()))))
+    if xq.shape[2] != params["q"]["w"].shape[0] or ctx.shape[2] != params["k"]["w"].shape[0]:
+        raise ValueError(f"{cfg.name}: input features {xq.shape[2]}/{ctx.shape[2]} do not match "
+                         f"params q.w {params['q']['w'].shape}, k.w {params['k']['w'].shape}")
+    return xq, ctx, cross
+
+
+# --------------------------------------------------------------------------- the pieces
+
+def project(cfg: Config, params, xq, ctx, q_pos, k_pos, fused):
+    """Queries from ``xq: [b, T, F]``, keys and values from ``ctx: [b, S, Fc]``, split into heads
+    and (``cfg.rope``) rotated by their positions ``q_pos: [T]``, ``k_pos: [S]``:
+    ``q: [b, T, heads, d]``, ``k, v: [b, S, kv_heads, d]``. ``fused`` (self-attention, ``ctx is
+    xq``): one matmul with ``[W_q | W_k | W_v]``."""
+    h, kv = cfg.num_heads, cfg.kv_heads
+    b, t, s, d = xq.shape[0], xq.shape[1], ctx.shape[1], params["q"]["w"].shape[1] // h
+    if fused:
+        w, bias = _fused(params, cfg.use_bias)
+        q, k, v = jnp.split(dense(xq, w, bias), [h * d, (h + kv) * d], -1)
+    else:
+        q, k, v = (dense(inp, params[n]["w"], params[n].get("b"))
+                   for n, inp in (("q", xq), ("k", ctx), ("v", ctx)))
+    q, k, v = q.reshape(b, t, h, d), k.reshape(b, s, kv, d), v.reshape(b, s, kv, d)
+    if cfg.rope:
+        q, k = rope_op(q, q_pos, cfg.rope_base), rope_op(k, k_pos, cfg.rope_base)
+    return q, k, v
+
+
+def project_backward(cfg: Config, params, xq, ctx, dq, dk, dv, q_pos, k_pos, fused):
+    """VJP of :func:`project`: ``(grads of the q, k, v params, dx, dcontext)`` from the heads'
+    gradients (``dcontext`` is ``0`` when ``fused``: all of it is in ``dx``)."""
+    if cfg.rope:
+        dq, dk = rope_backward(dq, q_pos, cfg.rope_base), rope_backward(dk, k_pos, cfg.rope_base)
+    use_bias = cfg.use_bias
+    if fused:
+        w, _ = _fused(params, use_bias)
+        dw, db, dx = dense_backward(xq, w, jnp.concatenate(
+            [_merge(dq), _merge(dk), _merge(dv)], axis=-1), use_bias)
+        cuts = [dq.shape[2] * dq.shape[3], (dq.shape[2] + dk.shape[2]) * dq.shape[3]]
+        dws, dbs = jnp.split(dw, cuts, 1), (jnp.split(db, cuts) if use_bias else [None] * 3)
+        return {n: _pack(a, c) for n, a, c in zip("qkv", dws, dbs)}, dx, 0
+    gq, gk, gv = (dense_backward(inp, params[n]["w"], _merge(g), use_bias)
+                  for n, inp, g in (("q", xq, dq), ("k", ctx, dk), ("v", ctx, dv)))
+    grads = {n: _pack(*g[:2]) for n, g in zip("qkv", (gq, gk, gv))}
+    return grads, gq[2], gk[2] + gv[2]
+
+
+def attention_options(cfg: Config, key, train):
+    """Keyword arguments of the attention op for this layer: dropout only when training."""
+    rate = cfg.dropout if train else 0.0
+    if rate and key is None:
+        raise ValueError(f"{cfg.name}: train=True needs a key for attention dropout; pass "
+                         f"key=jax.random.PRNGKey(...) to apply and backward (the same key)")
+    return dict(causal=cfg.causal, chunk_size=cfg.chunk_size, dropout_rate=rate, dropout_key=key)
+
+
+def attend(cfg: Config, q, k, v, mask=None, *, key=None, train=False, q_offset=0):
+    """The heads' output ``A: [b, T, heads, d]`` and the attention op's residuals (see
+    ``dot_product_attention_fwd``); queries sit at positions ``q_offset + 0..T-1``."""
+    return dot_product_attention_fwd(q, k, v, mask, q_offset=q_offset,
+                                     **attention_options(cfg, key, train))
+
+
+def attend_backward(cfg: Config, res, da, mask=None, *, key=None, train=False):
+    """VJP of :func:`attend` (``q_offset = 0``) from its residuals: ``(dq, dk, dv)``."""
+    return dot_product_attention_bwd(res, da, mask, **attention_options(cfg, key, train))
+
+
+def output(params, a):
+    """The output projection ``y = concat_h(A) W_o + b_o`` of ``a: [b, T, heads, d]``."""
+    return dense(_merge(a), params["o"]["w"], params["o"].get("b"))
+
+
+def output_backward(cfg: Config, params, a, dy):
+    """VJP of :func:`output`: ``(grads of the o params, dA = dy W_oᵀ [b, T, heads, d])``."""
+    da = jnp.matmul(dy, params["o"]["w"].T).reshape(a.shape)                 # dA = dy W_oᵀ
+    return _pack(*dense_backward(_merge(a), params["o"]["w"], dy, cfg.use_bias)[:2]), da
+
+
+# --------------------------------------------------------------------------- the cache
+
+def open_cache(cfg: Config, params, cache, xq, cache_len):
+    """Check a decoding cache for the input ``xq: [b, t, F]`` (``{}``: a new empty one of
+    capacity ``cache_len``) and that ``t`` more positions fit; return it."""
+    (b, t, _), dt = xq.shape, jnp.result_type(xq, params["k"]["w"])
+    d = params["q"]["w"].shape[1] // cfg.num_heads
+    shape = (b, cache_len, cfg.kv_heads, d)
+    if not isinstance(cache_len, int) or cache_len < 1:
+        raise ValueError(f"{cfg.name}: cache_len must be a positive int, got {cache_len!r}")
+    if not cache:
+        cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+                 "index": jnp.zeros((), jnp.int32)}
+    if set(cache) != {"k", "v", "index"} or cache["k"].shape != shape:
+        raise ValueError(f"{cfg.name}: expected a cache {{'k', 'v': {shape}, "
+                         f"'index'}}, got {jax.tree.map(jnp.shape, cache)}")
+    check_room(cfg.name, cache["index"], t, cache_len)
+    return cache
+
+
+def append_to_cache(cache, k, v):
+    """Write ``k, v: [b, t, kv_heads, d]`` at the cache's index: ``(all keys, all values,
+    new cache)`` (keys and values of the whole capacity; unwritten rows are zero)."""
+    idx = cache["index"]
+    kc = lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), idx, axis=1)
+    vc = lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, axis=1)
+    return kc, vc, {"k": kc, "v": vc, "index": idx + k.shape[1]}
+
+
+# --------------------------------------------------------------------------- forward, backward
+
+def forward(cfg: Config, params, x, mask=None, *, key=None, train=False, cache=None,
+            cache_len=None):
+    """The layer's one forward, shared by ``apply``, ``fwd`` and decoding:
+    :func:`project`, :func:`attend`, :func:`output`. Returns ``(y, residuals, cache)``.
+
+    ``cache_len`` given: decoding (causal self-attention; no dropout): ``x`` holds the positions
+    after the cache's index, keys and values are appended to ``cache`` (see :func:`open_cache`)
+    and queries attend to the whole cache; the new cache is returned."""
+    decoding = cache_len is not None
+    if decoding and (isinstance(x, (tuple, list)) or not cfg.causal):
+        raise ValueError(f"{cfg.name}: decoding (cache_len=) needs causal self-attention")
+    xq, ctx, cross = split_input(cfg, params, x)
+    if decoding:
+        cache = open_cache(cfg, params, cache, xq, cache_len)
+        offset = cache["index"]
+        q_pos = k_pos = offset + jnp.arange(xq.shape[1])
+        key, train = None, False
+    else:
+        offset, q_pos, k_pos = 0, jnp.arange(xq.shape[1]), jnp.arange(ctx.shape[1])
+    q, k, v = project(cfg, params, xq, ctx, q_pos, k_pos, fused=not cross)
+    if decoding:
+        k, v, cache = append_to_cache(cache, k, v)
+    a, att = attend(cfg, q, k, v, mask, key=key, train=train, q_offset=offset)  # (b, t, h, d)
+    return output(params, a), {"x": (xq, ctx) if cross else xq, "att": att}, cache
+
+
+def backward(cfg: Config, params, res, dy, mask=None, *, key=None, train=False):
+    """The layer's ``bwd``: ``(grads, dx)`` from :func:`forward`'s residuals (``dx`` is the pair
+    ``(dx, dcontext)`` for cross-attention): :func:`output_backward`,
+    :func:`attend_backward`, :func:`project_backward`."""
+    cross = isinstance(res["x"], tuple)
+    xq, ctx = res["x"] if cross else (res["x"], res["x"])
+    a = res["att"]["o"]                                                       # (b, t, h, d)
+    want = a.shape[:2] + (params["o"]["w"].shape[1],)
+    if not hasattr(dy, "shape") or dy.shape != want:
+        raise ValueError(f"{cfg.name}: dy shape {getattr(dy, 'shape', dy)} differs from the "
+                         f"output shape {want}")
+    grads_o, da = output_backward(cfg, params, a, dy)
+    dq, dk, dv = attend_backward(cfg, res["att"], da, mask, key=key, train=train)
+    grads, dx, dctx = project_backward(cfg, params, xq, ctx, dq, dk, dv, jnp.arange(a.shape[1]),
+                                       jnp.arange(ctx.shape[1]), fused=not cross)
+    grads["o"] = grads_o
+    return {n: grads[n] for n in "qkvo"}, ((dx, dctx) if cross else dx + dctx)
 
 
 def _fused(params, use_bias):

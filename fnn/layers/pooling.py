@@ -29,32 +29,26 @@ import numpy as np
 from jax import lax
 
 from fnn.core import Example, Layer, constructor, examples, from_backward, is_shape
-from fnn.layers.conv import _conv_pads, _tuple
+from fnn.layers._spatial import LAYOUTS, int_tuple, padding_pairs, spatial_sizes
 
 __all__ = ["max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward",
            "pool_output_shape", "MaxPool", "AvgPool", "GlobalAvgPool", "GlobalMaxPool"]
 
-_NAMES = {1: "(batch, width, channels)", 2: "(batch, height, width, channels)",
-          3: "(batch, depth, height, width, channels)"}
-
 
 def _window(name, window):
-    if isinstance(window, int) or not window or len(tuple(window)) not in (1, 2, 3):
-        raise ValueError(f"{name}: window must be a tuple with one entry per spatial axis "
-                         f"(1 to 3 entries, e.g. (2, 2) for images), got {window!r}")
-    return _tuple(name, "window", window, len(tuple(window)))
+    return spatial_sizes(name, "window", window, "(2, 2)")
 
 
 def _geometry(name, x_shape, window, strides, padding):
     """Check shapes; return ``(window, strides, pads, out_sizes)``."""
     window = _window(name, window)
     n = len(window)
-    strides = window if strides is None else _tuple(name, "strides", strides, n)
+    strides = window if strides is None else int_tuple(name, "strides", strides, n)
     if len(x_shape) != n + 2:
-        raise ValueError(f"{name}: expected input of rank {n + 2} {_NAMES[n]} for a window of "
+        raise ValueError(f"{name}: expected input of rank {n + 2} {LAYOUTS[n]} for a window of "
                          f"{n} axes, got shape {tuple(x_shape)}")
     sizes = tuple(x_shape[1:-1])
-    pads = _conv_pads(name, sizes, window, strides, padding)
+    pads = padding_pairs(name, sizes, window, strides, padding)
     for i, (m, k, (lo, hi)) in enumerate(zip(sizes, window, pads)):
         if m + lo + hi < k:
             raise ValueError(f"{name}: window {k} is larger than the padded input ({m} + {lo} + "
@@ -170,11 +164,11 @@ def avg_pool_backward(x, dy, window, strides=None, padding="VALID", count_includ
 
 def _pool_layer(kind, op, op_backward, window, strides, padding, **extra):
     window = _window(kind, window)
-    strides = None if strides is None else _tuple(kind, "strides", strides, len(window))
+    strides = None if strides is None else int_tuple(kind, "strides", strides, len(window))
 
     def init(key, input_shape):
         if not is_shape(input_shape):
-            raise ValueError(f"{kind}: expected an input shape {_NAMES[len(window)]}, "
+            raise ValueError(f"{kind}: expected an input shape {LAYOUTS[len(window)]}, "
                              f"got {input_shape}")
         *_, out = _geometry(kind, tuple(input_shape), window, strides, padding)
         return {}, {}, (input_shape[0], *out, input_shape[-1])

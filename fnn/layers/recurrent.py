@@ -9,7 +9,6 @@ Variable lengths, reverse scans and carries are described in ``fnn.layers._rnn_s
 """
 from __future__ import annotations
 
-import warnings
 from types import MappingProxyType
 
 import jax
@@ -18,8 +17,8 @@ import jax.numpy as jnp
 from fnn import activations as acts
 from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 from fnn.layers._checks import check_param_shapes
-from fnn.layers._rnn_scan import (_run_apply, _run_bwd, _run_fwd, _setup,
-                                  scan_rnn, scan_rnn_backward)
+from fnn.layers._rnn_scan import (prepare, run_apply, run_bwd, run_fwd, scan_rnn,
+                                  scan_rnn_backward)
 from fnn.layers.cells import (Cell, check_carry, from_tuple, gru_cell, lstm_cell, make_rnn_cell,
                               rnn_cell, zeros_carry)
 
@@ -54,8 +53,8 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
         check_param_shapes(name, params, {**shapes, **({cell.rec_bias: (g,)}
                                                       if cell.rec_bias else {})})
         if initial_carry is None and stateful:
-            return _setup(label, cell, params, x, lengths, state["carry"], "the stateful carry")
-        return _setup(label, cell, params, x, lengths, initial_carry)
+            return prepare(label, cell, params, x, lengths, state["carry"], "the stateful carry")
+        return prepare(label, cell, params, x, lengths, initial_carry)
 
     def finish(hs, final, state):
         # the last output of each sequence is its final carry's h (padding keeps the carry;
@@ -66,12 +65,12 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
 
     def apply(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
-        final, hs = _run_apply(cell, params, x, c0, mask, reverse, return_sequences)
+        final, hs = run_apply(cell, params, x, c0, mask, reverse, return_sequences)
         return finish(hs, final, state)
 
     def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
-        final, hs, emitted = _run_fwd(cell, params, x, c0, mask, reverse)
+        final, hs, emitted = run_fwd(cell, params, x, c0, mask, reverse)
         return (*finish(hs, final, state), {"x": x, "gates": emitted})
 
     def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
@@ -87,20 +86,12 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
         if not return_sequences:                                 # the last output is the carry's h
             d = (d[0] + dy,) + d[1:]
         dys = jnp.swapaxes(dy, 0, 1) if return_sequences else None
-        grads, dx, _ = _run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse)
+        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse)
         return grads, dx
 
     meta = MappingProxyType({"twin": twin, "return_carry": return_carry, "reverse": reverse,
                              "cell": cell.name})
     return Layer(init, apply, fwd, bwd, name, keywords={"lengths", "initial_carry"}, meta=meta)
-
-
-def _no_share_forward(label, share_forward):
-    if share_forward is not None:
-        warnings.warn(f"{label}: share_forward is gone and is ignored: apply is always the plain "
-                      f"scan, and the hand path (fnn.backprop; layer.fwd/layer.bwd) keeps the "
-                      f"gate activations as residuals. Remove the argument.",
-                      DeprecationWarning, stacklevel=3)
 
 
 _OPTIONS = """
@@ -112,8 +103,7 @@ _OPTIONS = """
     ``state["carry"]`` (zeros at ``init``, batch size fixed by ``input_shape``) and return the
     final carry as the new state, for truncated BPTT over long text; reset by re-initializing
     the state. ``wi_init``/``wh_init``: per-gate initializers (default Glorot uniform and
-    orthogonal, as the lesson advises). ``share_forward`` is deprecated and ignored (the
-    residuals replaced it).
+    orthogonal, as the lesson advises).
     **Call keywords:** ``lengths: int[batch]`` (real steps per sequence; checked against the
     time axis outside ``jit``, clamped inside it); ``initial_carry`` (overrides the state's;
     in a ``serial`` every recurrent layer receives the same one — use ``stateful`` for stacks).
@@ -157,15 +147,13 @@ _GRU_EXAMPLE = Example((3, 4, 2), (3,), {"return_carry": True}, call_kwargs=_len
 @examples(_RNN_EXAMPLE)
 @constructor
 def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, return_carry=False,
-              reverse=False, stateful=False, wi_init=None, wh_init=None,
-              share_forward=None) -> Layer:
+              reverse=False, stateful=False, wi_init=None, wh_init=None) -> Layer:
     """Elman RNN ``h_t = act(x_t wi + h_{t-1} wh + b)`` over ``[batch, time, in]`` sequences.
 
     **Params:** ``{"wi": (in, H), "wh": (H, H), "b": (H,)}``; carry ``h [batch, H]``.
     PyTorch ``nn.RNN`` (batch_first): ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``,
     ``b = bias_ih_l0 + bias_hh_l0``.
     """
-    _no_share_forward("SimpleRNN", share_forward)
     cell = rnn_cell if activation is acts.tanh else make_rnn_cell(activation)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
               wi_init=wi_init, wh_init=wh_init)
@@ -177,7 +165,7 @@ def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, retur
 @examples(_LSTM_EXAMPLE, _LSTM_EXAMPLE_2)
 @constructor
 def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
-         stateful=False, wi_init=None, wh_init=None, share_forward=None) -> Layer:
+         stateful=False, wi_init=None, wh_init=None) -> Layer:
     """Long short-term memory over ``[batch, time, in]`` sequences (Hochreiter & Schmidhuber).
 
     ``[i f g o] = x_t wi + h_{t-1} wh + b``; ``c_t = σ(f) c_{t-1} + σ(i) tanh(g)``;
@@ -187,7 +175,6 @@ def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=Fals
     ``b = bias_ih_l0 + bias_hh_l0``. ``fwd`` applies one ``tanh`` to all four gate columns
     (``σ(u) = (1 + tanh(u/2))/2``); its outputs equal ``apply``'s to rounding.
     """
-    _no_share_forward("LSTM", share_forward)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
               wi_init=wi_init, wh_init=wh_init)
     return _recurrent_layer(lstm_cell, "LSTM", hidden, reverse=reverse,
@@ -197,7 +184,7 @@ def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=Fals
 @examples(_GRU_EXAMPLE)
 @constructor
 def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
-        stateful=False, wi_init=None, wh_init=None, share_forward=None) -> Layer:
+        stateful=False, wi_init=None, wh_init=None) -> Layer:
     """Gated recurrent unit over ``[batch, time, in]`` sequences (Cho et al., 2014).
 
     ``[r z n]`` gates: ``r = σ(x wi_r + bi_r + h wh_r + bh_r)``, ``z`` likewise,
@@ -206,7 +193,6 @@ def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False
     "wh": (H, 3H), "bi": (3H,), "bh": (3H,)}``; carry ``h``. PyTorch ``nn.GRU``:
     ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``, ``bi = bias_ih_l0``, ``bh = bias_hh_l0``.
     """
-    _no_share_forward("GRU", share_forward)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
               wi_init=wi_init, wh_init=wh_init)
     return _recurrent_layer(gru_cell, "GRU", hidden, reverse=reverse,
