@@ -1,4 +1,5 @@
-"""fnn.debug.checklist and ``fnn doctor``: the lesson's debugging checklist names each broken thing.
+"""fnn.debug.checklist: the lesson's debugging checklist names each broken thing (``fnn doctor``,
+the command that runs it on a task, is tested in test_cli.py).
 
 Each broken model or data set below has one known fault; the test checks that the report names
 it (and, for the healthy model, that nothing is flagged)."""
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn import cli, debug, initializers, losses, serial
+from fnn import debug, initializers, losses, serial
 from fnn.core import Layer
 from fnn.layers import BatchNorm, Dense, Relu, Sigmoid
 
@@ -113,15 +114,6 @@ def test_report_renders_and_unknown_checks_are_an_error(rng):
         debug.checklist(serial(Dense(3)), CE, _data(rng), checks=("speed",))
 
 
-def test_doctor_command(capsys):
-    assert cli.main(["doctor", "xor", "--steps", "100", "--lr", "0.03"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("fnn doctor xor: 0 errors")
-    assert "hand-derived gradient matches jax.grad and finite differences" in out
-    assert cli.main(["doctor", "no-such-task"]) == 2
-    assert "unknown task 'no-such-task'" in capsys.readouterr().err
-
-
 def test_vanishing_gradients_are_named(rng):
     tiny = initializers.normal(1e-3)
     model = serial(Dense(8, w_init=tiny), Sigmoid(), Dense(8, w_init=tiny), Sigmoid(),
@@ -129,20 +121,6 @@ def test_vanishing_gradients_are_named(rng):
     report = debug.checklist(model, CE, _data(rng), checks=("gradients",))
     assert any(m.startswith("layer '0': gradient norm") and "is vanishing" in m
                for m in _messages(report, "gradients", "warning")), str(report)
-
-
-def test_doctor_exits_non_zero_on_an_error(monkeypatch, capsys, rng):
-    from fnn import tasks
-    x, y = _data(rng)
-    y[0] = -1
-    model = serial(Dense(3))
-    broken = tasks.Task("broken-labels", "a label out of range", None,
-                        lambda seed=0: (model, CE, *model.init(jax.random.PRNGKey(0), x.shape)[:2],
-                                        x, y))
-    monkeypatch.setitem(tasks._TASKS, "broken-labels", broken)
-    assert cli.main(["doctor", "broken-labels"]) == 1
-    out = capsys.readouterr().out
-    assert "fnn doctor broken-labels: 1 error" in out and "label -1 at index (0,)" in out
 
 
 def test_a_check_that_raises_is_reported_and_state_comes_from_init(rng):
