@@ -7,6 +7,8 @@ import pytest
 
 from fnn import sharding
 
+from helpers import assert_trees_close
+
 
 def _mesh(shape=(1, 1), names=("data", "model")):
     return sharding.make_mesh(shape, names)
@@ -62,8 +64,7 @@ def test_sharded_step_equals_plain_step_and_donates(rng):
     ref = jax.jit(step)(s0, (x, t))
     start = jax.device_put(jax.tree.map(jnp.copy, s0), sh)
     got = sharding.make_sharded_step(step, mesh, sh)(start, sharding.shard_batch((x, t), mesh))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_close(got, ref, rtol=0, atol=0)
     assert jax.tree.leaves(start)[0].is_deleted()        # the old state's buffers were donated
     kept = jax.device_put(jax.tree.map(jnp.copy, s0), sh)
     sharding.make_sharded_step(step, mesh, sh, donate=False)(kept, (x, t))
