@@ -328,6 +328,21 @@ def test_no_dispatch_on_display_names():
         + "\n  ".join(found)
 
 
+def test_docstrings_point_inside_the_repository():
+    """The design is ``docs/design.md``; no module sends readers to a ``DESIGN.md`` elsewhere."""
+    found = [f"{_rel(m)}:{n}" for m, (path, _) in MODULES.items()
+             for n, line in enumerate(open(path, encoding="utf-8"), 1) if "DESIGN.md" in line]
+    assert not found, "references to DESIGN.md (write docs/design.md): " + ", ".join(found)
+
+
+def test_python_dash_m_launch_runs_a_module_not_yet_imported():
+    """``python -m fnn.sharding.launch`` imports ``fnn.sharding`` first; were ``launch`` imported
+    there, runpy would warn that it was imported before it ran (sharding.__getattr__ loads it
+    lazily instead)."""
+    graph = import_graph(MODULES, TREES)
+    assert "fnn.sharding.launch" not in graph["fnn.sharding"]
+
+
 # modules that once failed when imported first ("partially initialized module")
 ONCE_CYCLIC = ("fnn.combinators", "fnn.layers.batch_norm", "fnn.layers.multi_head_attention",
                "fnn.layers.attention", "fnn.layers.norm")

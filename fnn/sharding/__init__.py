@@ -23,12 +23,13 @@ from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_sh
                                 param_specs, shard_opt_state, shard_params, shard_train_state,
                                 tensor_parallel, train_state_shardings)
 from fnn.sharding.step import make_epoch, make_sharded_step, sharding_table
-from fnn.sharding import checkpoint  # noqa: E402  (a submodule: sharding.checkpoint.save)
+from fnn.sharding import checkpoint  # noqa: F401  (a submodule: sharding.checkpoint.save)
 
 
 def __getattr__(name):
-    """``sharding.launch`` on first use: importing it here would make
-    ``python -m fnn.sharding.launch`` warn that the module was imported before it ran."""
+    """``sharding.launch`` on first use. Not a shim for an old path: importing ``launch`` here
+    would make ``python -m fnn.sharding.launch`` warn (runpy's RuntimeWarning) that the module
+    was imported before it ran, since ``-m`` imports this package first."""
     if name == "launch":
         import importlib
         return importlib.import_module("fnn.sharding.launch")
