@@ -1,6 +1,6 @@
 """fnn.sharding.checkpoint on the suite's one device: bit-exact round trips, interrupted saves
 that leave the last good checkpoint, and refused mismatched or hostile files (saving on 8
-devices and restoring on 2 and 1 is in test_sharding_devices.py)."""
+devices and restoring on 2 and 1 is in test_sharding.py)."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_sharding_devices.py: ``fit(mesh=...)`` on 8 simulated CPU devices against
+"""Worker for tests/test_sharding.py: ``fit(mesh=...)`` on 8 simulated CPU devices against
 plain ``fit`` on one, printing JSON.
 
 Each case trains 5 epochs of 4 batches (Adam, float32, no shuffle, so both runs see the same

@@ -1,4 +1,4 @@
-"""Worker for tests/test_sharding_devices.py: run with 8 simulated CPU devices, print JSON.
+"""Worker for tests/test_sharding.py: run with 8 simulated CPU devices, print JSON.
 
 Trains an MLP, a small CNN, a 2-block transformer LM and an LSTM for 20 steps (5 epochs of 4
 batches, one compiled epoch) on one device and on the meshes (8,) data, (4, 2) data×model

@@ -1,4 +1,4 @@
-"""Worker for tests/test_sharding_devices.py: two processes × 2 CPU devices against one × 4.
+"""Worker for tests/test_sharding.py: two processes × 2 CPU devices against one × 4.
 
 ``python -m fnn.sharding.launch -n 2 --cpu-devices 2 -- python two_processes.py multi OUT``:
 one of two processes (gloo collectives on localhost); trains an MLP for 20 FSDP steps over

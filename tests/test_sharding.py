@@ -1,9 +1,13 @@
 """fnn.sharding on several devices, equal to one device: training and ``fit`` on 8 simulated CPU
-devices, and 2 processes × 2 devices against 1 × 4, each in one subprocess (the device count is
-fixed when JAX starts; one process runs every model, mesh and gradient path at once, so start-up
-and compilation are paid once): ``sharding_workers/train_equivalence.py``,
-``fit_equivalence.py`` and ``two_processes.py``. Also ``fit`` on a one-device mesh, and
-``fnn.sharding.launch``."""
+devices, and 2 processes × 2 devices against 1 × 4; also ``fnn.sharding.launch`` and ``fit`` on
+a one-device mesh. (Rules, data and checkpoints on the suite's one device are in
+test_sharding_rules.py, test_sharding_data.py and test_sharding_checkpoint.py.)
+
+The multi-device checks run in subprocesses (the device count is fixed when JAX starts):
+``sharding_workers/train_equivalence.py`` on 8 simulated CPU devices (one process: every
+model, mesh and gradient path at once, so start-up and compilation are paid once), and
+``sharding_workers/two_processes.py`` as two processes × 2 devices against one × 4.
+"""
 import json
 import os
 import re
@@ -16,9 +20,6 @@ import numpy as np
 import pytest
 
 from fnn import sharding
-
-from helpers import assert_trees_close
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "sharding_workers")
@@ -38,10 +39,6 @@ def _env():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)   # XLA's defaults (not the suite's fast-compile flags): the
     return env                   # 1e-5 equivalence bar is for the code users run
-
-
-def _mesh(shape=(1, 1), names=("data", "model")):
-    return sharding.make_mesh(shape, names)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +89,7 @@ def test_bad_input_on_eight_devices(eight):
                      e["shuffle"])
 
 
-# --------------------------------------------------------------------------- processes
+# --------------------------------------------------------------------------- two processes
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
@@ -126,6 +123,12 @@ def test_two_processes_train_like_one(tmp_path):
     assert len(re.findall(r"^epoch 3/3 ", text, re.M)) == 1, text[-2000:]
 
 
+# --------------------------------------------------------------------------- launch, fit on a mesh
+
+def _mesh(shape=(1, 1), names=("data", "model")):
+    return sharding.make_mesh(shape, names)
+
+
 def test_initialize_without_a_coordinator_does_nothing(monkeypatch):
     from fnn.sharding.launch import initialize
     for v in ("FNN_COORDINATOR", "FNN_NUM_PROCESSES", "FNN_PROCESS_ID", "FNN_CPU_DEVICES"):
@@ -152,8 +155,6 @@ def test_launch_local_runs_each_process_with_its_id(tmp_path):
             "sys.exit(3) if os.environ['FNN_PROCESS_ID'] == '0' else time.sleep(60)")
     assert launch_local([sys.executable, "-c", stop], 2, timeout=60) == [3, -9]
 
-
-# --------------------------------------------------------------------------- fit on a mesh
 
 FIT_CASES = [("mlp", "autodiff", "dp"), ("mlp", "manual", "tp"), ("mlp", "manual", "fsdp")]
 if os.environ.get("FNN_SHARDING_FULL"):         # every model, mesh and gradient path (minutes)
@@ -204,6 +205,7 @@ def test_fit_on_a_mesh_donates_keeps_callers_state_and_reuses_its_compiled_epoch
     third = train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)), **kw)
     assert len(traces) == n                                   # no new trace: cached
     for got in runs + [third]:
-        assert_trees_close(got.train_state.params, ref.train_state.params, rtol=1e-12,
-                           atol=1e-12)
+        for a, b in zip(jax.tree.leaves(got.train_state.params),
+                        jax.tree.leaves(ref.train_state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
     assert not any(a.is_deleted() for a in jax.tree.leaves(params))
