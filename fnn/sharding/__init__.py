@@ -23,7 +23,7 @@ from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_sh
                                 param_specs, shard_opt_state, shard_params, shard_train_state,
                                 tensor_parallel, train_state_shardings)
 from fnn.sharding.step import make_epoch, make_sharded_step, sharding_table
-from fnn.sharding import checkpoint  # noqa: F401  (a submodule: sharding.checkpoint.save)
+from fnn.sharding import checkpoint  # noqa: E402  (a submodule: sharding.checkpoint.save)
 
 
 def __getattr__(name):
