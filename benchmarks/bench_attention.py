@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn import backprop, losses
-from fnn.core import serial, stack
+from fnn.combinators import serial, stack
 from fnn.layers import (Dense, Embedding, LayerNorm, MultiHeadAttention, PositionalEmbedding,
                         TransformerBlock)
 from fnn.layers.attention import dot_product_attention_vjp

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 import fnn.layers as L
 from fnn import backprop, losses
-from fnn.core import count_params, serial, stack
+from fnn.combinators import serial, stack
+from fnn.core import count_params
 
 VARIANTS = ("autodiff", "manual", "custom_vjp")
 

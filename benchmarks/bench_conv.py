@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnn import backprop, losses
-from fnn.core import serial
+from fnn.combinators import serial
 from fnn.layers import Conv, Dense, Flatten, MaxPool, Relu
 from fnn.layers import conv as fconv
 

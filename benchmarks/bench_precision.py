@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 import fnn.layers as L
 from fnn import backprop, losses
-from fnn.core import serial, stack
+from fnn.combinators import serial, stack
 from fnn.precision import mixed_precision
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import backprop, losses
-from fnn.core import serial
+from fnn.combinators import serial
 from fnn.layers import GRU, LSTM, Dense
 
 B, T, F, H, OUT, LR = 32, 64, 64, 256, 1, 1e-2

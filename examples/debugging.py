@@ -31,7 +31,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)        # the gradient check needs float64
 
 from fnn import backprop, debug, initializers, losses   # noqa: E402
-from fnn.core import Layer                              # noqa: E402
+from fnn.core import Layer, from_backward               # noqa: E402
 from fnn.layers import Dense, Relu, serial              # noqa: E402
 from fnn.plot import save as save_figure  # noqa: E402
 
@@ -51,7 +51,7 @@ def BuggyScale() -> Layer:
     def backward(params, state, x, dy, *, key=None, train=False):
         return ({"s": jnp.sum(dy, axis=0),                    # bug: Σ dy ⊙ x
                  "t": jnp.sum(dy, axis=0)}, dy * params["s"][None, :])
-    return Layer(init, apply, backward, "BuggyScale")
+    return from_backward(init, apply, backward, name="BuggyScale")
 
 
 def data(seed):

@@ -23,7 +23,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)        # finite differences need float64
 
 from fnn import gradcheck, losses                  # noqa: E402
-from fnn.core import Layer                         # noqa: E402
+from fnn.core import Layer, from_backward          # noqa: E402
 from fnn.layers import Dense, Tanh, serial         # noqa: E402
 from fnn.plot import save as save_figure  # noqa: E402
 
@@ -38,7 +38,7 @@ def BuggySquareScale() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False):
         return {"s": jnp.sum(dy * x, axis=0)}, 2 * x * dy * params["s"][None, :]   # bug: x, not x²
-    return Layer(init, apply, backward, "BuggySquareScale")
+    return from_backward(init, apply, backward, name="BuggySquareScale")
 
 
 def check(model, key, n, d):

@@ -1,18 +1,18 @@
 """fnn: neural networks as pure functions over parameter pytrees, for JAX.
 
-Every layer is ``Layer(init, apply, backward)``; ``backward`` is hand-derived and checked
-against ``jax.vjp``. See ``docs/design.md`` and the README.
+Every layer is ``Layer(init, apply, fwd, bwd)``: a forward pass and a hand-derived backward from
+its residuals, checked against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
 from fnn import (activations, augment, backprop, checkpoint, checks, data, debug, gradcheck,
                  initializers, layers, losses, models, optim, precision, regularizers, sharding,
                  torch_weights, train)
-from fnn.core import (Example, Layer, cast, count_params, examples, parallel, residual, serial,
-                      stack, summary)
+from fnn.combinators import parallel, residual, serial, stack
+from fnn.core import Example, Layer, cast, constructor, count_params, examples, from_backward, summary
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Layer", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
+    "Layer", "from_backward", "constructor", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
     "summary", "cast", "activations", "augment", "backprop", "checkpoint", "checks", "data",
     "debug", "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
     "regularizers", "sharding", "torch_weights", "train",

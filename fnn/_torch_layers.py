@@ -137,7 +137,7 @@ def attention(take, pt, st, in_shape):
     return params, {}
 
 
-# fnn layer kind (the constructor name that starts ``Layer.name``) -> converter
+# fnn layer kind (``Layer.kind``, its constructor's name) -> converter
 CONVERTERS = {
     "Dense": dense, "Conv": conv, "ConvTranspose": conv_transpose, "BatchNorm": batch_norm,
     "LayerNorm": norm, "RMSNorm": norm, "GroupNorm": norm, "InstanceNorm": norm,

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Example, Layer, default_dtype, examples
+from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward
 
 __all__ = [
     "step", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu",
@@ -199,6 +199,7 @@ def prelu(z, alpha):
 
 # --------------------------------------------------------------------------- layer forms
 
+@constructor
 def Activation(fn, name: str | None = None, **fn_kwargs) -> Layer:
     """A parameter-free layer applying ``fn`` (any activation above) elementwise.
 
@@ -215,79 +216,91 @@ def Activation(fn, name: str | None = None, **fn_kwargs) -> Layer:
     def backward(params, state, x, dy, *, key=None, train=False):
         return {}, fn.vjp(x, dy, **fn_kwargs)
 
-    return Layer(init, apply, backward, name)
+    return from_backward(init, apply, backward, name=name)
 
 
 _EX = Example((3, 5))
 
 
 @examples(_EX)
+@constructor
 def Relu() -> Layer:
     """Layer form of :func:`relu`."""
     return Activation(relu, "Relu")
 
 
 @examples(_EX)
+@constructor
 def Sigmoid() -> Layer:
     """Layer form of :func:`sigmoid`."""
     return Activation(sigmoid, "Sigmoid")
 
 
 @examples(_EX)
+@constructor
 def Tanh() -> Layer:
     """Layer form of :func:`tanh`."""
     return Activation(tanh, "Tanh")
 
 
 @examples(_EX, Example((3, 5), (0.2,)))
+@constructor
 def LeakyRelu(alpha: float = 0.01) -> Layer:
     """Layer form of :func:`leaky_relu` with slope ``alpha`` for negative inputs."""
     return Activation(leaky_relu, "LeakyRelu", alpha=alpha)
 
 
 @examples(_EX, Example((3, 5), (0.5,)))
+@constructor
 def Elu(alpha: float = 1.0) -> Layer:
     """Layer form of :func:`elu`."""
     return Activation(elu, "Elu", alpha=alpha)
 
 
 @examples(_EX)
+@constructor
 def Selu() -> Layer:
     """Layer form of :func:`selu`."""
     return Activation(selu, "Selu")
 
 
 @examples(_EX, Example((3, 5), (), {"approximate": True}))
+@constructor
 def Gelu(approximate: bool = False) -> Layer:
     """Layer form of :func:`gelu` (exact by default, as PyTorch; Flax defaults to tanh)."""
     return Activation(gelu, "Gelu", approximate=approximate)
 
 
 @examples(_EX)
+@constructor
 def Swish() -> Layer:
     """Layer form of :func:`swish` (SiLU)."""
     return Activation(swish, "Swish")
 
 
 @examples(_EX)
+@constructor
 def Softplus() -> Layer:
     """Layer form of :func:`softplus`."""
     return Activation(softplus, "Softplus")
 
 
 @examples(_EX)
+@constructor
 def Softmax() -> Layer:
     """Layer form of :func:`softmax` over the last axis."""
     return Activation(softmax, "Softmax")
 
 
 @examples(_EX)
+@constructor
 def LogSoftmax() -> Layer:
     """Layer form of :func:`log_softmax` over the last axis."""
     return Activation(log_softmax, "LogSoftmax")
 
 
 @examples(Example((3, 5)), Example((2, 4, 3), (), {"init": 0.1}))
+@constructor
 def PRelu(init: float = 0.25) -> Layer:
     """Parametric ReLU with a learned slope per feature (last axis), ``params = {"alpha":
     (features,)}``, initialised to ``init`` (0.25, as PyTorch).
@@ -315,4 +328,4 @@ def PRelu(init: float = 0.25) -> Layer:
         dalpha = jnp.sum(jnp.where(neg, dy * x, 0).reshape(-1, x.shape[-1]), axis=0)
         return {"alpha": dalpha}, dx
 
-    return Layer(init_fn, apply, backward, "PRelu")
+    return from_backward(init_fn, apply, backward, name="PRelu")

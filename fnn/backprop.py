@@ -3,8 +3,8 @@
 Two entry points:
 
 - :func:`value_and_grad` — the lesson's algorithm generalised to any composition of layers:
-  one forward pass keeping each layer's residuals (``vjp_fwd``), the output error from the
-  loss's hand-derived gradient, errors propagated backward through every layer's ``vjp_bwd``,
+  one forward pass keeping each layer's residuals (``fwd``), the output error from the
+  loss's hand-derived gradient, errors propagated backward through every layer's ``bwd``,
   weight gradients formed on the way. No autodiff is involved; the result is jittable.
 - :func:`custom_vjp` — the same model as a layer whose ``apply`` is a ``jax.custom_vjp``, so that
   ``jax.grad`` of *any* function of its output (your own loss, an optax loss, a regulariser
@@ -45,8 +45,8 @@ def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None,
     ``((loss_value, new_state, y), grads)``. Under ``jax.jit`` mark ``train`` static
     (``jax.jit(f, static_argnames="train")``): layers branch on it in Python.
 
-    One forward pass, ``y, new_state, res = model.vjp_fwd(params, state, x)``, then
-    ``grads = model.vjp_bwd(params, state, res, loss.grad(y, target))`` — backpropagation of the
+    One forward pass, ``y, new_state, res = model.fwd(params, state, x)``, then
+    ``grads = model.bwd(params, state, res, loss.grad(y, target))`` — backpropagation of the
     output error from the residuals that forward kept. ``new_state`` is the state ``apply``
     returns (batch-norm running statistics), ready for the next step.
     """
@@ -56,10 +56,10 @@ def value_and_grad(model: Layer, loss, *, loss_kwargs: dict | None = None,
     lkw = dict(loss_kwargs or {})
 
     def f(params, state, x, target, *, key=None, train=True, **kw):
-        y, new_state, res = model.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        y, new_state, res = model.fwd(params, state, x, key=key, train=train, **kw)
         value = loss(y, target, **lkw)
         dy = loss.grad(y, target, **lkw)                      # output error ∂L/∂ŷ
-        grads, _ = model.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+        grads, _ = model.bwd(params, state, res, dy, key=key, train=train, **kw)
         return ((value, new_state, y) if with_output else (value, new_state)), grads
 
     return f
@@ -76,8 +76,8 @@ def grad(model: Layer, loss, **options):
 
 def custom_vjp(model: Layer) -> Layer:
     """``model`` as a layer whose ``apply`` carries its hand-derived backward as a
-    ``jax.custom_vjp``: ``jax.grad`` through it runs the model's ``vjp_fwd`` once and its
-    ``vjp_bwd`` from the residuals kept, never autodiff of ``model.apply``.
+    ``jax.custom_vjp``: ``jax.grad`` through it runs the model's ``fwd`` once and its
+    ``bwd`` from the residuals kept, never autodiff of ``model.apply``.
 
     The cotangent reaching ``apply``'s ``new_state`` output is ignored (state is not
     differentiated, as everywhere in fnn); ``state``, ``key`` and the extra keywords get zero
@@ -90,7 +90,7 @@ def custom_vjp(model: Layer) -> Layer:
             return model.apply(params, state, x, key=key, train=train, **kw)
 
         def fwd(params, state, x, key, kw):
-            y, new_state, res = model.vjp_fwd(params, state, x, key=key, train=train, **kw)
+            y, new_state, res = model.fwd(params, state, x, key=key, train=train, **kw)
             # x is kept for its zero cotangent when bwd gives no dx (integer ids); most models'
             # first residual is x itself, so this holds no extra buffer
             return (y, new_state), (params, state, res, key, kw, x)
@@ -98,7 +98,7 @@ def custom_vjp(model: Layer) -> Layer:
         def bwd(saved, cotangent):
             params, state, res, key, kw, x = saved
             dy, _ = cotangent
-            dparams, dx = model.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+            dparams, dx = model.bwd(params, state, res, dy, key=key, train=train, **kw)
             return (dparams, jax.tree.map(_zero_cotangent, state),
                     jax.tree.map(_zero_cotangent, x) if dx is None else dx,
                     None if key is None else _zero_cotangent(key),
@@ -112,7 +112,8 @@ def custom_vjp(model: Layer) -> Layer:
     def apply(params, state, x, *, key=None, train=False, **kw):
         return runs[bool(train)](params, state, x, key, kw)
 
-    return model._replace(apply=apply, name=f"custom_vjp({model.name})")
+    spec = None if model.spec is None else ("custom_vjp", model.spec)   # same kind, other apply
+    return model._replace(apply=apply, name=f"custom_vjp({model.name})", spec=spec)
 
 
 def _zero_cotangent(a):

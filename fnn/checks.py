@@ -126,7 +126,7 @@ def _input_layers(layer):
     ``parallel``."""
     yield layer
     kids = [child for _, child in layer.children]
-    for child in (kids if layer.name == "parallel" else kids[:1]):
+    for child in (kids if layer.kind == "parallel" else kids[:1]):
         yield from _input_layers(child)
 
 

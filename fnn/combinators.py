@@ -1,6 +1,6 @@
 """The combinators: layers built from layers — ``serial``, ``parallel``, ``residual``,
 ``stack``. Each runs its children's ``apply`` for the forward pass, carries their residuals
-through ``fwd``, and runs their ``vjp_bwd`` in reverse in ``bwd`` — backpropagation itself.
+through ``fwd``, and runs their ``bwd`` in reverse in ``bwd`` — backpropagation itself.
 
 Per-call keywords: a combinator takes the union of its children's ``Layer.keywords`` and hands
 each child only the ones it names; keys: child ``i`` gets ``fold_in(key, i)``.
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.core import Layer, backward_from, child_key
+from fnn.core import Layer, child_key, constructor
 
 __all__ = ["serial", "parallel", "residual", "stack"]
 
@@ -54,12 +54,13 @@ def _add(a, b):
 
 # --------------------------------------------------------------------------- serial
 
+@constructor
 def serial(*layers) -> Layer:
     """Compose layers in sequence: ``y = f_n(... f_2(f_1(x)))``.
 
     Children are ``Layer``s or ``(name, Layer)`` pairs; params and state are dicts keyed by the
-    names (``"0"``, ``"1"``, ... by default). ``fwd`` runs the children's ``vjp_fwd`` and keeps
-    their residuals (``{name: res}``); ``bwd`` runs their ``vjp_bwd`` in reverse, each child's
+    names (``"0"``, ``"1"``, ... by default). ``fwd`` runs the children's ``fwd`` and keeps
+    their residuals (``{name: res}``); ``bwd`` runs their ``bwd`` in reverse, each child's
     output error becoming the previous child's — backpropagation.
 
     >>> from fnn.layers import Dense, Relu
@@ -81,7 +82,7 @@ def serial(*layers) -> Layer:
         return params, state, shape
 
     def run(method, params, state, x, key, train, kw):
-        """Thread ``x`` through each child's ``method`` (``"apply"`` or ``"vjp_fwd"``); returns
+        """Thread ``x`` through each child's ``method`` (``"apply"`` or ``"fwd"``); returns
         the output and, per child name, the rest of what the method returned."""
         _check_kw("serial", keywords, kw)
         rest = {}
@@ -98,7 +99,7 @@ def serial(*layers) -> Layer:
         return y, {n: r[0] for n, r in rest.items()}
 
     def fwd(params, state, x, *, key=None, train=False, **kw):
-        y, rest = run("vjp_fwd", params, state, x, key, train, kw)
+        y, rest = run("fwd", params, state, x, key, train, kw)
         return y, {n: r[0] for n, r in rest.items()}, {n: r[1] for n, r in rest.items()}
 
     def bwd(params, state, res, dy, *, key=None, train=False, **kw):
@@ -106,16 +107,17 @@ def serial(*layers) -> Layer:
         grads = {}
         for i in reversed(range(len(named))):           # errors flow back through the children
             n, l = named[i]
-            grads[n], dy = l.vjp_bwd(params[n], state[n], res[n], dy, key=child_key(key, i),
+            grads[n], dy = l.bwd(params[n], state[n], res[n], dy, key=child_key(key, i),
                                      train=train, **_kw_for(l, kw))
         return grads, dy
 
-    return Layer(init, apply, backward_from(fwd, bwd), "serial", keywords, tuple(named),
-                 any(l.stochastic for _, l in named), fwd, bwd)
+    return Layer(init, apply, fwd, bwd, "serial", "serial", keywords, named,
+                 any(l.stochastic for _, l in named))
 
 
 # --------------------------------------------------------------------------- parallel
 
+@constructor
 def parallel(*layers, concat: bool | int = False) -> Layer:
     """Apply every layer to the same input; outputs as a tuple, or concatenated.
 
@@ -161,7 +163,7 @@ def parallel(*layers, concat: bool | int = False) -> Layer:
         _check_kw("parallel", keywords, kw)
         ys, new_state, res = [], {}, {}
         for i, (n, l) in enumerate(named):
-            y, new_state[n], res[n] = l.vjp_fwd(params[n], state[n], x, key=child_key(key, i),
+            y, new_state[n], res[n] = l.fwd(params[n], state[n], x, key=child_key(key, i),
                                                 train=train, **_kw_for(l, kw))
             ys.append(y)
         # zero-size markers carry each output's width along the concat axis to bwd as a static
@@ -178,17 +180,18 @@ def parallel(*layers, concat: bool | int = False) -> Layer:
             dys = jnp.split(dy, cuts, axis=axis)
         grads, dx = {}, None
         for i, (n, l) in enumerate(named):
-            grads[n], dxi = l.vjp_bwd(params[n], state[n], res["children"][n], dys[i],
+            grads[n], dxi = l.bwd(params[n], state[n], res["children"][n], dys[i],
                                       key=child_key(key, i), train=train, **_kw_for(l, kw))
             dx = _add(dx, dxi)
         return grads, dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), "parallel", keywords, tuple(named),
-                 any(l.stochastic for _, l in named), fwd, bwd)
+    return Layer(init, apply, fwd, bwd, "parallel", "parallel", keywords, named,
+                 any(l.stochastic for _, l in named))
 
 
 # --------------------------------------------------------------------------- residual
 
+@constructor
 def residual(layer: Layer) -> Layer:
     """Skip connection: ``y = x + f(x)``; ``f`` must keep the input shape.
 
@@ -210,20 +213,21 @@ def residual(layer: Layer) -> Layer:
 
     def fwd(params, state, x, *, key=None, train=False, **kw):
         _check_kw(f"residual({layer.name})", layer.keywords, kw)
-        y, new_state, res = layer.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        y, new_state, res = layer.fwd(params, state, x, key=key, train=train, **kw)
         return x + y, new_state, res
 
     def bwd(params, state, res, dy, *, key=None, train=False, **kw):
         _check_kw(f"residual({layer.name})", layer.keywords, kw)
-        grads, dx = layer.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+        grads, dx = layer.bwd(params, state, res, dy, key=key, train=train, **kw)
         return grads, dy + dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), f"residual({layer.name})",
-                 layer.keywords, (("f", layer),), layer.stochastic, fwd, bwd)
+    return Layer(init, apply, fwd, bwd, f"residual({layer.name})", "residual", layer.keywords,
+                 (("f", layer),), layer.stochastic)
 
 
 # --------------------------------------------------------------------------- stack
 
+@constructor
 def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     """``n`` copies of ``layer`` applied in sequence with one ``lax.scan``.
 
@@ -231,8 +235,8 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     compile time does not grow with depth. ``layer`` must map its input shape to itself. Copy
     ``i`` gets the key ``fold_in(key, i)``.
 
-    ``fwd`` scans the copies' ``vjp_fwd`` once, stacking each copy's residuals along the copy
-    axis; ``bwd`` scans their ``vjp_bwd`` in reverse. ``remat=True`` trades compute for memory:
+    ``fwd`` scans the copies' ``fwd`` once, stacking each copy's residuals along the copy
+    axis; ``bwd`` scans their ``bwd`` in reverse. ``remat=True`` trades compute for memory:
     ``fwd`` keeps only each copy's input (``n`` activations) and ``bwd`` reruns that copy's
     forward before its backward; ``apply`` wraps each copy in ``jax.checkpoint`` so that
     ``jax.grad`` of the stack rematerialises too.
@@ -275,7 +279,7 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
             if remat:                   # keep the copy's input; bwd reruns its forward
                 y, s2 = layer.apply(p, s, h, key=k, train=train, **kw)
                 return y, (s2, h)
-            y, s2, r = layer.vjp_fwd(p, s, h, key=k, train=train, **kw)
+            y, s2, r = layer.fwd(p, s, h, key=k, train=train, **kw)
             return y, (s2, r)
         y, (new_state, res) = scan(body, x, (params, state, keys(key)))
         return y, new_state, res
@@ -285,11 +289,11 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
 
         def body(d, p, s, k, r):
             if remat:
-                r = layer.vjp_fwd(p, s, r, key=k, train=train, **kw)[2]
-            dp, d = layer.vjp_bwd(p, s, r, d, key=k, train=train, **kw)
+                r = layer.fwd(p, s, r, key=k, train=train, **kw)[2]
+            dp, d = layer.bwd(p, s, r, d, key=k, train=train, **kw)
             return d, dp
         dx, grads = scan(body, dy, (params, state, keys(key), res), reverse=True)
         return grads, dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), name, layer.keywords,
-                 ((f"0..{n - 1}", layer),), layer.stochastic, fwd, bwd)
+    return Layer(init, apply, fwd, bwd, name, "stack", layer.keywords,
+                 ((f"0..{n - 1}", layer),), layer.stochastic, {"n": n, "remat": remat})

@@ -1,25 +1,26 @@
-"""The Layer protocol, the combinators built from it, and small tree helpers.
+"""The Layer protocol and small tree helpers (``docs/design.md`` explains the design).
 
-A layer is three pure functions (see ``DESIGN.md``)::
+A layer is four pure functions and a few facts about itself::
 
     params, state, out_shape = layer.init(key, input_shape)
     y, new_state             = layer.apply(params, state, x, *, key=None, train=False, **kw)
-    dparams, dx              = layer.backward(params, state, x, dy, *, key=None, train=False, **kw)
+    y, new_state, res        = layer.fwd(params, state, x, *, key=None, train=False, **kw)
+    dparams, dx              = layer.bwd(params, state, res, dy, *, key=None, train=False, **kw)
 
-``backward`` is the hand-derived vector-Jacobian product of ``apply`` with respect to
-``(params, x)``, evaluated at the *incoming* ``state`` (the one ``apply`` received). ``dx`` is
-``None`` where the input is not differentiable (integer token ids).
+``fwd``/``bwd`` (the names ``jax.custom_vjp`` uses) are the forward that also returns its
+residuals ``res`` (a pytree of arrays: what the backward needs) and the **hand-derived**
+vector-Jacobian product of ``apply`` with respect to ``(params, x)`` started from them, evaluated
+at the *incoming* ``state``. ``dx`` is ``None`` where the input is not differentiable (integer
+token ids). ``layer.backward(params, state, x, dy)`` is derived from the pair.
 
-Residuals: a layer may also define the pair that ``jax.custom_vjp`` calls ``fwd``/``bwd``::
+A layer is written in one of two ways: with its residual pair (``Layer(init, apply, fwd, bwd,
+...)``), or in the lesson's three-function form, ``from_backward(init, apply, backward, ...)``,
+whose residual is the input itself.
 
-    y, new_state, res = layer.fwd(params, state, x, *, key=None, train=False, **kw)
-    dparams, dx       = layer.bwd(params, state, res, dy, *, key=None, train=False, **kw)
-
-``res`` (the residuals) is a pytree of arrays holding what the backward needs, so the hand path
-runs each forward once. Every layer answers ``layer.vjp_fwd``/``layer.vjp_bwd``: its own pair, or
-``apply`` with the input as the residual and ``backward`` — so a layer written with only
-``init``/``apply``/``backward`` works everywhere. The combinators carry their children's
-residuals.
+What a layer *is* is its ``kind`` (its constructor's name), never its display ``name``. A
+constructor decorated with :func:`constructor` gives its layers **structural identity**: two
+layers built by the same constructor from equal arguments compare and hash equal, so compiled
+functions are reused by that key.
 
 Per-call inputs beyond ``x`` (``lengths=``, ``mask=``, ...) are keyword arguments. A layer names
 the ones it takes in ``Layer.keywords``; combinators pass each child only the keywords it names
@@ -27,13 +28,15 @@ and take the union themselves, so ``serial(Embedding, LSTM, Dense)(..., lengths=
 LSTM alone.
 
 Randomness: a combinator gives child ``i`` the key ``jax.random.fold_in(key, i)``, in ``apply``
-and ``backward`` alike, so a backward pass sees the same dropout masks as its forward pass.
+and ``bwd`` alike, so a backward pass sees the same dropout masks as its forward pass.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Hashable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,65 +46,182 @@ Shape = tuple  # (batch, ...) of ints; a layer taking several inputs gets a tupl
 PyTree = Any
 
 __all__ = [
-    "Layer", "Example", "examples", "serial", "parallel", "residual", "stack",
-    "count_params", "summary", "default_dtype", "cast", "is_shape", "child_key", "split_key",
-    "backward_from", "output_shape",
+    "Layer", "from_backward", "constructor", "Example", "examples", "count_params", "summary",
+    "default_dtype", "cast", "is_shape", "child_key", "output_shape",
 ]
 
+_EMPTY = MappingProxyType({})
 
-class Layer(NamedTuple):
-    """A layer: ``init``, ``apply`` and hand-derived ``backward``, all pure functions.
+
+class _Fields(NamedTuple):
+    init: Callable
+    apply: Callable
+    fwd: Callable
+    bwd: Callable
+    name: str = "layer"
+    kind: str = "layer"
+    keywords: frozenset = frozenset()
+    children: tuple = ()
+    stochastic: bool = False
+    meta: Mapping = _EMPTY
+    spec: Hashable | None = None
+
+
+class Layer(_Fields):
+    """A layer: ``init``, ``apply`` and the residual pair ``fwd``/``bwd``, all pure functions.
 
     **Fields:**
       - ``init(key, input_shape) -> (params, state, output_shape)``
       - ``apply(params, state, x, *, key=None, train=False, **kw) -> (y, new_state)``
-      - ``backward(params, state, x, dy, *, key=None, train=False, **kw) -> (dparams, dx)``
-      - ``name``: shown in errors and ``summary``.
-      - ``keywords``: names of the extra per-call keywords ``apply``/``backward`` take.
-      - ``children``: ``((name, layer), ...)`` for combinators, for ``summary``.
+      - ``fwd(params, state, x, *, key=None, train=False, **kw) -> (y, new_state, res)``:
+        ``apply`` that also returns the residuals ``res``, a pytree of arrays. ``fwd`` may use a
+        faster formulation than ``apply`` as long as its ``y`` equals ``apply``'s to rounding;
+        ``apply`` stays the plain form that autodiff differentiates.
+      - ``bwd(params, state, res, dy, *, key=None, train=False, **kw) -> (dparams, dx)``: the
+        hand-derived backward started from ``res``.
+      - ``name``: for people (errors, ``summary``); code never parses it.
+      - ``kind``: what the layer is, its constructor's name (``"Dense"``, ``"serial"``, ...);
+        code that must know (weight loaders, ``summary``, ``debug``) dispatches on it.
+      - ``keywords``: names of the extra per-call keywords ``apply``/``fwd``/``bwd`` take.
+      - ``children``: ``((name, layer), ...)`` for combinators.
       - ``stochastic``: ``True`` if ``apply(train=True)`` needs a ``key``.
-      - ``fwd(params, state, x, *, key=None, train=False, **kw) -> (y, new_state, res)``
-        (optional): ``apply`` that also returns the residuals ``res``, a pytree of arrays.
-      - ``bwd(params, state, res, dy, *, key=None, train=False, **kw) -> (dparams, dx)``
-        (optional, with ``fwd``): the hand-derived backward started from ``res``.
       - ``meta``: a read-only mapping of facts other code may ask of the layer:
         ``meta["twin"]`` (a recurrent layer's mirrored constructor, read by ``Bidirectional``),
         ``meta["input_range"]`` (``(lo, hi)`` when the input is integer ids that must lie in
         ``[lo, hi)``: ``Embedding``'s ``(0, vocab)``, read by :func:`fnn.checks.check_data`).
-
-    ``fwd`` may use a faster formulation than ``apply`` as long as its ``y`` equals ``apply``'s
-    to rounding; ``apply`` stays the plain form that autodiff differentiates.
+      - ``spec``: the structural identity :func:`constructor` records (``None``: identity of the
+        functions).
     """
 
-    init: Callable
-    apply: Callable
-    backward: Callable
-    name: str = "layer"
-    keywords: frozenset = frozenset()
-    children: tuple = ()
-    stochastic: bool = False
-    fwd: Callable | None = None
-    bwd: Callable | None = None
-    meta: Mapping = MappingProxyType({})
+    __slots__ = ()
+
+    def __new__(cls, init, apply, fwd, bwd, name="layer", kind="layer", keywords=frozenset(),
+                children=(), stochastic=False, meta=_EMPTY, spec=None):
+        if not all(callable(f) for f in (init, apply, fwd, bwd)):
+            raise TypeError(
+                "Layer(init, apply, fwd, bwd, ...): all four must be functions; got "
+                f"{', '.join(type(f).__name__ for f in (init, apply, fwd, bwd))}. A layer "
+                "written as init/apply/backward (the form before fnn 0.2) is "
+                "fnn.core.from_backward(init, apply, backward, name=...)")
+        return super().__new__(cls, init, apply, fwd, bwd, name, kind, frozenset(keywords),
+                               tuple(children), bool(stochastic), MappingProxyType(dict(meta)),
+                               spec)
 
     def __repr__(self):
         return f"<fnn.Layer {self.name}>"
 
-    def __hash__(self):                  # ``meta`` is a read-only mapping: hash its items
-        return hash(self[:-1] + (tuple(sorted(self.meta.items(), key=lambda kv: kv[0])),))
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, Layer):
+            return NotImplemented
+        if self.spec is None or other.spec is None:
+            return tuple.__eq__(self[:-2], other[:-2]) and dict(self.meta) == dict(other.meta) \
+                and self.spec is other.spec
+        return (self.kind, self.spec) == (other.kind, other.spec)
 
-    def vjp_fwd(self, params, state, x, **kw):
-        """``(y, new_state, res)``: ``fwd``, or ``apply`` keeping its input as the residual."""
-        if self.fwd is not None:
-            return self.fwd(params, state, x, **kw)
-        y, new_state = self.apply(params, state, x, **kw)
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self):
+        if self.spec is not None:
+            return hash((self.kind, self.spec))
+        return hash(self[:-2] + (tuple(sorted(self.meta.items(), key=lambda kv: kv[0])),))
+
+    def _replace(self, **changes):
+        """A copy with ``changes``; a changed function, child or keyword drops the structural
+        identity (``spec``) unless a new one is given."""
+        if "spec" not in changes and set(changes) - {"name"}:
+            changes["spec"] = None
+        if "meta" in changes:
+            changes["meta"] = MappingProxyType(dict(changes["meta"]))
+        return super()._replace(**changes)
+
+    def backward(self, params, state, x, dy, **kw):
+        """``(dparams, dx)`` at input ``x``: ``bwd`` of ``fwd``'s residuals."""
+        return self.bwd(params, state, self.fwd(params, state, x, **kw)[2], dy, **kw)
+
+
+def from_backward(init: Callable, apply: Callable, backward: Callable, *, name: str = "layer",
+                  kind: str = "layer", keywords=frozenset(), children=(), stochastic=False,
+                  meta: Mapping = _EMPTY) -> Layer:
+    """A layer from the lesson's three functions: ``init``, ``apply`` and the hand-derived
+    ``backward(params, state, x, dy, **kw) -> (dparams, dx)``. Its residual is its input:
+    ``fwd`` is ``apply`` keeping ``x``, ``bwd`` is ``backward``.
+
+    >>> import jax.numpy as jnp
+    >>> double = from_backward(lambda key, shape: ({}, {}, shape),
+    ...                        lambda p, s, x, **kw: (2 * x, s),
+    ...                        lambda p, s, x, dy, **kw: ({}, 2 * dy), name="double")
+    >>> double.backward({}, {}, jnp.ones(3), jnp.ones(3))[1].tolist()
+    [2.0, 2.0, 2.0]
+    """
+    def fwd(params, state, x, **kw):
+        y, new_state = apply(params, state, x, **kw)
         return y, new_state, x
 
-    def vjp_bwd(self, params, state, res, dy, **kw):
-        """``(dparams, dx)`` from residuals of :meth:`vjp_fwd`: ``bwd``, or ``backward``."""
-        if self.bwd is not None:
-            return self.bwd(params, state, res, dy, **kw)
-        return self.backward(params, state, res, dy, **kw)
+    return Layer(init, apply, fwd, backward, name, kind, keywords, children, stochastic, meta)
+
+
+class _Same:
+    """Identity as a hashable value: equal only to a wrapper of the same object."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _freeze(v):
+    """A hashable stand-in for a constructor argument: equal exactly when the arguments are
+    (values with their type, containers by content, layers structurally, anything else that
+    hashes by its own ``==``; arrays and other unhashable objects by identity)."""
+    if isinstance(v, Layer):
+        return v
+    if isinstance(v, (list, tuple)):
+        return (type(v), tuple(_freeze(a) for a in v))
+    if isinstance(v, dict):
+        return (dict, tuple(sorted(((k, _freeze(a)) for k, a in v.items()), key=repr)))
+    if isinstance(v, (set, frozenset)):
+        return (frozenset, frozenset(_freeze(a) for a in v))
+    try:
+        hash(v)
+    except TypeError:
+        return _Same(v)
+    return (type(v), v)
+
+
+def constructor(fn: Callable) -> Callable:
+    """Decorator for a function that builds a :class:`Layer`: the layer gets ``kind =
+    fn.__name__`` and structural identity — ``spec`` is ``fn``'s bound arguments, defaults
+    filled in, so ``Dense(8) == Dense(8, use_bias=True)`` and both hash alike.
+
+    >>> from fnn.layers import Dense, Relu, serial
+    >>> serial(Dense(8), Relu()) == serial(Dense(8), Relu()), Dense(8).kind
+    (True, 'Dense')
+    """
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def build(*args, **kwargs):
+        layer = fn(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        spec = (fn.__module__, fn.__qualname__,
+                tuple((k, _freeze(v)) for k, v in bound.arguments.items()))
+        try:
+            hash(spec)
+        except TypeError:                   # an argument whose own hash fails: identity
+            spec = None
+        return layer._replace(kind=fn.__name__, spec=spec)
+    return build
 
 
 class Example(NamedTuple):
@@ -154,16 +274,6 @@ def child_key(key, i: int):
     ``None``)."""
     return None if key is None else jax.random.fold_in(key, i)
 
-
-split_key = child_key  # the former name (it folds; it never split)
-
-
-def backward_from(fwd: Callable, bwd: Callable) -> Callable:
-    """``backward(params, state, x, dy, **kw)`` of a layer defined by its ``fwd``/``bwd`` pair:
-    ``bwd`` of ``fwd``'s residuals."""
-    def backward(params, state, x, dy, **kw):
-        return bwd(params, state, fwd(params, state, x, **kw)[2], dy, **kw)
-    return backward
 
 
 # --------------------------------------------------------------------------- inspection
@@ -218,7 +328,7 @@ def summary(model: Layer, input_shape, *, key=None, print_fn=None) -> Summary:
     """
     key = jax.random.PRNGKey(0) if key is None else key
     rows = []
-    if model.name == "serial" and model.children:
+    if model.kind == "serial" and model.children:
         shape = input_shape
         for i, (n, l) in enumerate(model.children):
             p, _, shape = l.init(child_key(key, i), shape)
@@ -240,5 +350,3 @@ def summary(model: Layer, input_shape, *, key=None, print_fn=None) -> Summary:
         print_fn(text)
     return Summary(text)
 
-
-from fnn.combinators import parallel, residual, serial, stack  # noqa: E402  (re-exported)

@@ -185,15 +185,15 @@ def _layer_norms(grads) -> dict[str, float]:
 
 def _relus(model, params, state, x, path=""):
     """``(path, relu output)`` for every ``Relu`` in the model's (nested) ``serial`` chain."""
-    if model.name != "serial":
+    if model.kind != "serial":
         return []
     out = []
     for name, child in model.children:
         p = f"{path}/{name}" if path else name
-        if child.name == "serial":
+        if child.kind == "serial":
             out += _relus(child, params[name], state[name], x, p)
         y, _ = child.apply(params[name], state[name], x)
-        if child.name == "Relu":
+        if child.kind == "Relu":
             out.append((p, y))
         x = y
     return out

@@ -145,10 +145,6 @@ class _Take:
         return a.astype(np.float64)
 
 
-def _kind(layer) -> str:
-    return layer.name.split("(", 1)[0]
-
-
 def _join(a, b, sep):
     return f"{a}{sep}{b}" if a else str(b)
 
@@ -177,7 +173,7 @@ class _Walk:
             prefix = self.mapping[path]
         elif path in self.defaults:
             prefix = self.defaults[path]
-        kind = _kind(layer)
+        kind = layer.kind
         level = re.fullmatch(r"(.*)\[(\d+)\]", prefix)           # "lstm[1]": layer 1 of nn.LSTM
         if level:
             if kind not in _RECURRENT:
@@ -188,7 +184,7 @@ class _Walk:
             prefix, level = level[1], int(level[2])
         if kind in ("serial", "parallel"):
             return self.children(layer, shape, pt, st, path, prefix, kind == "serial")
-        if kind == "residual":
+        if kind in ("residual", "mixed_precision", "full_precision"):    # the child's params
             return self.node(layer.children[0][1], shape, pt, st, path, prefix)
         if kind == "stack":
             return self.stack(layer, shape, pt, st, path, prefix)
@@ -217,7 +213,7 @@ class _Walk:
     def children(self, layer, shape, pt, st, path, prefix, chained):
         params, state, flat_from = {}, {}, None
         for name, child in layer.children:
-            kind = _kind(child)
+            kind = child.kind
             if flat_from is not None and kind != "Dense" and kind not in _PASS:
                 if _has_leaves(pt[name]):
                     self.problems.append(
@@ -238,7 +234,7 @@ class _Walk:
 
     def stack(self, layer, shape, pt, st, path, prefix):
         child = layer.children[0][1]
-        n = int(layer.name.rsplit(",", 1)[1].strip(" )"))
+        n = layer.meta["n"]
         copy = lambda t: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), t)
         outs = [self.node(child, shape, copy(pt), copy(st), _join(path, i, "/"),
                           _join(prefix, i, ".")) for i in range(n)]

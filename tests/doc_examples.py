@@ -10,6 +10,7 @@ Failures name the file and line of the example.
 from __future__ import annotations
 
 import doctest
+import inspect
 import importlib
 import io
 import re
@@ -142,9 +143,22 @@ def import_module(name: str):
         raise
 
 
+class _Finder(doctest.DocTestFinder):
+    """doctest's finder, also for functions under a ``functools.wraps`` decorator (layer
+    constructors under ``@fnn.core.constructor``): whose they are is the wrapped function's
+    module."""
+
+    def _from_module(self, module, obj):
+        return super()._from_module(module, inspect.unwrap(obj) if inspect.isfunction(obj) else obj)
+
+    def _find_lineno(self, obj, source_lines):
+        return super()._find_lineno(inspect.unwrap(obj) if inspect.isfunction(obj) else obj,
+                                    source_lines)
+
+
 def module_doctests(module) -> list[doctest.DocTest]:
     """The doctests of ``module``'s own docstrings (not of names it imports)."""
-    tests = doctest.DocTestFinder(exclude_empty=True).find(module, module.__name__)
+    tests = _Finder(exclude_empty=True).find(module, module.__name__)
     return [t for t in tests if t.examples]
 
 

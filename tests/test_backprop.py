@@ -13,7 +13,8 @@ import pytest
 
 import fnn.layers as L
 from fnn import backprop, losses
-from fnn.core import Layer, cast, serial
+from fnn.combinators import serial
+from fnn.core import Layer, cast, from_backward
 
 from helpers import assert_trees_close, no_autodiff
 
@@ -167,7 +168,8 @@ def Scale() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False, scale):
         return {}, dy * per_example(scale, x)
-    return Layer(lambda k, s: ({}, {}, s), apply, backward, "Scale", frozenset({"scale"}))
+    return from_backward(lambda k, s: ({}, {}, s), apply, backward, name="Scale",
+                         keywords={"scale"})
 
 
 def Noise() -> Layer:
@@ -182,8 +184,8 @@ def Noise() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False):
         return {}, (dy * mask(key, x) if train else dy)
-    return Layer(lambda k, s: ({}, {"calls": jnp.zeros((), jnp.int32)}, s), apply, backward,
-                 "Noise", stochastic=True)
+    return from_backward(lambda k, s: ({}, {"calls": jnp.zeros((), jnp.int32)}, s), apply,
+                         backward, name="Noise", stochastic=True)
 
 
 SCALE = jnp.array([0.5, 2.0, -1.0, 3.0])
@@ -219,10 +221,10 @@ def test_real_dropout_and_batchnorm():
 
 def Doubled(layer) -> Layer:
     """``layer`` whose backward is deliberately twice the true one (to see which rule runs)."""
-    def backward(*a, **k):
-        dp, dx = layer.backward(*a, **k)
+    def bwd(*a, **k):
+        dp, dx = layer.bwd(*a, **k)
         return jax.tree.map(lambda g: 2 * g, dp), 2 * dx
-    return layer._replace(backward=backward)
+    return layer._replace(bwd=bwd)
 
 
 def grads_through(model, loss_of, x_shape, *, argnums=0, make_x=normal, **call):

@@ -34,7 +34,7 @@ def test_train_xor_end_to_end(tmp_path, capsys):
     assert f"checkpoint and plots in {out}/" in lines[-2]
     assert sorted(os.listdir(out)) == ["xor.safetensors", "xor_boundary.png", "xor_curves.png"]
     ts = checkpoint.load(out / "xor.safetensors")        # a TrainState after 2 epochs of 2 steps
-    assert int(ts.step) == 4 and ts.params["0"]["w"].shape == (2, 8)
+    assert int(ts.step) == 4 and ts.params["hidden"]["w"].shape == (2, 8)
 
 
 def test_gradcheck_passes_for_xor(capsys):

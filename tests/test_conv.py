@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fnn import backprop, losses
-from fnn.core import serial
+from fnn.combinators import serial
 from fnn.layers import Conv, ConvTranspose, Dense, Flatten, MaxPool, Relu
 from fnn.layers import conv as C
 

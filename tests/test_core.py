@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fnn import layers
-from fnn.core import (Layer, cast, count_params, parallel, residual, serial, split_key, stack,
-                      summary)
+from fnn.combinators import parallel, residual, serial, stack
+from fnn.core import Layer, cast, child_key, count_params, from_backward, summary
 from fnn.layers import Flatten, Relu, Tanh
 
 from helpers import assert_trees_close
@@ -45,7 +45,7 @@ def Masked() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False, lengths):
         return {}, dy * mask(x, lengths)
-    return Layer(keep_shape, apply, backward, "Masked", frozenset({"lengths"}))
+    return from_backward(keep_shape, apply, backward, name="Masked", keywords={"lengths"})
 
 
 def Scaled() -> Layer:
@@ -55,7 +55,7 @@ def Scaled() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False, scale):
         return {}, dy * scale.reshape((-1,) + (1,) * (x.ndim - 1))
-    return Layer(keep_shape, apply, backward, "Scaled", frozenset({"scale"}))
+    return from_backward(keep_shape, apply, backward, name="Scaled", keywords={"scale"})
 
 
 def key_hash(key, shape):
@@ -75,7 +75,7 @@ def Noise() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False):
         return {}, dy
-    return Layer(keep_shape, apply, backward, "Noise", stochastic=True)
+    return from_backward(keep_shape, apply, backward, name="Noise", stochastic=True)
 
 
 def Drop() -> Layer:
@@ -92,7 +92,7 @@ def Drop() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False):
         return {}, (dy * mask(key, x) if train else dy)
-    return Layer(keep_shape, apply, backward, "Drop", stochastic=True)
+    return from_backward(keep_shape, apply, backward, name="Drop", stochastic=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -367,7 +367,7 @@ def test_serial_parallel_stack_fold_the_key_per_child():
     (y0, y1), _ = model.apply(params, state, x, key=k)
     np.testing.assert_allclose(y0, x + f(0), rtol=1e-12)
     np.testing.assert_allclose(y1, x + f(1), rtol=1e-12)
-    assert split_key(None, 3) is None
+    assert child_key(None, 3) is None
 
 
 @pytest.mark.parametrize("make", [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fnn import debug, initializers, losses, serial
-from fnn.core import Layer
+from fnn.core import Layer, from_backward
 from fnn.layers import BatchNorm, Dense, Relu, Sigmoid
 
 CE = losses.softmax_cross_entropy_with_integer_labels
@@ -84,7 +84,7 @@ def _wrong_scale() -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False):
         return {"s": jnp.sum(dy, axis=0)}, dy * params["s"][None, :]
-    return Layer(init, apply, backward, "WrongScale")
+    return from_backward(init, apply, backward, name="WrongScale")
 
 
 def test_a_wrong_hand_backward_is_named(rng):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn.core import serial
+from fnn.combinators import serial
 from fnn.layers import Dense, Dropout, SpatialDropout
 from fnn.layers.dropout import dropout, dropout_backward
 

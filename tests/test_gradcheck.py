@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fnn import losses
-from fnn.core import serial
+from fnn.combinators import serial
 from fnn.gradcheck import GradcheckError, check_grad, check_model, numerical_grad
 from fnn.layers import Dense, Tanh
 
@@ -162,10 +162,10 @@ def broken_dense(features):
     """Dense whose backward forgets the bias gradient's batch sum (a plausible slip)."""
     d = Dense(features)
 
-    def backward(params, state, x, dy, *, key=None, train=False):
-        g, dx = d.backward(params, state, x, dy, key=key, train=train)
+    def bwd(params, state, res, dy, *, key=None, train=False):
+        g, dx = d.bwd(params, state, res, dy, key=key, train=train)
         return {**g, "b": dy[0]}, dx
-    return d._replace(backward=backward)
+    return d._replace(bwd=bwd)
 
 
 def test_check_model_passes_and_names_a_broken_layer(key):

@@ -1,9 +1,9 @@
 """Shared sweep over every public layer constructor in ``fnn.layers``.
 
 Each constructor declares example constructions with ``@fnn.examples``. For every example:
-hand-derived ``backward``, and ``vjp_bwd`` of ``vjp_fwd``'s residuals, against ``jax.vjp`` of
+hand-derived ``backward``, and ``bwd`` of ``fwd``'s residuals, against ``jax.vjp`` of
 ``apply`` (float64, relative error < 1e-9, tree structures equal) in train and eval mode, with
-autodiff patched to raise while they run; ``vjp_fwd`` equal to ``apply``; residuals arrays only;
+autodiff patched to raise while they run; ``fwd`` equal to ``apply``; residuals arrays only;
 ``vmap`` over a leading axis equal to separate calls; ``jit`` equal to eager; ``init``'s
 inferred output shape equal to the real one; params free of state.
 A new layer without examples, or with a wrong backward, fails here without anyone adding a test.
@@ -95,9 +95,9 @@ def assert_grads_close(name, what, got, want):
 def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch):
     """In one jit (one compilation per case and mode; eager op-by-op dispatch compiled every
     primitive anew): ``apply``, ``jax.vjp`` of ``apply`` (the real one, taken before the patch),
-    ``backward``, and ``vjp_bwd`` of ``vjp_fwd``'s residuals, the hand rules traced with
+    ``backward``, and ``bwd`` of ``fwd``'s residuals, the hand rules traced with
     autodiff patched to raise. Also returns the type names of residual leaves that were not
-    arrays when ``vjp_fwd`` returned them (checked at trace time, where a Python number or a
+    arrays when ``fwd`` returned them (checked at trace time, where a Python number or a
     NumPy array would still show as such)."""
     real_vjp, not_arrays = jax.vjp, []
     float_x = all(is_float(a) for a in jax.tree.leaves(x))
@@ -110,10 +110,10 @@ def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch)
         else:
             ref = (real_vjp(lambda p: f(p, x), params)[1](dy)[0], None)
         back = layer.backward(params, state, x, dy, key=key, train=train, **kw)
-        y2, state2, res = layer.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        y2, state2, res = layer.fwd(params, state, x, key=key, train=train, **kw)
         not_arrays.extend(type(a).__name__ for a in jax.tree.leaves(res)
                           if not isinstance(a, jax.Array))
-        bwd = layer.vjp_bwd(params, state, res, dy, key=key, train=train, **kw)
+        bwd = layer.bwd(params, state, res, dy, key=key, train=train, **kw)
         return out, (y2, state2), ref, back, bwd
     with no_autodiff(monkeypatch):
         return jax.jit(run)(params, state, x, dy, kw, key), not_arrays
@@ -122,8 +122,8 @@ def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
 def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
-    """``backward`` and ``vjp_bwd`` of ``vjp_fwd``'s residuals against ``jax.vjp`` of ``apply``;
-    ``vjp_fwd``'s output and new state equal ``apply``'s; residuals are arrays only."""
+    """``backward`` and ``bwd`` of ``fwd``'s residuals against ``jax.vjp`` of ``apply``;
+    ``fwd``'s output and new state equal ``apply``'s; residuals are arrays only."""
     layer, params, state, _, x, kw, key = setup(name, i, ex)
     y_shape = jax.eval_shape(lambda: layer.apply(params, state, x, key=key, train=train, **kw))[0]
     dy = jax.tree.map(lambda a: normal(jax.random.PRNGKey(7), a.shape).astype(a.dtype), y_shape)
@@ -183,3 +183,17 @@ def test_jit_equals_eager_and_shape_inference(name, i, ex):
     # params must hold no state: both are plain pytrees of arrays
     for leaf in jax.tree.leaves((params, state)):
         assert isinstance(leaf, jax.Array)
+
+
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_kind_and_structural_identity(name):
+    """Every public constructor is a ``@constructor``: its layers' ``kind`` is its name, and
+    two layers built from the same arguments are equal and hash alike (one compiled epoch);
+    a different example's layer is a different layer."""
+    exs = getattr(getattr(fnn.layers, name), "examples", ())
+    layers = [(build(name, ex), build(name, ex)) for ex in exs]
+    for a, b in layers:
+        assert a.kind == name and a is not b and a == b and hash(a) == hash(b)
+    distinct = {a for a, _ in layers}
+    specs = {(ex.args, tuple(sorted(ex.kwargs.items()))) for ex in exs}
+    assert len(distinct) == len(specs)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn.core import residual, serial, stack
+from fnn.combinators import residual, serial, stack
 from fnn.layers import (BatchNorm, Dense, Dropout, GroupNorm, InstanceNorm, LayerNorm, Relu,
                         RMSNorm, WeightNorm)
 from fnn.layers.norm import batch_norm, group_norm

@@ -195,7 +195,7 @@ def test_chains_mix_fnn_and_optax_transforms():
 
 
 def test_optax_drives_fnn_model_params(key, rng):
-    from fnn.core import serial
+    from fnn.combinators import serial
     from fnn.layers import Dense, Tanh
     model = serial(Dense(8), Tanh(), Dense(1))
     # fnn's param tree, filled from NumPy (eval_shape: no random-number kernels to compile)

@@ -87,8 +87,8 @@ def test_bfloat16_hand_backward_of_every_layer(name, i, ex, monkeypatch):
         def vjp(model):
             f = lambda *a: model.apply(a[0], state, a[1] if float_x else x, key=key, **kw)[0]
             return REAL_VJP(f, *wrt)[1](dy)
-        _, _, res = low.vjp_fwd(params, state, x, key=key, **kw)
-        return vjp(low), vjp(high), low.vjp_bwd(params, state, res, dy, key=key, **kw)
+        _, _, res = low.fwd(params, state, x, key=key, **kw)
+        return vjp(low), vjp(high), low.bwd(params, state, res, dy, key=key, **kw)
     with no_autodiff(monkeypatch):
         ref, ref32, (dp, dx) = jax.jit(all_three)(params, x, dy)
     hand = (dp, dx) if float_x else (dp,)
@@ -137,7 +137,7 @@ def test_integer_inputs_stay_integers():
 def test_full_precision_marks_a_layer_float32_inside_bfloat16():
     seen = []
     inner = Softmax()
-    spy = inner._replace(fwd=lambda p, s, x, **k: (seen.append(x.dtype), inner.vjp_fwd(
+    spy = inner._replace(fwd=lambda p, s, x, **k: (seen.append(x.dtype), inner.fwd(
         p, s, x, **k))[1])
     model = mixed_precision(serial(Dense(6), full_precision(spy), Dense(2)), "bfloat16")
     params, state, _ = model.init(K, (3, 4))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fnn import backprop, losses
-from fnn.core import Layer, serial, stack
+from fnn.combinators import serial, stack
+from fnn.core import Layer
 from fnn.layers import (GRU, LSTM, Bidirectional, Dense, SimpleRNN, gru_cell, lstm_cell,
                         rnn_cell, scan_rnn, scan_rnn_backward)
 from fnn.optim import clip_by_global_norm
@@ -289,7 +290,7 @@ def test_bidirectional_finds_its_twin_in_meta():
     with pytest.raises(TypeError, match=r"Bidirectional: expected a SimpleRNN, LSTM or GRU "
                                         r"layer \(one whose meta names its 'twin'\), got LSTM"):
         Bidirectional(layer._replace(meta={}))                   # apply attributes are not read
-    custom = Layer(layer.init, layer.apply, layer.backward, "mine",
+    custom = Layer(layer.init, layer.apply, layer.fwd, layer.bwd, "mine",
                    meta={"twin": lambda: GRU(H, reverse=True)})
     assert Bidirectional(custom).children[1][1].name == "GRU(4, reverse)"
 

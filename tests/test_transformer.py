@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fnn.activations import relu
-from fnn.core import serial, stack
+from fnn.combinators import serial, stack
 from fnn.layers import MLP, TransformerBlock
 
 from helpers import check_pair, no_autodiff, tree_rel_err

@@ -4,7 +4,7 @@ The test suite sweeps ``__all__``: each CamelCase constructor must carry ``@exam
 """
 from fnn.activations import (Activation, Elu, Gelu, LeakyRelu, LogSoftmax, PRelu, Relu, Selu,
                              Sigmoid, Softmax, Softplus, Swish, Tanh)
-from fnn.core import parallel, residual, serial, stack
+from fnn.combinators import parallel, residual, serial, stack
 from fnn.layers.attention import (dot_product_attention, dot_product_attention_backward,
                                   dot_product_attention_bwd, dot_product_attention_fwd,
                                   dot_product_attention_vjp)

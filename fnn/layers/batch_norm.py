@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 from fnn.layers.norm import (_axes, _check_array, _check_params, _grads, _new_params,
                              _normalize, _normalize_backward, _normalize_bwd, _normalize_fwd,
                              _others, _up)
@@ -45,6 +45,7 @@ def batch_norm_backward(x, scale, dy, mean=None, var=None, *, eps=1e-5, axis=-1)
 
 @examples(Example((6, 4)), Example((2, 3, 3, 4), kwargs={"use_offset": False}),
           Example((3, 4, 5), kwargs={"axis": 1, "momentum": 0.5}))
+@constructor
 def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, use_scale: bool = True,
               use_offset: bool = True) -> Layer:
     """Batch norm (Ioffe & Szegedy 2015) over every axis but the feature ``axis``.
@@ -111,4 +112,4 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, use_scal
                                              feat, fixed=not train)
         return _grads(dscale, doffset, params), dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), name, fwd=fwd, bwd=bwd)
+    return Layer(init, apply, fwd, bwd, name)

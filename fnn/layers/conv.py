@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnn import initializers as inits
-from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
 from fnn.layers._checks import check_param_shapes
 
 __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
@@ -361,7 +361,7 @@ def _conv_layer(kind, op, op_backward, geometry, features, kernel_size, strides,
             grads["b"] = jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
         return grads, dx
 
-    return Layer(init, apply, backward, name)
+    return from_backward(init, apply, backward, name=name)
 
 
 # The shared sweep's examples reuse a few input shapes (each new shape costs compilations);
@@ -370,6 +370,7 @@ def _conv_layer(kind, op, op_backward, geometry, features, kernel_size, strides,
           Example((2, 5, 6, 4), (6, (3, 2)), {"dilation": (2, 1), "groups": 2}),
           Example((1, 4, 3, 5, 2), (3, (2, 2, 3)), {"padding": ((1, 0), (0, 1), 1),
                                                      "use_bias": False}))
+@constructor
 def Conv(features: int, kernel_size, strides=1, padding="SAME", dilation=1, groups: int = 1,
          use_bias: bool = True, *, w_init=None, b_init=inits.zeros,
          kernel_grad: str = "auto") -> Layer:
@@ -391,6 +392,7 @@ def Conv(features: int, kernel_size, strides=1, padding="SAME", dilation=1, grou
 @examples(Example((2, 5, 6, 4), (4, (3, 3)), {"strides": 2}),
           Example((2, 7, 3), (6, (4,)), {"strides": 3, "padding": "VALID", "dilation": 2,
                                          "groups": 3}))
+@constructor
 def ConvTranspose(features: int, kernel_size, strides=1, padding="SAME", dilation=1,
                   groups: int = 1, use_bias: bool = True, *, w_init=None, b_init=inits.zeros,
                   kernel_grad: str = "auto") -> Layer:

@@ -5,7 +5,6 @@ The dense op is the lesson's ``z = W·a + b`` in row-major batch form, ``y = x @
 """
 from __future__ import annotations
 
-from types import MappingProxyType
 
 import math
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from fnn import initializers as inits
 from fnn.checks import check_range
-from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
 from fnn.layers._checks import check_param_shapes
 
 __all__ = ["dense", "dense_backward", "Dense", "Flatten", "Embedding"]
@@ -55,6 +54,7 @@ def _check_input(name, x, features_in):
 
 @examples(Example((4, 5), (3,)), Example((2, 3, 4), (6,), {"use_bias": False}),
           Example((5,), (3,)))
+@constructor
 def Dense(features: int, *, w_init=None, b_init=inits.zeros, use_bias: bool = True) -> Layer:
     """Fully connected layer ``y = x @ w + b`` over the last axis.
 
@@ -101,10 +101,11 @@ def Dense(features: int, *, w_init=None, b_init=inits.zeros, use_bias: bool = Tr
         dw, db, dx = dense_backward(x, params["w"], dy, use_bias)
         return ({"w": dw, "b": db} if use_bias else {"w": dw}), dx
 
-    return Layer(init, apply, backward, name)
+    return from_backward(init, apply, backward, name=name)
 
 
 @examples(Example((2, 3, 4)), Example((3, 5)))
+@constructor
 def Flatten() -> Layer:
     """Flatten every axis but the batch axis: ``[batch, d1, d2, ...] → [batch, d1·d2·...]``."""
 
@@ -119,7 +120,7 @@ def Flatten() -> Layer:
     def backward(params, state, x, dy, *, key=None, train=False):
         return {}, dy.reshape(x.shape)
 
-    return Layer(init, apply, backward, "Flatten")
+    return from_backward(init, apply, backward, name="Flatten")
 
 
 def _token_ids(key, shape, dtype):
@@ -127,6 +128,7 @@ def _token_ids(key, shape, dtype):
 
 
 @examples(Example((4, 3), (7, 5), make_input=_token_ids))
+@constructor
 def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
     """Lookup table from integer ids to vectors: ``y = w[x]``.
 
@@ -170,5 +172,4 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
         dw = jnp.zeros_like(w).at[x.reshape(-1)].add(dy.reshape(-1, w.shape[1]))
         return {"w": dw}, None
 
-    return Layer(init, apply, backward, name,
-                 meta=MappingProxyType({"input_range": (0, vocab)}))
+    return from_backward(init, apply, backward, name=name, meta={"input_range": (0, vocab)})

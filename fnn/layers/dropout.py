@@ -15,7 +15,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Example, Layer, examples, is_shape
+from fnn.core import Example, Layer, constructor, examples, is_shape
 
 __all__ = ["dropout_mask", "dropout", "dropout_backward", "Dropout", "SpatialDropout"]
 
@@ -101,23 +101,23 @@ def _dropout_layer(name, rate, min_rank, broadcast_axes) -> Layer:
     def fwd(params, state, x, *, key=None, train=False):
         check(x)
         keep = keep_mask(x, key, train)
-        return run(x, keep, train), state, (() if keep is None else keep)
+        # the input's shape rides along as a zero-size array (no bytes), for bwd's check
+        shape = jnp.zeros((*x.shape, 0), jnp.bool_)
+        return run(x, keep, train), state, ((() if keep is None else keep), shape)
 
     def bwd(params, state, res, dy, *, key=None, train=False):
+        keep, shape = res
         check(dy)
-        return {}, run(dy, res, train)
-
-    def backward(params, state, x, dy, *, key=None, train=False):
-        check(x)
-        if tuple(dy.shape) != tuple(x.shape):
+        if tuple(dy.shape) != shape.shape[:-1]:
             raise ValueError(f"{name}: dy shape {tuple(dy.shape)} differs from the input shape "
-                             f"{tuple(x.shape)}")
-        return bwd(params, state, fwd(params, state, x, key=key, train=train)[2], dy, train=train)
+                             f"{shape.shape[:-1]}")
+        return {}, run(dy, keep, train)
 
-    return Layer(init, apply, backward, name, stochastic=True, fwd=fwd, bwd=bwd)
+    return Layer(init, apply, fwd, bwd, name, stochastic=True)
 
 
 @examples(Example((4, 5), (0.5,)), Example((2, 3, 4), (0.2,)))
+@constructor
 def Dropout(rate: float) -> Layer:
     """Inverted dropout: in training keep each entry with probability ``1 − rate``, scaled by
     ``1 / (1 − rate)``; identity when ``train=False`` (PyTorch ``nn.Dropout(p=rate)``, Flax).
@@ -129,6 +129,7 @@ def Dropout(rate: float) -> Layer:
 
 
 @examples(Example((2, 4, 4, 3), (0.5,)), Example((3, 5, 4), (0.25,)))
+@constructor
 def SpatialDropout(rate: float) -> Layer:
     """Spatial dropout (Tompson et al. 2015): drops whole channels of ``[batch, *spatial, c]``
     features, one mask value per ``(example, channel)`` shared over the spatial axes (mask shape

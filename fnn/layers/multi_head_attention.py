@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnn import initializers as inits
-from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 from fnn.layers.attention import (dot_product_attention, dot_product_attention_bwd,
                                   dot_product_attention_fwd)
 from fnn.layers.dense import dense, dense_backward
@@ -50,6 +50,7 @@ def _mask_example(key, input_shape):
                   call_kwargs=_mask_example),
           Example(((2, 4, 6), (2, 5, 3)), (2,), {"head_dim": 3, "out_features": 5,
                                                  "use_bias": False}))
+@constructor
 def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
                        num_kv_heads: int | None = None, out_features: int | None = None,
                        dropout: float = 0.0, use_bias: bool = True, *, causal: bool = False,
@@ -216,8 +217,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
         y = dense(_merge(a), params["o"]["w"], params["o"].get("b"))
         return y, {"k": kc, "v": vc, "index": idx + t}
 
-    return Layer(init, apply, backward_from(fwd, bwd), name, frozenset({"mask", "cache_len"}),
-                 stochastic=dropout > 0, fwd=fwd, bwd=bwd)
+    return Layer(init, apply, fwd, bwd, name, keywords={"mask", "cache_len"},
+                 stochastic=dropout > 0)
 
 
 def _fused(params, use_bias):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 
 __all__ = [
     "batch_norm", "batch_norm_backward", "layer_norm", "layer_norm_backward",
@@ -265,7 +265,7 @@ def _affine_layer(name, features, op_fwd, op_bwd, use_scale, use_offset) -> Laye
         dscale, doffset, dx = op_bwd(res, params.get("scale"), dy)
         return _grads(dscale, doffset, params), dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), name, fwd=fwd, bwd=bwd)
+    return Layer(init, apply, fwd, bwd, name)
 
 
 def _axis_layer(name, axis, eps, center, use_scale, use_offset) -> Layer:
@@ -290,6 +290,7 @@ def _axis_layer(name, axis, eps, center, use_scale, use_offset) -> Layer:
 
 @examples(Example((3, 5)), Example((2, 3, 4), kwargs={"axis": (-2, -1)}),
           Example((2, 3, 4), kwargs={"use_scale": False}))
+@constructor
 def LayerNorm(eps: float = 1e-5, axis=-1, use_scale: bool = True,
               use_offset: bool = True) -> Layer:
     """Layer norm: each example standardized over ``axis`` (default the last), then
@@ -304,6 +305,7 @@ def LayerNorm(eps: float = 1e-5, axis=-1, use_scale: bool = True,
 
 
 @examples(Example((3, 5)), Example((2, 3, 4), kwargs={"use_offset": True}))
+@constructor
 def RMSNorm(eps: float = 1e-6, axis=-1, use_scale: bool = True,
             use_offset: bool = False) -> Layer:
     """RMS norm (Zhang & Sennrich 2019): ``y = scale · x / √(mean(x²) + eps)`` over ``axis``; no
@@ -317,6 +319,7 @@ def RMSNorm(eps: float = 1e-6, axis=-1, use_scale: bool = True,
 
 
 @examples(Example((2, 3, 4, 3)), Example((2, 5, 3), kwargs={"use_offset": False}))
+@constructor
 def InstanceNorm(eps: float = 1e-5, use_scale: bool = True, use_offset: bool = True) -> Layer:
     """Instance norm: each example and channel standardized over the spatial axes.
 
@@ -340,6 +343,7 @@ def InstanceNorm(eps: float = 1e-5, use_scale: bool = True, use_offset: bool = T
 
 
 @examples(Example((2, 3, 3, 4), (2,)), Example((3, 6), (3,)))
+@constructor
 def GroupNorm(groups: int, eps: float = 1e-5, use_scale: bool = True,
               use_offset: bool = True) -> Layer:
     """Group norm (Wu & He 2018): the ``c`` channels split into ``groups`` groups, each standardized

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fnn.core import Example, Layer, examples, is_shape
+from fnn.core import Example, Layer, constructor, examples, from_backward, is_shape
 from fnn.layers.conv import _conv_pads, _tuple
 
 __all__ = ["max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward",
@@ -187,11 +187,12 @@ def _pool_layer(kind, op, op_backward, window, strides, padding, **extra):
         _geometry(kind, x.shape, window, strides, padding)
         return {}, op_backward(x, dy, window, strides, padding, **extra)
 
-    return Layer(init, apply, backward, f"{kind}({window})")
+    return from_backward(init, apply, backward, name=f"{kind}({window})")
 
 
 @examples(Example((2, 5, 6, 4), ((2, 2),)),        # input shapes shared with Conv's examples
           Example((1, 4, 3, 5, 2), ((2, 3, 2), (1, 2, 1), ((1, 0), 1, (0, 1)))))
+@constructor
 def MaxPool(window, strides=None, padding="VALID") -> Layer:
     """Max pooling layer (see :func:`max_pool`): ``[batch, *spatial, C] → [batch, *out, C]``.
 
@@ -204,6 +205,7 @@ def MaxPool(window, strides=None, padding="VALID") -> Layer:
 
 @examples(Example((2, 5, 6, 4), ((3, 2), (2, 1), "SAME"), {"count_include_pad": False}),
           Example((2, 7, 3), ((3,), 2, "SAME")))
+@constructor
 def AvgPool(window, strides=None, padding="VALID", count_include_pad: bool = True) -> Layer:
     """Average pooling layer (see :func:`avg_pool`): ``[batch, *spatial, C] → [batch, *out, C]``.
 
@@ -232,10 +234,11 @@ def _global_layer(kind, forward, backward_fn):
         _check(x.shape)
         return {}, backward_fn(x.reshape(x.shape[0], -1, x.shape[-1]), dy).reshape(x.shape)
 
-    return Layer(init, apply, backward, kind)
+    return from_backward(init, apply, backward, name=kind)
 
 
 @examples(Example((2, 5, 6, 4)))
+@constructor
 def GlobalAvgPool() -> Layer:
     """Mean over all spatial axes: ``[batch, *spatial, C] → [batch, C]``.
 
@@ -252,6 +255,7 @@ def _global_max_backward(x, dy):
 
 
 @examples(Example((2, 7, 3)))
+@constructor
 def GlobalMaxPool() -> Layer:
     """Max over all spatial axes: ``[batch, *spatial, C] → [batch, C]``.
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn import initializers as inits
-from fnn.core import Example, Layer, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
 
 __all__ = ["sinusoidal", "rope", "rope_backward", "check_room", "SinusoidalPositions",
            "PositionalEmbedding"]
@@ -139,6 +139,7 @@ def _no_decode_backward(name, cache_len):
 # --------------------------------------------------------------------------- layers
 
 @examples(Example((2, 5, 4)), Example((2, 3, 7), (), {"base": 100.0}))
+@constructor
 def SinusoidalPositions(base: float = 10000.0) -> Layer:
     """Adds the fixed sinusoidal table: ``y[b, t] = x[b, t] + PE[t]`` (Vaswani et al. 2017).
 
@@ -168,10 +169,11 @@ def SinusoidalPositions(base: float = 10000.0) -> Layer:
         _no_decode_backward(name, cache_len)
         return {}, dy
 
-    return Layer(init, apply, backward, name, frozenset({"cache_len"}))
+    return from_backward(init, apply, backward, name=name, keywords={"cache_len"})
 
 
 @examples(Example((2, 5, 4), (8,)), Example((3, 4, 2), (4,)))
+@constructor
 def PositionalEmbedding(max_len: int, *, w_init=None) -> Layer:
     """Learned absolute positions: ``y[b, t] = x[b, t] + w[t]`` (GPT-2's ``wpe``).
 
@@ -213,4 +215,4 @@ def PositionalEmbedding(max_len: int, *, w_init=None) -> Layer:
         dw = jnp.concatenate([jnp.sum(dy, axis=0), jnp.zeros((max_len - t, w.shape[1]), dy.dtype)])
         return {"w": dw}, dy
 
-    return Layer(init, apply, backward, name, frozenset({"cache_len"}))
+    return from_backward(init, apply, backward, name=name, keywords={"cache_len"})

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn import activations as acts
-from fnn.core import Example, Layer, backward_from, default_dtype, examples, is_shape
+from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 from fnn.layers._checks import check_param_shapes
 from fnn.layers._rnn_scan import (_run_apply, _run_bwd, _run_fwd, _setup,
                                   scan_rnn, scan_rnn_backward)
@@ -92,8 +92,7 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
 
     meta = MappingProxyType({"twin": twin, "return_carry": return_carry, "reverse": reverse,
                              "cell": cell.name})
-    return Layer(init, apply, backward_from(fwd, bwd), name,
-                 frozenset({"lengths", "initial_carry"}), fwd=fwd, bwd=bwd, meta=meta)
+    return Layer(init, apply, fwd, bwd, name, keywords={"lengths", "initial_carry"}, meta=meta)
 
 
 def _no_share_forward(label, share_forward):
@@ -156,6 +155,7 @@ _GRU_EXAMPLE = Example((3, 4, 2), (3,), {"return_carry": True}, call_kwargs=_len
 
 
 @examples(_RNN_EXAMPLE)
+@constructor
 def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, return_carry=False,
               reverse=False, stateful=False, wi_init=None, wh_init=None,
               share_forward=None) -> Layer:
@@ -175,6 +175,7 @@ def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, retur
 
 
 @examples(_LSTM_EXAMPLE, _LSTM_EXAMPLE_2)
+@constructor
 def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
          stateful=False, wi_init=None, wh_init=None, share_forward=None) -> Layer:
     """Long short-term memory over ``[batch, time, in]`` sequences (Hochreiter & Schmidhuber).
@@ -194,6 +195,7 @@ def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=Fals
 
 
 @examples(_GRU_EXAMPLE)
+@constructor
 def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
         stateful=False, wi_init=None, wh_init=None, share_forward=None) -> Layer:
     """Gated recurrent unit over ``[batch, time, in]`` sequences (Cho et al., 2014).
@@ -229,6 +231,7 @@ def _split_pair(name, what, pair):
 @examples(Example((3, 5, 2), (GRU(3, return_sequences=False, return_carry=True), "sum"),
                   call_kwargs=_lengths_kw),
           Example((2, 4, 3), (LSTM(3, return_carry=True),), call_kwargs=_pair_kw(_carry_kw(2))))
+@constructor
 def Bidirectional(layer: Layer, merge: str = "concat") -> Layer:
     """Run a recurrent layer forwards and a mirrored copy backwards; merge their outputs.
 
@@ -279,7 +282,7 @@ def Bidirectional(layer: Layer, merge: str = "concat") -> Layer:
         return run("apply", params, state, x, lengths, initial_carry)[:2]
 
     def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
-        return run("vjp_fwd", params, state, x, lengths, initial_carry)
+        return run("fwd", params, state, x, lengths, initial_carry)
 
     def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
         dy, dc = dy if rc else (dy, None)
@@ -287,10 +290,10 @@ def Bidirectional(layer: Layer, merge: str = "concat") -> Layer:
         dys = jnp.split(dy, 2, axis=-1) if merge == "concat" else (dy, dy)
         grads, dx = {}, 0
         for (n, l), k, d, c in zip(dirs, kws(initial_carry, lengths), dys, dcs):
-            grads[n], dxn = l.vjp_bwd(params[n], state[n], res[n], (d, c) if rc else d, **k)
+            grads[n], dxn = l.bwd(params[n], state[n], res[n], (d, c) if rc else d, **k)
             dx = dx + dxn
         return grads, dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), f"Bidirectional({fl.name}, {merge})",
-                 frozenset({"lengths", "initial_carry"}), dirs, fwd=fwd, bwd=bwd,
-                 meta=MappingProxyType({"return_carry": rc, "merge": merge}))
+    return Layer(init, apply, fwd, bwd, f"Bidirectional({fl.name}, {merge})",
+                 keywords={"lengths", "initial_carry"}, children=dirs,
+                 meta={"return_carry": rc, "merge": merge})

@@ -18,8 +18,8 @@ import jax
 
 from fnn import activations as acts
 from fnn import initializers as inits
-from fnn.core import (Example, Layer, backward_from, default_dtype, examples, is_shape, residual,
-                       serial)
+from fnn.combinators import residual, serial
+from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 from fnn.layers.multi_head_attention import MultiHeadAttention
 from fnn.layers.dense import dense, dense_backward
 from fnn.layers.dropout import Dropout
@@ -49,6 +49,7 @@ def mlp_backward(x, w1, b1, w2, b2, dy, activation=acts.gelu):
 
 @examples(Example((2, 3, 4), (8,)), Example((5, 3), (6, 2), {"activation": acts.relu,
                                                             "use_bias": False}))
+@constructor
 def MLP(hidden_features: int, out_features: int | None = None, *, activation=acts.gelu,
         use_bias: bool = True, w_init=None) -> Layer:
     """Two-layer perceptron ``y = act(x W₁ + b₁) W₂ + b₂`` over the last axis (the transformer's
@@ -106,7 +107,7 @@ def MLP(hidden_features: int, out_features: int | None = None, *, activation=act
         pack = lambda w, b: {"w": w} if b is None else {"w": w, "b": b}
         return {"fc1": pack(dw1, db1), "fc2": pack(dw2, db2)}, dx
 
-    return Layer(init, apply, backward_from(fwd, bwd), name, fwd=fwd, bwd=bwd)
+    return Layer(init, apply, fwd, bwd, name)
 
 
 def _norm(norm_type, eps):
@@ -120,6 +121,7 @@ def _norm(norm_type, eps):
 @examples(Example((2, 5, 8), (2, 16), {"use_bias": False}),           # see MultiHeadAttention
           Example((2, 4, 8), (2, 12), {"norm": "post", "norm_type": "rms", "causal": True,
                                        "dropout": 0.2, "use_bias": False}))
+@constructor
 def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
                      norm: str = "pre", causal: bool = False, *, norm_type: str = "layer",
                      eps: float | None = None, head_dim: int | None = None,
@@ -163,5 +165,5 @@ def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
                              f"got {input_shape}")
         return block.init(key, input_shape)
 
-    return Layer(init, block.apply, block.backward, name, block.keywords, (("block", block),),
-                 block.stochastic, block.fwd, block.bwd)
+    return Layer(init, block.apply, block.fwd, block.bwd, name, keywords=block.keywords,
+                 children=(("block", block),), stochastic=block.stochastic)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fnn.core import Example, Layer, examples
+from fnn.core import Example, Layer, constructor, examples, from_backward
 from fnn.layers.dense import Dense
 
 __all__ = ["weight_norm", "weight_norm_backward", "WeightNorm"]
@@ -36,6 +36,7 @@ def weight_norm_backward(v, g, dw):
 
 
 @examples(Example((4, 5), (Dense(3),)), Example((2, 3, 4), (Dense(2, use_bias=False),)))
+@constructor
 def WeightNorm(layer: Layer) -> Layer:
     """Weight normalization (Salimans & Kingma 2016) of a layer with a kernel ``params["w"]``
     (last axis = output features, as ``Dense`` and ``Conv``): ``w = g · v / ‖v‖``, the norm over
@@ -70,5 +71,5 @@ def WeightNorm(layer: Layer) -> Layer:
         dv, dg = weight_norm_backward(params["v"], params["g"], grads.pop("w"))
         return {**grads, "v": dv, "g": dg}, dx
 
-    return Layer(init, apply, backward, name, layer.keywords, (("layer", layer),),
-                 layer.stochastic)
+    return from_backward(init, apply, backward, name=name, keywords=layer.keywords,
+                         children=(("layer", layer),), stochastic=layer.stochastic)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 
-from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,8 @@ from jax import lax
 
 from fnn import backprop, losses
 from fnn import initializers as inits
-from fnn.core import Layer, backward_from, child_key, is_shape, serial, stack
+from fnn.combinators import serial, stack
+from fnn.core import Layer, child_key, constructor, is_shape
 from fnn.layers.dense import Dense, Embedding
 from fnn.layers.multi_head_attention import decode_step, init_cache
 from fnn.layers.norm import LayerNorm, RMSNorm
@@ -39,6 +39,7 @@ __all__ = ["GPT", "init_cache", "decode_step", "sample", "value_and_grad", "lm_l
 lm_loss = losses.softmax_cross_entropy_with_integer_labels
 
 
+@constructor
 def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
         mlp_features: int | None = None, max_len: int = 256, *, positions: str = "learned",
         tie: bool = True, dropout: float = 0.0, norm_type: str = "layer",
@@ -77,7 +78,7 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
     name = f"GPT(vocab={vocab}, d={d_model}, heads={num_heads}, depth={depth}, {positions})"
     model = _lm(compose(stack(block, depth, remat=remat)), tie, name, dropout > 0)
     unrolled = _lm(compose(_unrolled(block, depth)), tie, name, dropout > 0)
-    return model._replace(meta=MappingProxyType({"unrolled": unrolled}))   # for value_and_grad
+    return model._replace(meta={"unrolled": unrolled})   # for value_and_grad
 
 
 def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
@@ -98,7 +99,7 @@ def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
         _check_tokens(x, kw)
         if kw.get("cache_len") is not None:
             raise ValueError("GPT: fwd/backward does not run in decoding mode (cache_len given)")
-        h, new_state, res = body.vjp_fwd(params, state, x, key=key, train=train, **kw)
+        h, new_state, res = body.fwd(params, state, x, key=key, train=train, **kw)
         if not tie:
             return h, new_state, {"body": res}
         return _tied(params, h), new_state, {"body": res, "z": h}
@@ -106,14 +107,14 @@ def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
     def bwd(params, state, res, dy, *, key=None, train=False, **kw):
         _check_kw(kw)
         if not tie:
-            return body.vjp_bwd(params, state, res["body"], dy, key=key, train=train, **kw)[0], None
+            return body.bwd(params, state, res["body"], dy, key=key, train=train, **kw)[0], None
         dz = jnp.einsum("btv,vd->btd", dy, params["embed"]["w"])                # dz = dy E
-        grads, _ = body.vjp_bwd(params, state, res["body"], dz, key=key, train=train, **kw)
+        grads, _ = body.bwd(params, state, res["body"], dz, key=key, train=train, **kw)
         de = jnp.einsum("btv,btd->vd", dy, res["z"])                            # dE += dyᵀ z
         return {**grads, "embed": {"w": grads["embed"]["w"] + de}}, None
 
-    return Layer(init, apply, backward_from(fwd, bwd), name, frozenset({"mask", "cache_len"}),
-                 body.children, stochastic, fwd, bwd)
+    return Layer(init, apply, fwd, bwd, name, keywords={"mask", "cache_len"},
+                 children=body.children, stochastic=stochastic)
 
 
 def _unrolled(block: Layer, depth: int) -> Layer:
@@ -127,7 +128,7 @@ def _unrolled(block: Layer, depth: int) -> Layer:
     def fwd(params, state, x, *, key=None, train=False, **kw):
         states, res = [], []
         for i in range(depth):
-            x, s, r = block.vjp_fwd(at(params, i), at(state, i), x, key=child_key(key, i),
+            x, s, r = block.fwd(at(params, i), at(state, i), x, key=child_key(key, i),
                                     train=train, **kw)
             states.append(s), res.append(r)
         return x, stacked(states), res
@@ -135,11 +136,11 @@ def _unrolled(block: Layer, depth: int) -> Layer:
     def bwd(params, state, res, dy, *, key=None, train=False, **kw):
         grads = [None] * depth
         for i in reversed(range(depth)):
-            grads[i], dy = block.vjp_bwd(at(params, i), at(state, i), res[i], dy,
+            grads[i], dy = block.bwd(at(params, i), at(state, i), res[i], dy,
                                          key=child_key(key, i), train=train, **kw)
         return stacked(grads), dy
 
-    return ref._replace(backward=backward_from(fwd, bwd), fwd=fwd, bwd=bwd)
+    return ref._replace(fwd=fwd, bwd=bwd)
 
 
 def _check_kw(kw):
@@ -166,7 +167,7 @@ def value_and_grad(model: Layer, *, unroll: bool = False):
     residuals, then the loss's gradient ``(softmax − onehot)/N`` back through the hand rules.
     ``unroll=True`` loops over the blocks in Python instead of ``lax.scan`` (same params,
     stacked; compile time grows with depth; see ``benchmarks/RESULTS.md`` for when it pays)."""
-    if not isinstance(model, Layer) or not model.name.startswith("GPT("):
+    if not isinstance(model, Layer) or model.kind != "GPT":
         raise TypeError(f"value_and_grad: expected a model built by fnn.models.GPT, got {model!r}")
     return backprop.value_and_grad(model.meta["unrolled"] if unroll else model, lm_loss)
 

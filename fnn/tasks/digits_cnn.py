@@ -34,8 +34,11 @@ EPOCHS, LR, BATCH, PATIENCE, VAL_FRACTION = 30, 2e-3, 32, 8, 0.1
 
 def model():
     """``(batch, 8, 8, 1)`` → 10 logits: two 3×3 convolutions, a 2×2 max pool, two dense."""
-    return serial(Conv(32, (3, 3)), Relu(), Conv(64, (3, 3)), Relu(), MaxPool((2, 2)),
-                  Dropout(0.25), Flatten(), Dense(128), Relu(), Dropout(0.5), Dense(10))
+    return serial(("conv1", Conv(32, (3, 3))), ("relu1", Relu()),
+                  ("conv2", Conv(64, (3, 3))), ("relu2", Relu()), ("pool", MaxPool((2, 2))),
+                  ("drop1", Dropout(0.25)), ("flatten", Flatten()),
+                  ("fc", Dense(128)), ("relu3", Relu()), ("drop2", Dropout(0.5)),
+                  ("head", Dense(10)))
 
 
 def predict(net, params, state, x, batch=512):
@@ -142,7 +145,7 @@ def problem(seed=0):
     h = x
     for i, (name, layer) in enumerate(net.children):
         z, _ = layer.apply(params[name], state[name], h)
-        if i + 1 < len(net.children) and net.children[i + 1][1].name == "Relu":
+        if i + 1 < len(net.children) and net.children[i + 1][1].kind == "Relu":
             params[name] = {**params[name], "b": _clear_kinks(z, params[name]["b"])}
             z, _ = layer.apply(params[name], state[name], h)
         h = z

@@ -22,7 +22,8 @@ LOSS = losses.softmax_cross_entropy_with_integer_labels
 
 def model():
     """64 → 128 → 64 → 10 logits, ReLU between."""
-    return serial(Dense(128), Relu(), Dense(64), Relu(), Dense(10))
+    return serial(("fc1", Dense(128)), ("relu1", Relu()), ("fc2", Dense(64)), ("relu2", Relu()),
+                  ("head", Dense(10)))
 
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,

@@ -24,7 +24,8 @@ LOSS = losses.sigmoid_binary_cross_entropy
 
 def model():
     """2 → 8 (tanh) → 1 logit."""
-    return serial(Dense(8, w_init=glorot_normal()), Tanh(), Dense(1, w_init=glorot_normal()))
+    return serial(("hidden", Dense(8, w_init=glorot_normal())), ("tanh", Tanh()),
+                  ("out", Dense(1, w_init=glorot_normal())))
 
 
 def _data(n, seed):

@@ -1,5 +1,12 @@
 """Reuse of compiled epochs: functions that compute the same thing compare equal here.
 
+A model built from fnn's constructors is its own key: a ``Layer`` has structural identity
+(``fnn.core.constructor``: the same constructor with equal arguments gives an equal layer). The
+code fingerprint below remains for what has no such identity: losses, optimizers (optax's are
+closures; fnn's keep the learning rate in their state so that optimizers differing only in the
+rate share one program), metrics, augmentation functions and layers a user built without
+``@constructor``.
+
 ``jax.jit`` caches on the identity of the function, so ``fit(..., optim.sgd(0.01))`` in a loop
 (a fresh optimizer, loss or model each time: new closures) would recompile every call. The
 builders of compiled epochs are memoised on a :func:`fingerprint` of their arguments instead: a
@@ -19,6 +26,8 @@ from __future__ import annotations
 import collections
 import functools
 import types
+
+from fnn.core import Layer
 
 _VALUES = (type(None), bool, int, str, bytes)
 _EXACT_VALUES = frozenset(_VALUES)
@@ -102,6 +111,8 @@ def _fingerprint(obj, _path, memo):
     for depth, seen in enumerate(_path):               # a cycle: where it points back to
         if seen is obj:
             return "<cycle>", depth
+    if isinstance(obj, Layer) and obj.spec is not None:
+        return Layer, obj                              # structural identity: its own == and hash
     path = _path + (obj,)
     if isinstance(obj, (tuple, list)):                 # NamedTuples included: the type counts
         return type(obj), tuple(fingerprint(x, path, memo) for x in obj)
