@@ -1,4 +1,4 @@
-"""The lesson's debugging checklist as a function: :func:`checklist` runs it on a model and its data.
+"""The lesson's debugging checklist as a function: :func:`checklist` runs it on a model and data.
 
 The checklist (``Debugging Neural Networks`` in the lesson), and what each check does here:
 
