@@ -1,7 +1,7 @@
 """fnn.sharding on several devices, equal to one device: training and ``fit`` on 8 simulated CPU
-devices, and 2 processes × 2 devices against 1 × 4; also ``fnn.sharding.launch`` and ``fit`` on
-a one-device mesh. (Rules, data and checkpoints on the suite's one device are in
-test_sharding_rules.py, test_sharding_data.py and test_sharding_checkpoint.py.)
+devices, and 2 processes × 2 devices against 1 × 4; also ``fnn.sharding.launch`` and the default
+mesh. (Rules, data and checkpoints on the suite's one device are in test_sharding_rules.py,
+test_sharding_data.py and test_sharding_checkpoint.py; ``fit`` on a mesh in test_fit_mesh.py.)
 
 The multi-device checks run in subprocesses (the device count is fixed when JAX starts):
 ``sharding_workers/train_equivalence.py`` on 8 simulated CPU devices (one process: every
@@ -15,8 +15,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from fnn import sharding
@@ -123,11 +121,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert len(re.findall(r"^epoch 3/3 ", text, re.M)) == 1, text[-2000:]
 
 
-# --------------------------------------------------------------------------- launch, fit on a mesh
-
-def _mesh(shape=(1, 1), names=("data", "model")):
-    return sharding.make_mesh(shape, names)
-
+# --------------------------------------------------------------------------- one device
 
 def test_initialize_without_a_coordinator_does_nothing(monkeypatch):
     from fnn.sharding.launch import initialize
@@ -156,56 +150,13 @@ def test_launch_local_runs_each_process_with_its_id(tmp_path):
     assert launch_local([sys.executable, "-c", stop], 2, timeout=60) == [3, -9]
 
 
-FIT_CASES = [("mlp", "autodiff", "dp"), ("mlp", "manual", "tp"), ("mlp", "manual", "fsdp")]
-if os.environ.get("FNN_SHARDING_FULL"):         # every model, mesh and gradient path (minutes)
-    FIT_CASES = [(m, g, k) for m in ("mlp", "cnn", "lm", "lstm") for g in ("autodiff", "manual")
-                 for k in ("dp", "tp", "fsdp")]
-
-
-@pytest.mark.slow
-def test_fit_on_a_mesh_matches_fit_on_one_device():
-    """``fit(mesh=, param_sharding=)`` (no shuffle) gives the one-device ``fit``'s parameters
-    to 1e-5 after 20 Adam steps, with params and moments sharded as asked; a shuffled run
-    (within shards) trains."""
-    r = subprocess.run([sys.executable, os.path.join(WORKERS, "fit_equivalence.py"),
-                        json.dumps(FIT_CASES)], capture_output=True, text=True, env=_env(),
-                       timeout=900, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(got["cases"]) == len(FIT_CASES)
-    for c in got["cases"]:
-        assert c["steps"] == 20, c
-        assert c["max_diff"] < 1e-5, c
-        assert c["params_sharded_as_asked"] and c["opt_state_like_params"], c
-        assert (c["split_params"] > 0) == (c["mesh"] != "dp"), c
-    assert got["shuffled_trains"]
-
-
-_TRACES = []
-
-
-def test_fit_on_a_mesh_donates_keeps_callers_state_and_reuses_its_compiled_epoch(key):
-    """On a one-device mesh: the same parameters as plain fit, the caller's arrays intact, and
-    a second call (fresh optimizer and mesh objects, equal values) traces nothing."""
-    from fnn import losses, optim, train
-    from fnn.layers import Dense, Tanh, serial
-    model, traces = serial(Dense(4), Tanh(), Dense(2)), _TRACES
-
-    def loss(pred, target, **kw):
-        _TRACES.append(1)                  # a global: the closure does not change with it
-        return losses.mse(pred, target, **kw)
-    r = np.random.default_rng(0)
-    x, t = jnp.asarray(r.normal(size=(32, 3))), jnp.asarray(r.normal(size=(32, 2)))
-    params = model.init(key, (8, 3))[0]
-    kw = dict(epochs=2, batch_size=8, params=params, key=key, shuffle=False, progress=False)
-    ref = train.fit(model, loss, optim.adam(1e-2), (x, t), **kw)
-    runs = [train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)),
-                      **kw) for _ in range(2)]
-    n = len(traces)
-    third = train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)), **kw)
-    assert len(traces) == n                                   # no new trace: cached
-    for got in runs + [third]:
-        for a, b in zip(jax.tree.leaves(got.train_state.params),
-                        jax.tree.leaves(ref.train_state.params)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
-    assert not any(a.is_deleted() for a in jax.tree.leaves(params))
+def test_default_mesh_context():
+    assert sharding.current_mesh() is None
+    mesh = jax.make_mesh((1,), ("data",))                      # Explicit: stored as Auto
+    with sharding.default_mesh(mesh):
+        got = sharding.current_mesh()
+        assert got.axis_types == (jax.sharding.AxisType.Auto,) and got.axis_names == ("data",)
+        with sharding.default_mesh(None):
+            assert sharding.current_mesh() is None
+        assert sharding.current_mesh() is got
+    assert sharding.current_mesh() is None

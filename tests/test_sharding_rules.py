@@ -103,18 +103,6 @@ def test_simulate_cpu_devices_after_start():
         sharding.simulate_cpu_devices(0)
 
 
-def test_default_mesh_context():
-    assert sharding.current_mesh() is None
-    mesh = jax.make_mesh((1,), ("data",))                      # Explicit: stored as Auto
-    with sharding.default_mesh(mesh):
-        got = sharding.current_mesh()
-        assert got.axis_types == (jax.sharding.AxisType.Auto,) and got.axis_names == ("data",)
-        with sharding.default_mesh(None):
-            assert sharding.current_mesh() is None
-        assert sharding.current_mesh() is got
-    assert sharding.current_mesh() is None
-
-
 def test_shard_train_state_and_process_local_batch_on_one_process():
     from fnn import optim
     from fnn.train import TrainState
