@@ -1,7 +1,7 @@
-"""The debugging checklist in code: ``fnn.debug.check`` on a healthy model and on four broken ones, each fault named.
+"""The debugging checklist in code: ``fnn.debug.checklist`` on a healthy model and on four broken ones, each fault named.
 
 The lesson's "Debugging Neural Networks": overfit a small batch, check the data pipeline, monitor
-gradient norms, start simple, check gradients numerically. ``fnn.debug.check(model, loss, (x, y))``
+gradient norms, start simple, check gradients numerically. ``fnn.debug.checklist(model, loss, (x, y))``
 runs those five checks (``fnn doctor TASK`` runs them on a bundled task) and reports findings
 in plain words. Here a 3-class problem (Gaussian clusters in 8 dimensions, 32 examples) and a
 small ReLU MLP, first healthy, then with one planted fault each:
@@ -128,8 +128,8 @@ def main(argv=None):
     all_cases = cases(args.seed)
     reports = {}
     for name, (model, x, y, checks) in all_cases.items():
-        reports[name] = debug.check(model, LOSS, (x, y), key=key,
-                                    checks=checks if args.quick else debug.CHECKS)
+        reports[name] = debug.checklist(model, LOSS, (x, y), key=key,
+                                        checks=checks if args.quick else debug.CHECKS)
         reports[name].title = name
         print(reports[name], end="\n\n")
     path = os.path.join(args.out, "debugging.png")

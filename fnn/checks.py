@@ -1,5 +1,8 @@
 """Value checks for integer labels and token ids: eager on concrete arrays, opt-in under ``jit``.
 
+The checks of the *data*; the lesson's debugging checklist is :func:`fnn.debug.checklist` and
+the finite-difference gradient checks are :mod:`fnn.gradcheck`.
+
 Shapes are static under ``jit`` and fnn checks them everywhere; *values* are only known on
 concrete arrays. Integer class labels outside ``[0, classes)`` and token ids outside
 ``[0, vocab)`` are therefore checked in three places:

@@ -21,10 +21,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from fnn.checks import check_data, data_checker
-
 __all__ = ["num_examples", "batches", "num_batches", "split", "load_digits", "xor",
-           "two_spirals", "noisy_sine", "check_data", "data_checker"]
+           "two_spirals", "noisy_sine"]
 
 
 def num_examples(data, name: str = "data") -> int:

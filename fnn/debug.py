@@ -1,4 +1,4 @@
-"""The lesson's debugging checklist as a function: :func:`check` runs it on a model and its data.
+"""The lesson's debugging checklist as a function: :func:`checklist` runs it on a model and data.
 
 The checklist (``Debugging Neural Networks`` in the lesson), and what each check does here:
 
@@ -29,10 +29,10 @@ would be meaningless.
 >>> from fnn.layers import Dense, Relu, serial
 >>> model = serial(Dense(16), Relu(), Dense(3))
 >>> x, y = jax.random.normal(jax.random.PRNGKey(0), (12, 4)), jnp.arange(12) % 3
->>> report = fnn.debug.check(model, losses.softmax_cross_entropy_with_integer_labels,
-...                          (x, y.at[0].set(5)))           # a label out of range
+>>> report = fnn.debug.checklist(model, losses.softmax_cross_entropy_with_integer_labels,
+...                              (x, y.at[0].set(5)))           # a label out of range
 >>> print(report)                                            # or: fnn doctor digits-mlp
-fnn.debug.check: 1 error, 0 warnings
+fnn.debug.checklist: 1 error, 0 warnings
   ERROR   data      softmax_cross_entropy_with_integer_labels: label 5 at index (0,) is ...
   INFO    size      skipped: fix the data errors first
   INFO    gradients skipped: fix the data errors first
@@ -51,7 +51,7 @@ import numpy as np
 from fnn import backprop, checks, gradcheck, optim
 from fnn.core import count_params, output_shape
 
-__all__ = ["check", "Finding", "Report", "CHECKS"]
+__all__ = ["checklist", "Finding", "Report", "CHECKS"]
 
 CHECKS = ("data", "size", "gradients", "backward", "overfit")
 _RANK = {"ok": 0, "info": 1, "warning": 2, "error": 3}
@@ -67,9 +67,9 @@ class Finding(NamedTuple):
 
 
 class Report:
-    """The findings of :func:`check`, in checklist order; ``str()`` renders them."""
+    """The findings of :func:`checklist`, in checklist order; ``str()`` renders them."""
 
-    def __init__(self, findings, title="fnn.debug.check"):
+    def __init__(self, findings, title="fnn.debug.checklist"):
         self.findings, self.title = list(findings), title
 
     @property
@@ -341,9 +341,9 @@ def _overfit(model, loss, params, state, x, target, key, steps, lr):
 
 # --------------------------------------------------------------------------- the checklist
 
-def check(model, loss, data, *, params=None, state=None, key=None, checks=CHECKS,
-          overfit_examples: int = 10, overfit_steps: int = 200,
-          learning_rate: float = 1e-2) -> Report:
+def checklist(model, loss, data, *, params=None, state=None, key=None, checks=CHECKS,
+              overfit_examples: int = 10, overfit_steps: int = 200,
+              learning_rate: float = 1e-2) -> Report:
     """Run the debugging checklist on ``model``, ``loss`` and ``data = (x, target)``.
 
     **Arguments:** ``params``/``state``: the model's (default ``model.init(key, x.shape)``);
@@ -355,7 +355,7 @@ def check(model, loss, data, *, params=None, state=None, key=None, checks=CHECKS
     """
     unknown = set(checks) - set(CHECKS)
     if unknown:
-        raise ValueError(f"fnn.debug.check: unknown checks {sorted(unknown)}; "
+        raise ValueError(f"fnn.debug.checklist: unknown checks {sorted(unknown)}; "
                          f"choose from {list(CHECKS)}")
     x, target = data
     key = jax.random.PRNGKey(0) if key is None else key

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests of hand-derived backward rules."""
+"""Helpers shared by the tests: tree comparisons, XOR data, autodiff-free backward checks, lesson
+examples."""
 import contextlib
 import os
 
@@ -40,19 +41,47 @@ def tree_rel_err(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / max(scale, 1e-12)
 
 
-def assert_trees_close(got, want, tol=1e-10, what=""):
-    """Same tree structure and shapes, and leafwise relative error below ``tol``; a leaf whose
-    reference is zero (a bias before batch norm) is measured against 1e-3 of the largest entry
-    in the tree."""
+def _leaf_array(a):
+    if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a = jax.random.key_data(a)
+    return np.asarray(a)
+
+
+def assert_trees_close(got, want, *, rtol, atol, what=""):
+    """The tests' one tree comparison: the same tree structure, the same shape at every leaf, and
+    every entry within NumPy's ``allclose`` bound, ``|got - want| <= atol + rtol * |want|``,
+    computed in float64 (NaN matches NaN; typed PRNG keys compare their key data;
+    ``rtol=atol=0`` is exact equality). Dtypes are not compared. A failure names the leaf's
+    path (after ``what``) and its largest error."""
     assert jax.tree.structure(got) == jax.tree.structure(want), \
         f"{what}: structure {jax.tree.structure(got)} != {jax.tree.structure(want)}"
-    floor = 1e-3 * max((float(np.max(np.abs(b))) for b in jax.tree.leaves(want) if np.size(b)),
-                       default=0.0)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        assert a.shape == b.shape, f"{what}{jax.tree_util.keystr(path)}: {a.shape} != {b.shape}"
-        err = np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
-        scale = max(float(np.max(np.abs(b), initial=0.0)), floor, 1e-300)
-        assert err <= tol * scale, f"{what}{jax.tree_util.keystr(path)}: rel err {err / scale:.2e}"
+        where = f"{what}{jax.tree_util.keystr(path)}"
+        a, b = _leaf_array(a), _leaf_array(b)
+        assert a.shape == b.shape, f"{where}: shape {a.shape} != {b.shape}"
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        special = ~np.isfinite(a) | ~np.isfinite(b)        # NaN and ±inf must match exactly
+        assert np.array_equal(a[special], b[special], equal_nan=True), \
+            f"{where}: NaN or inf entries differ: got {a[special]}, want {b[special]}"
+        a, b = np.where(special, 0.0, a), np.where(special, 0.0, b)
+        err = np.abs(a - b)
+        bad = err > atol + rtol * np.abs(b)
+        if bad.any():
+            i = np.unravel_index(np.argmax(np.where(bad, err, -1.0)), err.shape)
+            raise AssertionError(f"{where}: {int(bad.sum())} of {bad.size} entries differ by "
+                                 f"more than atol={atol:g} + rtol={rtol:g}·|want|; the largest "
+                                 f"at {tuple(int(k) for k in i)}: got {float(a[i])!r}, want "
+                                 f"{float(b[i])!r}")
+
+
+def xor_data(n, seed=0):
+    """``n`` noisy XOR points (``fnn.data.xor``, noise 0.1) as float64 JAX arrays:
+    ``(x [n, 2], y [n] int32)``."""
+    import jax.numpy as jnp
+
+    from fnn import data
+    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
+    return jnp.asarray(x), jnp.asarray(y)
 
 
 def vjp_and_hand(f, args, dout, hand, monkeypatch):

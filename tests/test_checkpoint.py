@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import struct
+import tempfile
 from typing import NamedTuple
 
 import jax
@@ -265,7 +266,7 @@ def test_failed_writes_name_the_file_and_leave_no_trace(tmp_path, monkeypatch, c
                 self.f.close()
         monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
     else:
-        target = checkpoint.tempfile if where == "mkstemp" else os
+        target = tempfile if where == "mkstemp" else os
         monkeypatch.setattr(target, where, fail)
     with pytest.raises(OSError, match=rf"checkpoint.save: {os.strerror(code)}: "
                        rf"'.*c\.safetensors'") as info:

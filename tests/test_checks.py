@@ -116,7 +116,7 @@ def test_check_data_finds_a_label_beyond_the_classes_of_the_digits_cnn():
     y[123] = 10
     with pytest.raises(ValueError, match=rf"{NAME}: label 10 at index \(123,\) is outside "
                        r"the valid range \[0, 10\) \(the model has 10 outputs\)"):
-        data.check_data(net, INT, x, y)
+        checks.check_data(net, INT, x, y)
     checks.check_data(net, losses.mse, x[:4], np.full((4, 10), 99.0))  # not a label loss
 
 

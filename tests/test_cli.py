@@ -226,3 +226,31 @@ def test_train_on_two_devices_in_one_process_or_two(tmp_path):
     for k in ("test_loss", "test_accuracy", "truth_table_accuracy"):
         assert abs(two[k] - ref[k]) < 1e-6, (k, two, ref)
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- fnn doctor
+
+def test_doctor_command(capsys):
+    assert cli.main(["doctor", "xor", "--steps", "100", "--lr", "0.03"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fnn doctor xor: 0 errors")
+    assert "hand-derived gradient matches jax.grad and finite differences" in out
+    assert cli.main(["doctor", "no-such-task"]) == 2
+    assert "unknown task 'no-such-task'" in capsys.readouterr().err
+
+
+def test_doctor_exits_non_zero_on_an_error(monkeypatch, capsys, rng):
+    import jax
+
+    from fnn import losses, tasks
+    from fnn.layers import Dense, serial
+    x, y = rng.normal(size=(12, 4)), rng.integers(0, 3, size=12)
+    y[0] = -1
+    model, ce = serial(Dense(3)), losses.softmax_cross_entropy_with_integer_labels
+    broken = tasks.Task("broken-labels", "a label out of range", None,
+                        lambda seed=0: (model, ce, *model.init(jax.random.PRNGKey(0), x.shape)[:2],
+                                        x, y))
+    monkeypatch.setitem(tasks._TASKS, "broken-labels", broken)
+    assert cli.main(["doctor", "broken-labels"]) == 1
+    out = capsys.readouterr().out
+    assert "fnn doctor broken-labels: 1 error" in out and "label -1 at index (0,)" in out

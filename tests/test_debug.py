@@ -1,4 +1,5 @@
-"""fnn.debug.check and ``fnn doctor``: the lesson's debugging checklist names each broken thing.
+"""fnn.debug.checklist: the lesson's debugging checklist names each broken thing (``fnn doctor``,
+the command that runs it on a task, is tested in test_cli.py).
 
 Each broken model or data set below has one known fault; the test checks that the report names
 it (and, for the healthy model, that nothing is flagged)."""
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn import cli, debug, initializers, losses, serial
+from fnn import debug, initializers, losses, serial
 from fnn.core import Layer, from_backward
 from fnn.layers import BatchNorm, Dense, Relu, Sigmoid
 
@@ -24,7 +25,7 @@ def _messages(report, check, severity):
 
 def test_a_healthy_model_passes_every_check(rng):
     model = serial(Dense(16), Relu(), Dense(3))
-    report = debug.check(model, CE, _data(rng))
+    report = debug.checklist(model, CE, _data(rng))
     assert report.passed and not report.warnings, str(report)
     assert [f.check for f in report.findings if f.severity == "ok"] == \
         ["data", "data", "size", "backward", "overfit"]
@@ -33,7 +34,7 @@ def test_a_healthy_model_passes_every_check(rng):
 
 def test_dead_relus_from_a_bad_init_are_named_and_the_overfit_fails(rng):
     model = serial(Dense(16, b_init=initializers.constant(-50.0)), Relu(), Dense(3))
-    report = debug.check(model, CE, _data(rng), checks=("gradients", "overfit"))
+    report = debug.checklist(model, CE, _data(rng), checks=("gradients", "overfit"))
     dead = _messages(report, "gradients", "error")
     assert any("layer '1' (Relu): 16 of 16 units are zero on every example (dead ReLUs)" in m
                for m in dead), str(report)
@@ -46,18 +47,18 @@ def test_dead_relus_from_a_bad_init_are_named_and_the_overfit_fails(rng):
 def test_unnormalized_inputs_are_named(rng):
     x, y = _data(rng)
     model = serial(Dense(3))
-    report = debug.check(model, CE, (x * 60 + 128, y), checks=("data",))
+    report = debug.checklist(model, CE, (x * 60 + 128, y), checks=("data",))
     (msg,) = _messages(report, "data", "warning")
     assert msg.startswith("inputs are not normalized: feature") and "Standardize" in msg
     assert report.passed                                 # a warning, not an error
-    tiny = debug.check(model, CE, (x * 1e-4, y), checks=("data",))
+    tiny = debug.checklist(model, CE, (x * 1e-4, y), checks=("data",))
     assert "every feature has std below 0.01" in _messages(tiny, "data", "warning")[0]
 
 
 def test_a_label_out_of_range_is_named_and_the_rest_skipped(rng):
     x, y = _data(rng)
     y[7] = 5
-    report = debug.check(serial(Dense(3)), CE, (x, y))
+    report = debug.checklist(serial(Dense(3)), CE, (x, y))
     (msg,) = _messages(report, "data", "error")
     assert "label 5 at index (7,) is outside the valid range [0, 3)" in msg
     assert _messages(report, "overfit", "info") == ["skipped: fix the data errors first"]
@@ -67,7 +68,7 @@ def test_a_label_out_of_range_is_named_and_the_rest_skipped(rng):
 def test_non_finite_inputs_are_named(rng):
     x, y = _data(rng)
     x[3, 1] = np.nan
-    report = debug.check(serial(Dense(3)), CE, (x, y), checks=("data",))
+    report = debug.checklist(serial(Dense(3)), CE, (x, y), checks=("data",))
     assert _messages(report, "data", "error") == [
         "1 of 48 input values are NaN or infinite (the first at index (3, 1)): fix the data "
         "pipeline before anything else"]
@@ -88,7 +89,7 @@ def _wrong_scale() -> Layer:
 
 def test_a_wrong_hand_backward_is_named(rng):
     model = serial(Dense(4), _wrong_scale(), Dense(3))
-    report = debug.check(model, CE, _data(rng), checks=("backward",))
+    report = debug.checklist(model, CE, _data(rng), checks=("backward",))
     (msg,) = _messages(report, "backward", "error")
     assert msg.startswith("the hand-derived gradient of '1/s' differs from jax.grad")
     assert "and from finite differences: the backward of the layer at '1' is wrong" in msg
@@ -96,7 +97,7 @@ def test_a_wrong_hand_backward_is_named(rng):
 
 def test_exploding_gradients_are_named(rng):
     model = serial(Dense(16, w_init=initializers.normal(300.0)), Relu(), Dense(3))
-    report = debug.check(model, CE, _data(rng), checks=("gradients",))
+    report = debug.checklist(model, CE, _data(rng), checks=("gradients",))
     warnings = _messages(report, "gradients", "warning")
     assert any(m.startswith("layer '2': gradient norm") and "is exploding" in m
                for m in warnings), str(report)
@@ -110,50 +111,27 @@ def test_report_renders_and_unknown_checks_are_an_error(rng):
     assert str(report) == ("t: 1 error, 0 warnings\n  ERROR   data      bad\n"
                            "  ok      size      fine")
     with pytest.raises(ValueError, match="unknown checks \\['speed'\\]"):
-        debug.check(serial(Dense(3)), CE, _data(rng), checks=("speed",))
-
-
-def test_doctor_command(capsys):
-    assert cli.main(["doctor", "xor", "--steps", "100", "--lr", "0.03"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("fnn doctor xor: 0 errors")
-    assert "hand-derived gradient matches jax.grad and finite differences" in out
-    assert cli.main(["doctor", "no-such-task"]) == 2
-    assert "unknown task 'no-such-task'" in capsys.readouterr().err
+        debug.checklist(serial(Dense(3)), CE, _data(rng), checks=("speed",))
 
 
 def test_vanishing_gradients_are_named(rng):
     tiny = initializers.normal(1e-3)
     model = serial(Dense(8, w_init=tiny), Sigmoid(), Dense(8, w_init=tiny), Sigmoid(),
                    Dense(8, w_init=tiny), Sigmoid(), Dense(3))
-    report = debug.check(model, CE, _data(rng), checks=("gradients",))
+    report = debug.checklist(model, CE, _data(rng), checks=("gradients",))
     assert any(m.startswith("layer '0': gradient norm") and "is vanishing" in m
                for m in _messages(report, "gradients", "warning")), str(report)
-
-
-def test_doctor_exits_non_zero_on_an_error(monkeypatch, capsys, rng):
-    from fnn import tasks
-    x, y = _data(rng)
-    y[0] = -1
-    model = serial(Dense(3))
-    broken = tasks.Task("broken-labels", "a label out of range", None,
-                        lambda seed=0: (model, CE, *model.init(jax.random.PRNGKey(0), x.shape)[:2],
-                                        x, y))
-    monkeypatch.setitem(tasks._TASKS, "broken-labels", broken)
-    assert cli.main(["doctor", "broken-labels"]) == 1
-    out = capsys.readouterr().out
-    assert "fnn doctor broken-labels: 1 error" in out and "label -1 at index (0,)" in out
 
 
 def test_a_check_that_raises_is_reported_and_state_comes_from_init(rng):
     x, y = _data(rng)
     model = serial(Dense(3))
     params, _, _ = model.init(jax.random.PRNGKey(0), (1, 5))          # 5 features, data has 4
-    report = debug.check(model, CE, (x, y), params=params, checks=("size", "gradients"))
+    report = debug.checklist(model, CE, (x, y), params=params, checks=("size", "gradients"))
     (msg,) = _messages(report, "gradients", "error")
     assert msg == ("the check could not run: ValueError: serial[0] (Dense(3)): Dense: expected "
                    "input of shape (batch, ..., 5), got shape (12, 4)")
     assert _messages(report, "size", "ok") == ["18 parameters: small enough to debug"]  # 5·3 + 3
     bn = serial(Dense(4), BatchNorm(), Relu(), Dense(3))      # params given, state from init
     params, _, _ = bn.init(jax.random.PRNGKey(0), x.shape)
-    assert debug.check(bn, CE, (x, y), params=params, checks=("gradients",)).passed
+    assert debug.checklist(bn, CE, (x, y), params=params, checks=("gradients",)).passed

@@ -13,6 +13,8 @@ from fnn.combinators import serial
 from fnn.gradcheck import GradcheckError, check_grad, check_model, numerical_grad
 from fnn.layers import Dense, Tanh
 
+from helpers import assert_trees_close
+
 
 def _tree(rng):
     return {"dense": {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,))},
@@ -39,8 +41,7 @@ def grad_np(p):
 def test_numerical_grad_equals_hand_derived_gradient(rng):
     p = _tree(rng)
     fd, ref = numerical_grad(f_np, p), grad_np(p)
-    for a, b in zip(jax.tree.leaves(fd), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+    assert_trees_close(fd, ref, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["full", "directional"])

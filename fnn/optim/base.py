@@ -47,7 +47,8 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform (an empty pytree)."""
 
 
-def _init_empty(params):
+def init_empty(params):
+    """The ``init`` of a stateless transform: ``EmptyState()`` whatever the params."""
     del params
     return EmptyState()
 
@@ -72,7 +73,7 @@ def check_structure(name: str, grads: PyTree, other: PyTree, what: str = "params
 
 def identity() -> GradientTransformation:
     """The transform that leaves updates unchanged (stateless)."""
-    return GradientTransformation(_init_empty, lambda u, s, params=None: (u, s))
+    return GradientTransformation(init_empty, lambda u, s, params=None: (u, s))
 
 
 def chain(*transforms) -> GradientTransformation:
@@ -129,7 +130,7 @@ def scale(step_size: float) -> GradientTransformation:
     def update(updates, state, params=None):
         return jax.tree.map(lambda g: step_size * g, updates), state
 
-    return GradientTransformation(_init_empty, update)
+    return GradientTransformation(init_empty, update)
 
 
 def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:

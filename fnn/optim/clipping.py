@@ -10,7 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fnn.optim.base import GradientTransformation, PyTree, _init_empty
+from fnn.optim.base import GradientTransformation, PyTree, init_empty
 
 __all__ = ["global_norm", "leaf_norms", "GradNorms", "grad_norms", "clip_by_global_norm",
            "clip_by_value", "clip_by_leaf_norm"]
@@ -69,7 +69,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         norm = global_norm(updates)
         return jax.tree.map(lambda u: _rescale(u, norm, max_norm), updates), state
 
-    return GradientTransformation(_init_empty, update)
+    return GradientTransformation(init_empty, update)
 
 
 def clip_by_leaf_norm(max_norm: float) -> GradientTransformation:
@@ -83,7 +83,7 @@ def clip_by_leaf_norm(max_norm: float) -> GradientTransformation:
     def update(updates, state, params=None):
         return jax.tree.map(one, updates), state
 
-    return GradientTransformation(_init_empty, update)
+    return GradientTransformation(init_empty, update)
 
 
 def clip_by_value(limit: float) -> GradientTransformation:
@@ -94,4 +94,4 @@ def clip_by_value(limit: float) -> GradientTransformation:
     def update(updates, state, params=None):
         return jax.tree.map(lambda u: jnp.clip(u, -limit, limit), updates), state
 
-    return GradientTransformation(_init_empty, update)
+    return GradientTransformation(init_empty, update)

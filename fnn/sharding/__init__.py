@@ -27,8 +27,9 @@ from fnn.sharding import checkpoint  # noqa: E402  (a submodule: sharding.checkp
 
 
 def __getattr__(name):
-    """``sharding.launch`` on first use: importing it here would make
-    ``python -m fnn.sharding.launch`` warn that the module was imported before it ran."""
+    """``sharding.launch`` on first use. Not a shim for an old path: importing ``launch`` here
+    would make ``python -m fnn.sharding.launch`` warn (runpy's RuntimeWarning) that the module
+    was imported before it ran, since ``-m`` imports this package first."""
     if name == "launch":
         import importlib
         return importlib.import_module("fnn.sharding.launch")

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _checkpoint_tree as _tree
 from fnn import checkpoint as _ckpt
-from fnn.checkpoint import CheckpointError, CheckpointMismatchError
+from fnn.checkpoint import CheckpointError, CheckpointMismatchError, _format, _tree
 
 __all__ = ["save", "restore", "CheckpointError", "CheckpointMismatchError"]
 
@@ -90,7 +89,7 @@ def save(path, tree) -> str:
     'ckpt'
     """
     path = os.fspath(path)
-    leaves, names = _ckpt._names(tree)
+    leaves, names = _tree.leaf_names(tree)
     version = _version()
     arrays, places = {}, []
     for i, leaf in enumerate(leaves):
@@ -107,7 +106,7 @@ def save(path, tree) -> str:
                   "leaves": [{"name": n, "shape": list(np.shape(_raw(a))),
                               "dtype": np.dtype(_raw(a).dtype).name}
                              for n, a in zip(names, leaves)]}
-        _ckpt._atomic_write(os.path.join(path, _RECORD), [json.dumps(record).encode()])
+        _format.atomic_write(os.path.join(path, _RECORD), [json.dumps(record).encode()])
         for old in os.listdir(path):
             if _VERSION.match(old) and old != version:
                 shutil.rmtree(os.path.join(path, old), ignore_errors=True)
@@ -136,8 +135,8 @@ def _read_record(path):
             if not (isinstance(e, dict) and isinstance(e.get("name"), str)
                     and isinstance(e.get("shape"), list) and len(e["shape"]) <= 32
                     and all(type(d) is int and 0 <= d < 2 ** 40 for d in e["shape"])
-                    and e.get("dtype") in _ckpt._CODES):
-                raise ValueError(f"bad leaf entry {_tree._short(e)}")
+                    and e.get("dtype") in _format.CODES):
+                raise ValueError(f"bad leaf entry {_tree.short(e)}")
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{file}: corrupt checkpoint record: {str(e)[:200]}") from None
     return rec
@@ -149,7 +148,7 @@ def _check_like(path, rec, leaves, names):
     problems += [f"in the checkpoint but not in like: {n!r}" for n in stored if n not in names]
     for n, leaf in zip(names, leaves):
         if n in stored:
-            shape, dtype = _ckpt._like_spec(leaf)
+            shape, dtype = _tree.like_spec(leaf)
             e = stored[n]
             if tuple(e["shape"]) != shape or (dtype is not None and e["dtype"] != dtype):
                 problems.append(f"{n!r}: {e['dtype']}{tuple(e['shape'])} in the checkpoint, "
@@ -189,12 +188,12 @@ def _assemble(path, rec, entries):
 def _put(full, seen, place, arr):
     i, bounds = place
     if type(i) is not int or not 0 <= i < len(full) or arr is None:
-        raise ValueError(f"bad piece {_tree._short(place)}")
+        raise ValueError(f"bad piece {_tree.short(place)}")
     shape = full[i].shape
     if not isinstance(bounds, list) or len(bounds) != len(shape) or not all(
             isinstance(b, list) and len(b) == 2 and all(type(v) is int for v in b)
             and 0 <= b[0] <= b[1] <= n for b, n in zip(bounds, shape)):
-        raise ValueError(f"piece bounds {_tree._short(bounds)} outside shape {shape}")
+        raise ValueError(f"piece bounds {_tree.short(bounds)} outside shape {shape}")
     ix = tuple(slice(a, b) for a, b in bounds)
     if arr.shape != tuple(b - a for a, b in bounds) or arr.dtype != full[i].dtype:
         raise ValueError(f"piece {arr.dtype}{arr.shape} does not fit {full[i].dtype} {bounds}")
@@ -223,7 +222,7 @@ def restore(path, like, shardings=None):
     """
     path = os.fspath(path)
     rec = _read_record(path)
-    leaves, names = _ckpt._names(like)
+    leaves, names = _tree.leaf_names(like)
     entries = _check_like(path, rec, leaves, names)
     shard = (jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
              if shardings is not None else [getattr(a, "sharding", None) for a in leaves])

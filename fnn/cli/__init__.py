@@ -6,7 +6,7 @@
     fnn train digits-cnn [--epochs N] [--lr X] [--batch-size B] [--seed S] [--out DIR]
                          [--quiet] [--quick] [--resume] [--precision bfloat16|float16|float32]
     fnn gradcheck xor [--seed S] [--directions K]
-    fnn doctor xor [--seed S] [--steps N] [--lr X]       (the debugging checklist: fnn.doctor)
+    fnn doctor xor [--seed S] [--steps N] [--lr X]       (the debugging checklist: fnn.cli.doctor)
 
 ``train`` prints progress and the final test metrics and writes the checkpoint and plots to
 ``DIR`` (default ``out``). Its last line of output is one JSON object, ``{"task": NAME,
@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--seed", type=int, default=0)
     gc.add_argument("--directions", type=int, default=3,
                     help="random directions per parameter array")
-    from fnn import doctor
+    from fnn.cli import doctor
     doctor.add_parser(sub)
     return ap
 
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     """Entry point of the ``fnn`` console script; returns the exit status."""
     _join_processes()
     args = _parser().parse_args(argv)
-    from fnn.doctor import cmd_doctor
+    from fnn.cli.doctor import cmd_doctor
     return {"list": cmd_list, "train": cmd_train, "gradcheck": cmd_gradcheck,
             "doctor": cmd_doctor}[args.command](args)
 

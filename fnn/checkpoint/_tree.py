@@ -1,4 +1,6 @@
-"""The tree description a checkpoint keeps in its metadata (``fnn.tree``): write, check, rebuild.
+"""A checkpoint's tree: its leaves' names, and the description a checkpoint keeps in its
+metadata (``fnn.tree``): write, check, rebuild. Shared by :mod:`fnn.checkpoint` and
+:mod:`fnn.sharding.checkpoint`.
 
 A description is JSON: ``{"t": "none"}``, ``{"t": "leaf", "name", "py"?, "key_impl"?}``,
 ``{"t": "dict", "k": keys, "c": children}``, ``{"t": "list" | "tuple", "c"}``,
@@ -17,6 +19,7 @@ import keyword
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_DEPTH = 64                      # fnn's own trees (TrainState, optax chains) nest < 20 deep
 PY_TYPES = {"bool": bool, "int": int, "float": float}
@@ -39,6 +42,34 @@ def key_impl(leaf):
         return str(jax.random.key_impl(leaf))
     except TypeError:
         return getattr(getattr(leaf.dtype, "_impl", None), "name", None)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_names(tree) -> tuple[list, list[str]]:
+    """Leaves and their names: key paths joined by ``/`` (``params/0/w``), or
+    ``jax.tree_util.keystr`` if that would make two names equal."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = ["/".join(_key_name(k) for k in path) or "value" for path, _ in flat]
+    if len(set(names)) != len(names):
+        names = [jax.tree_util.keystr(path) or "value" for path, _ in flat]
+    return [leaf for _, leaf in flat], names
+
+
+def like_spec(leaf):
+    """``(shape, dtype name)`` a ``like=`` leaf asks for (a typed key: its key data's); a Python
+    scalar asks for ``((), None)``: any stored scalar."""
+    if is_key(leaf):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    if isinstance(leaf, (bool, int, float)):
+        return (), None
+    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+    return tuple(shape), np.dtype(leaf.dtype).name
 
 
 def _is_namedtuple(x) -> bool:
@@ -77,7 +108,7 @@ class TreeError(ValueError):
     """A tree description fnn does not write (the caller adds the file's name)."""
 
 
-def _short(x, n=60) -> str:
+def short(x, n=60) -> str:
     """``repr(x)`` cut to ``n`` characters, for error messages about untrusted values."""
     try:
         r = repr(x)
@@ -95,7 +126,7 @@ def _node_fields(node, depth):
         raise TreeError(f"the tree description is nested more than {MAX_DEPTH} deep")
     if not (isinstance(node, dict) and isinstance(node.get("t"), str) and node["t"] in _FIELDS):
         what = node.get("t") if isinstance(node, dict) else node
-        raise TreeError(f"unknown node type {_short(what)} in the tree description")
+        raise TreeError(f"unknown node type {short(what)} in the tree description")
     required, optional = _FIELDS[node["t"]]
     if not required <= set(node) <= required | optional:
         raise TreeError(f"a {node['t']!r} node with fields {sorted(node)[:8]} (expected "
@@ -107,30 +138,30 @@ def _node_fields(node, depth):
 def _check_keys(node):
     t, c, k = node["t"], node["c"], node["k"]
     if not isinstance(k, list) or len(k) != len(c):
-        raise TreeError(f"a {t!r} node whose keys {_short(k)} do not match its {len(c)} children")
+        raise TreeError(f"a {t!r} node whose keys {short(k)} do not match its {len(c)} children")
     if t == "dict":
         ok = all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in k)
         if not ok or len(set(k)) != len(k):
-            raise TreeError(f"a 'dict' node with keys {_short(k)} (need distinct str/int keys)")
+            raise TreeError(f"a 'dict' node with keys {short(k)} (need distinct str/int keys)")
         return
     typ = node["type"]
     if not (isinstance(typ, str) and _is_name(typ.rsplit(".", 1)[-1])):
-        raise TreeError(f"a namedtuple type name {_short(node['type'])} that is not a name")
+        raise TreeError(f"a namedtuple type name {short(node['type'])} that is not a name")
     if not all(_is_name(x) and not x.startswith("_") for x in k) or len(set(k)) != len(k):
-        raise TreeError(f"namedtuple field names {_short(k)} (need distinct names not "
+        raise TreeError(f"namedtuple field names {short(k)} (need distinct names not "
                         f"starting with '_')")
 
 
 def _check_leaf(node, entries, used):
     name = node["name"]
     if not isinstance(name, str) or name not in entries:
-        raise TreeError(f"a leaf names the array {_short(name)}, which is not in the file")
+        raise TreeError(f"a leaf names the array {short(name)}, which is not in the file")
     if name in used:
-        raise TreeError(f"the array {_short(name)} is named by more than one leaf")
+        raise TreeError(f"the array {short(name)} is named by more than one leaf")
     used.add(name)
     dtype, shape = entries[name]["dtype"], entries[name]["shape"]
     if "py" in node and not (isinstance(node["py"], str) and node["py"] in PY_TYPES):
-        raise TreeError(f"leaf {name!r}: unknown Python type {_short(node['py'])} "
+        raise TreeError(f"leaf {name!r}: unknown Python type {short(node['py'])} "
                         f"(fnn writes {sorted(PY_TYPES)})")
     if "py" in node and shape != []:
         raise TreeError(f"leaf {name!r}: a Python scalar stored with shape {shape}")
@@ -141,7 +172,7 @@ def _check_leaf(node, entries, used):
         words = KEY_IMPLS.get(node["key_impl"]) if isinstance(node["key_impl"], str) else None
         if words is None:
             raise TreeError(f"leaf {name!r}: unknown PRNG implementation "
-                            f"{_short(node['key_impl'])} (fnn knows {sorted(KEY_IMPLS)})")
+                            f"{short(node['key_impl'])} (fnn knows {sorted(KEY_IMPLS)})")
         if dtype != "U32" or shape[-1:] != [words]:
             raise TreeError(f"leaf {name!r}: {node['key_impl']} key data must be U32 of shape "
                             f"(..., {words}), got {dtype} {shape}")
@@ -159,18 +190,18 @@ def check(tree, entries: dict):
         elif t == "opaque":
             names = node["names"]
             if not isinstance(names, list) or not isinstance(node["type"], str):
-                raise TreeError(f"an 'opaque' node with names {_short(names)}")
+                raise TreeError(f"an 'opaque' node with names {short(names)}")
             for n in names:
                 _check_leaf({"t": "leaf", "name": n}, entries, used)
         elif t != "none":
             if not isinstance(node["c"], list):
-                raise TreeError(f"a {t!r} node whose children are {_short(node['c'])}")
+                raise TreeError(f"a {t!r} node whose children are {short(node['c'])}")
             if "k" in node:
                 _check_keys(node)
             todo.extend((c, depth + 1) for c in node["c"])
     unused = sorted(set(entries) - used)
     if unused:
-        raise TreeError(f"arrays in the file but not in the tree description: {_short(unused)}")
+        raise TreeError(f"arrays in the file but not in the tree description: {short(unused)}")
 
 
 def rebuild(node, arrays: dict):
@@ -184,7 +215,7 @@ def rebuild(node, arrays: dict):
             return jax.random.wrap_key_data(jnp.asarray(a), impl=node["key_impl"])
         return PY_TYPES[node["py"]](a) if "py" in node else a
     if t == "opaque":
-        raise TreeError(f"cannot rebuild a pytree node of type {_short(node['type'])} without "
+        raise TreeError(f"cannot rebuild a pytree node of type {short(node['type'])} without "
                         f"like=; pass a tree of that structure as like=")
     children = [rebuild(c, arrays) for c in node["c"]]
     if t == "dict":

@@ -1,4 +1,4 @@
-"""``fnn doctor TASK``: the debugging checklist (:func:`fnn.debug.check`) on a bundled task.
+"""``fnn doctor TASK``: the debugging checklist (:func:`fnn.debug.checklist`) on a bundled task.
 
 ::
 
@@ -38,9 +38,9 @@ def cmd_doctor(args) -> int:
         return 2
     model, loss, params, state, x, target = task.problem(args.seed)
     params, state, x, target = (cast(a, "float64") for a in (params, state, x, target))
-    report = debug.check(model, loss, (x, target), params=params, state=state,
-                         key=jax.random.PRNGKey(args.seed), overfit_steps=args.steps,
-                         learning_rate=args.lr)
+    report = debug.checklist(model, loss, (x, target), params=params, state=state,
+                             key=jax.random.PRNGKey(args.seed), overfit_steps=args.steps,
+                             learning_rate=args.lr)
     report.title = f"fnn doctor {task.name}"
     print(report)
     return 1 if report.errors else 0
