@@ -8,19 +8,11 @@ import numpy as np
 
 from fnn.layers import GRU, LSTM, SimpleRNN, gru_cell, lstm_cell, rnn_cell
 
-from helpers import rel_err
 
 CELLS = {"rnn": (SimpleRNN, rnn_cell, 1, 1), "lstm": (LSTM, lstm_cell, 4, 2),
          "gru": (GRU, gru_cell, 3, 1)}
 B, T, F, H = 3, 5, 2, 4
 LENGTHS = np.array([5, 2, 0])
-
-
-def assert_trees_close(a, b, tol=1e-9):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert x.shape == y.shape
-        assert rel_err(x, y) < tol, rel_err(x, y)
 
 
 # --------------------------------------------------------------------------- NumPy reference

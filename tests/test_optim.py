@@ -40,7 +40,7 @@ def run(opt, params, grads, apply=fo.apply_updates):
     return params, state
 
 
-def assert_trees_close(actual, expected, scale=1.0):
+def assert_optimizer_trees_close(actual, expected, scale=1.0):
     """Same structure and dtypes; each entry within ``RTOL`` of its value or of the largest entry
     of its leaf (an entry that ends near 0 by cancellation is judged at its leaf's scale: fnn and
     optax are each ~6 float32 ulps from the float64 run after 200 steps, and how far apart they
@@ -98,7 +98,7 @@ def test_matches_optax(name, rate):
     (p_fnn, s_fnn), (p_ref, s_ref) = jax.jit(
         lambda p, g: (run(ours(lr), p, g), run(theirs(lr), p, g, optax.apply_updates)))(
         params, grads)
-    assert_trees_close(p_fnn, p_ref)
+    assert_optimizer_trees_close(p_fnn, p_ref)
     assert not jax.tree.leaves(jax.tree.map(lambda a, b: np.allclose(a, b) or None,
                                             p_fnn, params))  # the params did move
     fnn_state, ref_state = jax.tree.leaves(_without_rate(s_fnn)), jax.tree.leaves(s_ref)
@@ -164,7 +164,7 @@ def test_ema_momentum_is_heavy_ball_with_scaled_rate():
     params, grads = f64_problem()
     ema, heavy = jax.jit(lambda p, g: (run(fo.sgd(0.1, 0.9, ema=True), p, g)[0],
                                        run(fo.sgd(0.1 * (1 - 0.9), 0.9), p, g)[0]))(params, grads)
-    assert_trees_close(ema, heavy, scale=100.0)
+    assert_optimizer_trees_close(ema, heavy, scale=100.0)
 
 
 def test_adam_and_adamw_match_numpy():
@@ -189,8 +189,8 @@ def test_chains_mix_fnn_and_optax_transforms():
         "reference": optax.chain(clip, optax.sgd(1e-2, 0.9)),
     }
     out = jax.jit(lambda p, g: {k: run(t, p, g)[0] for k, t in both.items()})(params, grads)
-    assert_trees_close(out["optax.chain(fnn)"], out["reference"])
-    assert_trees_close(out["fnn.chain(optax)"], out["reference"])
+    assert_optimizer_trees_close(out["optax.chain(fnn)"], out["reference"])
+    assert_optimizer_trees_close(out["fnn.chain(optax)"], out["reference"])
     assert not np.allclose(out["reference"]["scale"], params["scale"])
 
 
@@ -214,5 +214,5 @@ def test_optax_drives_fnn_model_params(key, rng):
 
     by_optax = jax.jit(lambda: train(optax.adam(1e-2), fo.apply_updates))()
     by_fnn = jax.jit(lambda: train(fo.adam(1e-2), optax.apply_updates))()
-    assert_trees_close(by_fnn, by_optax)
+    assert_optimizer_trees_close(by_fnn, by_optax)
     assert loss(by_fnn) < 0.8 * loss(params)

@@ -8,7 +8,7 @@ import pytest
 
 from fnn import checkpoint
 from fnn.layers import GRU, LSTM, Conv, ConvTranspose, Dense, Embedding, LayerNorm, Relu, serial
-from fnn.layers._checks import check_param_shapes
+from fnn.layers._param_shapes import check_param_shapes
 
 K = jax.random.PRNGKey(0)
 ones = jnp.ones

@@ -8,8 +8,8 @@ import pytest
 
 from fnn.layers import GRU, LSTM
 
-from helpers import no_autodiff, tree_rel_err
-from rnn_reference import CELLS, F, H, assert_trees_close, carry_of, np_step, port, torch_weights
+from helpers import assert_trees_close, no_autodiff, tree_rel_err
+from rnn_reference import CELLS, F, H, carry_of, np_step, port, torch_weights
 
 # --------------------------------------------------------------------------- one step
 
@@ -30,7 +30,7 @@ def test_cell_op_and_its_backward(kind, rng, monkeypatch):
     want = vjp((dcarry, dh))
     with no_autodiff(monkeypatch):
         got = cell.backward(p, carry_of(kind, h, c), jnp.asarray(x), dcarry, dh)
-    assert_trees_close(got, want)
+    assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- the fast forward

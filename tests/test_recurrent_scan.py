@@ -12,8 +12,8 @@ from fnn.combinators import serial, stack
 from fnn.layers import LSTM, Dense, SimpleRNN, gru_cell, scan_rnn, scan_rnn_backward
 from fnn.optim import clip_by_global_norm
 
-from helpers import no_autodiff, tree_rel_err, vjp_and_hand
-from rnn_reference import (CELLS, LENGTHS, B, F, H, T, assert_trees_close, carry_of, init, port,
+from helpers import assert_trees_close, no_autodiff, tree_rel_err, vjp_and_hand
+from rnn_reference import (CELLS, LENGTHS, B, F, H, T, carry_of, init, port,
                            torch_weights)
 
 # --------------------------------------------------------------------------- BPTT
@@ -33,7 +33,7 @@ def test_scan_backward_matches_vjp(kind, reverse, rng, monkeypatch):
     dcT = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), cT)
     want, got = vjp_and_hand(run, (p, x, c0), (dys, dcT), lambda p, x, c0, d: scan_rnn_backward(
         cell, p, x, d[0], d[1], c0, lengths=lengths, reverse=reverse), monkeypatch)
-    assert_trees_close(got, want)
+    assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
     assert np.all(np.asarray(got[1])[2, 2:] == 0) and np.all(np.asarray(got[1])[1, 2:] == 0)
 
 
@@ -66,7 +66,7 @@ def test_padded_batch_equals_each_sequence_alone(kind, reverse, rng):
         total = jax.tree.map(jnp.add, total, gb)
         np.testing.assert_allclose(dx[b, :n], dxb[0], rtol=1e-10, atol=1e-14)
         assert np.all(np.asarray(dx[b, n:]) == 0)                 # padding gets no gradient
-    assert_trees_close(grads, total, 1e-10)
+    assert_trees_close(grads, total, rtol=1e-10, atol=1e-12)
 
 
 def test_reverse_starts_at_each_sequence_end(rng):
@@ -104,7 +104,7 @@ def test_stack_in_serial_takes_lengths_and_hand_gradients_match(rng, monkeypatch
     hand = backprop.value_and_grad(model, losses.mse)
     with no_autodiff(monkeypatch):                       # traced (so checked) inside the patch
         (_, _), got = jax.jit(lambda p: hand(p, state, x, target, lengths=lengths))(params)
-    assert_trees_close(got, want)
+    assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
     # gradient clipping treats these grads as any tree
     clipped, _ = clip_by_global_norm(0.01).update(got, clip_by_global_norm(0.01).init(got))
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(clipped)))

@@ -40,7 +40,7 @@ from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
-from fnn.layers._checks import check_param_shapes
+from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._spatial import (LAYOUTS, explicit_padding, int_tuple, padding_mode,
                                  padding_pairs, spatial_sizes)
 

@@ -15,7 +15,7 @@ import numpy as np
 from fnn import initializers as inits
 from fnn.checks import check_range
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
-from fnn.layers._checks import check_param_shapes
+from fnn.layers._param_shapes import check_param_shapes
 
 __all__ = ["dense", "dense_backward", "Dense", "Flatten", "Embedding"]
 

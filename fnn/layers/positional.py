@@ -13,7 +13,8 @@ split in halves ``(x₁, x₂)`` (GPT-NeoX / Hugging Face LLaMA layout; RoFormer
 a rotation, so its backward is the rotation by ``−θ``: ``dx₁ = dy₁ cos θ + dy₂ sin θ``,
 ``dx₂ = dy₂ cos θ − dy₁ sin θ``.
 
-**Decoding.** Layers here take the keyword ``cache_len`` (see ``fnn.layers.attention``): with it,
+**Decoding.** Layers here take the keyword ``cache_len`` (see
+``fnn.layers.multi_head_attention``): with it,
 ``state`` is a decoding state ``{"index": int32}`` (``{}`` starts a fresh one at 0), the input holds
 the next positions ``index, index + 1, ...``, and the advanced state is returned.
 """

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from fnn import activations as acts
 from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
-from fnn.layers._checks import check_param_shapes
+from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._rnn_scan import (prepare, run_apply, run_bwd, run_fwd, scan_rnn,
                                   scan_rnn_backward)
 from fnn.layers.cells import (Cell, check_carry, from_tuple, gru_cell, lstm_cell, make_rnn_cell,
