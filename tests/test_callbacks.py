@@ -35,7 +35,8 @@ def test_checkpoints_best_and_last_n_and_csv_log(key, tmp_path):
     ckpt = train.ModelCheckpoint(tmp_path / "ck", keep_last=2)
     log = train.CSVLogger(tmp_path / "log.csv")
     res = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=6, batch_size=16, key=key,
-                    val_data=(x, 1 - y), callbacks=[cb, ckpt, log], progress=False)
+                    val_data=(x, 1 - y), callbacks=[cb, ckpt, log],
+                    loop=train.Loop(progress=False))
     h = res.history
     best = int(np.argmin(h["val_loss"])) + 1
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
@@ -58,8 +59,8 @@ def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
     seen = {}
     cb = lambda epoch, ts, logs: seen.setdefault(epoch, len(TRACES)) and None
     plateau = train.ReduceLROnPlateau(factor=0.5, patience=2)
-    res = train.fit(MODEL, counted_ce, optim.adam(0.05), (x, y), epochs=8, batch_size=16,
-                    key=key, val_data=(x, 1 - y), callbacks=[cb, plateau], progress=False)
+    res = train.fit(MODEL, counted_ce, optim.adam(0.05), (x, y), epochs=8, batch_size=16, key=key,
+                    val_data=(x, 1 - y), callbacks=[cb, plateau], loop=train.Loop(progress=False))
     lr, best, wait, want = 0.05, np.inf, 0, []
     for v in res.history["val_loss"]:                    # the rule, written out
         want.append(lr)
@@ -73,15 +74,38 @@ def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
     assert seen[1] == seen[8] == len(TRACES)             # no trace after the first epoch
     with pytest.raises(ValueError, match="ReduceLROnPlateau: cannot monitor 'val_loss'"):
         train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, batch_size=16, key=key,
-                  callbacks=[train.ReduceLROnPlateau()], progress=False)
+                  callbacks=[train.ReduceLROnPlateau()], loop=train.Loop(progress=False))
 
 
 def test_time_limit_stops_with_its_reason(key):
     x, y = _xor()
     res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=50, batch_size=16, key=key,
-                    callbacks=[train.TimeLimit(1e-6)], progress=False)
+                    callbacks=[train.TimeLimit(1e-6)], loop=train.Loop(progress=False))
     assert res.history["epoch"] == [1]
     assert res.stop_reason.startswith("fit: stopped after epoch 1: another epoch would exceed "
                                       "the time limit of 1e-06 s")
     with pytest.raises(ValueError, match="TimeLimit: seconds must be positive, got 0"):
         train.TimeLimit(0)
+
+
+def test_backup_and_restore_resumes_unless_told_not_to(key, tmp_path):
+    """A finished 2-epoch run backed up; epochs=3 again resumes after epoch 2 (the same state
+    as 3 epochs in one go); resume=False starts afresh and overwrites the backup."""
+    x, y = _xor()
+    kw = dict(batch_size=16, key=key, loop=train.Loop(progress=False))
+    backup, seen = train.BackupAndRestore(tmp_path / "run"), []
+    cb = lambda epoch, ts, logs: seen.append(epoch)
+    train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=2, callbacks=[cb, backup], **kw)
+    del seen[:]
+    more = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=3, callbacks=[cb, backup], **kw)
+    whole = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=3, **kw)
+    assert seen == [3] and more.history["epoch"] == [1, 2, 3]
+    chex.assert_trees_all_equal(more.train_state, whole.train_state)
+    fresh = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, callbacks=[
+        train.BackupAndRestore(tmp_path / "run", resume=False)], **kw)
+    assert fresh.history["epoch"] == [1] and int(fresh.train_state.step) == 3
+    meta = checkpoint.read_metadata(tmp_path / "run" / "fit_state.safetensors")
+    assert '"epoch": 1' in meta["fit"]
+    with pytest.raises(ValueError, match="more than one BackupAndRestore"):
+        train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, callbacks=[backup, backup],
+                  **kw)

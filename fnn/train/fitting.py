@@ -129,10 +129,9 @@ def _split_callbacks(callbacks):
 
 
 @refuse_removed
-def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | None = None,
-        val_data=None, key=None, train_state: TrainState | None = None, metrics="auto",
-        callbacks=(), step: Step = Step(), loop: Loop = Loop(), precision=None,
-        distribution: Distribution | None = None) -> FitResult:
+def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data=None,
+        key=None, train_state=None, metrics="auto", callbacks=(), step=Step(), loop=Loop(),
+        precision=None, distribution=None) -> FitResult:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs; returns a :class:`FitResult`.
 
     ``train_data``: ``(x, target[, model_kwargs])`` arrays in memory (each epoch one compiled
