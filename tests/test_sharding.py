@@ -95,7 +95,8 @@ def test_bad_input_on_eight_devices(eight):
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     """2 processes × 2 CPU devices (gloo), started by fnn.sharding.launch, train as 1 × 4 to
-    1e-6, with a hand-written step and with ``fit(mesh=)``; their checkpoint, saved by both,
+    1e-6, with a hand-written step and with ``fit(distribution=)`` on arrays and on streams
+    (each process feeding its half of each batch); their checkpoint, saved by both,
     restores bit-exact in one process onto 2 devices; fit's progress lines and resume file
     are written by process 0 only."""
     from fnn.sharding.launch import launch_local
@@ -119,6 +120,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert got["restored_devices"] == [0, 1], got
     assert got["shard_files"] == ["shards-00000.safetensors", "shards-00001.safetensors"]
     assert got["fit_max_diff"] < 1e-6, got
+    assert got["stream_max_diff"] < 1e-6 and got["stream_steps"] == 12, got
     assert got["fit_dirs"] == ["fit-0"], got                 # process 1 wrote no resume file
     assert len(re.findall(r"^epoch 1/3 ", text, re.M)) == 1, text[-2000:]
     assert len(re.findall(r"^epoch 3/3 ", text, re.M)) == 1, text[-2000:]
@@ -438,7 +440,8 @@ if os.environ.get("FNN_SHARDING_FULL"):         # every model, mesh and gradient
 
 @pytest.mark.slow
 def test_fit_on_a_mesh_matches_fit_on_one_device():
-    """``fit(mesh=, param_sharding=)`` (no shuffle) gives the one-device ``fit``'s parameters
+    """``fit(distribution=Distribution(mesh, params=rules))`` (no shuffle) gives the one-device
+    ``fit``'s parameters
     to 1e-5 after 20 Adam steps, with params and moments sharded as asked; a shuffled run
     (within shards) trains."""
     r = subprocess.run([sys.executable, os.path.join(WORKERS, "fit_equivalence.py"),
@@ -471,15 +474,35 @@ def test_fit_on_a_mesh_donates_keeps_callers_state_and_reuses_its_compiled_epoch
     r = np.random.default_rng(0)
     x, t = jnp.asarray(r.normal(size=(32, 3))), jnp.asarray(r.normal(size=(32, 2)))
     params = model.init(key, (8, 3))[0]
-    kw = dict(epochs=2, batch_size=8, params=params, key=key, shuffle=False, progress=False)
-    ref = train.fit(model, loss, optim.adam(1e-2), (x, t), **kw)
-    runs = [train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)),
-                      **kw) for _ in range(2)]
+    start = lambda: train.create_train_state(model, optim.adam(1e-2), key, (8, 3), params=params)
+    kw = dict(epochs=2, batch_size=8, loop=train.Loop(shuffle=False, progress=False))
+    on_mesh = lambda: sharding.Distribution(_mesh((1,), ("data",)))
+    ref = train.fit(model, loss, optim.adam(1e-2), (x, t), train_state=start(), **kw)
+    runs = [train.fit(model, loss, optim.adam(1e-2), (x, t), train_state=start(),
+                      distribution=on_mesh(), **kw) for _ in range(2)]
     n = len(traces)
-    third = train.fit(model, loss, optim.adam(1e-2), (x, t), mesh=_mesh((1,), ("data",)), **kw)
+    third = train.fit(model, loss, optim.adam(1e-2), (x, t), train_state=start(),
+                      distribution=on_mesh(), **kw)
     assert len(traces) == n                                   # no new trace: cached
     for got in runs + [third]:
         for a, b in zip(jax.tree.leaves(got.train_state.params),
                         jax.tree.leaves(ref.train_state.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
     assert not any(a.is_deleted() for a in jax.tree.leaves(params))
+
+
+def test_fit_streams_on_a_mesh_as_on_one_device():
+    """A stream of batches (the partial last one included, streamed validation) on 2 simulated
+    CPU devices with FSDP: the one-device parameters to 1e-6 and its history; each batch
+    checked as it comes; a batch that does not split over the devices is refused."""
+    r = subprocess.run([sys.executable, os.path.join(WORKERS, "stream_mesh.py")],
+                       capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["max_diff"] < 1e-6 and got["history_rel"] < 1e-5, got
+    assert got["steps"] == 14 and got["epochs"] == [1, 2], got
+    assert "P(None, 'data')" in got["specs"], got                # FSDP split a weight
+    assert re.search(r"fit: a streamed batch of 3 examples does not split over this "
+                     r"process's 2 'data' devices", got["errors"]["odd"]), got
+    assert re.search(r"fit: train_data \(batch 2 of the epoch\): x holds 1 non-finite",
+                     got["errors"]["nan"]), got
