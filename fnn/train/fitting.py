@@ -242,7 +242,7 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     elif val_data is not None:
         vdata, vn = as_data(val_data, "fit: val_data")
         if on is not None:
-            vdata = (_replicate(on)(vdata[0]), vdata[1])
+            vdata = _replicate(on)(vdata)
         if check:
             check(unpack(val_data, "fit: val_data"), "fit: val_data")
         val = InMemoryVal(make_eval(model, loss, ms, vn, min(loop.eval_batch_size, vn)), vdata,
