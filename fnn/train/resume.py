@@ -1,14 +1,14 @@
 """Resume after a crash: the whole state of a ``fit`` run in one atomic file per directory.
 
 After every epoch ``fit(..., callbacks=[BackupAndRestore(d)])`` writes
-``d/fit_state.safetensors`` with
-:func:`fnn.checkpoint.save` (temporary file, ``fsync``, rename: a crash at any moment leaves
-the previous epoch's file or this one, never a torn one). Arrays: the train state (params,
-model state, optimizer state, step, key: the key fixes the next shuffles) and the early-stopping
-state (best params included). Metadata (JSON): the epoch, the history, each callback's
-``get_state()`` and the stop reason. When the file is there at the start, ``fit`` loads it and
-trains on from the next epoch; every epoch is the same compiled program on the same inputs, so a run killed and
-resumed ends with the same bytes as one never interrupted.
+``d/fit_state.safetensors`` with :func:`fnn.checkpoint.save` (temporary file, ``fsync``,
+rename: a crash at any moment leaves the previous epoch's file or this one, never a torn one).
+Arrays: the train state (params, model state, optimizer state, step, key: the key fixes the
+next shuffles) and the early-stopping state (best params included). Metadata (JSON): the epoch,
+the history, each callback's ``get_state()`` and the stop reason. When the file is there at the
+start, ``fit`` loads it and trains on from the next epoch; every epoch is the same compiled
+program on the same inputs, so a run killed and resumed ends with the same bytes as one never
+interrupted.
 """
 from __future__ import annotations
 
