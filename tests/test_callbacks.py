@@ -1,5 +1,6 @@
-"""fnn.train callbacks: best and last-N checkpoints, the CSV log, reduce-on-plateau (without a
-recompile) and the wall-clock budget."""
+"""fnn.train callbacks: early stopping (patience or a rule, best params restored), best and
+last-N checkpoints, the CSV log, reduce-on-plateau (without a recompile), the wall-clock budget,
+the progress bar's last line and backup-and-restore."""
 import csv
 
 import chex
@@ -10,7 +11,7 @@ import pytest
 
 from helpers import TRACES, counted_ce
 
-from fnn import checkpoint, data, losses, optim, train
+from fnn import checkpoint, data, losses, optim, regularizers, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
@@ -109,3 +110,53 @@ def test_backup_and_restore_resumes_unless_told_not_to(key, tmp_path):
     with pytest.raises(ValueError, match="more than one BackupAndRestore"):
         train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, callbacks=[backup, backup],
                   **kw)
+
+
+def test_early_stopping_stops_and_restores_best(key):
+    """Validation labels are the training labels flipped, so validation loss turns up while the
+    model learns; with patience 2 the run stops two epochs after the best one (whichever that is
+    for this initialization) and hands back that epoch's parameters."""
+    x, y = _xor(64)
+    snap = {}
+    cb = lambda epoch, ts, logs: snap.setdefault(epoch, jax.tree.map(np.array, ts.params)) \
+        and None
+    result = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=20, batch_size=16, key=key,
+                       val_data=(x, 1 - y), callbacks=[cb, train.EarlyStopping(2)],
+                       loop=train.Loop(progress=False))
+    h = result.history
+    best = int(np.argmin(h["val_loss"])) + 1
+    ran = len(h["epoch"])
+    assert ran < 20 and result.best_epoch == best and ran == best + 2
+    assert min(h["val_loss"][best:]) >= h["val_loss"][best - 1]
+    assert sorted(snap) == list(range(1, ran + 1))
+    assert f"early stopping after epoch {ran}" in result.stop_reason
+    jax.tree.map(np.testing.assert_array_equal, result.train_state.params, snap[best])
+    assert int(result.train_state.step) == 4 * ran    # the step count is not rolled back
+
+
+def test_progress_bar_prints_why_training_stopped(key, capsys):
+    """progress=True draws a tqdm bar; after it closes, the early-stopping line follows."""
+    pytest.importorskip("tqdm")
+    x, y = _xor(40)
+    res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
+                    val_data=(x, 1 - y), callbacks=[train.EarlyStopping(1)],
+                    loop=train.Loop(progress=True))
+    assert res.stop_reason and res.stop_reason in capsys.readouterr().err
+
+
+def test_early_stopping_takes_a_rule_and_refuses_two(key):
+    """A fnn.regularizers.early_stopping rule stops as the same patience given as an int."""
+    x, y = _xor(48)
+    kw = dict(epochs=20, batch_size=16, key=key, val_data=(x, 1 - y),
+              loop=train.Loop(progress=False))
+    by_int = train.fit(MODEL, CE, optim.adam(0.05), (x, y),
+                       callbacks=[train.EarlyStopping(2, min_delta=1e-3)], **kw)
+    by_rule = train.fit(MODEL, CE, optim.adam(0.05), (x, y), callbacks=[
+        train.EarlyStopping(regularizers.early_stopping(2, 1e-3))], **kw)
+    assert by_int.history["val_loss"] == by_rule.history["val_loss"]
+    assert by_int.best_epoch == by_rule.best_epoch and len(by_int.history["epoch"]) < 20
+    with pytest.raises(ValueError, match="min_delta belongs to the rule"):
+        train.EarlyStopping(regularizers.early_stopping(2), min_delta=0.1)
+    with pytest.raises(ValueError, match="more than one EarlyStopping"):
+        train.fit(MODEL, CE, optim.adam(0.05), (x, y),
+                  callbacks=[train.EarlyStopping(2), train.EarlyStopping(3)], **kw)

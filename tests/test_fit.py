@@ -1,6 +1,6 @@
-"""fnn.train.fit, second pass: regularizer and augmentation against plain loops, metrics against
-scikit-learn/NumPy, the learning rate in the history, no recompilation for equal optimizers,
-the epoch checks, the data checks and the progress bar's last line."""
+"""fit's step options against plain loops (regularizer, augmentation), the history's learning
+rate, the compiled epoch reused for equal optimizers and models, and donation of the train
+state."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -94,48 +94,6 @@ def test_augment_runs_inside_the_step_with_the_documented_key(key):
     assert _differ(plain.train_state.params, want)
 
 
-def test_metrics_match_sklearn_and_numpy(key):
-    """A frozen model (rate 0): every epoch's metrics are those of the fixed params on the whole
-    set, summed over batches inside the epoch (macro F1 from epoch counts, not batch means)."""
-    from sklearn.metrics import f1_score
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((37, 5)))
-    y = jnp.asarray(rng.integers(0, 4, 37))
-    net = Dense(4)
-    params = net.init(key, (8, 5))[0]
-    res = train.fit(net, CE, optim.sgd(0.0), (x, y), epochs=2, batch_size=8,
-                    train_state=_start(net, optim.sgd(0.0), key, params, (8, 5)),
-                    metrics=["accuracy", "top2_accuracy", "macro_f1"], val_data=(x, y),
-                    loop=train.Loop(progress=False))
-    z = np.asarray(net.apply(params, {}, x)[0])
-    yn = np.asarray(y)
-    top2 = np.mean([yn[i] in np.argsort(-z[i])[:2] for i in range(37)])
-    f1 = f1_score(yn, z.argmax(1), average="macro")
-    acc = np.mean(z.argmax(1) == yn)
-    h = res.history
-    for prefix in ("", "val_"):
-        np.testing.assert_allclose(h[prefix + "accuracy"], [acc] * 2, rtol=1e-12)
-        np.testing.assert_allclose(h[prefix + "top2_accuracy"], [top2] * 2, rtol=1e-12)
-        np.testing.assert_allclose(h[prefix + "macro_f1"], [f1] * 2, rtol=1e-12)
-    assert train.evaluate(net, CE, params, {}, (x, y), metrics=["macro_f1"])["macro_f1"] == \
-        pytest.approx(f1, rel=1e-12)
-
-
-def test_mean_absolute_error_metric(key):
-    rng = np.random.default_rng(1)
-    x, y = jnp.asarray(rng.standard_normal((20, 3))), jnp.asarray(rng.standard_normal((20, 2)))
-    net = Dense(2)
-    params = net.init(key, (8, 3))[0]
-    res = train.fit(net, losses.mse, optim.sgd(0.0), (x, y), epochs=1, batch_size=8,
-                    train_state=_start(net, optim.sgd(0.0), key, params, (8, 3)),
-                    metrics=["mae"], loop=train.Loop(progress=False))
-    want = np.mean(np.abs(np.asarray(net.apply(params, {}, x)[0]) - np.asarray(y)))
-    np.testing.assert_allclose(res.history["mean_absolute_error"], [want], rtol=1e-12)
-    with pytest.raises(ValueError, match="unknown metric 'bogus'"):
-        train.fit(net, losses.mse, optim.sgd(0.0), (x, y), epochs=1, batch_size=8, key=key,
-                  metrics=["bogus"])
-
-
 def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
     """fit with optim.sgd built afresh (another rate too) and the model rebuilt traces nothing
     new; a different optimizer rule does (so the counter can fail)."""
@@ -192,66 +150,6 @@ def test_epochs_must_be_positive(epochs, key):
         train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=epochs, batch_size=16, key=key)
 
 
-def test_nonfinite_inputs_are_reported_as_a_data_problem(key):
-    x, y = _xor()
-    with pytest.raises(ValueError, match=r"fit: train_data: x holds 1 non-finite value\(s\) "
-                                         r"\(NaN or Inf\), the first in example 7: the data, "
-                                         r"not the model, is at fault"):
-        train.fit(MODEL, CE, optim.sgd(0.1), (x.at[7, 1].set(jnp.nan), y), epochs=1,
-                  batch_size=16, key=key)
-    with pytest.raises(ValueError, match=r"fit: val_data: x holds 2 non-finite .* example 3"):
-        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=1, batch_size=16, key=key,
-                  val_data=(x.at[3].set(jnp.inf), y))
-
-
-def test_divergence_with_finite_inputs_blames_the_model(key):
-    x, y = _xor()
-    with pytest.warns(RuntimeWarning, match="inputs of that batch are finite, so the model or "
-                                            "the optimizer diverged"):
-        res = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)), epochs=30,
-                        batch_size=16, key=key, loop=train.Loop(progress=False))
-    assert all(np.isfinite(v) for v in jax.tree.leaves(
-        jax.tree.map(lambda a: np.all(np.isfinite(a)), res.train_state.params)))
-    assert len(res.history["epoch"]) > 2          # diverged inside a chain of epochs
-    with pytest.warns(RuntimeWarning):            # a callback: epochs read back one by one
-        one = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)), epochs=30,
-                        batch_size=16, key=key, callbacks=[lambda *a: None],
-                        loop=train.Loop(progress=False))
-    chex.assert_trees_all_equal(one.train_state, res.train_state)
-    assert one.stop_reason == res.stop_reason
-    assert {k: v for k, v in one.history.items() if k != "time"} == \
-        {k: v for k, v in res.history.items() if k != "time"}
-
-
-def test_progress_bar_prints_why_training_stopped(key, capsys):
-    """progress=True draws a tqdm bar; after it closes, the early-stopping line follows."""
-    pytest.importorskip("tqdm")
-    x, y = _xor()
-    res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
-                    val_data=(x, 1 - y), callbacks=[train.EarlyStopping(1)],
-                    loop=train.Loop(progress=True))
-    assert res.stop_reason and res.stop_reason in capsys.readouterr().err
-
-
-def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
-    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): without the gradient
-    norm the guard sees the NaN one step late, in the next loss; the replay backs off to the
-    last finite state, so both settings stop at update 1 with the initial parameters."""
-    def poisoned(pred, target, **kw):
-        return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
-    x, y = _xor()
-    params = MODEL.init(key, (16, 2))[0]
-    for grad_norm in (False, True):
-        with pytest.warns(RuntimeWarning, match=r"epoch 1, step 0 \(update 1 of the epoch\); the "
-                                                r"inputs of that batch are finite"):
-            res = train.fit(MODEL, poisoned, optim.sgd(0.1), (x, y), epochs=2, batch_size=16,
-                            train_state=_start(MODEL, optim.sgd(0.1), key, params),
-                            step=train.Step(grad_norm=grad_norm),
-                            loop=train.Loop(progress=False))
-        chex.assert_trees_all_equal(res.train_state.params, params)
-        assert int(res.train_state.step) == 0
-
-
 # --------------------------------------------------------------------------- donation
 
 def test_epoch_donates_the_state_and_computes_what_a_non_donating_epoch_does(key):
@@ -291,27 +189,3 @@ def test_fit_leaves_the_callers_arrays_alive_and_unchanged(key):
     again = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16, train_state=ts,
                       loop=train.Loop(progress=False))          # the same start: the same run
     chex.assert_trees_all_equal(again.train_state, res.train_state)
-
-
-@pytest.mark.parametrize("poisoned", [5, 37])
-def test_guard_without_a_kept_copy_stops_where_the_replay_does(poisoned, key):
-    """With grad_norm=True fit keeps no copy of the epoch's start (the in-loop guard keeps the
-    last good state); with grad_norm=False it replays from a copy. A NaN example gives both
-    the same state, step and history, and the state of plain SGD up to the bad batch."""
-    x, y = _xor(64)
-    x = x.at[poisoned].set(jnp.nan)
-    params = MODEL.init(key, (16, 2))[0]
-    kw = dict(epochs=3, batch_size=16, train_state=_start(MODEL, optim.sgd(0.1), key, params),
-              loop=train.Loop(shuffle=False, progress=False, check_data=False))
-    runs = []
-    for grad_norm in (False, True):
-        with pytest.warns(RuntimeWarning, match=rf"step {poisoned // 16} "):
-            runs.append(train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw,
-                                  step=train.Step(grad_norm=grad_norm)))
-    a, b = runs
-    chex.assert_trees_all_equal(a.train_state.params, b.train_state.params)
-    assert int(a.train_state.step) == int(b.train_state.step) == poisoned // 16
-    assert a.history["loss"] == b.history["loss"] and a.stop_reason == b.stop_reason
-    ref = _plain_sgd(params, x[:16 * (poisoned // 16)], y[:16 * (poisoned // 16)], 0.1, 1,
-                     lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
-    chex.assert_trees_all_close(a.train_state.params, ref, rtol=1e-12, atol=1e-12)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from fnn import data, losses, optim, regularizers, sharding, train
+from fnn import data, losses, optim, sharding, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
@@ -85,35 +85,3 @@ def test_options_are_checked_when_built():
                                         r"fnn.sharding.Distribution\(...\), got Mesh"):
         train.fit(MODEL, CE, optim.sgd(0.1), _xor(), epochs=1, batch_size=8,
                   key=jax.random.PRNGKey(0), distribution=sharding.make_mesh((1,)))
-
-
-def test_metrics_auto_and_explicit(key):
-    x, y = _xor()
-    kw = dict(epochs=1, batch_size=8, key=key, loop=train.Loop(progress=False))
-    auto = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw).history
-    none = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), metrics=(), **kw).history
-    f1 = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), metrics=["macro_f1"], **kw).history
-    assert "accuracy" in auto and "accuracy" not in none and "accuracy" not in f1
-    assert auto["loss"] == none["loss"] == f1["loss"] and "macro_f1" in f1
-    assert "accuracy" not in train.fit(MODEL, losses.mse, optim.sgd(0.1),
-                                       (x, np.eye(2)[y]), **kw).history
-    with pytest.raises(ValueError, match=r"metrics must be 'auto' or a sequence.*\['macro_f1'\]"):
-        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), metrics="macro_f1", **kw)
-
-
-def test_early_stopping_takes_a_rule_and_refuses_two(key):
-    """A fnn.regularizers.early_stopping rule stops as the same patience given as an int."""
-    x, y = _xor(48)
-    kw = dict(epochs=20, batch_size=16, key=key, val_data=(x, 1 - y),
-              loop=train.Loop(progress=False))
-    by_int = train.fit(MODEL, CE, optim.adam(0.05), (x, y),
-                       callbacks=[train.EarlyStopping(2, min_delta=1e-3)], **kw)
-    by_rule = train.fit(MODEL, CE, optim.adam(0.05), (x, y), callbacks=[
-        train.EarlyStopping(regularizers.early_stopping(2, 1e-3))], **kw)
-    assert by_int.history["val_loss"] == by_rule.history["val_loss"]
-    assert by_int.best_epoch == by_rule.best_epoch and len(by_int.history["epoch"]) < 20
-    with pytest.raises(ValueError, match="min_delta belongs to the rule"):
-        train.EarlyStopping(regularizers.early_stopping(2), min_delta=0.1)
-    with pytest.raises(ValueError, match="more than one EarlyStopping"):
-        train.fit(MODEL, CE, optim.adam(0.05), (x, y),
-                  callbacks=[train.EarlyStopping(2), train.EarlyStopping(3)], **kw)

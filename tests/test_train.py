@@ -1,5 +1,5 @@
-"""fnn.train: fit against a plain optax loop, history, no recompilation, early stopping, the
-NaN guard, the LR finder, and the error messages.
+"""fnn.train, the loop: fit against a plain optax loop, the history, no recompilation, the
+LR finder, the error messages and the plots.
 
 Compilation dominates the cost here, so the tests share one model, loss and optimizer objects
 and a few data sizes: ``fit`` reuses its compiled epoch whenever those agree.
@@ -147,54 +147,6 @@ def test_second_epoch_does_not_recompile_and_step_guard(key):
     new, m = step(ts, (x[:16].at[0, 0].set(jnp.inf), y[:16]))
     assert len(calls) == before + 1 and int(ts.step) == 3 and not bool(m.finite)
     jax.tree.map(np.testing.assert_array_equal, new, ts)
-
-
-def test_early_stopping_stops_and_restores_best(key):
-    """Validation labels are the training labels flipped, so validation loss turns up while the
-    model learns; with patience 2 the run stops two epochs after the best one (whichever that is
-    for this initialization) and hands back that epoch's parameters."""
-    x, y = _xor(64)
-    snap = {}
-    cb = lambda epoch, ts, logs: snap.setdefault(epoch, jax.tree.map(np.array, ts.params)) \
-        and None
-    result = train.fit(MODEL, CE, ADAM, (x, y), epochs=20, batch_size=16, key=key,
-                       val_data=(x, 1 - y), callbacks=[cb, train.EarlyStopping(2)],
-                       loop=train.Loop(progress=False))
-    h = result.history
-    best = int(np.argmin(h["val_loss"])) + 1
-    ran = len(h["epoch"])
-    assert ran < 20 and result.best_epoch == best and ran == best + 2
-    assert min(h["val_loss"][best:]) >= h["val_loss"][best - 1]
-    assert sorted(snap) == list(range(1, ran + 1))
-    assert f"early stopping after epoch {ran}" in result.stop_reason
-    jax.tree.map(np.testing.assert_array_equal, result.train_state.params, snap[best])
-    assert int(result.train_state.step) == 4 * ran    # the step count is not rolled back
-
-
-@pytest.mark.parametrize("poisoned", [37, 49])
-def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key):
-    """Batches of 16 in order: example 37 sits in batch 2 (0-based) of epoch 1, example 49 in
-    the partial last batch 3; the steps before it happen, nothing after."""
-    x, y = _xor()
-    bad = poisoned // 16
-    params, _, _ = MODEL.init(key, (16, 2))
-    kw = dict(batch_size=16, train_state=train.create_train_state(MODEL, SGD, key, (16, 2),
-                                                                  params=params))
-    # check_data=False lets the NaN reach training: the guard's test
-    loop = dict(shuffle=False, progress=False, check_data=False)
-    with pytest.warns(RuntimeWarning, match=rf"non-finite loss or gradient at epoch 1, step "
-                                            rf"{bad} \(update {bad + 1} of the epoch\)"):
-        result = train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=3,
-                           loop=train.Loop(**loop), **kw)
-    assert len(result.history["epoch"]) == 1 and int(result.train_state.step) == bad
-    assert f"epoch 1, step {bad}" in result.stop_reason
-    assert "inputs of that batch hold NaN or Inf: a data problem" in result.stop_reason
-    _allclose(result.train_state.params, _reference(params, x, y, bad)[0])
-    assert np.isfinite(result.history["loss"][0])
-    if poisoned == 37:
-        with pytest.raises(FloatingPointError, match="epoch 1, step 2"):
-            train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=1,
-                      loop=train.Loop(on_nonfinite="raise", **loop), **kw)
 
 
 def test_lr_find_sweeps_until_divergence(key, tmp_path):
