@@ -39,8 +39,8 @@ def main(reps=20, epochs=3):
     per_batch = _time(lambda: [check(xb, yb) for xb, yb in batches], reps)
     values = _time(lambda: check(x, y), reps)
     result = train.fit(net, loss, optim.adam(1e-3), (x, y), epochs=epochs,
-                       batch_size=digits_cnn.BATCH, key=jax.random.PRNGKey(0), grad="manual",
-                       progress=False)
+                       batch_size=digits_cnn.BATCH, key=jax.random.PRNGKey(0),
+                       step=train.Step(grad="manual"), loop=train.Loop(progress=False))
     epoch = statistics.median(result.history["time"][1:])
     print(f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
     print(f"check_data (init + min/max), 1437 examples: {whole * 1e3:.2f} ms")

@@ -4,7 +4,7 @@
     20 epochs of ``fnn.train.fit`` (one call) against 20 calls of a bare plain-JAX
     ``lax.scan`` epoch of the same step (value_and_grad, ``optimizer.update``,
     ``apply_updates``: no guard, no metrics). ``fit`` keeps its non-finite guard and its
-    history (loss, accuracy, lr). Also ``fit(grad_norm=True)``. Goal: ``fit`` ≤ 1.10×.
+    history (loss, accuracy, lr). Also ``fit(step=Step(grad_norm=True))``. Goal: ``fit`` ≤ 1.10×.
 (b) ``fit`` called again with ``optim.sgd(0.01)`` built afresh (a loop, a re-run notebook
     cell): time of 20 epochs against the same call with the same optimizer object; goal: no
     recompilation (ratio ≈ 1).
@@ -78,7 +78,7 @@ def main(rounds):
     opt = optax.sgd(0.01)
     params, state, _ = model.init(key, (BATCH, SIZES[0]))
     xs, ys = x.reshape(STEPS, BATCH, -1), y.reshape(STEPS, BATCH)
-    kw = dict(epochs=EPOCHS, batch_size=BATCH, key=key, shuffle=False, progress=False)
+    kw = dict(epochs=EPOCHS, batch_size=BATCH, loop=train.Loop(shuffle=False, progress=False))
     fnn_sgd = optim.sgd(0.01)
 
     def bare(optimizer):
@@ -93,13 +93,16 @@ def main(rounds):
 
     def run_fit(optimizer, **more):
         return lambda: jax.block_until_ready(
-            train.fit(model, CE, optimizer, (x, y), params=params, **kw, **more).train_state)
+            train.fit(model, CE, optimizer, (x, y), train_state=train.create_train_state(
+                model, optimizer, key, (BATCH, SIZES[0]), params=params), **kw,
+                **more).train_state)
 
     med, cpu = interleaved({"bare lax.scan epoch, optax.sgd": bare(opt),
                        "fit, optax.sgd": run_fit(opt),
                        "bare lax.scan epoch, fnn optim.sgd": bare(fnn_sgd),
                        "fit, fnn optim.sgd": run_fit(fnn_sgd),
-                       "fit, fnn optim.sgd, grad_norm=True": run_fit(fnn_sgd, grad_norm=True),
+                       "fit, fnn optim.sgd, grad_norm=True": run_fit(
+                           fnn_sgd, step=train.Step(grad_norm=True)),
                        "fit, optim.sgd(0.01) rebuilt": lambda: run_fit(optim.sgd(0.01))()},
                       rounds)
     print(f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
@@ -111,7 +114,7 @@ def main(rounds):
         print(f"  {name:36s} {1e3 * t / EPOCHS:14.3f} {t / med[base]:6.2f} "
               f"{1e3 * cpu[name] / EPOCHS:13.3f} {cpu[name] / cpu[base]:6.2f}")
     t0 = time.perf_counter()
-    run_fit(optim.sgd(0.02), early_stopping=None)()
+    run_fit(optim.sgd(0.02))()
     print(f"  first fit with optim.sgd(0.02) (new rate, same program): "
           f"{1e3 * (time.perf_counter() - t0):.1f} ms")
 

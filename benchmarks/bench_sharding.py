@@ -130,9 +130,9 @@ def fit_overhead(rounds):
     t = jnp.asarray(r.integers(0, 10, 1024), jnp.int32)
     model = digits_cnn.model()
     mesh = sharding.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    kw = dict(epochs=2, batch_size=64, key=jax.random.PRNGKey(0), grad="manual",
-              progress=False, check_data=False)
-    cands = {"plain fit": {}, "fit(mesh=(1,))": {"mesh": mesh}}
+    kw = dict(epochs=2, batch_size=64, key=jax.random.PRNGKey(0), step=train.Step(grad="manual"),
+              loop=train.Loop(progress=False, check_data=False))
+    cands = {"plain fit": {}, "fit(mesh=(1,))": {"distribution": sharding.Distribution(mesh)}}
 
     def once(extra):
         res = train.fit(model, CE, optim.adam(1e-3), (x, t), **kw, **extra)

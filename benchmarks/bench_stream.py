@@ -40,7 +40,7 @@ def main(rounds, epochs):
     (x, y), _ = data.load_digits(image=True)
     x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
     net, opt = digits_cnn.model(), optim.adam(1e-3)
-    kw = dict(epochs=epochs, grad="manual", progress=False)
+    kw = dict(epochs=epochs, step=train.Step(grad="manual"), loop=train.Loop(progress=False))
     ts0 = train.fit(net, CE, opt, (x, y), batch_size=BATCH, key=jax.random.PRNGKey(0),
                     **{**kw, "epochs": 1}).train_state
     state = {"memory": ts0, "stream": ts0}

@@ -120,11 +120,12 @@ def bench_small(rounds, steps=100, batch=32):
     model = fnn_mlp(sizes)
     key = jax.random.PRNGKey(0)
     state = {"ts": train.fit(model, CE, opt, (x, y), epochs=1, batch_size=batch, key=key,
-                             progress=False).train_state}
+                             loop=train.Loop(progress=False)).train_state}
 
     def fnn_epoch():
         state["ts"] = train.fit(model, CE, opt, (x, y), epochs=1, batch_size=batch,
-                                train_state=state["ts"], progress=False).train_state
+                                train_state=state["ts"],
+                                loop=train.Loop(progress=False)).train_state
 
     step = plain_step_fn(opt)
     perm = np.random.default_rng(1).permutation(len(x))
@@ -196,8 +197,8 @@ def bench_large(rounds, steps=20, batch=256):
 
     def fnn_fit():
         fit_state["ts"] = train.fit(model, CE, opt, (x, y), epochs=1, batch_size=batch,
-                                    train_state=fit_state["ts"], shuffle=False,
-                                    progress=False).train_state
+                                    train_state=fit_state["ts"],
+                                    loop=train.Loop(shuffle=False, progress=False)).train_state
 
     scan = plain_scan_epoch(opt)
     xs, ys = x.reshape(steps, batch, -1), y.reshape(steps, batch)

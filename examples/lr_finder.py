@@ -54,8 +54,9 @@ def runs(rates, train_data, val_data, args):
     for name, lr in rates.items():
         out[name] = [train.fit(model(), xent, make_sgd(lr), train_data, epochs=args.epochs,
                                batch_size=args.batch, val_data=val_data,
-                               key=jax.random.PRNGKey(args.seed + 1 + s), progress=False,
-                               on_nonfinite="stop").history for s in range(args.seeds)]
+                               key=jax.random.PRNGKey(args.seed + 1 + s),
+                               loop=train.Loop(progress=False, on_nonfinite="stop")).history
+                     for s in range(args.seeds)]
     return out
 
 

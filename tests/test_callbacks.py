@@ -1,5 +1,6 @@
-"""fnn.train callbacks: best and last-N checkpoints, the CSV log, reduce-on-plateau (without a
-recompile) and the wall-clock budget."""
+"""fnn.train callbacks: early stopping (patience or a rule, best params restored), best and
+last-N checkpoints, the CSV log, reduce-on-plateau (without a recompile), the wall-clock budget,
+the progress bar's last line and backup-and-restore."""
 import csv
 
 import chex
@@ -10,7 +11,7 @@ import pytest
 
 from helpers import TRACES, counted_ce
 
-from fnn import checkpoint, data, losses, optim, train
+from fnn import checkpoint, data, losses, optim, regularizers, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
@@ -35,7 +36,8 @@ def test_checkpoints_best_and_last_n_and_csv_log(key, tmp_path):
     ckpt = train.ModelCheckpoint(tmp_path / "ck", keep_last=2)
     log = train.CSVLogger(tmp_path / "log.csv")
     res = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=6, batch_size=16, key=key,
-                    val_data=(x, 1 - y), callbacks=[cb, ckpt, log], progress=False)
+                    val_data=(x, 1 - y), callbacks=[cb, ckpt, log],
+                    loop=train.Loop(progress=False))
     h = res.history
     best = int(np.argmin(h["val_loss"])) + 1
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
@@ -58,8 +60,8 @@ def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
     seen = {}
     cb = lambda epoch, ts, logs: seen.setdefault(epoch, len(TRACES)) and None
     plateau = train.ReduceLROnPlateau(factor=0.5, patience=2)
-    res = train.fit(MODEL, counted_ce, optim.adam(0.05), (x, y), epochs=8, batch_size=16,
-                    key=key, val_data=(x, 1 - y), callbacks=[cb, plateau], progress=False)
+    res = train.fit(MODEL, counted_ce, optim.adam(0.05), (x, y), epochs=8, batch_size=16, key=key,
+                    val_data=(x, 1 - y), callbacks=[cb, plateau], loop=train.Loop(progress=False))
     lr, best, wait, want = 0.05, np.inf, 0, []
     for v in res.history["val_loss"]:                    # the rule, written out
         want.append(lr)
@@ -73,15 +75,88 @@ def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
     assert seen[1] == seen[8] == len(TRACES)             # no trace after the first epoch
     with pytest.raises(ValueError, match="ReduceLROnPlateau: cannot monitor 'val_loss'"):
         train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, batch_size=16, key=key,
-                  callbacks=[train.ReduceLROnPlateau()], progress=False)
+                  callbacks=[train.ReduceLROnPlateau()], loop=train.Loop(progress=False))
 
 
 def test_time_limit_stops_with_its_reason(key):
     x, y = _xor()
     res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=50, batch_size=16, key=key,
-                    callbacks=[train.TimeLimit(1e-6)], progress=False)
+                    callbacks=[train.TimeLimit(1e-6)], loop=train.Loop(progress=False))
     assert res.history["epoch"] == [1]
     assert res.stop_reason.startswith("fit: stopped after epoch 1: another epoch would exceed "
                                       "the time limit of 1e-06 s")
     with pytest.raises(ValueError, match="TimeLimit: seconds must be positive, got 0"):
         train.TimeLimit(0)
+
+
+def test_backup_and_restore_resumes_unless_told_not_to(key, tmp_path):
+    """A finished 2-epoch run backed up; epochs=3 again resumes after epoch 2 (the same state
+    as 3 epochs in one go); resume=False starts afresh and overwrites the backup."""
+    x, y = _xor()
+    kw = dict(batch_size=16, key=key, loop=train.Loop(progress=False))
+    backup, seen = train.BackupAndRestore(tmp_path / "run"), []
+    cb = lambda epoch, ts, logs: seen.append(epoch)
+    train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=2, callbacks=[cb, backup], **kw)
+    del seen[:]
+    more = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=3, callbacks=[cb, backup], **kw)
+    whole = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=3, **kw)
+    assert seen == [3] and more.history["epoch"] == [1, 2, 3]
+    chex.assert_trees_all_equal(more.train_state, whole.train_state)
+    fresh = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, callbacks=[
+        train.BackupAndRestore(tmp_path / "run", resume=False)], **kw)
+    assert fresh.history["epoch"] == [1] and int(fresh.train_state.step) == 3
+    meta = checkpoint.read_metadata(tmp_path / "run" / "fit_state.safetensors")
+    assert '"epoch": 1' in meta["fit"]
+    with pytest.raises(ValueError, match="more than one BackupAndRestore"):
+        train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, callbacks=[backup, backup],
+                  **kw)
+
+
+def test_early_stopping_stops_and_restores_best(key):
+    """Validation labels are the training labels flipped, so validation loss turns up while the
+    model learns; with patience 2 the run stops two epochs after the best one (whichever that is
+    for this initialization) and hands back that epoch's parameters."""
+    x, y = _xor(64)
+    snap = {}
+    cb = lambda epoch, ts, logs: snap.setdefault(epoch, jax.tree.map(np.array, ts.params)) \
+        and None
+    result = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=20, batch_size=16, key=key,
+                       val_data=(x, 1 - y), callbacks=[cb, train.EarlyStopping(2)],
+                       loop=train.Loop(progress=False))
+    h = result.history
+    best = int(np.argmin(h["val_loss"])) + 1
+    ran = len(h["epoch"])
+    assert ran < 20 and result.best_epoch == best and ran == best + 2
+    assert min(h["val_loss"][best:]) >= h["val_loss"][best - 1]
+    assert sorted(snap) == list(range(1, ran + 1))
+    assert f"early stopping after epoch {ran}" in result.stop_reason
+    jax.tree.map(np.testing.assert_array_equal, result.train_state.params, snap[best])
+    assert int(result.train_state.step) == 4 * ran    # the step count is not rolled back
+
+
+def test_progress_bar_prints_why_training_stopped(key, capsys):
+    """progress=True draws a tqdm bar; after it closes, the early-stopping line follows."""
+    pytest.importorskip("tqdm")
+    x, y = _xor(40)
+    res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
+                    val_data=(x, 1 - y), callbacks=[train.EarlyStopping(1)],
+                    loop=train.Loop(progress=True))
+    assert res.stop_reason and res.stop_reason in capsys.readouterr().err
+
+
+def test_early_stopping_takes_a_rule_and_refuses_two(key):
+    """A fnn.regularizers.early_stopping rule stops as the same patience given as an int."""
+    x, y = _xor(48)
+    kw = dict(epochs=20, batch_size=16, key=key, val_data=(x, 1 - y),
+              loop=train.Loop(progress=False))
+    by_int = train.fit(MODEL, CE, optim.adam(0.05), (x, y),
+                       callbacks=[train.EarlyStopping(2, min_delta=1e-3)], **kw)
+    by_rule = train.fit(MODEL, CE, optim.adam(0.05), (x, y), callbacks=[
+        train.EarlyStopping(regularizers.early_stopping(2, 1e-3))], **kw)
+    assert by_int.history["val_loss"] == by_rule.history["val_loss"]
+    assert by_int.best_epoch == by_rule.best_epoch and len(by_int.history["epoch"]) < 20
+    with pytest.raises(ValueError, match="min_delta belongs to the rule"):
+        train.EarlyStopping(regularizers.early_stopping(2), min_delta=0.1)
+    with pytest.raises(ValueError, match="more than one EarlyStopping"):
+        train.fit(MODEL, CE, optim.adam(0.05), (x, y),
+                  callbacks=[train.EarlyStopping(2), train.EarlyStopping(3)], **kw)

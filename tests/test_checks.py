@@ -161,8 +161,8 @@ def test_fit_refuses_labels_outside_the_classes_before_training(key):
     y = np.array([0, 1, 2, 0, 1, 2, 3, 0])
     with pytest.raises(ValueError, match=rf"{NAME}: label 3 at index \(6,\) is outside the "
                        r"valid range \[0, 3\)"):
-        train.fit(serial(Dense(3)), INT, optim.sgd(0.1), (x, y), epochs=1, batch_size=4,
-                  key=key, progress=False)
+        train.fit(serial(Dense(3)), INT, optim.sgd(0.1), (x, y), epochs=1, batch_size=4, key=key,
+                  loop=train.Loop(progress=False))
 
 
 def test_fit_checks_each_streamed_batch_and_token_ids(key):
@@ -176,9 +176,10 @@ def test_fit_checks_each_streamed_batch_and_token_ids(key):
     with pytest.raises(ValueError, match=rf"batch 3 of the epoch\): {NAME}: label 5 at index "
                        r"\(1,\) is outside the valid range \[0, 3\)"):
         train.fit(serial(Dense(3)), INT, optim.sgd(0.1), batches, epochs=1, key=key,
-                  progress=False)
+                  loop=train.Loop(progress=False))
     ids = np.array([[0, 1], [2, 3], [4, 9]])
     with pytest.raises(ValueError, match=r"Embedding\(5, 2\): token id 9 at index \(2, 1\) is "
                        r"outside the valid range \[0, 5\)"):
         train.fit(serial(Embedding(5, 2), Flatten(), Dense(3)), INT, optim.sgd(0.1),
-                  (ids, np.array([0, 1, 2])), epochs=1, batch_size=3, key=key, progress=False)
+                  (ids, np.array([0, 1, 2])), epochs=1, batch_size=3, key=key,
+                  loop=train.Loop(progress=False))

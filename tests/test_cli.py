@@ -152,11 +152,16 @@ def test_tasks_keep_zero_lr_and_batch_size_and_pass_resume(fit_calls, tmp_path, 
         task.train(lr=0.0, batch_size=16, quick=True, quiet=True, out=str(tmp_path))
     with pytest.raises(_Stop):
         task.train(epochs=1, quick=True, quiet=True, out=str(tmp_path), resume=True)
-    (_, plain), (_, resumed) = fit_calls
-    lr = plain["learning_rate"]
-    assert (lr(0) if callable(lr) else lr) == 0.0 and plain["batch_size"] == 16
-    assert "resume" not in plain and "checkpoint_dir" not in plain
-    assert resumed["resume"] is True and resumed["checkpoint_dir"] == str(tmp_path / "ckpt")
+    import jax.numpy as jnp
+    from fnn import optim, train
+    (args, plain), (_, resumed) = fit_calls
+    lr = optim.learning_rate(args[2].init({"w": jnp.zeros(1)}))   # the optimizer's own rate
+    assert float(lr) == 0.0 and plain["batch_size"] == 16
+    backups = lambda kw: [cb for cb in kw.get("callbacks", ())
+                          if isinstance(cb, train.BackupAndRestore)]
+    assert not backups(plain)
+    (backup,) = backups(resumed)
+    assert backup.resume and backup.directory == str(tmp_path / "ckpt")
 
 
 def test_digits_cnn_selects_on_a_validation_split_not_the_test_set(fit_calls):
@@ -170,7 +175,9 @@ def test_digits_cnn_selects_on_a_validation_split_not_the_test_set(fit_calls):
     rows = lambda a: sorted(map(bytes, np.asarray(a).reshape(len(a), -1)))
     assert rows(np.concatenate([xt, xv])) == rows(x[:256])      # carved from the training set
     assert not set(rows(xv)) & set(rows(x_test))
-    assert kw["early_stopping"] and kw.get("restore_best", True)
+    from fnn import train
+    (stopper,) = [cb for cb in kw["callbacks"] if isinstance(cb, train.EarlyStopping)]
+    assert stopper.restore_best and stopper.rule is not None
 
 
 def test_resume_continues_from_the_checkpoint_dir(tmp_path, capsys):
@@ -187,8 +194,8 @@ import json, sys
 import jax
 import fnn.train.fitting as F
 from fnn import cli
-seen, real = [], F._on_mesh
-F._on_mesh = lambda ctx, mesh, *a: (seen.append(dict(mesh.shape)), real(ctx, mesh, *a))[1]
+seen, real = [], F.on_mesh
+F.on_mesh = lambda dist, ts: (seen.append(dict(dist.mesh.shape)), real(dist, ts))[1]
 rc = cli.main(["train", "xor", "--quick", "--quiet", "--epochs", "2", "--devices", "2",
                "--out", sys.argv[1]])
 print(json.dumps({"rc": rc, "meshes": seen, "devices": jax.device_count()}))

@@ -1,6 +1,6 @@
-"""fnn.train.fit, second pass: regularizer and augmentation against plain loops, metrics against
-scikit-learn/NumPy, the learning rate in the history, no recompilation for equal optimizers,
-the epoch checks, the data checks and the progress bar's last line."""
+"""fit's step options against plain loops (regularizer, augmentation), the history's learning
+rate, the compiled epoch reused for equal optimizers and models, and donation of the train
+state."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,11 @@ def _plain_sgd(params, x, y, lr, epochs, objective, batch=16, extra=lambda t: t)
     return params
 
 
+def _start(model, optimizer, key, params, batch=(16, 2)):
+    """The train state ``fit`` starts from with these ``params``."""
+    return train.create_train_state(model, optimizer, key, batch, params=params)
+
+
 def _differ(a, b):
     return not all(np.allclose(u, v, rtol=1e-6) for u, v in zip(jax.tree.leaves(a),
                                                                 jax.tree.leaves(b)))
@@ -49,8 +54,10 @@ def test_regularizer_on_both_gradient_paths_matches_plain_loop(grad, key):
     x, y = _xor()
     l2 = regularizers.l2(0.05)
     params = MODEL.init(key, (16, 2))[0]
-    res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16, params=params,
-                    key=key, shuffle=False, grad=grad, regularizer=l2, progress=False)
+    res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16,
+                    train_state=_start(MODEL, optim.sgd(0.2), key, params),
+                    step=train.Step(grad=grad, regularizer=l2),
+                    loop=train.Loop(shuffle=False, progress=False))
     want = _plain_sgd(params, x, y, 0.2, 2,
                       lambda p, xb, yb, t: CE(MODEL.apply(p, STATE, xb)[0], yb) + l2(p))
     chex.assert_trees_all_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
@@ -66,8 +73,10 @@ def test_augment_runs_inside_the_step_with_the_documented_key(key):
     def noise(k, xb, yb):
         return xb + 0.3 * jax.random.normal(k, xb.shape, xb.dtype), yb
     params = MODEL.init(key, (16, 2))[0]
-    res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16, params=params,
-                    key=key, shuffle=False, augment=noise, progress=False)
+    res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16,
+                    train_state=_start(MODEL, optim.sgd(0.2), key, params),
+                    step=train.Step(augment=noise),
+                    loop=train.Loop(shuffle=False, progress=False))
     k = jax.random.split(key)[1]                          # create_train_state's train key
     k1 = jax.random.split(k)[0]                           # epoch 1 splits it once
     k2 = jax.random.split(k1)[0]                          # and epoch 2 again
@@ -80,48 +89,9 @@ def test_augment_runs_inside_the_step_with_the_documented_key(key):
         k1 if t < steps_per_epoch else k2, t))
     chex.assert_trees_all_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
     plain = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16,
-                      params=params, key=key, shuffle=False, progress=False)
+                      train_state=_start(MODEL, optim.sgd(0.2), key, params),
+                      loop=train.Loop(shuffle=False, progress=False))
     assert _differ(plain.train_state.params, want)
-
-
-def test_metrics_match_sklearn_and_numpy(key):
-    """A frozen model (rate 0): every epoch's metrics are those of the fixed params on the whole
-    set, summed over batches inside the epoch (macro F1 from epoch counts, not batch means)."""
-    from sklearn.metrics import f1_score
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((37, 5)))
-    y = jnp.asarray(rng.integers(0, 4, 37))
-    net = Dense(4)
-    params = net.init(key, (8, 5))[0]
-    res = train.fit(net, CE, optim.sgd(0.0), (x, y), epochs=2, batch_size=8, params=params,
-                    key=key, metrics=["top2_accuracy", "macro_f1"], val_data=(x, y),
-                    progress=False)
-    z = np.asarray(net.apply(params, {}, x)[0])
-    yn = np.asarray(y)
-    top2 = np.mean([yn[i] in np.argsort(-z[i])[:2] for i in range(37)])
-    f1 = f1_score(yn, z.argmax(1), average="macro")
-    acc = np.mean(z.argmax(1) == yn)
-    h = res.history
-    for prefix in ("", "val_"):
-        np.testing.assert_allclose(h[prefix + "accuracy"], [acc] * 2, rtol=1e-12)
-        np.testing.assert_allclose(h[prefix + "top2_accuracy"], [top2] * 2, rtol=1e-12)
-        np.testing.assert_allclose(h[prefix + "macro_f1"], [f1] * 2, rtol=1e-12)
-    assert train.evaluate(net, CE, params, {}, (x, y), metrics=["macro_f1"])["macro_f1"] == \
-        pytest.approx(f1, rel=1e-12)
-
-
-def test_mean_absolute_error_metric(key):
-    rng = np.random.default_rng(1)
-    x, y = jnp.asarray(rng.standard_normal((20, 3))), jnp.asarray(rng.standard_normal((20, 2)))
-    net = Dense(2)
-    params = net.init(key, (8, 3))[0]
-    res = train.fit(net, losses.mse, optim.sgd(0.0), (x, y), epochs=1, batch_size=8,
-                    params=params, key=key, metrics=["mae"], progress=False)
-    want = np.mean(np.abs(np.asarray(net.apply(params, {}, x)[0]) - np.asarray(y)))
-    np.testing.assert_allclose(res.history["mean_absolute_error"], [want], rtol=1e-12)
-    with pytest.raises(ValueError, match="unknown metric 'bogus'"):
-        train.fit(net, losses.mse, optim.sgd(0.0), (x, y), epochs=1, batch_size=8, key=key,
-                  metrics=["bogus"])
 
 
 def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
@@ -129,7 +99,8 @@ def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
     new; a different optimizer rule does (so the counter can fail)."""
     x, y = _xor()
     run = lambda opt, model=MODEL: train.fit(model, counted_ce, opt, (x, y), epochs=2,
-                                             batch_size=16, key=key, progress=False)
+                                             batch_size=16, key=key,
+                                             loop=train.Loop(progress=False))
     first = run(optim.sgd(0.01))
     traced = len(TRACES)
     again = run(optim.sgd(0.01), serial(Dense(4), Tanh(), Dense(2)))
@@ -167,7 +138,7 @@ def test_history_lr_from_fnn_optimizer_state(key):
     x, y = _xor()
     sched = optim.schedules.exponential_decay(0.1, 0.5, 3)       # halves every epoch here
     h = train.fit(MODEL, CE, optim.adam(sched), (x, y), epochs=3, batch_size=16, key=key,
-                  progress=False).history
+                  loop=train.Loop(progress=False)).history
     np.testing.assert_allclose(h["lr"], [0.1 * 0.5 ** ((3 * e - 1) / 3) for e in (1, 2, 3)],
                                rtol=1e-12)
 
@@ -179,75 +150,18 @@ def test_epochs_must_be_positive(epochs, key):
         train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=epochs, batch_size=16, key=key)
 
 
-def test_nonfinite_inputs_are_reported_as_a_data_problem(key):
-    x, y = _xor()
-    with pytest.raises(ValueError, match=r"fit: train_data: x holds 1 non-finite value\(s\) "
-                                         r"\(NaN or Inf\), the first in example 7: the data, "
-                                         r"not the model, is at fault"):
-        train.fit(MODEL, CE, optim.sgd(0.1), (x.at[7, 1].set(jnp.nan), y), epochs=1,
-                  batch_size=16, key=key)
-    with pytest.raises(ValueError, match=r"fit: val_data: x holds 2 non-finite .* example 3"):
-        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=1, batch_size=16, key=key,
-                  val_data=(x.at[3].set(jnp.inf), y))
-
-
-def test_divergence_with_finite_inputs_blames_the_model(key):
-    x, y = _xor()
-    with pytest.warns(RuntimeWarning, match="inputs of that batch are finite, so the model or "
-                                            "the optimizer diverged"):
-        res = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)),
-                        epochs=30, batch_size=16, key=key, progress=False)
-    assert all(np.isfinite(v) for v in jax.tree.leaves(
-        jax.tree.map(lambda a: np.all(np.isfinite(a)), res.train_state.params)))
-    assert len(res.history["epoch"]) > 2          # diverged inside a chain of epochs
-    with pytest.warns(RuntimeWarning):            # a callback: epochs read back one by one
-        one = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)),
-                        epochs=30, batch_size=16, key=key, progress=False,
-                        callbacks=[lambda *a: None])
-    chex.assert_trees_all_equal(one.train_state, res.train_state)
-    assert one.stop_reason == res.stop_reason
-    assert {k: v for k, v in one.history.items() if k != "time"} == \
-        {k: v for k, v in res.history.items() if k != "time"}
-
-
-def test_progress_bar_prints_why_training_stopped(key, capsys):
-    """progress=True draws a tqdm bar; after it closes, the early-stopping line follows."""
-    pytest.importorskip("tqdm")
-    x, y = _xor()
-    res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
-                    val_data=(x, 1 - y), early_stopping=1, progress=True)
-    assert res.stop_reason and res.stop_reason in capsys.readouterr().err
-
-
-def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
-    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): without the gradient
-    norm the guard sees the NaN one step late, in the next loss; the replay backs off to the
-    last finite state, so both settings stop at update 1 with the initial parameters."""
-    def poisoned(pred, target, **kw):
-        return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
-    x, y = _xor()
-    params = MODEL.init(key, (16, 2))[0]
-    for grad_norm in (False, True):
-        with pytest.warns(RuntimeWarning, match=r"epoch 1, step 0 \(update 1 of the epoch\); the "
-                                                r"inputs of that batch are finite"):
-            res = train.fit(MODEL, poisoned, optim.sgd(0.1), (x, y), epochs=2, batch_size=16,
-                            params=params, key=key, grad_norm=grad_norm, progress=False)
-        chex.assert_trees_all_equal(res.train_state.params, params)
-        assert int(res.train_state.step) == 0
-
-
 # --------------------------------------------------------------------------- donation
 
 def test_epoch_donates_the_state_and_computes_what_a_non_donating_epoch_does(key):
     """The compiled epoch reuses the params', model state's and optimizer state's buffers (they
     are deleted after the call); step and key stay readable; the numbers are those of the same
     epoch compiled without donation."""
-    from fnn.train.epoch import make_epoch
+    from fnn.train.epoch import make_epoch_runner
     x, y = _xor()
     args = (MODEL, CE, optim.adam(0.01).update, "autodiff", (), None, False, None, 40, 16,
             False, True)
-    donating, sizes = make_epoch(*args)
-    plain, _ = make_epoch(*args, None, jax.jit)
+    donating, sizes = make_epoch_runner(*args)
+    plain, _ = make_epoch_runner(*args, None, jax.jit)
     ts = train.create_train_state(MODEL, optim.adam(0.01), key, (16, 2))
     keep = jax.tree.map(jnp.copy, ts)
     data = (x, y, {})
@@ -265,36 +179,13 @@ def test_fit_leaves_the_callers_arrays_alive_and_unchanged(key):
     x, y = _xor()
     ts = train.create_train_state(MODEL, optim.adam(0.01), key, (16, 2))
     before = jax.tree.map(np.array, ts)
-    for kw in (dict(train_state=ts), dict(params=ts.params, key=key)):
-        res = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16,
-                        progress=False, **kw)
+    for kw in (dict(train_state=ts),
+               dict(train_state=_start(MODEL, optim.adam(0.01), key, ts.params))):
+        res = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16, **kw,
+                        loop=train.Loop(progress=False))
         assert not any(a.is_deleted() for a in jax.tree.leaves(ts))
         chex.assert_trees_all_equal(jax.tree.map(np.array, ts.params), before.params)
         assert int(res.train_state.step) == 9
-    again = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16,
-                      progress=False, train_state=ts)          # the same start: the same run
+    again = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16, train_state=ts,
+                      loop=train.Loop(progress=False))          # the same start: the same run
     chex.assert_trees_all_equal(again.train_state, res.train_state)
-
-
-@pytest.mark.parametrize("poisoned", [5, 37])
-def test_guard_without_a_kept_copy_stops_where_the_replay_does(poisoned, key):
-    """With grad_norm=True fit keeps no copy of the epoch's start (the in-loop guard keeps the
-    last good state); with grad_norm=False it replays from a copy. A NaN example gives both
-    the same state, step and history, and the state of plain SGD up to the bad batch."""
-    x, y = _xor(64)
-    x = x.at[poisoned].set(jnp.nan)
-    params = MODEL.init(key, (16, 2))[0]
-    kw = dict(epochs=3, batch_size=16, params=params, key=key, shuffle=False, progress=False,
-              check_data=False)
-    runs = []
-    for grad_norm in (False, True):
-        with pytest.warns(RuntimeWarning, match=rf"step {poisoned // 16} "):
-            runs.append(train.fit(MODEL, CE, optim.sgd(0.1), (x, y), grad_norm=grad_norm,
-                                  **kw))
-    a, b = runs
-    chex.assert_trees_all_equal(a.train_state.params, b.train_state.params)
-    assert int(a.train_state.step) == int(b.train_state.step) == poisoned // 16
-    assert a.history["loss"] == b.history["loss"] and a.stop_reason == b.stop_reason
-    ref = _plain_sgd(params, x[:16 * (poisoned // 16)], y[:16 * (poisoned // 16)], 0.1, 1,
-                     lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
-    chex.assert_trees_all_close(a.train_state.params, ref, rtol=1e-12, atol=1e-12)

@@ -1,13 +1,14 @@
-"""Mixed precision in training: ``fit(precision=...)``, loss scaling inside the compiled epoch
+"""Mixed precision in training: ``fit(precision=...)`` and the combinators it stands for, loss
+scaling inside the compiled epoch
 (a skipped step is not applied), and ``fnn train --precision``."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn import cli, losses, optim
+from fnn import cli, losses, optim, train
 from fnn.layers import Dense, Relu, serial
-from fnn.precision import loss_scale, loss_scaling
+from fnn.precision import loss_scale, loss_scaling, mixed_precision
 from fnn.train import fit
 
 F32 = jnp.dtype("float32")
@@ -27,16 +28,25 @@ def tiny_regression(n=64):
     return params, x, (x @ w).astype(np.float32)
 
 
-def run(precision, loss_scale="auto", grad="autodiff", epochs=8):
+def run(precision, scaling=None, grad="autodiff", epochs=8):
+    """``fit`` from the params of :func:`tiny_regression` with the combinators written out:
+    the model under ``precision`` and the optimizer with ``scaling`` (``None``, ``"dynamic"``
+    or a static scale)."""
     params, x, y = tiny_regression()
-    return fit(LINEAR, losses.mse, optim.adam(1e-2), (x, y), epochs=epochs, batch_size=16,
-               key=K, params=params, shuffle=False, grad=grad, precision=precision,
-               loss_scale=loss_scale, progress=False), params
+    model = LINEAR if precision is None else mixed_precision(LINEAR, precision)
+    opt = optim.adam(1e-2)
+    if scaling == "dynamic":
+        opt = loss_scaling(opt)
+    elif scaling is not None:
+        opt = loss_scaling(opt, initial=float(scaling), dynamic=False)
+    ts = train.create_train_state(model, opt, K, (16, 16), params=params)
+    return fit(model, losses.mse, opt, (x, y), epochs=epochs, batch_size=16, train_state=ts,
+               step=train.Step(grad=grad), loop=train.Loop(shuffle=False, progress=False)), params
 
 
 @pytest.mark.parametrize("grad", ["autodiff", "manual"])
 def test_float16_gradients_underflow_without_loss_scaling_and_train_with_it(grad):
-    (plain, p0), (scaled, _) = run("float16", None, grad), run("float16", "auto", grad)
+    (plain, p0), (scaled, _) = run("float16", None, grad), run("float16", "dynamic", grad)
     (ref, _) = run(None, None, grad)
     # without scaling every float16 weight gradient is zero: the weights never move
     np.testing.assert_array_equal(plain.train_state.params["w"], p0["w"])
@@ -54,7 +64,7 @@ def test_bfloat16_fit_keeps_float32_master_weights_and_tracks_float32():
     _, x, y = tiny_regression()
     x, y = x * 1e4, y * 1e4
     model = serial(Dense(16), Relu(), Dense(4))
-    kw = dict(epochs=3, batch_size=16, key=K, shuffle=False, progress=False)
+    kw = dict(epochs=3, batch_size=16, key=K, loop=train.Loop(shuffle=False, progress=False))
     ref = fit(model, losses.mse, optim.adam(1e-2), (x, y), **kw)
     low = fit(model, losses.mse, optim.adam(1e-2), (x, y), precision="bfloat16", **kw)
     assert "loss_scale" not in low.history                           # bfloat16: no scaling
@@ -78,6 +88,20 @@ def test_a_non_finite_step_is_skipped_and_the_scale_halves():
     assert float(new.loss_scale.scale) == 2.0 ** 15                    # grown after 3 good steps
 
 
+def test_the_precision_short_hand_is_the_two_combinators():
+    """precision="float16" is mixed_precision(model, "float16") with loss_scaling(optimizer)
+    (dynamic, from 2**15); "bfloat16" the model alone: the same bits either way."""
+    _, x, y = tiny_regression()
+    kw = dict(epochs=2, batch_size=16, key=K, loop=train.Loop(shuffle=False, progress=False))
+    for p, scaled in (("float16", True), ("bfloat16", False)):
+        short = fit(LINEAR, losses.mse, optim.adam(1e-2), (x, y), precision=p, **kw)
+        opt = loss_scaling(optim.adam(1e-2)) if scaled else optim.adam(1e-2)
+        long = fit(mixed_precision(LINEAR, p), losses.mse, opt, (x, y), **kw)
+        jax.tree.map(np.testing.assert_array_equal, short.train_state, long.train_state)
+        assert short.history["loss"] == long.history["loss"]
+        assert ("loss_scale" in short.history) == scaled
+
+
 def test_static_loss_scale_and_bfloat16_with_a_scale_given():
     r, _ = run("bfloat16", 1024.0, epochs=2)
     assert r.history["loss_scale"] == [1024.0, 1024.0]
@@ -87,15 +111,14 @@ def test_static_loss_scale_and_bfloat16_with_a_scale_given():
 @pytest.mark.parametrize("kw,match", [
     (dict(precision="float12"), r"unknown dtype 'float12'"),
     (dict(precision="compute=int8"), r"dtypes must be floating point, got int8"),
-    (dict(precision=None, loss_scale="dynamic"), r"loss_scale needs precision="),
-    (dict(precision="float16", loss_scale=-1.0), r"loss_scale must be 'auto', 'dynamic'"),
-    (dict(precision="bfloat16", grad=lambda *a, **k: None), r"precision= needs grad="),
+    (dict(precision="bfloat16", step=train.Step(grad=lambda *a, **k: None)),
+     r"precision= needs grad="),
 ])
 def test_fit_precision_errors(kw, match):
     _, x, y = tiny_regression(8)
     with pytest.raises(ValueError, match=match):
-        fit(Dense(4), losses.mse, optim.sgd(0.1), (x, y), epochs=1, batch_size=4, key=K,
-            progress=False, **kw)
+        fit(Dense(4), losses.mse, optim.sgd(0.1), (x, y), epochs=1, batch_size=4, key=K, **kw,
+            loop=train.Loop(progress=False))
 
 
 def test_cli_rejects_an_unknown_precision(capsys):

@@ -9,7 +9,7 @@ import pytest
 from fnn import backprop, losses, optim
 from fnn.combinators import parallel, residual, serial, stack
 from fnn.core import Layer, from_backward
-from fnn.train import fit
+from fnn.train import Loop, Step, fit
 
 from helpers import assert_trees_close, no_autodiff
 
@@ -142,8 +142,8 @@ def test_a_user_layer_without_residuals_trains_under_fit_by_hand():
     x = rng.standard_normal((24, F))
     y = np.tanh(x @ rng.standard_normal((F, F)))
     model = serial(TanhDense(), Scale(), TanhDense())
-    runs = {g: fit(model, losses.mse, optim.sgd(0.1), (x, y), epochs=3, batch_size=8,
-                   key=K, shuffle=False, grad=g, progress=False)
+    runs = {g: fit(model, losses.mse, optim.sgd(0.1), (x, y), epochs=3, batch_size=8, key=K,
+                   step=Step(grad=g), loop=Loop(shuffle=False, progress=False))
             for g in ("autodiff", "manual")}
     assert_trees_close(runs["manual"].train_state.params, runs["autodiff"].train_state.params,
                        rtol=1e-10, atol=1e-12)

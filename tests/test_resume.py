@@ -27,15 +27,17 @@ RUN = textwrap.dedent("""
     from fnn import data, losses, optim, train
     from fnn.layers import Dense, Tanh, serial
 
-    def run(checkpoint_dir=None, resume=False):
+    def run(directory=None):
         x, y = data.xor(64, noise=0.2, seed=0, dtype=np.float64)
         xv, yv = data.xor(32, noise=0.2, seed=1, dtype=np.float64)
         model = serial(Dense(8), Tanh(), Dense(2))
         return train.fit(model, losses.softmax_cross_entropy_with_integer_labels,
                          optim.adam(0.05), (x, y), epochs=%d, batch_size=16,
-                         val_data=(xv, 1 - yv), key=jax.random.PRNGKey(3), early_stopping=100,
-                         callbacks=[train.ReduceLROnPlateau(factor=0.5, patience=1)],
-                         checkpoint_dir=checkpoint_dir, resume=resume, progress=False)
+                         val_data=(xv, 1 - yv), key=jax.random.PRNGKey(3),
+                         callbacks=[train.ReduceLROnPlateau(factor=0.5, patience=1),
+                                    train.EarlyStopping(100)]
+                         + ([train.BackupAndRestore(directory)] if directory else []),
+                         loop=train.Loop(progress=False))
 """ % EPOCHS)
 
 CHILD = RUN + textwrap.dedent("""
@@ -51,15 +53,15 @@ CHILD = RUN + textwrap.dedent("""
             real(src, dst)
         os.replace = replace
     if mode == "kill-mid-epoch":           # dies with epoch 6's compiled call in flight
-        import fnn.train.fitting as fitting
-        real_launch = fitting.memory_launch
+        import fnn.train.loops as loops
+        real_launch = loops.memory_launch
         def memory_launch(run_epoch, sizes, ts, *rest, **kw):
             out = real_launch(run_epoch, sizes, ts, *rest, **kw)
             if int(ts.step) == 5 * 4:
                 die()
             return out
-        fitting.memory_launch = memory_launch
-    result = run(directory, resume=True)
+        loops.memory_launch = memory_launch
+    result = run(directory)
     from fnn import checkpoint
     checkpoint.save(out, result.train_state, metadata={"history": __import__("json").dumps(
         {k: v for k, v in result.history.items() if k != "time"})})

@@ -92,7 +92,8 @@ def test_bad_input_on_eight_devices(eight):
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     """2 processes × 2 CPU devices (gloo), started by fnn.sharding.launch, train as 1 × 4 to
-    1e-6, with a hand-written step and with ``fit(mesh=)``; their checkpoint, saved by both,
+    1e-6, with a hand-written step and with ``fit(distribution=)`` on arrays and on streams
+    (each process feeding its half of each batch); their checkpoint, saved by both,
     restores bit-exact in one process onto 2 devices; fit's progress lines and resume file
     are written by process 0 only."""
     from fnn.sharding.launch import launch_local
@@ -116,6 +117,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert got["restored_devices"] == [0, 1], got
     assert got["shard_files"] == ["shards-00000.safetensors", "shards-00001.safetensors"]
     assert got["fit_max_diff"] < 1e-6, got
+    assert got["stream_max_diff"] < 1e-6 and got["stream_steps"] == 12, got
     assert got["fit_dirs"] == ["fit-0"], got                 # process 1 wrote no resume file
     assert len(re.findall(r"^epoch 1/3 ", text, re.M)) == 1, text[-2000:]
     assert len(re.findall(r"^epoch 3/3 ", text, re.M)) == 1, text[-2000:]

@@ -17,6 +17,10 @@ def _xor(n=50, seed=0):
     return np.asarray(x), np.asarray(y)
 
 
+def _start(params, key):
+    return train.create_train_state(MODEL, SGD, key, (8, 2), params=params)
+
+
 def _batches(x, y, batch=8):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
 
@@ -26,11 +30,13 @@ def test_stream_trains_as_in_memory(chunk, key):
     """Batches of 8 in order (the last one of 2): six full batches in chunks of 3 (two full
     chunks) or 32 (one padded chunk), the partial one alone; params and history as in memory."""
     x, y = _xor()
-    params = MODEL.init(key, (8, 2))[0]
-    kw = dict(epochs=2, params=params, key=key, progress=False, val_data=(x[:20], y[:20]))
-    mem = train.fit(MODEL, CE, SGD, (x, y), batch_size=8, shuffle=False, **kw)
-    stream = train.fit(MODEL, CE, SGD, lambda epoch: _batches(x, y), chunk=chunk,
-                       **{**kw, "val_data": lambda epoch: _batches(x[:20], y[:20], 16)})
+    ts = _start(MODEL.init(key, (8, 2))[0], key)
+    kw = dict(epochs=2, train_state=ts, val_data=(x[:20], y[:20]))
+    mem = train.fit(MODEL, CE, SGD, (x, y), batch_size=8, **kw,
+                    loop=train.Loop(shuffle=False, progress=False))
+    stream = train.fit(MODEL, CE, SGD, lambda epoch: _batches(x, y),
+                       **{**kw, "val_data": lambda epoch: _batches(x[:20], y[:20], 16)},
+                       loop=train.Loop(chunk=chunk, progress=False))
     chex.assert_trees_all_close(stream.train_state.params, mem.train_state.params,
                                 rtol=1e-12, atol=1e-14)
     assert int(stream.train_state.step) == 14
@@ -44,14 +50,15 @@ def test_stream_checks_each_batch_and_guards_nonfinite_steps(key):
     x[35, 0] = np.nan                                   # batch 5 (1-based), its 4th example
     with pytest.raises(ValueError, match=r"fit: train_data \(batch 5 of the epoch\): x holds 1 "
                                          r"non-finite value\(s\) .* example 3"):
-        train.fit(MODEL, CE, SGD, lambda e: _batches(x, y), epochs=1, key=key, progress=False)
-    params = MODEL.init(key, (8, 2))[0]
+        train.fit(MODEL, CE, SGD, lambda e: _batches(x, y), epochs=1, key=key,
+                  loop=train.Loop(progress=False))
+    ts = _start(MODEL.init(key, (8, 2))[0], key)
     with pytest.warns(RuntimeWarning, match=r"epoch 1, step 4 \(update 5 of the epoch\); the "
                                             r"inputs of that batch hold NaN"):
-        res = train.fit(MODEL, CE, SGD, lambda e: _batches(x, y), epochs=2, key=key, chunk=2,
-                        params=params, check_data=False, progress=False)
-    clean = train.fit(MODEL, CE, SGD, lambda e: _batches(x, y)[:4], epochs=1, key=key,
-                      params=params, progress=False)
+        res = train.fit(MODEL, CE, SGD, lambda e: _batches(x, y), epochs=2, train_state=ts,
+                        loop=train.Loop(progress=False, check_data=False, chunk=2))
+    clean = train.fit(MODEL, CE, SGD, lambda e: _batches(x, y)[:4], epochs=1, train_state=ts,
+                      loop=train.Loop(progress=False))
     chex.assert_trees_all_equal(res.train_state.params, clean.train_state.params)
     assert int(res.train_state.step) == 4 and len(res.history["epoch"]) == 1
 
@@ -59,7 +66,8 @@ def test_stream_checks_each_batch_and_guards_nonfinite_steps(key):
 def test_one_shot_iterator_and_steps_per_epoch(key):
     x, y = _xor(48)
     gen = iter(_batches(x, y))                           # six batches, consumed across epochs
-    res = train.fit(MODEL, CE, SGD, gen, epochs=5, steps_per_epoch=2, key=key, progress=False)
+    res = train.fit(MODEL, CE, SGD, gen, epochs=5, key=key,
+                    loop=train.Loop(progress=False, steps_per_epoch=2))
     assert res.history["epoch"] == [1, 2, 3] and int(res.train_state.step) == 6
     assert "ran out before epoch 4" in res.stop_reason
     with pytest.raises(TypeError, match=r"fit: train_data: expected a tuple \(x, target\)"):
@@ -75,4 +83,4 @@ def test_errors_from_the_source_reach_the_caller(key):
         yield x[:8], y[:8]
         raise OSError("disk went away")
     with pytest.raises(OSError, match="disk went away"):
-        train.fit(MODEL, CE, SGD, broken(), epochs=1, key=key, progress=False)
+        train.fit(MODEL, CE, SGD, broken(), epochs=1, key=key, loop=train.Loop(progress=False))

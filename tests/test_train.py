@@ -1,5 +1,5 @@
-"""fnn.train: fit against a plain optax loop, history, no recompilation, early stopping, the
-NaN guard, the LR finder, and the error messages.
+"""fnn.train, the loop: fit against a plain optax loop, the history, no recompilation, the
+LR finder, the error messages and the plots.
 
 Compilation dominates the cost here, so the tests share one model, loss and optimizer objects
 and a few data sizes: ``fit`` reuses its compiled epoch whenever those agree.
@@ -68,8 +68,10 @@ def test_fit_matches_a_plain_optax_loop(grad, key):
         grad = lambda *a, **k: calls.append(1) or vg(*a, **k)
     x, y = _xor()
     params, _, _ = MODEL.init(key, (16, 2))
-    result = train.fit(MODEL, CE, SGD, (x, y), epochs=2, batch_size=16, params=params, key=key,
-                       shuffle=False, grad=grad, progress=False)
+    result = train.fit(MODEL, CE, SGD, (x, y), epochs=2, batch_size=16,
+                       train_state=train.create_train_state(MODEL, SGD, key, (16, 2),
+                                                            params=params),
+                       step=train.Step(grad=grad), loop=train.Loop(shuffle=False, progress=False))
     want, seen = _reference(params, x, y, 8)
     _allclose(result.train_state.params, want)
     assert int(result.train_state.step) == 8
@@ -81,7 +83,7 @@ def test_fit_matches_a_plain_optax_loop(grad, key):
 def test_fit_lowers_loss_and_history_is_consistent(key, capsys):
     (x, y), (xv, yv) = _xor(64), _xor(64, seed=1)
     result = train.fit(MODEL, CE, ADAM, (x, y), epochs=12, batch_size=16, val_data=(xv, yv),
-                       key=key, learning_rate=0.05, progress="lines", grad_norm=True)
+                       key=key, step=train.Step(grad_norm=True), loop=train.Loop(progress="lines"))
     h = result.history
     assert h["epoch"] == list(range(1, 13))
     assert set(h) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
@@ -106,7 +108,7 @@ def test_frozen_params_history_and_callbacks(key, capsys):
     seen = []
     cb = lambda epoch, ts, logs: seen.append((epoch, int(ts.step))) or epoch == 2
     result = train.fit(MODEL, CE, optax.sgd(0.0), (x, y), epochs=5, batch_size=16, key=key,
-                       callbacks=[cb], progress="auto")
+                       callbacks=[cb], loop=train.Loop(progress="auto"))
     assert capsys.readouterr() == ("", "")
     loss, acc = _ce_direct(result.train_state.params, x, y)
     np.testing.assert_allclose(result.history["loss"], [loss, loss], rtol=1e-10)
@@ -135,7 +137,7 @@ def test_second_epoch_does_not_recompile_and_step_guard(key):
     after = {}
     cb = lambda epoch, ts, logs: after.setdefault(epoch, len(calls)) and None
     train.fit(MODEL, loss, SGD, (x, y), epochs=3, batch_size=16, key=key, callbacks=[cb],
-              progress=False)
+              loop=train.Loop(progress=False))
     assert after[1] == after[3] == len(calls) > 0
     step = train.make_step(MODEL, loss, SGD)
     ts, before = train.create_train_state(MODEL, SGD, key, (16, 2)), len(calls)
@@ -145,50 +147,6 @@ def test_second_epoch_does_not_recompile_and_step_guard(key):
     new, m = step(ts, (x[:16].at[0, 0].set(jnp.inf), y[:16]))
     assert len(calls) == before + 1 and int(ts.step) == 3 and not bool(m.finite)
     jax.tree.map(np.testing.assert_array_equal, new, ts)
-
-
-def test_early_stopping_stops_and_restores_best(key):
-    """Validation labels are the training labels flipped, so validation loss turns up while the
-    model learns; with patience 2 the run stops two epochs after the best one (whichever that is
-    for this initialization) and hands back that epoch's parameters."""
-    x, y = _xor(64)
-    snap = {}
-    cb = lambda epoch, ts, logs: snap.setdefault(epoch, jax.tree.map(np.array, ts.params)) \
-        and None
-    result = train.fit(MODEL, CE, ADAM, (x, y), epochs=20, batch_size=16, key=key,
-                       val_data=(x, 1 - y), early_stopping=2, callbacks=[cb], progress=False)
-    h = result.history
-    best = int(np.argmin(h["val_loss"])) + 1
-    ran = len(h["epoch"])
-    assert ran < 20 and result.best_epoch == best and ran == best + 2
-    assert min(h["val_loss"][best:]) >= h["val_loss"][best - 1]
-    assert sorted(snap) == list(range(1, ran + 1))
-    assert f"early stopping after epoch {ran}" in result.stop_reason
-    jax.tree.map(np.testing.assert_array_equal, result.train_state.params, snap[best])
-    assert int(result.train_state.step) == 4 * ran    # the step count is not rolled back
-
-
-@pytest.mark.parametrize("poisoned", [37, 49])
-def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key):
-    """Batches of 16 in order: example 37 sits in batch 2 (0-based) of epoch 1, example 49 in
-    the partial last batch 3; the steps before it happen, nothing after."""
-    x, y = _xor()
-    bad = poisoned // 16
-    params, _, _ = MODEL.init(key, (16, 2))
-    kw = dict(batch_size=16, key=key, params=params, shuffle=False, progress=False,
-              check_data=False)              # let the NaN reach training: the guard's test
-    with pytest.warns(RuntimeWarning, match=rf"non-finite loss or gradient at epoch 1, step "
-                                            rf"{bad} \(update {bad + 1} of the epoch\)"):
-        result = train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=3, **kw)
-    assert len(result.history["epoch"]) == 1 and int(result.train_state.step) == bad
-    assert f"epoch 1, step {bad}" in result.stop_reason
-    assert "inputs of that batch hold NaN or Inf: a data problem" in result.stop_reason
-    _allclose(result.train_state.params, _reference(params, x, y, bad)[0])
-    assert np.isfinite(result.history["loss"][0])
-    if poisoned == 37:
-        with pytest.raises(FloatingPointError, match="epoch 1, step 2"):
-            train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=1,
-                      on_nonfinite="raise", **kw)
 
 
 def test_lr_find_sweeps_until_divergence(key, tmp_path):
@@ -214,21 +172,18 @@ def test_errors_name_the_problem(key):
     fit = lambda *a, **k: train.fit(MODEL, CE, SGD, *a, **{"epochs": 1, "batch_size": 4, **k})
     with pytest.raises(ValueError, match="pass key="):
         fit((x, y))
-    ts = train.create_train_state(MODEL, SGD, key, (4, 2))
-    with pytest.raises(ValueError, match="pass params/state or train_state, not both"):
-        fit((x, y), train_state=ts, params=ts.params)
     with pytest.raises(TypeError, match=r"expected a tuple \(x, target\).*length 1"):
         fit((x,), key=key)
     with pytest.raises(ValueError, match=r"same leading .* axis.*\(16, 2\).*\(15,\)"):
         fit((x, y[:15]), key=key)
     with pytest.raises(ValueError, match="grad must be .autodiff., .manual. or a function"):
-        fit((x, y), key=key, grad="bogus")
+        fit((x, y), key=key, step=train.Step(grad="bogus"))
     with pytest.raises(ValueError, match="on_nonfinite must be"):
-        fit((x, y), key=key, on_nonfinite="ignore")
+        fit((x, y), key=key, loop=train.Loop(on_nonfinite="ignore"))
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         fit((x, y), key=key, batch_size=0)
     with pytest.raises(ValueError, match="no batch of 32 with drop_last"):
-        fit((x, y), key=key, batch_size=32, drop_last=True)
+        fit((x, y), key=key, batch_size=32, loop=train.Loop(drop_last=True))
     with pytest.raises(TypeError, match="make_optimizer must be a function"):
         train.lr_find(MODEL, CE, SGD, (x, y), batch_size=4, key=key)
 

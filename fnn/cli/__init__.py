@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="data parallel over N devices (simulated CPU devices where the "
                          "backend is the CPU); see docs/scaling.md")
     tr.add_argument("--resume", action="store_true", help="continue training from the "
-                    "checkpoints in OUT/ckpt (fit's checkpoint_dir=OUT/ckpt, resume=True)")
+                    "backup in OUT/ckpt (fit's callbacks=[BackupAndRestore(OUT/ckpt)])")
     gc = sub.add_parser("gradcheck", help="check a task's hand-derived gradient against "
                         "autodiff and finite differences (float64)")
     gc.add_argument("name")

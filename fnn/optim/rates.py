@@ -28,7 +28,7 @@ from fnn.optim.base import GradientTransformation, safe_increment
 PyTree = Any
 
 __all__ = ["LearningRateState", "ScheduledLearningRateState", "scale_by_learning_rate",
-           "learning_rate", "set_learning_rate", "check_rate"]
+           "learning_rate", "set_learning_rate", "rate_nodes", "check_rate"]
 
 
 class LearningRateState(NamedTuple):
@@ -105,7 +105,11 @@ def _is_rate_node(node) -> bool:
         and "learning_rate" in node.hyperparams)
 
 
-def _rate_nodes(opt_state) -> list:
+def rate_nodes(opt_state: PyTree) -> list:
+    """The nodes of ``opt_state`` that hold a learning rate, in tree order: fnn's
+    :class:`LearningRateState` / :class:`ScheduledLearningRateState` and
+    ``optax.inject_hyperparams`` states (``[]`` for a plain optax optimizer). Works on traced
+    states too (``fit`` reads the rate inside its compiled epoch)."""
     return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_rate_node) if _is_rate_node(n)]
 
 
@@ -120,7 +124,7 @@ def learning_rate(opt_state: PyTree) -> jax.Array:
 
         lr = float(fnn.optim.learning_rate(opt_state))
     """
-    nodes = _rate_nodes(opt_state)
+    nodes = rate_nodes(opt_state)
     if not nodes:
         raise ValueError("learning_rate: this optimizer state holds no learning rate (fnn's "
                          "optimizers and optax.inject_hyperparams states do)")
@@ -142,7 +146,7 @@ def set_learning_rate(opt_state: PyTree, value) -> PyTree:
         opt_state = fnn.optim.set_learning_rate(opt_state, 0.1 * float(learning_rate(opt_state)))
     """
     value = check_rate("set_learning_rate", value, "value")
-    if not _rate_nodes(opt_state):
+    if not rate_nodes(opt_state):
         raise ValueError("set_learning_rate: this optimizer state holds no learning rate "
                          "(fnn's optimizers and optax.inject_hyperparams states do)")
 

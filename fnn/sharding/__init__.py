@@ -9,6 +9,8 @@ shardings, XLA's collectives, ``jax.distributed``. No home-made communication la
   :func:`shard_dataset`, :func:`shard_shuffle` (permute within each device's shard).
 - :mod:`~fnn.sharding.step`: :func:`make_sharded_step`, :func:`make_epoch`,
   :func:`sharding_table`.
+- :mod:`~fnn.sharding.distribution`: :class:`Distribution` (a mesh and parameter rules: how
+  ``fnn.train.fit`` spreads a run).
 - :mod:`~fnn.sharding.checkpoint`: sharded, multi-process, atomic checkpoints.
 - :mod:`~fnn.sharding.launch`: ``python -m fnn.sharding.launch -n 2 -- CMD`` and
   :func:`~fnn.sharding.launch.initialize` for several processes.
@@ -23,6 +25,7 @@ from fnn.sharding.rules import (fsdp, opt_state_shardings, param_paths, param_sh
                                 param_specs, shard_opt_state, shard_params, shard_train_state,
                                 tensor_parallel, train_state_shardings)
 from fnn.sharding.step import make_epoch, make_sharded_step, sharding_table
+from fnn.sharding.distribution import Distribution
 from fnn.sharding import checkpoint  # noqa: E402  (a submodule: sharding.checkpoint.save)
 
 
@@ -43,4 +46,4 @@ __all__ = ["make_mesh", "as_auto", "axis_size", "check_axes", "replicated", "sim
            "shard_train_state",
            "batch_sharding", "shard_batch", "process_local_batch", "shard_shuffle", "take_batch",
            "interleave_order", "shard_dataset",
-           "make_sharded_step", "make_epoch", "sharding_table"]
+           "make_sharded_step", "make_epoch", "sharding_table", "Distribution"]

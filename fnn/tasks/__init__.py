@@ -10,7 +10,7 @@ A :class:`Task` has
   progress, evaluation, checkpoint and plots written under ``out``) and returns its final
   metrics (e.g. ``{"test_accuracy": 0.985}``); ``None`` means the task's default (see
   :func:`default`: ``0`` is a value, not "the default"); ``quick`` a tiny run for tests;
-  ``resume`` continues from the checkpoints in ``out/ckpt`` (see :func:`resume_options`).
+  ``resume`` continues from the checkpoints in ``out/ckpt`` (see :func:`backup_callbacks`).
 - ``problem(seed=0) -> (model, loss, params, state, x, target)``: a small batch for
   ``fnn gradcheck NAME``, which checks the hand-derived gradient against autodiff and finite
   differences on it.
@@ -24,7 +24,7 @@ import pkgutil
 from typing import Callable, NamedTuple
 
 __all__ = ["Task", "register", "get", "names", "load_all", "broken", "default",
-           "resume_options", "artifact_dir"]
+           "backup_callbacks", "artifact_dir"]
 
 
 class Task(NamedTuple):
@@ -88,12 +88,11 @@ def default(value, fallback):
     return fallback if value is None else value
 
 
-def resume_options(resume: bool, out: str, precision=None) -> dict:
-    """The :func:`fnn.train.fit` keywords for ``fnn train --resume`` and ``--precision``:
-    ``{"checkpoint_dir": out/ckpt, "resume": True}`` with ``resume``, ``{"precision": p}`` with a
-    precision; ``{}`` for a plain run."""
-    kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "resume": True} if resume else {}
-    return kw if precision is None else {**kw, "precision": precision}
+def backup_callbacks(resume: bool, out: str) -> list:
+    """The :func:`fnn.train.fit` callbacks for ``fnn train --resume``:
+    ``[BackupAndRestore(out/ckpt)]`` with ``resume``, ``[]`` for a plain run."""
+    from fnn.train import BackupAndRestore
+    return [BackupAndRestore(os.path.join(out, "ckpt"))] if resume else []
 
 
 def artifact_dir(out: str) -> str:

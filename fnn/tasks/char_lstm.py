@@ -30,7 +30,7 @@ import numpy as np
 
 from fnn import checkpoint, losses, optim, train
 from fnn.layers import LSTM, Dense, Embedding, lstm_cell, scan_rnn, serial
-from fnn.tasks import Task, artifact_dir, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, backup_callbacks, default, register
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 LN2 = math.log(2.0)
@@ -148,9 +148,9 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
 
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
     result = train.fit(net, LOSS, opt, (x, y), train_state=ts, epochs=epochs, batch_size=B,
-                       shuffle=False, drop_last=True, grad="manual", accuracy=None,
-                       callbacks=(report,), progress=progress, learning_rate=lr,
-                       **resume_options(resume, out, precision))
+                       metrics=(), step=train.Step(grad="manual"),
+                       loop=train.Loop(shuffle=False, drop_last=True, progress=progress),
+                       callbacks=[report, *backup_callbacks(resume, out)], precision=precision)
     ts = result.train_state
     text = _write(artifact_dir(out), ts, history, chars, prompt, sample_length, temperature, seed)
     say(f"sampled at temperature {temperature}:\n{text}")

@@ -33,7 +33,7 @@ from fnn.layers.attention import dot_product_attention
 from fnn.layers.dense import dense
 from fnn.layers.norm import layer_norm
 from fnn.models import GPT, lm_loss, sample, value_and_grad
-from fnn.tasks import Task, char_lstm, artifact_dir, default, register, resume_options
+from fnn.tasks import Task, char_lstm, artifact_dir, backup_callbacks, default, register
 
 SEQ, BATCH, D, HEADS, DEPTH, MLP = 64, 32, 96, 4, 3, 384
 EPOCHS, LR = 4, 3e-3
@@ -136,9 +136,10 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
                        val_data=val_xy, key=jax.random.PRNGKey(seed),
                        # the unrolled hand step is built for the float32 model; under a
                        # precision policy fit's manual path runs the wrapped model's hand rules
-                       grad="manual" if precision else value_and_grad(net, unroll=True),
-                       accuracy=None, drop_last=True, progress=progress, grad_norm=False,
-                       **resume_options(resume, out, precision))
+                       step=train.Step(grad="manual" if precision else
+                                       value_and_grad(net, unroll=True)),
+                       metrics=(), loop=train.Loop(drop_last=True, progress=progress),
+                       callbacks=backup_callbacks(resume, out), precision=precision)
     ts, hist = result.train_state, result.history
     history = {"epoch": hist["epoch"], "train_bpc": [l / math.log(2) for l in hist["loss"]],
                "val_bpc": [l / math.log(2) for l in hist["val_loss"]]}

@@ -7,7 +7,7 @@ images of shape ``(8, 8, 1)``, pixels in ``[0, 1]``; 10% of the training images 
 (3×3 SAME, ReLU) → 2×2 max pool → dropout 0.25 → dense 128 (ReLU) → dropout 0.5 → dense 10.
 Adam (``fnn.optim``) with cosine decay from 2e-3, batch 32, up to 30 epochs on the other 1293
 images, seed 0. Gradients come from the layers' hand-derived ``backward`` rules
-(``fit(grad="manual")``). Model selection uses the validation split only: early stopping on
+(``fit(step=Step(grad="manual"))``). Model selection uses the validation split only: early stopping on
 ``val_loss`` (patience 8) and the best epoch's weights restored. The 360 test images are
 evaluated once, at the end, and reported as ``test_*`` (the bar is 98% test accuracy).
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from fnn import augment, checkpoint, data, losses, optim, train
 from fnn.layers import Conv, Dense, Dropout, Flatten, MaxPool, Relu, serial
-from fnn.tasks import Task, artifact_dir, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, backup_callbacks, default, register
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 EPOCHS, LR, BATCH, PATIENCE, VAL_FRACTION = 30, 2e-3, 32, 8, 0.1
@@ -93,10 +93,11 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     schedule = optim.schedules.cosine_annealing(lr, epochs * math.ceil(len(train_xy[0]) / batch))
     result = train.fit(net, LOSS, optim.adam(schedule), train_xy, epochs=epochs,
                        batch_size=batch, val_data=val_xy, key=jax.random.PRNGKey(seed),
-                       grad="manual", learning_rate=schedule, progress=progress,
-                       early_stopping=PATIENCE, restore_best=True,
-                       augment=augmentation() if augmented else None,
-                       **resume_options(resume, out, precision))
+                       step=train.Step(grad="manual",
+                                       augment=augmentation() if augmented else None),
+                       loop=train.Loop(progress=progress), precision=precision,
+                       callbacks=[train.EarlyStopping(PATIENCE, restore_best=True),
+                                  *backup_callbacks(resume, out)])
     ts = result.train_state
     hist = result.history
     best = result.best_epoch or hist["epoch"][-1]

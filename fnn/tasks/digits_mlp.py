@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fnn import checkpoint, data, losses, optim, train
 from fnn.layers import Dense, Relu, serial
-from fnn.tasks import Task, artifact_dir, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, backup_callbacks, default, register
 
 LOSS = losses.softmax_cross_entropy_with_integer_labels
 
@@ -38,8 +38,9 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
     result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs,
                        batch_size=default(batch_size, 32), val_data=val_xy,
-                       key=jax.random.PRNGKey(seed), early_stopping=8, learning_rate=lr,
-                       progress=progress, **resume_options(resume, out, precision))
+                       key=jax.random.PRNGKey(seed), loop=train.Loop(progress=progress),
+                       callbacks=[train.EarlyStopping(8), *backup_callbacks(resume, out)],
+                       precision=precision)
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
     out = artifact_dir(out)                             # process 0 writes the files

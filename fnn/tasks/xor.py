@@ -17,7 +17,7 @@ import numpy as np
 from fnn import checkpoint, data, losses, optim, train
 from fnn.initializers import glorot_normal
 from fnn.layers import Dense, Tanh, serial
-from fnn.tasks import Task, artifact_dir, default, register, resume_options
+from fnn.tasks import Task, artifact_dir, backup_callbacks, default, register
 
 LOSS = losses.sigmoid_binary_cross_entropy
 
@@ -46,8 +46,9 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     progress = False if quiet else (True if sys.stderr.isatty() else "lines")
     result = train.fit(net, LOSS, optim.adam(lr), train_xy, epochs=epochs,
                        batch_size=default(batch_size, 32), val_data=val_xy,
-                       key=jax.random.PRNGKey(seed), grad="manual", learning_rate=lr,
-                       progress=progress, **resume_options(resume, out, precision))
+                       key=jax.random.PRNGKey(seed), step=train.Step(grad="manual"),
+                       loop=train.Loop(progress=progress), precision=precision,
+                       callbacks=backup_callbacks(resume, out))
     ts = result.train_state
     test = train.evaluate(net, LOSS, ts.params, ts.state, test_xy)
     corners, labels = _data(4, 0)

@@ -4,40 +4,52 @@
 
     result = fit(model, losses.softmax_cross_entropy_with_integer_labels, optim.adam(1e-3),
                  (x_train, y_train), epochs=20, batch_size=32, val_data=(x_val, y_val),
-                 key=jax.random.PRNGKey(0), early_stopping=5, metrics=["macro_f1"])
+                 key=jax.random.PRNGKey(0), metrics=["accuracy", "macro_f1"],
+                 callbacks=[EarlyStopping(5)])
     result.train_state.params, result.history["val_accuracy"]
 
 One concern per module:
 
 - ``step``: :class:`TrainState`, :func:`create_train_state`, :func:`make_step` (gradients from
   ``jax.value_and_grad``, the layers' hand-derived rules, or a given function).
+- ``options``: :class:`Step` (what a step computes) and :class:`Loop` (how epochs run), the
+  options of :func:`fit` that most runs leave as they are.
 - ``epoch``: an in-memory epoch as **one** jitted call (shuffle, a ``lax.while_loop`` over the
   full batches that leaves at the first non-finite loss, then the real partial batch), chunks
   of streamed steps, :func:`evaluate`. The loop carries only the sums the history reports.
+- ``loops``: one epoch on the host, in memory or streamed, behind one interface; the replay
+  after a non-finite step; validation.
 - ``streaming``: any iterable of batches, prefetched to the device in a background thread.
+- ``data_checks``: the checks of the data before training (finite, labels, token ids).
 - ``metrics``: accuracy, top-k accuracy, mean absolute error, macro F1, your own.
-- ``callbacks``: :class:`ModelCheckpoint`, :class:`CSVLogger`, :class:`ReduceLROnPlateau`,
-  :class:`TimeLimit`; early stopping.
-- ``resume``: the run's whole state saved atomically each epoch; ``fit(resume=True)``.
+- ``callbacks``: :class:`EarlyStopping`, :class:`ModelCheckpoint`, :class:`CSVLogger`,
+  :class:`ReduceLROnPlateau`, :class:`TimeLimit`.
+- ``resume``: :class:`BackupAndRestore`: the run's whole state saved atomically each epoch,
+  and resumed from.
+- ``distributed``: ``fit`` on a :class:`fnn.sharding.Distribution`.
 - ``fitting``: :func:`fit`; ``lr_finder``: :func:`lr_find`; ``cache``: compiled epochs reused
   across ``fit`` calls whose model, loss and optimizer compute the same thing.
 
 NaN/Inf guard: the loop leaves the epoch at the first step whose loss (and, with
-``grad_norm=True``, gradient norm) is not finite; ``fit`` then replays the same compiled call
-up to the step before it (same program, same inputs, so the same state bit for bit: the last
-good state) and stops with a message naming the epoch and the step, and whether that batch's
-inputs were finite. A NaN gradient whose loss is finite shows in the next step's loss; the
-replay then backs off to the last finite state. The replay costs only when it fires.
+``Step(grad_norm=True)``, gradient norm) is not finite; ``fit`` then replays the same compiled
+call up to the step before it (same program, same inputs, so the same state bit for bit: the
+last good state) and stops with a message naming the epoch and the step, and whether that
+batch's inputs were finite. A NaN gradient whose loss is finite shows in the next step's loss;
+the replay then backs off to the last finite state. The replay costs only when it fires.
 """
 from fnn.train.epoch import evaluate
 from fnn.train.fitting import FitResult, fit
-from fnn.train.callbacks import Callback, CSVLogger, ModelCheckpoint, ReduceLROnPlateau, TimeLimit
+from fnn.train.options import Loop, Step
+from fnn.train.callbacks import (Callback, CSVLogger, EarlyStopping, ModelCheckpoint,
+                                 ReduceLROnPlateau, TimeLimit)
+from fnn.train.resume import BackupAndRestore
 from fnn.train.lr_finder import LRFindResult, lr_find
 from fnn.train.metrics import (Metric, binary_accuracy, categorical_accuracy, macro_f1,
                                mean_absolute_error, mean_metric, top_k_accuracy)
 from fnn.train.step import StepMetrics, TrainState, create_train_state, make_step
 
 __all__ = ["TrainState", "StepMetrics", "FitResult", "LRFindResult", "create_train_state",
-           "make_step", "fit", "evaluate", "lr_find", "categorical_accuracy", "binary_accuracy",
-           "Metric", "mean_metric", "top_k_accuracy", "mean_absolute_error", "macro_f1",
-           "Callback", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau", "TimeLimit"]
+           "make_step", "fit", "Step", "Loop", "evaluate", "lr_find", "categorical_accuracy",
+           "binary_accuracy", "Metric", "mean_metric", "top_k_accuracy", "mean_absolute_error",
+           "macro_f1", "Callback", "EarlyStopping", "BackupAndRestore", "ModelCheckpoint",
+           "CSVLogger", "ReduceLROnPlateau", "TimeLimit"]

@@ -1,14 +1,15 @@
-"""Per-epoch callbacks for :func:`fnn.train.fit`, and its early stopping.
+"""Per-epoch callbacks for :func:`fnn.train.fit`: early stopping, checkpoints, a CSV log, the
+learning rate on a plateau, a time limit (and, in :mod:`fnn.train.resume`, backup and restore).
 
 A callback is any ``cb(epoch, train_state, logs)`` called after each epoch (``logs``: that
 epoch's row of the history). It returns ``None`` (go on), ``True`` or a string (stop; the
 string is the reason) or a new :class:`~fnn.train.TrainState` (train on from it: how
 :class:`ReduceLROnPlateau` lowers the rate). A callback with ``get_state()``/``set_state(d)``
-(JSON-able dicts) has its state saved and restored by ``fit(..., resume=True)``. Unused, they
-cost nothing; these four run on the host once per epoch::
+(JSON-able dicts) has its state saved and restored by :class:`fnn.train.BackupAndRestore`.
+Callbacks run in the order given, on the host once per epoch; unused, they cost nothing::
 
     fit(..., callbacks=[ModelCheckpoint("out/ckpt", keep_last=3), CSVLogger("out/log.csv"),
-                        ReduceLROnPlateau(patience=3), TimeLimit(600)])
+                        ReduceLROnPlateau(patience=3), TimeLimit(600), EarlyStopping(10)])
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import jax
 from fnn import checkpoint
 from fnn.optim import learning_rate, set_learning_rate
 
-__all__ = ["Callback", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau", "TimeLimit"]
+__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau",
+           "TimeLimit"]
 
 
 def maximise(monitor: str) -> bool:
@@ -181,31 +183,56 @@ class TimeLimit(Callback):
         self.elapsed, self.longest = state["elapsed"], state["longest"]
 
 
-class _EarlyStop:
-    """Early stopping on ``monitor`` with :func:`fnn.regularizers.early_stopping` (a pure,
-    jittable rule); watches ``(params, state)`` so that the best of both can be restored.
-    Its state (a pytree) is part of what ``resume`` saves."""
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
+    epochs, and with ``restore_best`` hand back the best epoch's params and model state
+    (``FitResult.best_epoch`` names it; the step count is not rolled back).
 
-    def __init__(self, rule, min_delta, monitor, ts):
-        if isinstance(rule, int):
+    ``patience``: an int, or a :func:`fnn.regularizers.early_stopping` rule (a pure, jittable
+    ``(init, update)`` pair; its own ``min_delta`` then applies). ``monitor``: a history key;
+    ``None`` watches ``"val_loss"`` with validation data, else ``"loss"``; names ending in
+    ``accuracy`` or ``f1`` are maximised. Its state, the best params included, is a pytree that
+    :class:`fnn.train.BackupAndRestore` saves with the run. At most one per ``fit``.
+    """
+
+    def __init__(self, patience=5, min_delta: float = 0.0, monitor: str | None = None,
+                 restore_best: bool = True):
+        if isinstance(patience, bool) or not (isinstance(patience, int) or (
+                hasattr(patience, "init") and hasattr(patience, "update"))):
+            raise TypeError(f"EarlyStopping: patience must be an int or a "
+                            f"fnn.regularizers.early_stopping(...) rule, got {patience!r}")
+        if isinstance(patience, int):
             from fnn.regularizers import early_stopping
-            rule = early_stopping(rule, min_delta)
-        self.update, self.monitor = jax.jit(rule.update), monitor
-        # a copy: fit's epochs donate the train state's buffers
-        self.state = rule.init(jax.tree.map(jax.numpy.copy, (ts.params, ts.state)))
+            rule = early_stopping(patience, min_delta)
+        elif min_delta:
+            raise ValueError("EarlyStopping: min_delta belongs to the rule given as patience "
+                             "(fnn.regularizers.early_stopping(patience, min_delta))")
+        else:
+            rule = patience
+        self.rule, self.monitor, self.restore_best = rule, monitor, restore_best
+        self.watching, self.state = monitor, None
+        self._update = jax.jit(rule.update)
 
-    def __call__(self, epoch, ts, logs):
+    def start(self, train_state, default_monitor: str):
+        """Begin a run from ``train_state`` (``fit`` calls it before the first epoch)."""
+        self.watching = self.monitor or default_monitor
+        # a copy: fit's epochs donate the train state's buffers
+        self.state = self.rule.init(jax.tree.map(jax.numpy.copy, (train_state.params,
+                                                                  train_state.state)))
+
+    def __call__(self, epoch, train_state, logs):
         """Feed one epoch; return the reason to stop, or ``None``."""
-        value = _value("fit", self.monitor, logs)
-        self.state = self.update(self.state, value, (ts.params, ts.state))
+        value = _value("fit", self.watching, logs)
+        self.state = self._update(self.state, value, (train_state.params, train_state.state))
         if bool(self.state.stop):
-            return (f"fit: early stopping after epoch {epoch}: {self.monitor} has not improved "
-                    f"for {int(self.state.wait)} epochs")
+            return (f"fit: early stopping after epoch {epoch}: {self.watching} has not "
+                    f"improved for {int(self.state.wait)} epochs")
         return None
 
-    def finish(self, ts, restore):
-        """``(train_state, best epoch)``, with the best params and state if ``restore``."""
-        if restore and int(self.state.step) > 0:
+    def finish(self, train_state):
+        """``(train_state, best epoch)``, with the best params and state if ``restore_best``
+        (``fit`` calls it after the last epoch)."""
+        if self.restore_best and int(self.state.step) > 0:
             p, s = self.state.best_params
-            ts = ts._replace(params=p, state=s)
-        return ts, int(self.state.best_step) + 1
+            train_state = train_state._replace(params=p, state=s)
+        return train_state, int(self.state.best_step) + 1

@@ -3,7 +3,10 @@ cached across calls), and what the host reads or writes when the mesh spans proc
 
 One process or several (``jax.distributed``): every process runs the same ``fit`` with the
 same arguments. In-memory data: **every process holds the same full arrays** and places only
-the rows of its own devices (``jax.make_array_from_callback``; nothing crosses hosts). The
+the rows of its own devices (``jax.make_array_from_callback``; nothing crosses hosts).
+Streamed data: **each process feeds its own batches** (the same number, of the same shape),
+checked on its host and placed on its devices; the global batch is theirs side by side
+(``jax.make_array_from_process_local_data``). The
 train state is made the same way on every process (same key) and placed like the data. The
 host reads replicated values (the epoch's packed report, validation results) from its own
 shards, and a state spread over processes through ``process_allgather`` (a collective every
@@ -13,6 +16,8 @@ process 0 only.
 from __future__ import annotations
 
 import functools
+import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fnn import sharding
 from fnn.sharding.data import batch_sharding, interleave_order, shard_shuffle, take_batch
-from fnn.sharding.mesh import as_auto
-from fnn.train.epoch import make_epoch, split
+from fnn.train.epoch import make_chunk_runner, make_epoch_runner, split
 
-__all__ = ["on_mesh", "epoch_jit", "place", "to_host", "gathered", "is_writer"]
+__all__ = ["OnMesh", "on_mesh", "memory_on_mesh", "stream_on_mesh", "epoch_jit", "chunk_jit",
+           "place", "to_host", "gathered", "is_writer"]
 
 
 def is_writer() -> bool:
@@ -80,36 +85,85 @@ def gathered(tree):
 
 
 @functools.lru_cache(maxsize=32)
-def _jit(mesh, big, small, data):
+def _jit(mesh, big, small, data, donate):
     big_sh, small_sh, data_sh = (jax.tree.unflatten(t, leaves) for t, leaves in
                                  (big, small, data))
     rep = NamedSharding(mesh, P())
     return functools.partial(jax.jit, in_shardings=(big_sh, small_sh, data_sh, rep),
-                             out_shardings=(big_sh, small_sh, rep, rep), donate_argnums=(0,))
+                             out_shardings=(big_sh, small_sh, rep, rep),
+                             donate_argnums=(0,) if donate else ())
 
 
-def epoch_jit(mesh, ts_sharding, data_sharding):
-    """The ``jit`` for :func:`fnn.train.epoch.make_epoch` on ``mesh``: the train state's
-    shardings in and out (params, model and optimizer state donated), the data set split
-    over ``"data"``, the report replicated. Equal meshes and shardings give the same object,
-    so ``make_epoch``'s cache finds the compiled epoch of an earlier ``fit`` call."""
+def _runner_jit(mesh, ts_sharding, data_sharding, donate):
     big, small = split(ts_sharding)
     flat = lambda t: (jax.tree.structure(t), tuple(jax.tree.leaves(t)))
     return _jit(mesh, *((t, tuple(l)) for t, l in (flat(big), flat(small),
-                                                    flat(data_sharding))))
+                                                    flat(data_sharding))), donate)
 
 
-def on_mesh(ctx, mesh, rules, ts, epoch_args):
-    """Lay the data and the train state out on ``mesh`` and compile the epoch for it;
-    returns the placed train state (``ctx`` gets ``data``, ``run``, ``sizes``, ``limit``,
-    ``place`` and ``bad_inputs``)."""
-    import warnings
-    if ctx["stream"]:
-        raise ValueError("fit: mesh= trains from arrays in memory; for streamed batches shard "
-                         "each one yourself (fnn.sharding.make_sharded_step, shard_batch)")
-    mesh = as_auto(mesh)
-    sharding.check_axes(mesh, ("data",), "fit: mesh")
-    shards, n, batch_size = mesh.shape["data"], epoch_args[8], epoch_args[9]
+def epoch_jit(mesh, ts_sharding, data_sharding):
+    """The ``jit`` for :func:`fnn.train.epoch.make_epoch_runner` on ``mesh``: the train
+    state's shardings in and out (params, model and optimizer state donated), the data set
+    split over ``"data"``, the report replicated. Equal meshes and shardings give the same
+    object, so the runner's cache finds the compiled epoch of an earlier ``fit`` call."""
+    return _runner_jit(mesh, ts_sharding, data_sharding, True)
+
+
+def chunk_jit(mesh, ts_sharding, chunk_sharding):
+    """The ``jit`` for :func:`fnn.train.epoch.make_chunk_runner` on ``mesh``: as
+    :func:`epoch_jit`, with each stacked chunk ``(K, batch, ...)`` split over ``"data"`` on
+    its batch axis and nothing donated."""
+    return _runner_jit(mesh, ts_sharding, chunk_sharding, False)
+
+
+class OnMesh(NamedTuple):
+    """What ``fit`` needs of a :class:`fnn.sharding.Distribution`: the ``mesh``, the train
+    state's shardings ``ts_sharding`` and the number of ``shards`` along ``"data"``."""
+
+    mesh: object
+    ts_sharding: object
+    shards: int
+
+    def place_state(self, ts):
+        """``ts`` laid out by ``ts_sharding``."""
+        return place(ts, self.ts_sharding)
+
+    def scalar(self, value):
+        """An int32 scalar replicated on the mesh (a jitted input across processes must be a
+        global array)."""
+        return place(np.int32(value), NamedSharding(self.mesh, P()))
+
+
+def on_mesh(distribution, ts) -> OnMesh:
+    """The train state's layout for ``distribution`` (:class:`fnn.sharding.Distribution`)."""
+    mesh = distribution.mesh
+    return OnMesh(mesh, sharding.train_state_shardings(ts, mesh, distribution.params),
+                  distribution.data_shards)
+
+
+class PlacedLimit:
+    """A runner whose ``limit`` argument is placed on the mesh first (several processes: a
+    host scalar is not a valid input of a computation spanning them)."""
+
+    def __init__(self, runner, on: OnMesh):
+        self.runner, self.on, self.unpack = runner, on, runner.unpack
+
+    def __call__(self, ts, data, limit):
+        if not isinstance(limit, jax.Array):
+            limit = self.on.scalar(limit)
+        return self.runner(ts, data, limit)
+
+
+def _multi(runner, on):
+    return PlacedLimit(runner, on) if jax.process_count() > 1 else runner
+
+
+def memory_on_mesh(on: OnMesh, data, parts, batch_size, drop_last, shuffle):
+    """The in-memory epoch on the mesh: ``(runner, sizes, placed data, limit, bad_inputs)``.
+    ``data``: the whole set, the same on every process; ``parts``: the step's
+    ``(model, loss, update, grad, metrics, regularizer, grad_norm, augment)``."""
+    shards, mesh = on.shards, on.mesh
+    n = jax.tree.leaves(data)[0].shape[0]
     if batch_size % shards:
         raise ValueError(f"fit: batch_size {batch_size} is not a multiple of the mesh's "
                          f"{shards} 'data' devices; each device takes an equal part of a batch")
@@ -117,18 +171,39 @@ def on_mesh(ctx, mesh, rules, ts, epoch_args):
         warnings.warn(f"fit: {n} examples do not split over {shards} 'data' devices; training "
                       f"on the first {n - n % shards}")
         n -= n % shards
-        epoch_args = epoch_args[:8] + (n,) + epoch_args[9:]
     order = interleave_order(n, shards, batch_size)
-    data_sh = jax.tree.map(lambda _: batch_sharding(mesh), ctx["data"])
-    ctx["data"] = place(jax.tree.map(lambda a: np.asarray(a)[:n][order], ctx["data"]), data_sh)
-    ts_sh = sharding.train_state_shardings(ts, mesh, rules)
-    ts = place(ts, ts_sh)
-    ctx["run"], ctx["sizes"] = make_epoch(*epoch_args, shards,
-                                          epoch_jit(mesh, ts_sh, data_sh))
-    ctx["limit"] = place(np.int32(len(ctx["sizes"])), NamedSharding(mesh, P()))
-    ctx["place"] = lambda t: place(t, ts_sh)
-    ctx["bad_inputs"] = _bad_inputs(mesh, shards, batch_size, epoch_args[11], ctx["data"])
-    return ts
+    data_sh = jax.tree.map(lambda _: batch_sharding(mesh), data)
+    data = place(jax.tree.map(lambda a: np.asarray(a)[:n][order], data), data_sh)
+    run, sizes = make_epoch_runner(*parts, n, batch_size, drop_last, shuffle, shards,
+                                   epoch_jit(mesh, on.ts_sharding, data_sh))
+    return (_multi(run, on), sizes, data, on.scalar(len(sizes)),
+            _bad_inputs(mesh, shards, batch_size, shuffle, data))
+
+
+def stream_on_mesh(on: OnMesh, first, parts):
+    """The streamed chunk runner on the mesh and ``put(stacked)``, which places this
+    process's chunk ``(K, local batch, ...)`` split over its ``"data"`` devices (the global
+    batch is every process's batches side by side). ``first``: a host batch, for the tree."""
+    mesh = on.mesh
+    sh = NamedSharding(mesh, P(None, "data"))
+    chunk_sh = jax.tree.map(lambda _: sh, first)
+    run = make_chunk_runner(*parts, chunk_jit(mesh, on.ts_sharding, chunk_sh))
+    local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    per_process = max(1, on.shards * local // mesh.size)
+
+    def put(stacked):
+        for a in jax.tree.leaves(stacked):
+            if a.ndim < 2 or a.shape[1] % per_process:
+                raise ValueError(
+                    f"fit: a streamed batch of {a.shape[1] if a.ndim > 1 else 'a scalar'} "
+                    f"examples does not split over this process's {per_process} 'data' "
+                    f"devices; each device takes an equal part of a batch (fnn does not pad)")
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sh, a), stacked)
+
+    def put_batch(batch):                 # one validation batch (batch, ...)
+        return jax.tree.map(lambda a: a[0], put(jax.tree.map(lambda a: np.asarray(a)[None],
+                                                              batch)))
+    return _multi(run, on), put, put_batch
 
 
 def _bad_inputs(mesh, shards, batch_size, shuffle, data):

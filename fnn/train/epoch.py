@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn.core import default_dtype
-from fnn.optim.rates import _rate_nodes
+from fnn.optim.rates import rate_nodes
 from fnn.train.cache import cached
 from fnn.train.metrics import resolve_metrics
 from fnn.sharding.data import shard_shuffle
 from fnn.precision import current_scale
-from fnn.train.step import TrainState, _as_data, _step_core, _where
+from fnn.train._batches import as_data, select
+from fnn.train.step import TrainState, step_core
 
 __all__ = ["evaluate"]
 
@@ -60,7 +61,7 @@ def _loop(core, ts, stacked, limit, count):
         i, ts, acc, _ = c
         new, out = core(ts, jax.tree.map(lambda a: a[i], stacked))
         ok = out.finite
-        return i + 1, _where(ok, new, ts), _where(ok, _add(acc, out), acc), ~ok
+        return i + 1, select(ok, new, ts), select(ok, _add(acc, out), acc), ~ok
     i, bad = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
     return jax.lax.while_loop(lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body,
                               (i, ts, acc, bad))
@@ -79,7 +80,7 @@ class Report(NamedTuple):
 
 
 DONATE = functools.partial(jax.jit, donate_argnums=(0,))
-"""The default ``jit`` of :func:`make_epoch`: the train state's params, model state and
+"""The default ``jit`` of :func:`make_epoch_runner`: the train state's params, model state and
 optimizer state (the first argument of the packed function) are donated."""
 
 
@@ -136,7 +137,7 @@ def join(big, small):
 
 def _rate(opt_state):
     """The learning rate in ``opt_state`` (found at trace time), else NaN."""
-    nodes = _rate_nodes(opt_state)
+    nodes = rate_nodes(opt_state)
     if not nodes:
         return jnp.full((), jnp.nan)
     node = nodes[0]
@@ -145,21 +146,24 @@ def _rate(opt_state):
 
 
 @cached
-def make_chunk(model, loss, update, grad, metrics, regularizer, grad_norm, augment):
+def make_chunk_runner(model, loss, update, grad, metrics, regularizer, grad_norm, augment,
+                      jit=jax.jit):
     """A :class:`Runner` over a chunk of ``K`` stacked batches ``(K, batch, ...)``
-    (streaming: one call per chunk)."""
-    core = _step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+    (streaming: one call per chunk). ``jit``: on a mesh, one with its shardings
+    (:func:`fnn.train.distributed.chunk_jit`); the state is not donated (the streamed epoch
+    keeps the state before each chunk for the replay)."""
+    core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
 
     def chunk(ts, stacked, limit):
         count = jax.tree.leaves(stacked)[0].shape[0]
         i, ts, acc, bad = _loop(core, ts, stacked, limit, count)
         return ts, i, bad, acc
-    return Runner(chunk)
+    return Runner(chunk, jit)
 
 
 @cached
-def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
-               batch_size, drop_last, shuffle, shards=None, jit=DONATE):
+def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
+                      batch_size, drop_last, shuffle, shards=None, jit=DONATE):
     """One epoch as a :class:`Runner` ``(ts, data, limit) -> (ts, packed report)``, and the
     batch sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
     partial one (a real smaller batch, not padding) unless ``drop_last``.
@@ -173,7 +177,7 @@ def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augme
     tail = 0 if drop_last else tail
     if full + (tail > 0) == 0:
         raise ValueError(f"fit: {n} examples make no batch of {batch_size} with drop_last=True")
-    core = _step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+    core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
 
     def epoch(ts, data, limit):
         key, pkey = jax.random.split(ts.key)
@@ -198,14 +202,15 @@ def make_epoch(model, loss, update, grad, metrics, regularizer, grad_norm, augme
             go = (i == full) & (limit > full) & ~bad
             new, out = core(ts, rest)
             ok = go & out.finite
-            ts, acc = _where(ok, new, ts), _where(ok, _add(acc, out), acc)
+            ts, acc = select(ok, new, ts), select(ok, _add(acc, out), acc)
             i, bad = i + go, bad | (go & ~out.finite)
         return ts, i, bad, acc
     return Runner(epoch, jit), (batch_size,) * full + ((tail,) if tail else ())
 
 
 def batch_order(ts, n, shuffle):
-    """The example order the in-memory epoch starting from ``ts`` uses (as ``make_epoch``)."""
+    """The example order the in-memory epoch starting from ``ts`` uses (as
+    :func:`make_epoch_runner`)."""
     if not shuffle:
         return jnp.arange(n)
     return jax.random.permutation(jax.random.split(ts.key)[1], n)
@@ -252,13 +257,14 @@ def make_eval_batch(model, loss, metrics):
     return jax.jit(run)
 
 
-def evaluate(model, loss, params, state, data, *, batch_size: int = 256, accuracy="auto",
-             metrics=()) -> dict:
+def evaluate(model, loss, params, state, data, *, batch_size: int = 256,
+             metrics="auto") -> dict:
     """Mean loss and metrics of ``model`` on ``data = (x, target[, model_kwargs])`` in eval
     mode (``train=False``), in one compiled scan. ``loss`` must take ``weights=``.
-    ``accuracy``/``metrics``: as :func:`fnn.train.fit`. Returns ``{"loss": ..., name: ...}``.
+    ``metrics``: as :func:`fnn.train.fit` (``"auto"``: accuracy for a classification loss).
+    Returns ``{"loss": ..., name: ...}``.
     """
-    data, n = _as_data(data, "evaluate")
-    ms = resolve_metrics(loss, accuracy, metrics)
+    data, n = as_data(data, "evaluate")
+    ms = resolve_metrics(loss, metrics)
     lv, results = make_eval(model, loss, ms, n, min(batch_size, n))(params, state, data)
     return {"loss": float(lv), **{m.name: float(r) for m, r in zip(ms, results)}}

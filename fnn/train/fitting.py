@@ -1,38 +1,45 @@
-"""``fit``: epochs, validation, history, progress, callbacks, early stopping and resume."""
+"""``fit``: the data made into epochs, the train state, validation, and the loop over epochs
+with the history, the progress display, callbacks, early stopping and backup."""
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import time
 import warnings
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fnn.precision import loss_scaling, mixed_precision, policy
+from fnn.sharding.distribution import Distribution
 from fnn.sharding.mesh import current_mesh
-from fnn.train import resume as _resume
-from fnn.train.callbacks import _EarlyStop
-from fnn.train.epoch import make_chunk, make_epoch, make_eval
-from fnn.train.distributed import gathered, is_writer, on_mesh as _on_mesh, place, to_host
-from fnn.train.loops import (batch_inputs_finite, copy_state, logs_from_sums, memory_finish,
-                             memory_launch, stream_epoch, stream_eval)
+from fnn.train import resume as backup_file
+from fnn.train._batches import as_data, input_shape, unpack
+from fnn.train._removed import refuse_removed
+from fnn.train.callbacks import EarlyStopping
+from fnn.train.data_checks import make_data_check
+from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
+                                   stream_on_mesh, to_host)
+from fnn.train.epoch import make_chunk_runner, make_epoch_runner, make_eval
+from fnn.train.loops import (InMemory, InMemoryVal, Streamed, StreamedVal, batch_inputs_finite,
+                             copy_state, logs_from_sums)
 from fnn.train.metrics import resolve_metrics
-from fnn.train.progress import _Progress
-from fnn.train.step import TrainState, _as_data, _unpack, create_train_state
+from fnn.train.options import Loop, Step
+from fnn.train.progress import Progress
+from fnn.train.resume import BackupAndRestore
+from fnn.train.step import TrainState, create_train_state
 from fnn.train.streaming import epoch_batches, is_stream
-from fnn.train.validate import make_check
 
 __all__ = ["FitResult", "fit"]
 
 
 class FitResult(NamedTuple):
     """``train_state`` after training; ``history``: per-epoch lists (``epoch``, ``loss``, each
-    metric, ``val_loss`` and ``val_<metric>``, ``lr``, ``grad_norm`` when computed, ``time``);
-    ``stop_reason``: ``None`` if all epochs ran; ``best_epoch`` (1-based) with early stopping."""
+    metric, ``val_loss`` and ``val_<metric>``, ``lr``, ``grad_norm`` when computed,
+    ``loss_scale`` with loss scaling, ``time``); ``stop_reason``: ``None`` if all epochs ran;
+    ``best_epoch`` (1-based) with :class:`~fnn.train.EarlyStopping`."""
 
     train_state: TrainState
     history: dict
@@ -40,21 +47,36 @@ class FitResult(NamedTuple):
     best_epoch: int | None = None
 
 
-def _input_shape(x, batch_size):
-    if isinstance(x, (tuple, list)):
-        return tuple((batch_size,) + tuple(np.shape(a)[1:]) for a in x)
-    return (batch_size,) + tuple(np.shape(x)[1:])
+class StepParts(NamedTuple):
+    """What the compiled step is built from (the leading arguments of the epoch and chunk
+    runners, in their order)."""
+
+    model: object
+    loss: object
+    update: object
+    grad: object
+    metrics: tuple
+    regularizer: object
+    grad_norm: bool
+    augment: object
 
 
-def _learning_rate(learning_rate, in_state, step):
-    """The rate of the last update: from ``learning_rate`` (float or schedule), else the one in
-    the optimizer state (fnn's optimizers, ``optax.inject_hyperparams``; NaN if none), read
-    with the epoch's report."""
-    if callable(learning_rate):
-        return float(learning_rate(max(step - 1, 0)))
-    if learning_rate is not None:
-        return float(learning_rate)
-    return in_state
+class Run(NamedTuple):
+    """A prepared run: its ``epochs`` source (:class:`~fnn.train.loops.InMemory` or
+    :class:`~fnn.train.loops.Streamed`), ``val`` (or ``None``), the ``metrics``, the
+    ``callbacks`` without the backup, the ``stopper`` and ``backup`` found among them, the
+    ``loop`` options, whether the history has a ``grad_norm`` and ``place`` for a restored
+    state."""
+
+    epochs: object
+    val: object
+    metrics: tuple
+    callbacks: tuple
+    stopper: EarlyStopping | None
+    backup: BackupAndRestore | None
+    loop: Loop
+    grad_norm: bool
+    place: object
 
 
 def _nonfinite_message(epoch, bad, start):
@@ -64,101 +86,184 @@ def _nonfinite_message(epoch, bad, start):
     kept = "keeping the state from before that step" if bad.params_finite else (
         "but the parameters were already non-finite before it (a non-finite gradient or "
         "update with a finite loss, in an earlier epoch or, with grad_norm=True, an earlier "
-        "step; fit(grad_norm=True) stops at a non-finite gradient)")
+        "step; fit(step=Step(grad_norm=True)) stops at a non-finite gradient)")
     return (f"fit: non-finite loss or gradient at epoch {epoch}, step {bad.step} (update "
             f"{bad.step - start + 1} of the epoch); {cause}; training stopped, {kept}")
 
 
-def _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir):
+def _check_args(epochs, batch_size, stream, step, loop, distribution):
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
-    if on_nonfinite not in ("stop", "raise"):
-        raise ValueError(f"fit: on_nonfinite must be 'stop' or 'raise', got {on_nonfinite!r}")
-    if not stream and (not isinstance(batch_size, int) or batch_size < 1):
+    if not stream and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                       or batch_size < 1):
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("fit: resume=True needs checkpoint_dir=")
+    for name, value, kind in (("step", step, Step), ("loop", loop, Loop),
+                              ("distribution", distribution, Distribution)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"fit: {name} must be a fnn.{kind.__module__.split('.')[1]}."
+                            f"{kind.__name__}(...), got {type(value).__name__}")
 
 
-def _first_batch(source, epoch, steps_per_epoch):
-    """The first batch of ``epoch`` and the epoch's iterator with it put back."""
-    it = epoch_batches(source, epoch, steps_per_epoch)
-    first = next(it, None)
-    if first is None:
-        raise ValueError("fit: the training data gave no batch")
-    return _unpack(first, "fit: train_data"), itertools.chain([first], it)
+def _with_precision(model, optimizer, precision, grad):
+    """The model under ``precision``, the optimizer with dynamic loss scaling for float16."""
+    if precision is None:
+        return model, optimizer
+    if callable(grad):
+        raise ValueError("fit: precision= needs grad='autodiff' or 'manual'; a gradient "
+                         "function computes with the model it was built from, not the "
+                         "mixed-precision one")
+    p = policy(precision)
+    return mixed_precision(model, p), (loss_scaling(optimizer) if p.compute == jnp.float16
+                                       else optimizer)
 
 
-def _run_epoch(ctx, epoch, ts, pending, remaining):
-    """One epoch's ``(train_state, Report or None, Bad | None)`` (in memory or streamed).
-
-    In memory, epochs are launched ahead: the next one before this one's bookkeeping
-    (:func:`_speculate`), or, when nothing reads the state between epochs (no validation,
-    callbacks, early stopping or checkpoints), a chain of ``ctx["chain"]`` epochs (about a
-    quarter second of work, see :func:`_chain_length`) read back after one wait (on XLA:CPU
-    each wait costs about as much as a millisecond of work).
-    Launched epochs are used only if the next epoch starts from the state they started from."""
-    if ctx["stream"]:
-        batches = pending or epoch_batches(ctx["data"], epoch, ctx["steps_per_epoch"])
-        return stream_epoch(ctx["run"], ts, batches, ctx["chunk"], ctx["check"],
-                            "fit: train_data")
-    q, args = ctx["inflight"], (ctx["run"], ctx["sizes"])
-    if q and q[0].before is not ts:
-        q.clear()
-    if not q:
-        t0, last, limit = time.perf_counter(), ts, ctx["limit"]
-        for _ in range(max(1, min(ctx["chain"], remaining))):
-            q.append(memory_launch(*args, last, ctx["data"], limit, keep=ctx["keep"]))
-            last, limit = q[-1].ts, q[-1].nxt
-        jax.block_until_ready(q[-1].flat)
-        per = (time.perf_counter() - t0) / len(q)
-        if len(q) > 1:
-            ctx["epoch_time"] = per
-        if ctx["quiet"]:
-            ctx["chain"] = _chain_length(per, ctx["state_bytes"])
-    out = memory_finish(*args, q.popleft(), ctx["data"], ctx["bad_inputs"],
-                        q[-1] if q else None)
-    if out[2] is not None:
-        q.clear()
-    return out
+def _split_callbacks(callbacks):
+    callbacks = tuple(callbacks)
+    backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
+    stoppers = [cb for cb in callbacks if isinstance(cb, EarlyStopping)]
+    if len(backups) > 1 or len(stoppers) > 1:
+        raise ValueError("fit: callbacks hold more than one "
+                         f"{'BackupAndRestore' if len(backups) > 1 else 'EarlyStopping'}")
+    return (tuple(cb for cb in callbacks if not isinstance(cb, BackupAndRestore)),
+            stoppers[0] if stoppers else None, backups[0] if backups else None)
 
 
-def _chain_length(seconds_per_epoch, state_bytes, most=64, seconds=0.25, memory=2 ** 26):
-    """Epochs per chain: about ``seconds`` of work (the display stays live), at most ``most``,
-    and the chain's states (two per epoch) within ``memory`` bytes."""
-    by_time = int(seconds / max(seconds_per_epoch, 1e-6))
-    by_memory = int(memory // max(2 * state_bytes, 1))
-    return max(1, min(most, by_time, by_memory))
+@refuse_removed
+def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data=None,
+        key=None, train_state=None, metrics="auto", callbacks=(), step=Step(), loop=Loop(),
+        precision=None, distribution=None) -> FitResult:
+    """Train ``model`` on ``train_data`` for ``epochs`` epochs; returns a :class:`FitResult`.
+
+    ``train_data``: ``(x, target[, model_kwargs])`` arrays in memory (each epoch one compiled
+    call: shuffle, the full batches of ``batch_size``, the partial one unless
+    ``loop.drop_last``), or a stream of such batches (an iterable, or ``epoch -> iterable``;
+    prefetched and run in compiled chunks, see :mod:`fnn.train.streaming`). After each epoch:
+    validation on ``val_data`` (the same two kinds; eval mode), a row of ``history``, the
+    progress display and ``callbacks`` in their order (:mod:`fnn.train.callbacks`:
+    :class:`~fnn.train.EarlyStopping`, :class:`~fnn.train.BackupAndRestore` and the others).
+
+    **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair (fnn's keep the
+    learning rate in their state: the history's ``lr`` reads it, and optimizers equal but for
+    the rate share one compiled epoch). Start from ``key`` (``model.init``) or from
+    ``train_state`` (:func:`create_train_state`, e.g. with given params). ``metrics``:
+    ``"auto"`` (accuracy for a classification loss), ``()``, or a list of names
+    (``"accuracy"``, ``"top5_accuracy"``, ``"mean_absolute_error"``, ``"macro_f1"``),
+    functions or :class:`~fnn.train.Metric` s, computed inside the compiled epoch.
+    ``step``: a :class:`~fnn.train.Step` (gradient path, regularizer, augmentation, gradient
+    norm); ``loop``: a :class:`~fnn.train.Loop` (shuffle, drop_last, progress, non-finite
+    policy, data checks, eval batch size, steps per epoch, chunk). ``precision``: a
+    :mod:`fnn.precision` policy (``"bfloat16"``, ``"float16"``, ...): short for
+    ``mixed_precision(model, precision)`` and, for float16 compute, ``loss_scaling(optimizer)``
+    (the history then has ``loss_scale``); for anything else use those two combinators.
+    ``distribution``: a :class:`fnn.sharding.Distribution` (mesh and parameter rules; default:
+    the mesh of an enclosing :func:`fnn.sharding.default_mesh`): data parallel, each batch
+    split over ``"data"`` (its size a multiple of that axis); in memory, the shuffle stays
+    within each device's shard and the last ``n % devices`` examples are left out (with a
+    warning); streamed, each process feeds its own batches. Across processes every process
+    calls ``fit`` alike, process 0 alone writes progress and backups, and each gets the final
+    train state whole (see ``docs/scaling.md``).
+
+    NaN/Inf guard: the epoch stops before the first step whose loss (and, with
+    ``Step(grad_norm=True)``, gradient norm) is not finite and keeps the last finite state;
+    ``fit`` warns (or raises, ``Loop(on_nonfinite="raise")``) naming the epoch, the step and
+    whether that batch's inputs were finite.
+
+    Example::
+
+        result = fit(model, losses.softmax_cross_entropy_with_integer_labels, optim.adam(1e-3),
+                     (x, y), epochs=20, batch_size=32, val_data=(xv, yv),
+                     key=jax.random.PRNGKey(0), metrics=["accuracy", "macro_f1"],
+                     callbacks=[EarlyStopping(5)])
+    """
+    stream = is_stream(train_data)
+    _check_args(epochs, batch_size, stream, step, loop, distribution)
+    model, optimizer = _with_precision(model, optimizer, precision, step.grad)
+    ms = resolve_metrics(loss, metrics)
+    parts = StepParts(model, loss, optimizer.update, step.grad, ms, step.regularizer,
+                      step.grad_norm, step.augment)
+    callbacks, stopper, backup = _split_callbacks(callbacks)
+    if distribution is None and current_mesh() is not None:
+        distribution = Distribution(current_mesh())
+    check = None
+    if stream:                      # the first batch: its shape makes the train state
+        it = epoch_batches(train_data, 1, loop.steps_per_epoch)
+        raw = next(it, None)
+        if raw is None:
+            raise ValueError("fit: the training data gave no batch")
+        first, pending = unpack(raw, "fit: train_data"), itertools.chain([raw], it)
+        x0, shape_batch = first[0], jax.tree.leaves(first[0])[0].shape[0]
+    else:
+        first = unpack(train_data, "fit: train_data")           # checked on the host, as given
+        data, n = as_data(train_data, "fit: train_data")
+        x0, shape_batch = data[0], min(batch_size, n)
+    if loop.check_data:
+        check = make_data_check(model, loss, input_shape(x0, shape_batch))
+        if not stream:
+            check(first, "fit: train_data")
+    if train_state is None:
+        if key is None:
+            raise ValueError("fit: pass key= (a jax.random key) or train_state=")
+        train_state = create_train_state(model, optimizer, key, input_shape(x0, shape_batch))
+    on = on_mesh(distribution, train_state) if distribution is not None else None
+    if on is not None:
+        train_state = on.place_state(train_state)
+    if stream:
+        if on is None:
+            runner, put = make_chunk_runner(*parts), jax.device_put
+            put_batch, get = jax.device_put, jax.device_get
+        else:
+            runner, put, put_batch = stream_on_mesh(on, first, parts)
+            get = to_host
+        epochs_src = Streamed(runner, train_data, loop.steps_per_epoch, loop.chunk, check, put,
+                              pending)
+    else:
+        if on is None:
+            runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,
+                                              loop.shuffle)
+            limit = jax.device_put(np.int32(len(sizes)))
+            bad_inputs = batch_inputs_finite(data, sizes, loop.shuffle)
+        else:
+            runner, sizes, data, limit, bad_inputs = memory_on_mesh(
+                on, data, parts, batch_size, loop.drop_last, loop.shuffle)
+        # the epoch donates its input: never the caller's own arrays
+        train_state = copy_state(train_state)
+        nbytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(
+            train_state) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
+        epochs_src = InMemory(runner, sizes, data, limit, bad_inputs, keep=not step.grad_norm,
+                              speculate=nbytes <= 2 ** 26, quiet=not (
+                                  callbacks or backup or val_data is not None),
+                              state_bytes=nbytes)
+    val = None
+    if val_data is not None and is_stream(val_data):
+        val = StreamedVal(val_data, model, loss, ms, check,
+                          put_batch if stream else (jax.device_put if on is None else
+                                                    _replicate(on)),
+                          get if stream else (jax.device_get if on is None else to_host))
+    elif val_data is not None:
+        vdata, vn = as_data(val_data, "fit: val_data")
+        if on is not None:
+            vdata = _replicate(on)(vdata)
+        if check:
+            check(unpack(val_data, "fit: val_data"), "fit: val_data")
+        val = InMemoryVal(make_eval(model, loss, ms, vn, min(loop.eval_batch_size, vn)), vdata,
+                          ms)
+    if stopper is not None:
+        stopper.start(train_state, "val_loss" if val is not None else "loss")
+    run = Run(epochs_src, val, ms, callbacks, stopper, backup, loop, step.grad_norm,
+              on.place_state if on is not None else (lambda t: t))
+    result = _train(run, train_state, epochs)
+    if on is not None and jax.process_count() > 1:     # every process gets the whole state
+        result = result._replace(train_state=gathered(result.train_state))
+    return result
 
 
-def _speculate(ctx, ts):
-    """Launch the next in-memory epoch before this one's bookkeeping (validation read-back,
-    history, callbacks), so the device does not wait for the host. The epoch donates its
-    input and the bookkeeping reads ``ts``: it runs from a copy, made only for a small state
-    (``ctx["speculate"]``); a large one is worth its memory more than the overlap."""
-    if not ctx["stream"] and not ctx["inflight"] and ctx["chain"] == 1 and ctx["speculate"]:
-        ctx["inflight"].append(memory_launch(ctx["run"], ctx["sizes"], ts, ctx["data"],
-                                             ctx["limit"], copy=True))
-
-
-def _validate(ctx, ts, before_read=lambda: None):
-    """Validation logs; ``before_read`` runs once the in-memory evaluation is dispatched."""
-    val = ctx["val"]
-    if val is None:
-        before_read()
-        return {}
-    if ctx["val_stream"]:
-        before_read()
-        return stream_eval(ctx["model"], ctx["loss"], ctx["metrics"], ts.params, ts.state,
-                           epoch_batches(val, 1, None), ctx["check"], "fit: val_data")
-    vl, results = ctx["run_eval"](ts.params, ts.state, val[0])
-    before_read()
-    return {"val_loss": float(vl),
-            **{"val_" + m.name: float(r) for m, r in zip(ctx["metrics"], results)}}
+def _replicate(on):
+    rep = jax.sharding.NamedSharding(on.mesh, jax.sharding.PartitionSpec())
+    return lambda tree: place(tree, jax.tree.map(lambda _: rep, tree))
 
 
 def _callbacks(callbacks, epoch, ts, logs):
-    """Call every callback; ``(train_state, stop reason or None)``."""
+    """Call every callback in order; ``(train_state, the first stop reason or None)``."""
     reason = None
     for cb in callbacks:
         out = cb(epoch, ts, logs)
@@ -171,202 +276,46 @@ def _callbacks(callbacks, epoch, ts, logs):
     return ts, reason
 
 
-def _with_precision(model, optimizer, precision, loss_scale):
-    """The model under ``precision`` and the optimizer with the loss scaling asked for."""
-    if precision is None:
-        if loss_scale not in ("auto", None):
-            raise ValueError("fit: loss_scale needs precision= (a float16 or bfloat16 policy)")
-        return model, optimizer
-    p = policy(precision)
-    if loss_scale == "auto":
-        loss_scale = "dynamic" if p.compute == jnp.float16 else None
-    if loss_scale is None or loss_scale is False:
-        return mixed_precision(model, p), optimizer
-    if loss_scale == "dynamic":
-        return mixed_precision(model, p), loss_scaling(optimizer)
-    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) \
-            or not loss_scale > 0:
-        raise ValueError(f"fit: loss_scale must be 'auto', 'dynamic', a positive number or None, "
-                         f"got {loss_scale!r}")
-    return mixed_precision(model, p), loss_scaling(optimizer, initial=float(loss_scale),
-                                                   dynamic=False)
+def _restore(run, ts):
+    """``(train_state, epochs done, history, stop reason)`` from the backup, if any."""
+    b, es = run.backup, run.stopper
+    if b is None or not b.resume:
+        return ts, 0, {}, None
+    saved = backup_file.load_run(b.directory, ts, es and es.state)
+    if not saved:
+        return ts, 0, {}, None
+    ts, es_state, info = saved
+    if es:
+        es.state = es_state
+    backup_file.restore_callbacks(run.callbacks, info["callbacks"])
+    run.epochs.restart()                    # the first batch peeked was epoch 1's
+    return run.place(ts), info["epoch"], info["history"], info["stop_reason"]
 
 
-def fit(model, loss, optimizer, train_data, *, epochs: int, batch_size: int | None = None,
-        val_data=None, key=None, params=None, state=None, train_state: TrainState | None = None,
-        grad: str | Callable = "autodiff", accuracy="auto", metrics=(), regularizer=None,
-        augment: Callable | None = None, learning_rate=None, shuffle: bool = True,
-        drop_last: bool = False, early_stopping=None, min_delta: float = 0.0,
-        monitor: str | None = None, restore_best: bool = True, callbacks=(),
-        on_nonfinite: str = "stop", progress="auto", grad_norm: bool = False,
-        eval_batch_size: int = 512, steps_per_epoch: int | None = None, chunk: int = 32,
-        check_data: bool = True, checkpoint_dir=None, resume: bool = False, precision=None,
-        loss_scale="auto", mesh=None, param_sharding=None) -> FitResult:
-    """Train ``model`` on ``train_data`` for ``epochs`` epochs; returns a :class:`FitResult`.
-
-    ``train_data``: ``(x, target[, model_kwargs])`` arrays in memory (each epoch one compiled
-    call: shuffle, the full batches of ``batch_size``, the partial one unless ``drop_last``),
-    or a stream of such batches (an iterable, or ``epoch -> iterable``; prefetched and run in
-    compiled chunks of ``chunk`` steps, at most ``steps_per_epoch`` per epoch; see
-    :mod:`fnn.train.streaming`). After each epoch: validation on ``val_data`` (the same two
-    kinds; eval mode), a row of ``history``, the progress display, ``callbacks`` (see
-    :mod:`fnn.train.callbacks`), early stopping, and with ``checkpoint_dir`` the whole run
-    state saved atomically (``resume=True`` continues a run killed at any moment, bit for bit;
-    see :mod:`fnn.train.resume`).
-
-    **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair (fnn's keep the
-    learning rate in their state: the history's ``lr`` reads it, and optimizers equal but for
-    the rate share one compiled epoch). Start from ``key`` (with ``params``/``state`` or
-    ``model.init``) or from ``train_state``. ``grad``: ``"autodiff"``, ``"manual"``
-    (hand-derived backprop) or a gradient function (see :func:`make_step`). ``accuracy``:
-    ``"auto"``, ``None`` or ``fn(pred, target) -> [batch]``; ``metrics``: more, by name
-    (``"top5_accuracy"``, ``"mean_absolute_error"``, ``"macro_f1"``) or function (see
-    :mod:`fnn.train.metrics`), computed inside the compiled epoch. ``regularizer``: a
-    ``fnn.regularizers.Regularizer`` added to the objective (history shows the data loss).
-    ``augment``: ``fn(key, x, target) -> (x, target)``, jittable, applied to each training
-    batch inside the step with ``key = fold_in(train_state.key, train_state.step)``.
-    ``learning_rate`` (float or schedule) overrides the rate recorded in the history.
-    ``early_stopping``: a patience (int) or a ``fnn.regularizers.early_stopping(...)`` pair
-    watching ``monitor`` (``"val_loss"`` with validation data, else ``"loss"``; names ending
-    in ``accuracy`` or ``f1`` are maximised); with ``restore_best`` the best epoch's params
-    and state are returned. ``on_nonfinite``: ``"stop"`` (warn and return) or ``"raise"``
-    (``FloatingPointError``); the message says whether that batch's inputs were finite.
-    ``check_data``: before training (each streamed batch as it comes, on the host), refuse
-    non-finite inputs, integer labels outside the model's classes and token ids outside an
-    ``Embedding``'s vocabulary (:func:`fnn.checks.data_checker`). ``progress``: ``"auto"``
-    (a tqdm bar on a terminal), ``True``, ``"lines"``, ``False``. ``grad_norm=True``: the mean
-    gradient norm per epoch in the history (one more pass over the gradients per step) and a
-    non-finite gradient stops training too.
-    ``precision``: a :mod:`fnn.precision` policy (``"bfloat16"``, ``"float16"``,
-    ``"params=float32,compute=bfloat16,output=float32"``): the model runs as
-    ``mixed_precision(model, precision)``, master weights and optimizer state stay in the
-    policy's params dtype. ``loss_scale``: ``"auto"`` (dynamic for float16 compute, none
-    otherwise), ``"dynamic"``, a number (a static scale), or ``None``; the optimizer is wrapped
-    in :func:`fnn.precision.loss_scaling`, a non-finite step is skipped and the scale after each
-    epoch is the history's ``loss_scale`` column. bfloat16 has float32's range and needs no
-    scaling, but may be given one.
-    ``mesh``: a ``jax.sharding.Mesh`` with a ``"data"`` axis (default: the one set with
-    :func:`fnn.sharding.default_mesh`): data parallel, each batch split over ``"data"``, the
-    shuffle within each device's shard, the epoch still one compiled call. ``param_sharding``:
-    rules for the parameters (:func:`fnn.sharding.fsdp`, :func:`fnn.sharding.tensor_parallel`,
-    a list of ``(regex, PartitionSpec)``); optimizer state follows its parameters. In-memory
-    data only; the batch size must be a multiple of the data axis, and when the example count
-    is not, the last ``n % devices`` examples are left out (with a warning). A mesh spanning
-    processes (``jax.distributed``): every process passes the same arrays, process 0 alone
-    writes progress and the resume file, and each gets the final train state whole on its
-    first local device (see ``docs/scaling.md``).
-
-    Example::
-
-        result = fit(model, losses.softmax_cross_entropy_with_integer_labels, optim.adam(1e-3),
-                     (x, y), epochs=20, batch_size=32, val_data=(xv, yv),
-                     key=jax.random.PRNGKey(0), metrics=["macro_f1"], early_stopping=5)
-    """
-    stream = is_stream(train_data)
-    _check_args(epochs, batch_size, on_nonfinite, stream, resume, checkpoint_dir)
-    if precision is not None and callable(grad):
-        raise ValueError("fit: precision= needs grad='autodiff' or 'manual'; a gradient "
-                         "function computes with the model it was built from, not the "
-                         "mixed-precision one")
-    model, optimizer = _with_precision(model, optimizer, precision, loss_scale)
-    ms = resolve_metrics(loss, accuracy, metrics)
-    ctx = dict(stream=stream, model=model, loss=loss, metrics=ms, check=None,
-               shuffle=shuffle, steps_per_epoch=steps_per_epoch, chunk=chunk, data=train_data)
-    pending = None
-    if stream:
-        first, pending = _first_batch(train_data, 1, steps_per_epoch)
-        shape_batch = jax.tree.leaves(first[0])[0].shape[0]
-        x0 = first[0]
-        ctx["run"] = make_chunk(model, loss, optimizer.update, grad, ms, regularizer, grad_norm,
-                                augment)
-        if check_data:
-            ctx["check"] = make_check(model, loss, _input_shape(x0, shape_batch))
-    else:
-        raw = _unpack(train_data, "fit: train_data")           # checked on the host, as given
-        data, n = _as_data(train_data, "fit: train_data")
-        ctx["data"], x0, shape_batch = data, data[0], min(batch_size, n)
-        if check_data:
-            ctx["check"] = make_check(model, loss, _input_shape(x0, shape_batch))
-            ctx["check"](raw, "fit: train_data")
-        ctx["run"], ctx["sizes"] = run, sizes = make_epoch(model, loss, optimizer.update, grad, ms,
-                                              regularizer, grad_norm, augment, n, batch_size,
-                                              drop_last, shuffle)
-        ctx["limit"] = jax.device_put(np.int32(len(sizes)))
-    if train_state is not None and (params is not None or state is not None):
-        raise ValueError("fit: pass params/state or train_state, not both")
-    if train_state is None:
-        if key is None:
-            raise ValueError("fit: pass key= (a jax.random key) or train_state=")
-        train_state = create_train_state(model, optimizer, key, _input_shape(x0, shape_batch),
-                                         params=params, state=state)
-    if not stream:          # the epoch donates its input: never the caller's own arrays
-        train_state = copy_state(train_state)
-        ctx.update(place=lambda t: t, bad_inputs=batch_inputs_finite(ctx["data"], ctx["sizes"],
-                                                                      shuffle))
-    mesh = current_mesh() if mesh is None else mesh
-    if mesh is not None:
-        train_state = _on_mesh(ctx, mesh, param_sharding, train_state, (
-            model, loss, optimizer.update, grad, ms, regularizer, grad_norm, augment, n,
-            batch_size, drop_last, shuffle))
-    elif param_sharding is not None:
-        raise ValueError("fit: param_sharding= needs mesh= (a jax.sharding.Mesh)")
-    ctx["val_stream"] = val_data is not None and is_stream(val_data)
-    ctx["val"] = val = val_data if ctx["val_stream"] else (
-        _as_data(val_data, "fit: val_data") if val_data is not None else None)
-    if val is not None and not ctx["val_stream"] and mesh is not None:
-        rep = jax.sharding.NamedSharding(jax.tree.leaves(train_state)[0].sharding.mesh,
-                                         jax.sharding.PartitionSpec())
-        val = ctx["val"] = (place(val[0], jax.tree.map(lambda _: rep, val[0])), val[1])
-    if val is not None and not ctx["val_stream"]:
-        if check_data:
-            ctx["check"](_unpack(val_data, "fit: val_data"), "fit: val_data")
-        ctx["run_eval"] = make_eval(model, loss, ms, val[1], min(eval_batch_size, val[1]))
-    stopper = None if early_stopping is None else _EarlyStop(
-        early_stopping, min_delta, monitor or ("val_loss" if val is not None else "loss"),
-        train_state)
-    result = _train(ctx, train_state, stopper, epochs, callbacks, learning_rate, grad_norm,
-                    progress, on_nonfinite, restore_best, checkpoint_dir, resume, pending)
-    if mesh is not None and jax.process_count() > 1:   # every process gets the whole state
-        result = result._replace(train_state=gathered(result.train_state))
-    return result
-
-
-def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progress,
-           on_nonfinite, restore_best, checkpoint_dir, resume, pending):
-    history, reason, done = {}, None, 0
-    quiet = not (callbacks or stopper or checkpoint_dir is not None or ctx["val"] is not None)
-    ctx.update(inflight=collections.deque(), chain=1, quiet=quiet, state_bytes=sum(
-        np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(ts)
-        if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)))
-    # a replay source only where the guard may see a NaN gradient a step late
-    ctx.update(keep=not grad_norm, speculate=ctx["state_bytes"] <= 2 ** 26)
-    if resume and (saved := _resume.load_run(checkpoint_dir, ts, stopper and stopper.state)):
-        ts, es, info = saved
-        ts = ctx["place"](ts) if "place" in ctx else ts
-        if stopper:
-            stopper.state = es
-        done, history, reason = info["epoch"], info["history"], info["stop_reason"]
-        _resume.restore_callbacks(callbacks, info["callbacks"])
-        pending = None                          # the first batch peeked was epoch 1's
-    bar = _Progress(progress if is_writer() else False, epochs, initial=done)
+def _train(run: Run, ts, epochs):
+    ts, done, history, reason = _restore(run, ts)
+    bar = Progress(run.loop.progress if is_writer() else False, epochs, initial=done)
     step = int(to_host(ts.step))
     try:
         for epoch in range(done + 1, epochs + 1):
             if reason:
                 break
             t0, start = time.perf_counter(), step       # the step count, kept on the host
-            ts, report, bad = _run_epoch(ctx, epoch, ts, pending if epoch == 1 else None,
-                                         epochs - epoch + 1)
+            ts, report, bad = run.epochs.run(epoch, ts, epochs - epoch + 1)
             if report is None:
                 reason = f"fit: the training data ran out before epoch {epoch}"
                 break
-            ahead = (lambda: _speculate(ctx, ts)) if bad is None and epoch < epochs else \
+            ahead = (lambda: run.epochs.ahead(ts)) if bad is None and epoch < epochs else \
                 (lambda: None)
-            logs = {"epoch": epoch, **logs_from_sums(report.sums, ctx["metrics"], grad_norm),
-                    **_validate(ctx, ts, ahead)}
+            logs = {"epoch": epoch, **logs_from_sums(report.sums, run.metrics, run.grad_norm)}
+            if run.val is not None:
+                logs.update(run.val.logs(ts, ahead))
+            else:
+                ahead()
             step = start + report.steps
-            logs.update(lr=_learning_rate(learning_rate, report.learning_rate, step),
-                        time=ctx.pop("epoch_time", time.perf_counter() - t0))
+            took = run.epochs.take_time()
+            logs.update(lr=report.learning_rate,            # from the optimizer state
+                        time=took if took is not None else time.perf_counter() - t0)
             if not math.isnan(report.loss_scale):
                 logs["loss_scale"] = report.loss_scale
             for k, v in logs.items():
@@ -375,21 +324,20 @@ def _train(ctx, ts, stopper, epochs, callbacks, learning_rate, grad_norm, progre
             if bad is not None:
                 reason = _nonfinite_message(epoch, bad, start)
             else:
-                ts, reason = _callbacks(callbacks, epoch, ts, logs)
-                if not reason and stopper:
-                    reason = stopper(epoch, ts, logs)
-            if checkpoint_dir is not None:      # gathered by all, written by process 0
-                saved = to_host((ts, stopper and stopper.state))
+                ts, reason = _callbacks(run.callbacks, epoch, ts, logs)
+            if run.backup is not None:          # gathered by all, written by process 0
+                saved = to_host((ts, run.stopper and run.stopper.state))
                 if is_writer():
-                    _resume.save_run(checkpoint_dir, *saved, epoch, history, callbacks, reason)
+                    backup_file.save_run(run.backup.directory, *saved, epoch, history,
+                                         run.callbacks, reason)
     finally:
         bar.close(reason)
     best = None
-    if stopper:
-        ts, best = stopper.finish(ts, restore_best)
+    if run.stopper:
+        ts, best = run.stopper.finish(ts)
     if reason and reason.startswith("fit: non-finite"):
-        if on_nonfinite == "raise":
+        if run.loop.on_nonfinite == "raise":
             raise FloatingPointError(reason)
         if is_writer():
-            warnings.warn(reason, RuntimeWarning, stacklevel=3)
+            warnings.warn(reason, RuntimeWarning, stacklevel=4)
     return FitResult(ts, history, reason, best)

@@ -1,18 +1,26 @@
 """One epoch of ``fit``: in memory (one compiled call) or streamed (compiled chunks), with the
-replay that recovers the last good state after a non-finite step, and validation."""
+replay that recovers the last good state after a non-finite step, and validation.
+
+:class:`InMemory` and :class:`Streamed` are the two sources of epochs behind one interface
+(:class:`Epochs`), as :class:`InMemoryVal` and :class:`StreamedVal` are for validation: ``fit``
+runs every epoch the same way whatever the data is.
+"""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
-from typing import NamedTuple
+import time
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.train.epoch import batch_order, make_eval_batch
-from fnn.train.step import _unpack
-from fnn.train.streaming import Prefetch
-from fnn.train.validate import inputs_finite
+from fnn.train._batches import unpack
+from fnn.train.data_checks import inputs_finite
+from fnn.train.epoch import Runner, batch_order, make_eval_batch
+from fnn.train.streaming import Prefetch, epoch_batches
 
 
 class Bad(NamedTuple):
@@ -114,13 +122,13 @@ def batch_inputs_finite(data, sizes, shuffle):
     return check
 
 
-def stream_epoch(run_chunk, ts, batches, k, check, where):
+def stream_epoch(run_chunk, ts, batches, k, check, where, put=jax.device_put):
     """``(train_state, Report or None if no batch came, Bad | None)`` for one streamed epoch.
 
     Chunk ``j + 1`` is dispatched before chunk ``j``'s report is read, so the device never
     waits for the host; a bad chunk's successor is dropped and the bad one replayed. The
     report's sums are those of the whole epoch."""
-    pre = Prefetch(batches, k, check, where)
+    pre = Prefetch(batches, k, check, where, put=put)
     total, prev, bad, report = None, None, None, None
 
     def read(p):
@@ -167,17 +175,175 @@ def logs_from_sums(sums, metrics, grad_norm: bool, prefix: str = "") -> dict:
     return logs
 
 
-def stream_eval(model, loss, metrics, params, state, batches, check, where) -> dict:
-    """Validation over an iterable of batches, one compiled call per batch, summed."""
+def stream_eval(model, loss, metrics, params, state, batches, check, where,
+                put=jax.device_put, get=jax.device_get) -> dict:
+    """Validation over an iterable of batches, one compiled call per batch, summed; ``put``
+    places a host batch, ``get`` reads the sums back."""
     run = make_eval_batch(model, loss, metrics)
     total = None
     for i, raw in enumerate(batches):
-        b = _unpack(raw, where)
+        b = unpack(raw, where)
         if check:
             check(b, f"{where} (batch {i + 1})")
-        total = _add(total, jax.device_get(run(params, state, jax.device_put(b))))
+        total = _add(total, get(run(params, state, put(b))))
     if total is None:
         raise ValueError(f"{where}: the validation data gave no batch")
     lsum, stats, n = total
     return {"val_loss": float(lsum) / float(n),
             **{"val_" + m.name: float(m.result(s)) for m, s in zip(metrics, stats)}}
+
+
+# --------------------------------------------------------------------------- epoch sources
+
+class Epochs(Protocol):
+    """What ``fit`` asks of its data: ``run(epoch, ts, remaining) -> (ts, Report or None,
+    Bad or None)``, ``ahead(ts)`` (launch the next epoch early, where that helps),
+    ``restart()`` (a resumed run: forget batches peeked before it) and ``take_time()`` (the
+    epoch's time when several were measured together, else ``None``)."""
+
+    def run(self, epoch: int, ts, remaining: int): ...
+
+    def ahead(self, ts): ...
+
+    def restart(self): ...
+
+    def take_time(self): ...
+
+
+@dataclasses.dataclass
+class InMemory:
+    """In-memory epochs, each one compiled call (:func:`memory_launch`, :func:`memory_finish`).
+
+    Epochs are launched ahead: the next one before this one's bookkeeping (:meth:`ahead`),
+    or, when nothing reads the state between epochs (``quiet``: no validation, callbacks or
+    backup), a chain of ``chain`` epochs (about a quarter second of work, see
+    :func:`chain_length`) read back after one wait (on XLA:CPU each wait costs about as much
+    as a millisecond of work). Launched epochs are used only if the next epoch starts from
+    the state they started from. ``keep``: keep a copy of each epoch's start for the replay
+    (``grad_norm=False``); ``speculate``: launching ahead is allowed (a small state, copied)."""
+
+    runner: Runner
+    sizes: tuple
+    data: tuple
+    limit: object
+    bad_inputs: Callable
+    keep: bool
+    speculate: bool
+    quiet: bool
+    state_bytes: int
+    inflight: collections.deque = dataclasses.field(default_factory=collections.deque)
+    chain: int = 1
+    epoch_time: float | None = None
+
+    def run(self, epoch, ts, remaining):
+        q = self.inflight
+        if q and q[0].before is not ts:
+            q.clear()
+        if not q:
+            t0, last, limit = time.perf_counter(), ts, self.limit
+            for _ in range(max(1, min(self.chain, remaining))):
+                q.append(memory_launch(self.runner, self.sizes, last, self.data, limit,
+                                       keep=self.keep))
+                last, limit = q[-1].ts, q[-1].nxt
+            jax.block_until_ready(q[-1].flat)
+            per = (time.perf_counter() - t0) / len(q)
+            if len(q) > 1:
+                self.epoch_time = per
+            if self.quiet:
+                self.chain = chain_length(per, self.state_bytes)
+        out = memory_finish(self.runner, self.sizes, q.popleft(), self.data, self.bad_inputs,
+                            q[-1] if q else None)
+        if out[2] is not None:
+            q.clear()
+        return out
+
+    def ahead(self, ts):
+        """Launch the next epoch before this one's bookkeeping (validation read-back, history,
+        callbacks), so the device does not wait for the host. The epoch donates its input and
+        the bookkeeping reads ``ts``: it runs from a copy, made only for a small state; a
+        large one is worth its memory more than the overlap."""
+        if not self.inflight and self.chain == 1 and self.speculate:
+            self.inflight.append(memory_launch(self.runner, self.sizes, ts, self.data,
+                                               self.limit, copy=True))
+
+    def restart(self):
+        self.inflight.clear()
+
+    def take_time(self):
+        t, self.epoch_time = self.epoch_time, None
+        return t
+
+
+def chain_length(seconds_per_epoch, state_bytes, most=64, seconds=0.25, memory=2 ** 26):
+    """Epochs per chain: about ``seconds`` of work (the display stays live), at most ``most``,
+    and the chain's states (two per epoch) within ``memory`` bytes."""
+    by_time = int(seconds / max(seconds_per_epoch, 1e-6))
+    by_memory = int(memory // max(2 * state_bytes, 1))
+    return max(1, min(most, by_time, by_memory))
+
+
+@dataclasses.dataclass
+class Streamed:
+    """Streamed epochs: the batches of ``source`` for each epoch (at most ``steps_per_epoch``)
+    in compiled chunks of ``chunk`` steps (:func:`stream_epoch`), each host batch checked by
+    ``check`` and placed by ``put``. ``pending``: epoch 1's batches, the first one already
+    read (to build the train state)."""
+
+    runner: Runner
+    source: object
+    steps_per_epoch: int | None
+    chunk: int
+    check: Callable | None
+    put: Callable
+    pending: object = None
+
+    def run(self, epoch, ts, remaining):
+        batches = self.pending if epoch == 1 and self.pending is not None else \
+            epoch_batches(self.source, epoch, self.steps_per_epoch)
+        self.pending = None
+        return stream_epoch(self.runner, ts, batches, self.chunk, self.check,
+                            "fit: train_data", self.put)
+
+    def ahead(self, ts):
+        pass
+
+    def restart(self):
+        self.pending = None
+
+    def take_time(self):
+        return None
+
+
+# --------------------------------------------------------------------------- validation
+
+class InMemoryVal(NamedTuple):
+    """Validation on arrays: ``run(params, state, x) -> (mean loss, metric results)`` (one
+    compiled scan) on ``data``."""
+
+    run: Callable
+    data: tuple
+    metrics: tuple
+
+    def logs(self, ts, before_read):
+        vl, results = self.run(ts.params, ts.state, self.data)
+        before_read()
+        return {"val_loss": float(vl),
+                **{"val_" + m.name: float(r) for m, r in zip(self.metrics, results)}}
+
+
+class StreamedVal(NamedTuple):
+    """Validation on a stream: each batch checked, placed with ``put``, summed with ``get``."""
+
+    source: object
+    model: object
+    loss: Callable
+    metrics: tuple
+    check: Callable | None
+    put: Callable
+    get: Callable
+
+    def logs(self, ts, before_read):
+        before_read()
+        return stream_eval(self.model, self.loss, self.metrics, ts.params, ts.state,
+                           epoch_batches(self.source, 1, None), self.check, "fit: val_data",
+                           self.put, self.get)

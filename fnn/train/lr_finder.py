@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.train.step import _as_data, _step_core, create_train_state
-from fnn.train.fitting import _input_shape
+from fnn.train._batches import as_data, input_shape
+from fnn.train.step import create_train_state, step_core
+
+__all__ = ["LRFindResult", "lr_find"]
+
 
 class LRFindResult(NamedTuple):
     """``lrs`` and ``losses`` of the sweep (up to where it stopped), ``suggestion`` (a tenth of
@@ -54,18 +57,18 @@ def lr_find(model, loss, make_optimizer: Callable, train_data, *, batch_size: in
     if not 0 < min_lr < max_lr or steps < 2:
         raise ValueError(f"lr_find: need 0 < min_lr < max_lr and steps >= 2, got min_lr="
                          f"{min_lr}, max_lr={max_lr}, steps={steps}")
-    data, n = _as_data(train_data, "lr_find: train_data")
+    data, n = as_data(train_data, "lr_find: train_data")
     if batch_size > n:
         raise ValueError(f"lr_find: batch_size {batch_size} exceeds the {n} examples")
     ratio = (max_lr / min_lr) ** (1.0 / (steps - 1))
     optimizer = make_optimizer(lambda count: min_lr * ratio ** count)
     k_init, k_data = jax.random.split(key)
-    ts = create_train_state(model, optimizer, k_init, _input_shape(data[0], batch_size),
+    ts = create_train_state(model, optimizer, k_init, input_shape(data[0], batch_size),
                             params=params, state=state)
     passes = math.ceil(steps * batch_size / n)
     order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(k_data, p), n)
                              for p in range(passes)])[:steps * batch_size]
-    core = _step_core(model, loss, optimizer.update, grad)
+    core = step_core(model, loss, optimizer.update, grad)
 
     @jax.jit
     def sweep(ts, data, idx):       # steps after a non-finite loss are cut off below

@@ -6,8 +6,10 @@ batch's sums; ``weights [batch]`` is 1 for a real example, 0 for padding) and
 ``result(total) -> scalar`` (from the sums over the epoch). Summing is exact over any split of
 the epoch into batches, so a macro F1 is the epoch's, not a mean of per-batch F1s::
 
+    fit(...)                                  # metrics="auto": accuracy for a classifier
     fit(..., metrics=["accuracy", "top3_accuracy", "macro_f1"])
     fit(..., metrics=[mean_absolute_error, my_per_example_fn])
+    fit(..., metrics=())                      # none
 
 Per-example functions ``fn(pred, target) -> [batch]`` (``categorical_accuracy``, your own)
 become mean metrics named after the function.
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from fnn.core import default_dtype
 
 __all__ = ["Metric", "categorical_accuracy", "binary_accuracy", "top_k_accuracy",
-           "mean_absolute_error", "macro_f1", "mean_metric", "resolve_metrics"]
+           "mean_absolute_error", "macro_f1", "mean_metric", "accuracy_fn", "resolve_metrics"]
 
 
 class Metric(NamedTuple):
@@ -136,21 +138,29 @@ def _auto_accuracy(loss):
     return None
 
 
-def _accuracy_fn(loss, accuracy):
-    """``"auto"``: categorical for softmax losses, binary for the two BCE losses, else none."""
+def accuracy_fn(loss, accuracy="auto"):
+    """The per-example accuracy function ``accuracy`` names for ``loss``: ``"auto"`` gives
+    categorical for softmax losses, binary for the two BCE losses, else ``None``; ``None``
+    gives ``None``; a function is returned as is."""
     if not (isinstance(accuracy, str) and accuracy == "auto"):
         return accuracy or None
     return _auto_accuracy(loss)
 
 
-def resolve_metrics(loss, accuracy="auto", metrics=()) -> tuple:
-    """The tuple of :class:`Metric` s a run computes: ``accuracy`` (``"auto"``, ``None`` or a
-    per-example function) first, as ``"accuracy"``, then ``metrics`` (names, functions or
-    :class:`Metric` s); duplicate names are kept once."""
+def resolve_metrics(loss, metrics="auto") -> tuple:
+    """The tuple of :class:`Metric` s a run computes. ``"auto"``: accuracy (as
+    ``"accuracy"``) for a classification loss (softmax or binary cross-entropy), nothing
+    otherwise; else a sequence of names (``"accuracy"``, ``"top<k>_accuracy"``,
+    ``"mean_absolute_error"``/``"mae"``, ``"macro_f1"``/``"f1"``), per-example functions
+    ``fn(pred, target) -> [batch]`` (named after the function) and :class:`Metric` s;
+    duplicate names are kept once. ``()``: none."""
+    if isinstance(metrics, str):
+        if metrics != "auto":
+            raise ValueError(f"fit: metrics must be 'auto' or a sequence of metrics, got "
+                             f"{metrics!r} (a single name goes in a list: [{metrics!r}])")
+        acc = accuracy_fn(loss, "auto")
+        return (mean_metric("accuracy", acc),) if acc is not None else ()
     out = []
-    acc = _accuracy_fn(loss, accuracy)
-    if acc is not None:
-        out.append(mean_metric("accuracy", acc))
     for m in metrics or ():
         if isinstance(m, str):
             m = _named(m, loss)

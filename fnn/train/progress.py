@@ -1,11 +1,13 @@
 """Progress display for :func:`fnn.train.fit`: a tqdm bar on a terminal, or printed lines."""
 from __future__ import annotations
 
+__all__ = ["Progress"]
+
 import math
 import sys
 
 
-class _Progress:
+class Progress:
     """A tqdm bar over epochs with the latest metrics (``"auto"``: only on a terminal), or
     printed lines (``"lines"``: the first and last epoch and every tenth of the run), or
     nothing. ``close(reason)`` reports why training stopped early."""

@@ -20,14 +20,15 @@ import jax.numpy as jnp
 
 from fnn import backprop
 from fnn.precision import ScaledLoss, current_scale
-from fnn.data import num_examples
 from fnn.optim import apply_updates, global_norm
 from fnn.train.cache import cached
-from fnn.train.metrics import _accuracy_fn
+from fnn.train._batches import select, unpack
+from fnn.train.metrics import accuracy_fn, mean_metric
 
 PyTree = Any
 
-__all__ = ["TrainState", "StepMetrics", "create_train_state", "make_step"]
+__all__ = ["TrainState", "StepMetrics", "StepOut", "create_train_state", "make_step",
+           "step_core"]
 
 
 class TrainState(NamedTuple):
@@ -91,17 +92,6 @@ def _empty_state(model, input_shape):
     return None if leaves else jax.tree.unflatten(tree, [])
 
 
-def _where(ok, new, old):
-    """``new`` where ``ok`` else ``old``, leaf by leaf (typed PRNG keys included)."""
-    def pick(a, b):
-        if jax.dtypes.issubdtype(jnp.asarray(a).dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(
-                jnp.where(ok, jax.random.key_data(a), jax.random.key_data(b)),
-                impl=jax.random.key_impl(a))
-        return jnp.where(ok, a, b)
-    return jax.tree.map(pick, new, old)
-
-
 def _grad_fn(model, loss, grad, regularizer, need_pred):
     """``f(params, state, x, t, kw, key, scale=None) -> (loss, pred, new_state, grads)``;
     ``pred`` is ``None`` when not needed and not free. With a loss ``scale`` (a float32 scalar,
@@ -145,9 +135,10 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
                      f"got {grad!r}")
 
 
-def _step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None,
-               grad_norm=False, augment=None):
-    """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepOut)``.
+def step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None,
+              grad_norm=False, augment=None):
+    """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepOut)`` that
+    :func:`make_step`, ``fit``'s compiled epochs and :func:`fnn.train.lr_find` run.
 
     ``update`` is the optimizer's ``update``; ``metrics`` a tuple of
     :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss, and the gradient norm
@@ -178,25 +169,6 @@ def _step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=Non
     return step
 
 
-def _unpack(data, name):
-    """``(x, target)`` or ``(x, target, model_kwargs)`` -> ``(x, target, kwargs)``."""
-    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
-        what = f"a {type(data).__name__}" + (f" of length {len(data)}"
-                                             if isinstance(data, (tuple, list)) else "")
-        raise TypeError(f"{name}: expected a tuple (x, target) or (x, target, model_kwargs), "
-                        f"got {what}")
-    kw = data[2] if len(data) == 3 else {}
-    if not isinstance(kw, dict):
-        raise TypeError(f"{name}: model_kwargs must be a dict of per-example arrays, "
-                        f"got {type(kw).__name__}")
-    return data[0], data[1], dict(kw)
-
-
-def _as_data(data, name):
-    data = jax.tree.map(jnp.asarray, _unpack(data, name))
-    return data, num_examples(data, name)
-
-
 def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accuracy="auto",
               regularizer=None, guard: bool = True, grad_norm: bool = True,
               jit: bool = True) -> Callable:
@@ -212,14 +184,13 @@ def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accu
     then judges finiteness by the loss alone. Any optax-shaped ``(init, update)`` optimizer
     works.
     """
-    from fnn.train.metrics import mean_metric
-    acc = _accuracy_fn(loss, accuracy)
+    acc = accuracy_fn(loss, accuracy)
     metrics = (mean_metric("accuracy", acc),) if acc else ()
-    core = _step_core(model, loss, optimizer.update, grad, metrics, regularizer, grad_norm)
+    core = step_core(model, loss, optimizer.update, grad, metrics, regularizer, grad_norm)
 
     def step(ts, batch):
-        new, out = core(ts, _unpack(batch, "train step"))
+        new, out = core(ts, unpack(batch, "train step"))
         accuracy = metrics[0].result(out.stats[0]) if metrics else jnp.full((), jnp.nan)
         m = StepMetrics(out.loss, accuracy, out.grad_norm, out.finite)
-        return (_where(out.finite, new, ts) if guard else new), m
+        return (select(out.finite, new, ts) if guard else new), m
     return jax.jit(step) if jit else step

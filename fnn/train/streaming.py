@@ -4,7 +4,7 @@ compiled chunks of ``K`` steps (one ``lax.while_loop`` per chunk).
 A source is any iterable of batches ``(x, target)`` or ``(x, target, model_kwargs)`` of NumPy
 or JAX arrays (a generator, a ``grain`` loader, a memmap reader), or a function
 ``epoch -> iterable`` (1-based epoch; the way to get a fresh, reproducible order each epoch,
-which :func:`fnn.train.fit`'s ``resume`` needs). A re-iterable (a list, a loader) is iterated
+which :class:`fnn.train.BackupAndRestore` needs). A re-iterable (a list, a loader) is iterated
 afresh each epoch; a one-shot iterator is consumed across epochs (``steps_per_epoch`` batches
 each, or all of it in one epoch).
 
@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fnn.train.step import _unpack
+from fnn.train._batches import unpack
 
 
 class Chunk(NamedTuple):
@@ -63,7 +63,7 @@ def _chunks(batches, k, check, where):
     """Group host batches into :class:`Chunk` s (on the host; ``device_put`` follows)."""
     main, group, first = None, [], 0
     for i, raw in enumerate(batches):
-        b = _unpack(raw, where)
+        b = unpack(raw, where)
         if check:
             check(b, f"{where} (batch {i + 1} of the epoch)")
         sig = _signature(b)
@@ -83,14 +83,16 @@ def _chunks(batches, k, check, where):
 
 class Prefetch:
     """Iterate ``_chunks`` in a background thread, ``depth`` chunks ahead, already on the
-    device. Errors in the source or the checks are raised in the consuming thread; ``close``
-    stops the thread."""
+    device(s): ``put(stacked)`` places each (``jax.device_put``; on a mesh, this process's
+    batches split over its devices). Errors in the source or the checks are raised in the
+    consuming thread; ``close`` stops the thread."""
 
     _END = object()
 
-    def __init__(self, batches, k: int, check: bool, where: str, depth: int = 2):
+    def __init__(self, batches, k: int, check, where: str, depth: int = 2,
+                 put=jax.device_put):
         self.queue, self.stop = queue.Queue(depth), threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(batches, k, check, where),
+        self.thread = threading.Thread(target=self._run, args=(batches, k, check, where, put),
                                        daemon=True)
         self.thread.start()
 
@@ -103,10 +105,10 @@ class Prefetch:
                 continue
         return False
 
-    def _run(self, batches, k, check, where):
+    def _run(self, batches, k, check, where, put):
         try:
             for c in _chunks(batches, k, check, where):
-                if not self._put(c._replace(stacked=jax.device_put(c.stacked))):
+                if not self._put(c._replace(stacked=put(c.stacked))):
                     return
             self._put(self._END)
         except BaseException as e:              # handed to the consumer, raised there

@@ -1,4 +1,4 @@
-"""Worker for tests/test_sharding.py: ``fit(mesh=...)`` on 8 simulated CPU devices against
+"""Worker for tests/test_sharding.py: ``fit(distribution=...)`` on 8 simulated CPU devices against
 plain ``fit`` on one, printing JSON.
 
 Each case trains 5 epochs of 4 batches (Adam, float32, no shuffle, so both runs see the same
@@ -16,7 +16,7 @@ import jax                                                         # noqa: E402
 import numpy as np                                                 # noqa: E402
 
 from fnn import optim, sharding                                    # noqa: E402
-from fnn.train import fit                                          # noqa: E402
+from fnn.train import Loop, Step, fit                                          # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_equivalence import MESHES, models, rules_for, same_shardings  # noqa: E402
@@ -24,14 +24,14 @@ from train_equivalence import MESHES, models, rules_for, same_shardings  # noqa:
 
 def run(name, grad, mesh_name, shuffle=False):
     model, loss, x, t = models()[name]
-    kw = dict(epochs=5, batch_size=16, key=jax.random.PRNGKey(1), shuffle=shuffle, grad=grad,
-              progress=False)
+    kw = dict(epochs=5, batch_size=16, key=jax.random.PRNGKey(1), step=Step(grad=grad),
+              loop=Loop(shuffle=shuffle, progress=False))
     if mesh_name is None:
         return fit(model, loss, optim.adam(1e-3), (x, t), **kw), None
     shape, names, kind = MESHES[mesh_name]
     mesh, rules = sharding.make_mesh(shape, names), rules_for(kind)
-    return fit(model, loss, optim.adam(1e-3), (x, t), mesh=mesh, param_sharding=rules,
-               **kw), (mesh, rules)
+    return fit(model, loss, optim.adam(1e-3), (x, t),
+               distribution=sharding.Distribution(mesh, params=rules), **kw), (mesh, rules)
 
 
 def main():

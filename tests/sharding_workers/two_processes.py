@@ -5,9 +5,10 @@ one of two processes (gloo collectives on localhost); trains an MLP for 20 FSDP 
 a (4,) data mesh spanning both processes, each process feeding its half of every batch;
 saves a sharded checkpoint to OUT/ckpt from both processes; process 0 writes the gathered
 params to OUT/multi.npz.
-Then both processes run ``fit(mesh=...)`` (FSDP, 3 epochs, progress lines, a resume
+Then both processes run ``fit(distribution=...)`` (FSDP, 3 epochs, progress lines, a backup
 directory each: OUT/fit-P) on the same in-memory data; process 0 writes the params to
-OUT/fit.npz.
+OUT/fit.npz. Then a streamed ``fit``: each process feeds its half of every batch; process 0
+writes the step count and params to OUT/stream.npz (compared with one device).
 ``two_processes.py single OUT``: one process, 4 devices, the same training and the same
 ``fit``; restores OUT/ckpt onto 2 devices; prints JSON comparing both.
 """
@@ -58,13 +59,33 @@ def train(mesh, feed):
 def fit_run(mesh, out):
     from fnn import losses, optim, sharding
     from fnn.layers import Dense, Tanh, serial
-    from fnn.train import fit
+    from fnn.train import BackupAndRestore, Loop, Step, fit
     r = np.random.default_rng(1)
     x, t = r.normal(size=(N, 8)).astype("f4"), r.normal(size=(N, 4)).astype("f4")
     return fit(serial(Dense(32), Tanh(), Dense(4)), losses.mse, optim.adam(1e-2), (x, t),
-               epochs=3, batch_size=BATCH, key=jax.random.PRNGKey(2), mesh=mesh,
-               param_sharding=sharding.fsdp("data", min_size=32), grad="manual",
-               progress="lines", checkpoint_dir=out)
+               epochs=3, batch_size=BATCH, key=jax.random.PRNGKey(2),
+               distribution=sharding.Distribution(mesh, params=sharding.fsdp("data",
+                                                                             min_size=32)),
+               step=Step(grad="manual"), loop=Loop(progress="lines"),
+               callbacks=[BackupAndRestore(out)] if out else [])
+
+
+def stream_run(mesh, part, parts):
+    """3 epochs of 4 streamed batches of BATCH; this process feeds rows ``part`` of
+    ``parts`` of each batch (all of them: ``parts=1``); ``mesh=None``: one device."""
+    from fnn import losses, optim, sharding
+    from fnn.layers import Dense, Tanh, serial
+    from fnn.train import Loop, fit
+    r = np.random.default_rng(3)
+    x, t = r.normal(size=(N, 8)).astype("f4"), r.normal(size=(N, 4)).astype("f4")
+    h = BATCH // parts
+    src = lambda epoch: [(x[i + part * h:i + (part + 1) * h], t[i + part * h:i + (part + 1) * h])
+                         for i in range(0, N, BATCH)]
+    dist = None if mesh is None else sharding.Distribution(mesh, params=sharding.fsdp(
+        "data", min_size=32))
+    return fit(serial(Dense(32), Tanh(), Dense(4)), losses.mse, optim.adam(1e-2), src,
+               epochs=3, key=jax.random.PRNGKey(4), distribution=dist,
+               loop=Loop(progress=False, chunk=2))
 
 
 def mesh_of(devices):
@@ -92,6 +113,10 @@ def multi(out):
     fitted = to_host(result.train_state.params)                  # every process joins
     if p == 0:
         np.savez(os.path.join(out, "fit.npz"), *jax.tree.leaves(fitted))
+    streamed = stream_run(mesh, p, n).train_state          # whole on every process
+    if p == 0:
+        np.savez(os.path.join(out, "stream.npz"), int(streamed.step),
+                 *jax.tree.leaves(streamed.params))
     jax.distributed.shutdown()
 
 
@@ -109,7 +134,12 @@ def single(out):
     back = checkpoint.restore(os.path.join(out, "ckpt"), state, like_sh)
     fitted = [np.asarray(a) for a in jax.tree.leaves(fit_run(mesh, None).train_state.params)]
     got_fit = np.load(os.path.join(out, "fit.npz"))
+    one = [np.asarray(a) for a in jax.tree.leaves(stream_run(None, 0, 1).train_state.params)]
+    got_stream = np.load(os.path.join(out, "stream.npz"))
     print(json.dumps({
+        "stream_max_diff": max(float(np.max(np.abs(a - got_stream[f"arr_{i + 1}"])))
+                               for i, a in enumerate(one)),
+        "stream_steps": int(got_stream["arr_0"]),
         "fit_max_diff": max(float(np.max(np.abs(a - got_fit[f"arr_{i}"])))
                             for i, a in enumerate(fitted)),
         "fit_dirs": sorted(d for d in os.listdir(out) if d.startswith("fit-")),

@@ -1,7 +1,8 @@
-"""Data checks before training: in-memory data once, each streamed host batch as it arrives.
+"""Data checks for ``fit`` (not validation, which is ``val_data``): in-memory data once, each
+streamed host batch as it arrives.
 
-:func:`make_check` builds the one check ``fit`` runs on its data: every float array finite
-(:func:`_validate_data`: a NaN in the data is a data problem, and the error says so instead of a
+:func:`make_data_check` builds the one check ``fit`` runs on its data: every float array finite
+(:func:`_check_finite`: a NaN in the data is a data problem, and the error says so instead of a
 "non-finite loss" later), then integer labels within the model's classes and token ids within
 the vocabularies of the ``Embedding`` layers reading the input (:func:`fnn.checks.data_checker`).
 """
@@ -32,7 +33,7 @@ def _paths(data):
             yield name + jax.tree_util.keystr(path), leaf
 
 
-def _validate_data(data, where: str, offset: int = 0):
+def _check_finite(data, where: str, offset: int = 0):
     """Check ``data = (x, target, model_kwargs)`` (in-memory, or one streamed host batch whose
     first example is number ``offset``) before training; raise ``ValueError`` naming the array,
     how many values are not finite and the first example holding one."""
@@ -42,16 +43,16 @@ def _validate_data(data, where: str, offset: int = 0):
             raise ValueError(
                 f"{where}: {name} holds {count} non-finite value(s) (NaN or Inf), the first in "
                 f"example {offset + first}: the data, not the model, is at fault; clean or drop "
-                f"those examples (or pass check_data=False to train anyway)")
+                f"those examples (or pass loop=Loop(check_data=False) to train anyway)")
 
 
-def make_check(model, loss, input_shape):
+def make_data_check(model, loss, input_shape):
     """``check(data, where, offset=0)`` for ``data = (x, target, model_kwargs)``: finiteness,
     then label and token-id ranges; raises ``ValueError`` naming the array or the loss/layer."""
     values = data_checker(model, loss, input_shape)
 
     def check(data, where, offset=0):
-        _validate_data(data, where, offset)
+        _check_finite(data, where, offset)
         values(data[0], data[1], where)
     return check
 

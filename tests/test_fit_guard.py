@@ -1,0 +1,141 @@
+"""fit's non-finite guard: a NaN or Inf loss or gradient stops the epoch at the last finite
+state (against plain SGD up to the bad batch), the message names the epoch, the step and
+whether the inputs were at fault, and non-finite data is refused before training."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fnn import data, losses, optim, train
+from fnn.layers import Dense, Tanh, serial
+
+CE = losses.softmax_cross_entropy_with_integer_labels
+MODEL = serial(Dense(4), Tanh(), Dense(2))
+STATE = MODEL.init(jax.random.PRNGKey(0), (1, 2))[1]
+SGD = optax.sgd(0.1)
+
+
+def _xor(n=40, seed=0):
+    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _start(model, optimizer, key, params, batch=(16, 2)):
+    return train.create_train_state(model, optimizer, key, batch, params=params)
+
+
+def _plain_sgd(params, x, y, lr, epochs, objective, batch=16):
+    """Plain optax SGD over x[0:16], x[16:32], ... each epoch."""
+    opt = optax.sgd(lr)
+    s = opt.init(params)
+    vg = jax.jit(jax.grad(objective))
+    for _ in range(epochs):
+        for i in range(0, len(x), batch):
+            g = vg(params, x[i:i + batch], y[i:i + batch], None)
+            u, s = opt.update(g, s, params)
+            params = optax.apply_updates(params, u)
+    return params
+
+
+def test_nonfinite_inputs_are_reported_as_a_data_problem(key):
+    x, y = _xor()
+    with pytest.raises(ValueError, match=r"fit: train_data: x holds 1 non-finite value\(s\) "
+                                         r"\(NaN or Inf\), the first in example 7: the data, "
+                                         r"not the model, is at fault"):
+        train.fit(MODEL, CE, optim.sgd(0.1), (x.at[7, 1].set(jnp.nan), y), epochs=1,
+                  batch_size=16, key=key)
+    with pytest.raises(ValueError, match=r"fit: val_data: x holds 2 non-finite .* example 3"):
+        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=1, batch_size=16, key=key,
+                  val_data=(x.at[3].set(jnp.inf), y))
+
+
+def test_divergence_with_finite_inputs_blames_the_model(key):
+    x, y = _xor()
+    with pytest.warns(RuntimeWarning, match="inputs of that batch are finite, so the model or "
+                                            "the optimizer diverged"):
+        res = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)), epochs=30,
+                        batch_size=16, key=key, loop=train.Loop(progress=False))
+    assert all(np.isfinite(v) for v in jax.tree.leaves(
+        jax.tree.map(lambda a: np.all(np.isfinite(a)), res.train_state.params)))
+    assert len(res.history["epoch"]) > 2          # diverged inside a chain of epochs
+    with pytest.warns(RuntimeWarning):            # a callback: epochs read back one by one
+        one = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)), epochs=30,
+                        batch_size=16, key=key, callbacks=[lambda *a: None],
+                        loop=train.Loop(progress=False))
+    chex.assert_trees_all_equal(one.train_state, res.train_state)
+    assert one.stop_reason == res.stop_reason
+    assert {k: v for k, v in one.history.items() if k != "time"} == \
+        {k: v for k, v in res.history.items() if k != "time"}
+
+
+def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
+    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): without the gradient
+    norm the guard sees the NaN one step late, in the next loss; the replay backs off to the
+    last finite state, so both settings stop at update 1 with the initial parameters."""
+    def poisoned(pred, target, **kw):
+        return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
+    x, y = _xor()
+    params = MODEL.init(key, (16, 2))[0]
+    for grad_norm in (False, True):
+        with pytest.warns(RuntimeWarning, match=r"epoch 1, step 0 \(update 1 of the epoch\); the "
+                                                r"inputs of that batch are finite"):
+            res = train.fit(MODEL, poisoned, optim.sgd(0.1), (x, y), epochs=2, batch_size=16,
+                            train_state=_start(MODEL, optim.sgd(0.1), key, params),
+                            step=train.Step(grad_norm=grad_norm),
+                            loop=train.Loop(progress=False))
+        chex.assert_trees_all_equal(res.train_state.params, params)
+        assert int(res.train_state.step) == 0
+
+
+@pytest.mark.parametrize("poisoned", [5, 37])
+def test_guard_without_a_kept_copy_stops_where_the_replay_does(poisoned, key):
+    """With grad_norm=True fit keeps no copy of the epoch's start (the in-loop guard keeps the
+    last good state); with grad_norm=False it replays from a copy. A NaN example gives both
+    the same state, step and history, and the state of plain SGD up to the bad batch."""
+    x, y = _xor(64)
+    x = x.at[poisoned].set(jnp.nan)
+    params = MODEL.init(key, (16, 2))[0]
+    kw = dict(epochs=3, batch_size=16, train_state=_start(MODEL, optim.sgd(0.1), key, params),
+              loop=train.Loop(shuffle=False, progress=False, check_data=False))
+    runs = []
+    for grad_norm in (False, True):
+        with pytest.warns(RuntimeWarning, match=rf"step {poisoned // 16} "):
+            runs.append(train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw,
+                                  step=train.Step(grad_norm=grad_norm)))
+    a, b = runs
+    chex.assert_trees_all_equal(a.train_state.params, b.train_state.params)
+    assert int(a.train_state.step) == int(b.train_state.step) == poisoned // 16
+    assert a.history["loss"] == b.history["loss"] and a.stop_reason == b.stop_reason
+    ref = _plain_sgd(params, x[:16 * (poisoned // 16)], y[:16 * (poisoned // 16)], 0.1, 1,
+                     lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
+    chex.assert_trees_all_close(a.train_state.params, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("poisoned", [37, 49])
+def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key):
+    """Batches of 16 in order: example 37 sits in batch 2 (0-based) of epoch 1, example 49 in
+    the partial last batch 3; the steps before it happen, nothing after."""
+    x, y = _xor(50)
+    bad = poisoned // 16
+    params, _, _ = MODEL.init(key, (16, 2))
+    kw = dict(batch_size=16, train_state=train.create_train_state(MODEL, SGD, key, (16, 2),
+                                                                  params=params))
+    # check_data=False lets the NaN reach training: the guard's test
+    loop = dict(shuffle=False, progress=False, check_data=False)
+    with pytest.warns(RuntimeWarning, match=rf"non-finite loss or gradient at epoch 1, step "
+                                            rf"{bad} \(update {bad + 1} of the epoch\)"):
+        result = train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=3,
+                           loop=train.Loop(**loop), **kw)
+    assert len(result.history["epoch"]) == 1 and int(result.train_state.step) == bad
+    assert f"epoch 1, step {bad}" in result.stop_reason
+    assert "inputs of that batch hold NaN or Inf: a data problem" in result.stop_reason
+    ref = _plain_sgd(params, x[:16 * bad], y[:16 * bad], 0.1, 1,
+                     lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
+    chex.assert_trees_all_close(result.train_state.params, ref, rtol=1e-10, atol=1e-12)
+    assert np.isfinite(result.history["loss"][0])
+    if poisoned == 37:
+        with pytest.raises(FloatingPointError, match="epoch 1, step 2"):
+            train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=1,
+                      loop=train.Loop(on_nonfinite="raise", **loop), **kw)
