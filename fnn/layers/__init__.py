@@ -2,8 +2,8 @@
 
 The test suite sweeps ``__all__``: each CamelCase constructor must carry ``@examples(...)``.
 """
-from fnn.activations import (Activation, Elu, Gelu, LeakyRelu, LogSoftmax, PRelu, Relu, Selu,
-                             Sigmoid, Softmax, Softplus, Swish, Tanh)
+from fnn.activations import (Activation, Elu, Gelu, LeakyRelu, LogSoftmax, PRelu, QuickGelu,
+                             Relu, Selu, Sigmoid, Softmax, Softplus, Swish, Tanh)
 from fnn.combinators import parallel, residual, serial, stack
 from fnn.layers.attention import (dot_product_attention, dot_product_attention_backward,
                                   dot_product_attention_bwd, dot_product_attention_fwd,
@@ -22,8 +22,8 @@ from fnn.layers.recurrent import (GRU, LSTM, Bidirectional, SimpleRNN, gru_cell,
                                   rnn_cell, scan_rnn, scan_rnn_backward)
 
 __all__ = [
-    "Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Swish",
-    "Softplus", "Softmax", "LogSoftmax", "PRelu",
+    "Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "QuickGelu",
+    "Swish", "Softplus", "Softmax", "LogSoftmax", "PRelu",
     "Dense", "Flatten", "Embedding",
     "Conv", "ConvTranspose", "MaxPool", "AvgPool", "GlobalAvgPool", "GlobalMaxPool",
     "BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "RMSNorm", "WeightNorm",
