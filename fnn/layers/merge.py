@@ -11,8 +11,6 @@ tuple of inputs.
 """
 from __future__ import annotations
 
-import jax  # noqa: F401  (the docstring examples' namespace)
-
 from fnn.core import Example, Layer, constructor, examples, from_backward, is_shape
 
 __all__ = ["Add", "Multiply"]
@@ -73,9 +71,9 @@ def Add() -> Layer:
     """Sum of the branches: ``y = x₁ + x₂ + … + xₙ`` (Keras ``Add``), for ``(x₁, …, xₙ)`` of
     one shape. Backward: every input receives ``dy``.
 
+    >>> from fnn.core import output_shape
     >>> from fnn.layers import Dense, parallel, serial
-    >>> block = serial(parallel(Dense(4), Dense(4)), Add())
-    >>> block.init(jax.random.PRNGKey(0), (2, 3))[2]
+    >>> output_shape(serial(parallel(Dense(4), Dense(4)), Add()), (2, 3))
     (2, 4)
     """
     return _merge("Add", _sum, lambda xs, dy: [dy] * len(xs))
