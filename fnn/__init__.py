@@ -6,13 +6,13 @@ its residuals, checked against ``jax.vjp``. See ``docs/design.md`` and the READM
 from fnn import (activations, augment, backprop, checkpoint, checks, data, debug, gradcheck,
                  initializers, layers, losses, models, optim, precision, regularizers, sharding,
                  torch_weights, train)
-from fnn.combinators import parallel, residual, serial, stack
+from fnn.combinators import parallel, residual, serial, stack, tied
 from fnn.core import Example, Layer, cast, constructor, count_params, examples, from_backward, summary
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "Layer", "from_backward", "constructor", "Example", "examples", "serial", "parallel", "residual", "stack", "count_params",
+    "Layer", "from_backward", "constructor", "Example", "examples", "serial", "parallel", "residual", "stack", "tied", "count_params",
     "summary", "cast", "activations", "augment", "backprop", "checkpoint", "checks", "data",
     "debug", "gradcheck", "initializers", "layers", "losses", "models", "optim", "precision",
     "regularizers", "sharding", "torch_weights", "train",

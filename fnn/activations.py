@@ -23,9 +23,9 @@ from fnn.core import Example, Layer, constructor, default_dtype, examples, from_
 
 __all__ = [
     "step", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu",
-    "swish", "silu", "softplus", "softmax", "log_softmax", "prelu",
-    "Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Swish",
-    "Softplus", "Softmax", "LogSoftmax", "PRelu",
+    "gelu_tanh", "quick_gelu", "swish", "silu", "softplus", "softmax", "log_softmax", "prelu",
+    "Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "QuickGelu",
+    "Swish", "Softplus", "Softmax", "LogSoftmax", "PRelu",
 ]
 
 
@@ -133,6 +133,27 @@ def gelu(z, approximate=False):
     return 0.5 * z * (1 + jax.lax.erf(z / math.sqrt(2)))
 
 
+@_elementwise(lambda z: _gelu_grad(z, approximate=True))
+def gelu_tanh(z):
+    """The tanh-approximate GELU, GPT-2's ``gelu_new`` (PyTorch ``GELU(approximate="tanh")``):
+    ``z/2·(1 + tanh(√(2/π)(z + 0.044715 z³)))``; ``gelu(z, approximate=True)`` as a function of
+    ``z`` alone, to pass as ``activation=``. Derivative ``(1 + t)/2 + z/2·(1 - t²)·√(2/π)(1 +
+    3·0.044715 z²)`` with ``t`` the tanh."""
+    return gelu(z, approximate=True)
+
+
+def _quick_gelu_grad(z):
+    s = sigmoid(1.702 * z)
+    return s + 1.702 * z * s * (1 - s)
+
+
+@_elementwise(_quick_gelu_grad)
+def quick_gelu(z):
+    """Quick GELU ``z·σ(1.702 z)`` (CLIP's ``QuickGELU``, Hendrycks & Gimpel's sigmoid
+    approximation); derivative ``σ(1.702z) + 1.702·z·σ(1.702z)(1 - σ(1.702z))``."""
+    return z * sigmoid(1.702 * z)
+
+
 def _swish_grad(z):
     s = sigmoid(z)
     return s + z * s * (1 - s)
@@ -199,12 +220,25 @@ def prelu(z, alpha):
 
 # --------------------------------------------------------------------------- layer forms
 
+def _with_vjp(fn, where: str):
+    """``fn`` if it carries the hand-derived ``.vjp(z, dy)`` an fnn backward needs, else a
+    ``TypeError`` naming ``where``, what is missing and the ways to supply it."""
+    if callable(fn) and callable(getattr(fn, "vjp", None)):
+        return fn
+    what = getattr(fn, "__name__", None) or repr(fn)
+    raise TypeError(
+        f"{where}: activation {what!r} has no .vjp(z, dy), the hand-derived derivative the "
+        f"backward needs. Pass an fnn.activations function (gelu, gelu_tanh, quick_gelu, swish/"
+        f"silu, relu, tanh, ...), or attach one to yours: f.vjp = lambda z, dy: dy * f_prime(z)")
+
+
 @constructor
 def Activation(fn, name: str | None = None, **fn_kwargs) -> Layer:
     """A parameter-free layer applying ``fn`` (any activation above) elementwise.
 
-    Backward: ``dx = fn.vjp(x, dy)``.
+    Backward: ``dx = fn.vjp(x, dy)``; a function without ``.vjp`` raises ``TypeError``.
     """
+    _with_vjp(fn, "Activation")
     name = name or getattr(fn, "__name__", "activation")
 
     def init(key, input_shape):
@@ -267,8 +301,16 @@ def Selu() -> Layer:
 @examples(_EX, Example((3, 5), (), {"approximate": True}))
 @constructor
 def Gelu(approximate: bool = False) -> Layer:
-    """Layer form of :func:`gelu` (exact by default, as PyTorch; Flax defaults to tanh)."""
+    """Layer form of :func:`gelu` (exact by default, as PyTorch; Flax defaults to tanh;
+    ``approximate=True`` is :func:`gelu_tanh`, GPT-2's ``gelu_new``)."""
     return Activation(gelu, "Gelu", approximate=approximate)
+
+
+@examples(_EX)
+@constructor
+def QuickGelu() -> Layer:
+    """Layer form of :func:`quick_gelu` (``x·σ(1.702x)``)."""
+    return Activation(quick_gelu, "QuickGelu")
 
 
 @examples(_EX)

@@ -1,5 +1,5 @@
 """The combinators: layers built from layers — ``serial``, ``parallel``, ``residual``,
-``stack``. Each runs its children's ``apply`` for the forward pass, carries their residuals
+``stack``, and ``tied`` (one parameter used in two places). Each runs its children's ``apply`` for the forward pass, carries their residuals
 through ``fwd``, and runs their ``bwd`` in reverse in ``bwd`` — backpropagation itself.
 
 Per-call keywords: a combinator takes the union of its children's ``Layer.keywords`` and hands
@@ -13,7 +13,7 @@ import numpy as np
 
 from fnn.core import Layer, child_key, constructor
 
-__all__ = ["serial", "parallel", "residual", "stack"]
+__all__ = ["serial", "parallel", "residual", "stack", "tied"]
 
 
 def _kw_for(layer: Layer, kw: dict) -> dict:
@@ -122,7 +122,8 @@ def parallel(*layers, concat: bool | int = False) -> Layer:
     """Apply every layer to the same input; outputs as a tuple, or concatenated.
 
     ``concat=True`` joins the outputs along the last axis (``concat=k``: along axis ``k``);
-    their other dimensions must agree. ``bwd`` splits the output error between the children and
+    their other dimensions must agree. To sum or multiply the outputs, follow with
+    ``fnn.layers.Add()`` / ``Multiply()``: ``serial(parallel(f, g), Add())``. ``bwd`` splits the output error between the children and
     sums their input gradients.
     """
     named = _named(layers)
@@ -297,3 +298,98 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
 
     return Layer(init, apply, fwd, bwd, name, "stack", layer.keywords,
                  ((f"0..{n - 1}", layer),), layer.stochastic, {"n": n, "remat": remat})
+
+
+# --------------------------------------------------------------------------- tied
+
+def _path(p, what):
+    keys = tuple(p.split("/")) if isinstance(p, str) else tuple(p)
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(f"tied: {what} must be a path of param keys such as 'head/w' or "
+                         f"('head', 'w'), got {p!r}")
+    return keys
+
+
+def _get(tree, keys, where):
+    for i, k in enumerate(keys):
+        if not isinstance(tree, dict) or k not in tree:
+            have = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise ValueError(f"{where}: no parameter {'/'.join(keys)} (at {'/'.join(keys[:i]) or 'the top'}"
+                             f" the keys are {have})")
+        tree = tree[k]
+    return tree
+
+
+def _put(tree, keys, value):
+    """A copy of ``tree`` with ``value`` at ``keys`` (dicts made on the way)."""
+    if not keys:
+        return value
+    out = dict(tree)
+    out[keys[0]] = _put(tree.get(keys[0], {}), keys[1:], value)
+    return out
+
+
+def _pop(tree, keys):
+    """``(tree without keys, the value there)``; dicts left empty are dropped."""
+    out = dict(tree)
+    if len(keys) == 1:
+        return out, out.pop(keys[0])
+    out[keys[0]], value = _pop(tree[keys[0]], keys[1:])
+    if not out[keys[0]]:
+        del out[keys[0]]
+    return out, value
+
+
+@constructor
+def tied(layer: Layer, target, source, *, transpose: bool = False) -> Layer:
+    """Weight tying: ``layer``'s parameter at ``target`` *is* its parameter at ``source``
+    (transposed when ``transpose``), e.g. the output head ``h Eᵀ`` sharing the embedding ``E``::
+
+        lm = tied(serial(("embed", Embedding(V, d)), ..., ("head", Dense(V, use_bias=False))),
+                  "head/w", "embed/w", transpose=True)
+
+    Paths are param keys joined by ``/`` (or a tuple of keys). ``init`` drops ``target`` from the
+    params (and any dict left empty), so only ``source`` is stored, trained and saved; ``apply``,
+    ``fwd`` and ``bwd`` run ``layer`` with ``source`` (or ``sourceᵀ``) put back at ``target``.
+    Backward: the gradient of the one parameter is the sum of both uses',
+    ``d source = (d source)_layer + (d target)_layer`` (transposed back). Nest ``tied`` for
+    several ties. ``init`` checks both paths exist and their shapes agree.
+
+    >>> from fnn.layers import Dense, Embedding
+    >>> lm = tied(serial(("embed", Embedding(10, 4)), ("head", Dense(10, use_bias=False))),
+    ...           "head/w", "embed/w", transpose=True)
+    >>> params, _, out = lm.init(jax.random.PRNGKey(0), (2, 3))
+    >>> sorted(params), out
+    (['embed'], (2, 3, 10))
+    """
+    tgt, src = _path(target, "target"), _path(source, "source")
+    if tgt[:len(src)] == src or src[:len(tgt)] == tgt:
+        raise ValueError(f"tied: target {'/'.join(tgt)} and source {'/'.join(src)} overlap")
+    name = f"tied({layer.name}, {'/'.join(tgt)}={'/'.join(src)}{'ᵀ' if transpose else ''})"
+    view = (lambda a: a.T) if transpose else (lambda a: a)
+
+    def init(key, input_shape):
+        params, state, out = layer.init(key, input_shape)
+        s, t = _get(params, src, name), _get(params, tgt, name)
+        if jnp.shape(t) != jnp.shape(view(s)):
+            raise ValueError(f"{name}: {'/'.join(tgt)} has shape {jnp.shape(t)} but "
+                             f"{'/'.join(src)}{'ᵀ' if transpose else ''} has "
+                             f"{jnp.shape(view(s))}")
+        return _pop(params, tgt)[0], state, out
+
+    def full(params):
+        return _put(params, tgt, view(_get(params, src, name)))
+
+    def apply(params, state, x, *, key=None, train=False, **kw):
+        return layer.apply(full(params), state, x, key=key, train=train, **kw)
+
+    def fwd(params, state, x, *, key=None, train=False, **kw):
+        return layer.fwd(full(params), state, x, key=key, train=train, **kw)
+
+    def bwd(params, state, res, dy, *, key=None, train=False, **kw):
+        grads, dx = layer.bwd(full(params), state, res, dy, key=key, train=train, **kw)
+        grads, dt = _pop(grads, tgt)
+        return _put(grads, src, _get(grads, src, name) + view(dt)), dx
+
+    return Layer(init, apply, fwd, bwd, name, "tied", layer.keywords, (("layer", layer),),
+                 layer.stochastic, {"target": tgt, "source": src, "transpose": transpose})

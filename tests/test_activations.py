@@ -53,6 +53,10 @@ ELEMENTWISE = {
     "gelu(tanh)": (A.gelu, {"approximate": True},
                    lambda z: 0.5 * z * (1 + np.tanh(C * (z + 0.044715 * z ** 3))),
                    np_gelu_tanh_grad),
+    "gelu_tanh": (A.gelu_tanh, {}, lambda z: 0.5 * z * (1 + np.tanh(C * (z + 0.044715 * z ** 3))),
+                  np_gelu_tanh_grad),
+    "quick_gelu": (A.quick_gelu, {}, lambda z: z / (1 + np.exp(-1.702 * z)),
+                   lambda z: np_sigmoid(1.702 * z) * (1 + 1.702 * z * (1 - np_sigmoid(1.702 * z)))),
     "swish": (A.swish, {}, lambda z: z * np_sigmoid(z),
               lambda z: np_sigmoid(z) * (1 + z * (1 - np_sigmoid(z)))),
     "silu": (A.silu, {}, lambda z: z / (1 + np.exp(-z)),
@@ -174,7 +178,8 @@ LIMITS = {
     "leaky_relu": (-100, 1e4, 0.01, 1), "leaky_relu(0.2)": (-2e3, 1e4, 0.2, 1),
     "elu": (-1, 1e4, 0, 1), "elu(0.5)": (-0.5, 1e4, 0, 1),
     "selu": (-SELU_SCALE * SELU_ALPHA, SELU_SCALE * 1e4, 0, SELU_SCALE),
-    "gelu": (0, 1e4, 0, 1), "gelu(tanh)": (0, 1e4, 0, 1), "swish": (0, 1e4, 0, 1),
+    "gelu": (0, 1e4, 0, 1), "gelu(tanh)": (0, 1e4, 0, 1), "gelu_tanh": (0, 1e4, 0, 1),
+    "quick_gelu": (0, 1e4, 0, 1), "swish": (0, 1e4, 0, 1),
     "silu": (0, 1e4, 0, 1), "softplus": (0, 1e4, 0, 1),
     "prelu": (-1e3, 1e4, 0.1, 1),                   # BIG[0, 0] meets alpha[0] = 0.1
 }
@@ -217,7 +222,8 @@ LAYERS = [
     (L.Relu, (), A.relu, {}), (L.Sigmoid, (), A.sigmoid, {}), (L.Tanh, (), A.tanh, {}),
     (L.LeakyRelu, (0.3,), A.leaky_relu, {"alpha": 0.3}), (L.Elu, (0.7,), A.elu, {"alpha": 0.7}),
     (L.Selu, (), A.selu, {}), (L.Gelu, (), A.gelu, {}),
-    (L.Gelu, (True,), A.gelu, {"approximate": True}), (L.Swish, (), A.swish, {}),
+    (L.Gelu, (True,), A.gelu, {"approximate": True}), (L.Gelu, (True,), A.gelu_tanh, {}),
+    (L.QuickGelu, (), A.quick_gelu, {}), (L.Swish, (), A.swish, {}),
     (L.Softplus, (), A.softplus, {}), (L.Softmax, (), A.softmax, {}),
     (L.LogSoftmax, (), A.log_softmax, {}),
 ]
@@ -263,3 +269,8 @@ def test_prelu_default_slope_and_width_error(key):
         layer.apply(params, state, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match=r"PRelu"):
         layer.backward(params, state, jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+
+def test_plain_function_without_vjp_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"Activation: activation '<lambda>' has no \.vjp\(z, dy\)"):
+        L.Activation(lambda z: A.gelu(z, True))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fnn import backprop, losses
+from fnn.activations import quick_gelu
 from fnn.core import cast
 from fnn.models import GPT, decode_step, init_cache, sample, value_and_grad
 
@@ -73,6 +74,24 @@ def test_residual_pair(tie, train, monkeypatch):
     np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
     assert dx is None and jax.tree.structure(s2) == jax.tree.structure(state)
     assert tree_rel_err(got, ref) < 1e-9 and tree_rel_err(got, back) < 1e-12
+
+
+def test_post_norm_and_activation_options(monkeypatch):
+    """norm="post" (GPT-1: post-norm blocks, no final norm), quick GELU, eps: value_and_grad
+    (hand rules) against jax.value_and_grad."""
+    model = GPT(11, 8, 2, 2, 16, 8, norm="post", activation=quick_gelu, eps=1e-6)
+    params, state, _ = model.init(jax.random.PRNGKey(0), (2, 6))
+    assert "norm" not in params and set(params["blocks"]) == {"attn", "norm1", "mlp", "norm2"}
+    assert model != GPT(11, 8, 2, 2, 16, 8, norm="post", eps=1e-6)
+    x, y, real_vg = tokens((2, 6)), tokens((2, 6), seed=2), jax.value_and_grad
+    loss = losses.softmax_cross_entropy_with_integer_labels
+
+    def run(params):
+        return real_vg(lambda p: loss(model.apply(p, state, x)[0], y))(params), \
+            value_and_grad(model)(params, state, x, y)
+    with no_autodiff(monkeypatch):
+        (l_auto, g_auto), ((l_hand, _), g_hand) = jax.jit(run)(params)
+    assert abs(float(l_hand - l_auto)) < 1e-12 and tree_rel_err(g_hand, g_auto) < 1e-9
 
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope"])
@@ -152,6 +171,8 @@ def test_init_cache_signature_is_shared():
 def test_gpt_errors():
     with pytest.raises(ValueError, match="positions must be 'learned', 'sinusoidal' or 'rope'"):
         GPT(5, positions="alibi")
+    with pytest.raises(TypeError, match=r"activation '<lambda>' has no \.vjp\(z, dy\)"):
+        GPT(5, activation=lambda z: z)
     model = GPT(5, 8, 2, 1, 8, 6)
     with pytest.raises(ValueError, match=r"expected token ids of shape \(batch, time\)"):
         model.init(jax.random.PRNGKey(0), (2, 3, 4))

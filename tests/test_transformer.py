@@ -195,8 +195,12 @@ def test_block_errors():
         TransformerBlock(2, 8, norm_type="batch")
     with pytest.raises(ValueError, match=r"expected input shape \(batch, time, features\)"):
         TransformerBlock(2, 8).init(jax.random.PRNGKey(0), (2, 8))
-    with pytest.raises(TypeError, match="activation must carry a hand-derived .vjp"):
+    with pytest.raises(TypeError, match=r"MLP: activation 'tanh' has no \.vjp\(z, dy\)"):
         MLP(4, activation=jnp.tanh)
+    with pytest.raises(TypeError, match=r"TransformerBlock: activation '<lambda>' has no \.vjp"):
+        TransformerBlock(2, 8, activation=lambda z: z)
+    with pytest.raises(ValueError, match="mlp must be 'dense', 'gated' or a Layer"):
+        TransformerBlock(2, 8, mlp="swiglu")
     with pytest.raises(ValueError, match=r"expected input of shape \(batch, ..., 5\)"):
         layer = MLP(4, activation=relu)
         params, _, _ = layer.init(jax.random.PRNGKey(0), (2, 5))

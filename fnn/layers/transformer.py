@@ -6,7 +6,8 @@ children's backward rules run in reverse::
     pre-norm  (GPT-2):   h = x + Drop(Attn(Norm(x))),   y = h + Drop(MLP(Norm(h)))
     post-norm (Vaswani): h = Norm(x + Drop(Attn(x))),   y = Norm(h + Drop(MLP(h)))
 
-with ``MLP(x) = act(x W₁ + b₁) W₂ + b₂`` (GELU by default). ``MLP.fwd`` keeps ``x`` and
+with ``MLP(x) = act(x W₁ + b₁) W₂ + b₂`` (GELU by default), or the gated
+``GatedMLP(x) = (act(x W_g) ⊙ x W_u) W_d`` (SwiGLU, as Llama) with ``mlp="gated"``. ``MLP.fwd`` keeps ``x`` and
 ``z = x W₁ + b₁`` as residuals; a block's ``fwd``/``bwd`` are its composition's,
 carrying every child's residuals. Stack blocks with ``fnn.core.stack(TransformerBlock(...),
 depth)`` for one ``lax.scan`` over the layers (its hand backward then runs each block's ``bwd``
@@ -23,6 +24,7 @@ from fnn.core import Example, Layer, constructor, default_dtype, examples, is_sh
 from fnn.layers.multi_head_attention import MultiHeadAttention
 from fnn.layers.dense import dense, dense_backward
 from fnn.layers.dropout import Dropout
+from fnn.layers.gated_mlp import GatedMLP
 from fnn.layers.norm import LayerNorm, RMSNorm
 
 __all__ = ["mlp", "mlp_backward", "MLP", "TransformerBlock"]
@@ -53,8 +55,10 @@ def mlp_backward(x, w1, b1, w2, b2, dy, activation=acts.gelu):
 def MLP(hidden_features: int, out_features: int | None = None, *, activation=acts.gelu,
         use_bias: bool = True, w_init=None) -> Layer:
     """Two-layer perceptron ``y = act(x W₁ + b₁) W₂ + b₂`` over the last axis (the transformer's
-    feed-forward sublayer; PyTorch ``nn.GELU`` exact by default, pass
-    ``activation=lambda z: gelu(z, True)``-style functions carrying ``.vjp`` for others).
+    feed-forward sublayer; GELU exact by default, as PyTorch ``nn.GELU``). ``activation`` is any
+    fnn activation — ``gelu_tanh`` (GPT-2's ``gelu_new``), ``quick_gelu``, ``swish``/``silu``,
+    ``relu``, ... — or a function of yours carrying a hand-derived ``.vjp(z, dy)``; one without
+    raises ``TypeError`` saying so.
 
     **Params:** ``{"fc1": {"w": (F, hidden), "b"}, "fc2": {"w": (hidden, out), "b"}}``, Glorot
     uniform kernels, zero biases. ``[batch, ..., F]`` → ``[batch, ..., out_features or F]``.
@@ -62,9 +66,7 @@ def MLP(hidden_features: int, out_features: int | None = None, *, activation=act
     for what, n in (("hidden_features", hidden_features), ("out_features", out_features or 1)):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"MLP: {what} must be a positive int, got {n!r}")
-    if not hasattr(activation, "vjp"):
-        raise TypeError(f"MLP: activation must carry a hand-derived .vjp (see fnn.activations), "
-                        f"got {activation!r}")
+    acts._with_vjp(activation, "MLP")
     name = f"MLP({hidden_features})"
     w_init = w_init or inits.glorot_uniform()
 
@@ -120,14 +122,18 @@ def _norm(norm_type, eps):
 
 @examples(Example((2, 5, 8), (2, 16), {"use_bias": False}),           # see MultiHeadAttention
           Example((2, 4, 8), (2, 12), {"norm": "post", "norm_type": "rms", "causal": True,
-                                       "dropout": 0.2, "use_bias": False}))
+                                       "dropout": 0.2, "use_bias": False}),
+          Example((2, 4, 8), (4, 12), {"norm_type": "rms", "causal": True, "num_kv_heads": 2,
+                                       "rope": True, "rope_base": 500.0, "mlp": "gated",
+                                       "activation": acts.swish, "use_bias": False,
+                                       "eps": 1e-5}))
 @constructor
 def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
                      norm: str = "pre", causal: bool = False, *, norm_type: str = "layer",
                      eps: float | None = None, head_dim: int | None = None,
                      num_kv_heads: int | None = None, rope: bool = False,
-                     chunk_size: int | None = None, activation=acts.gelu,
-                     use_bias: bool = True) -> Layer:
+                     rope_base: float = 10000.0, chunk_size: int | None = None,
+                     activation=acts.gelu, use_bias: bool = True, mlp="dense") -> Layer:
     """Transformer block: self-attention and MLP sublayers with residuals and normalization.
 
     ``norm="pre"`` (GPT-2, default): ``h = x + Attn(Norm(x))``, ``y = h + MLP(Norm(h))``;
@@ -135,17 +141,29 @@ def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
     ``h = Norm(x + Attn(x))``, ``y = Norm(h + MLP(h))``. ``norm_type``: ``"layer"`` (LayerNorm)
     or ``"rms"`` (RMSNorm). ``dropout`` applies to the attention probabilities and to each
     sublayer's output before the residual sum (``train=True`` then needs a ``key``).
-    Attention options (``causal``, ``head_dim``, ``num_kv_heads``, ``rope``, ``chunk_size``) go
-    to :func:`MultiHeadAttention`; keywords ``mask``, ``cache_len`` reach it. ``use_bias=False``
-    drops every dense bias (as LLaMA).
+    Attention options (``causal``, ``head_dim``, ``num_kv_heads``, ``rope``, ``rope_base``,
+    ``chunk_size``) go to :func:`MultiHeadAttention`; keywords ``mask``, ``cache_len`` reach it.
+    ``eps``: the norms' epsilon (default LayerNorm's 1e-5, RMSNorm's 1e-6). ``use_bias=False``
+    drops every dense bias (as LLaMA). ``mlp``: ``"dense"`` (:func:`MLP`, ``fc1``/``fc2``),
+    ``"gated"`` (:func:`GatedMLP`, ``gate``/``up``/``down``: SwiGLU with ``activation=swish``),
+    or any layer mapping ``[batch, time, F]`` to itself; ``activation`` (any fnn activation
+    carrying ``.vjp``) goes to the first two.
     **Params:** pre ``{"attn": {"norm", "mha"}, "mlp": {"norm", "mlp"}}``; post ``{"attn":
     {"mha"}, "norm1", "mlp": {"mlp"}, "norm2"}``. ``[batch, time, F]`` → same.
     """
     if norm not in ("pre", "post"):
         raise ValueError(f"TransformerBlock: norm must be 'pre' or 'post', got {norm!r}")
+    acts._with_vjp(activation, "TransformerBlock")
     mha = MultiHeadAttention(num_heads, head_dim, num_kv_heads, dropout=dropout,
-                             use_bias=use_bias, causal=causal, rope=rope, chunk_size=chunk_size)
-    ff = MLP(mlp_features, activation=activation, use_bias=use_bias)
+                             use_bias=use_bias, causal=causal, rope=rope, rope_base=rope_base,
+                             chunk_size=chunk_size)
+    if isinstance(mlp, Layer):
+        ff = mlp
+    elif mlp in ("dense", "gated"):
+        ff = (MLP if mlp == "dense" else GatedMLP)(mlp_features, activation=activation,
+                                                   use_bias=use_bias)
+    else:
+        raise ValueError(f"TransformerBlock: mlp must be 'dense', 'gated' or a Layer, got {mlp!r}")
     drop = [("drop", Dropout(dropout))] if dropout else []
     if norm == "pre":
         block = serial(("attn", residual(serial(("norm", _norm(norm_type, eps)), ("mha", mha),

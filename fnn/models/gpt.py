@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fnn import activations as acts
 from fnn import backprop, losses
 from fnn import initializers as inits
 from fnn.combinators import serial, stack
@@ -44,16 +45,21 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
         mlp_features: int | None = None, max_len: int = 256, *, positions: str = "learned",
         tie: bool = True, dropout: float = 0.0, norm_type: str = "layer",
         num_kv_heads: int | None = None, chunk_size: int | None = None, remat: bool = False,
-        use_bias: bool = True) -> Layer:
+        use_bias: bool = True, activation=acts.gelu, mlp="dense", rope_base: float = 10000.0,
+        eps: float | None = None, head_dim: int | None = None, norm: str = "pre") -> Layer:
     """A decoder-only causal language model over integer tokens.
 
     **Arguments:** ``vocab``; ``d_model``; ``num_heads``; ``depth`` (blocks, one ``stack``);
     ``mlp_features`` (default ``4·d_model``); ``max_len`` (learned positions' table size);
     ``positions``: ``"learned"`` (GPT-2), ``"sinusoidal"`` or ``"rope"``; ``tie``: output
     projection ``Eᵀ`` (GPT-2) instead of a separate ``Dense(vocab)``; ``dropout``,
-    ``norm_type``, ``num_kv_heads``, ``chunk_size``: passed to the blocks; ``remat``: to ``stack``.
+    ``norm_type``, ``num_kv_heads``, ``chunk_size``, ``use_bias``, ``activation`` (any fnn
+    activation: GPT-2 uses ``gelu_tanh``), ``mlp`` (``"dense"``, ``"gated"`` for SwiGLU as
+    Llama, or a layer), ``rope_base``, ``eps``, ``head_dim``, ``norm``: passed to the blocks
+    (:func:`fnn.layers.TransformerBlock`); ``eps`` also to the final norm; ``norm="post"``
+    (GPT-1) has no final norm. ``remat``: to ``stack``.
     **Params:** ``{"embed": {"w": (vocab, d)}, "pos"?, "blocks": stacked block params,
-    "norm", "head"?}``. **Input:** ``[batch, time]`` ids → ``[batch, time, vocab]`` logits.
+    "norm"?, "head"?}``. **Input:** ``[batch, time]`` ids → ``[batch, time, vocab]`` logits.
     Keywords: ``mask``, ``cache_len`` (decoding; ``state`` is then the cache).
 
     >>> from fnn.core import output_shape
@@ -64,21 +70,28 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
     if positions not in ("learned", "sinusoidal", "rope"):
         raise ValueError(f"GPT: positions must be 'learned', 'sinusoidal' or 'rope', "
                          f"got {positions!r}")
-    block = TransformerBlock(num_heads, mlp_features or 4 * d_model, dropout, "pre", True,
-                             norm_type=norm_type, num_kv_heads=num_kv_heads,
-                             rope=positions == "rope", chunk_size=chunk_size, use_bias=use_bias)
+    block = TransformerBlock(num_heads, mlp_features or 4 * d_model, dropout, norm, True,
+                             norm_type=norm_type, eps=eps, head_dim=head_dim,
+                             num_kv_heads=num_kv_heads, rope=positions == "rope",
+                             rope_base=rope_base, chunk_size=chunk_size, activation=activation,
+                             use_bias=use_bias, mlp=mlp)
+    final = [] if norm == "post" else [("norm", _final_norm(norm_type, eps))]
     head = [] if tie else [("head", Dense(vocab, w_init=inits.normal(0.02), use_bias=use_bias))]
 
     def compose(blocks):
         pos = {"learned": [("pos", PositionalEmbedding(max_len))],
                "sinusoidal": [("pos", SinusoidalPositions())], "rope": []}[positions]
         return serial(("embed", Embedding(vocab, d_model, w_init=inits.normal(0.02))), *pos,
-                      ("blocks", blocks),
-                      ("norm", LayerNorm() if norm_type == "layer" else RMSNorm()), *head)
+                      ("blocks", blocks), *final, *head)
     name = f"GPT(vocab={vocab}, d={d_model}, heads={num_heads}, depth={depth}, {positions})"
     model = _lm(compose(stack(block, depth, remat=remat)), tie, name, dropout > 0)
     unrolled = _lm(compose(_unrolled(block, depth)), tie, name, dropout > 0)
     return model._replace(meta={"unrolled": unrolled})   # for value_and_grad
+
+
+def _final_norm(norm_type, eps):
+    norm = LayerNorm if norm_type == "layer" else RMSNorm
+    return norm() if eps is None else norm(eps)
 
 
 def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
