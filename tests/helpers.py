@@ -74,13 +74,13 @@ def assert_trees_close(got, want, *, rtol, atol, what=""):
                                  f"{float(b[i])!r}")
 
 
-def xor_data(n, seed=0):
-    """``n`` noisy XOR points (``fnn.data.xor``, noise 0.1) as float64 JAX arrays:
-    ``(x [n, 2], y [n] int32)``."""
+def xor_data(n, seed=0, *, noise=0.1):
+    """``n`` noisy XOR points (``fnn.data.xor``) as float64 JAX arrays:
+    ``(x [n, 2], y [n] int32)``; ``xor_data(4, noise=0)`` is the truth table in order."""
     import jax.numpy as jnp
 
     from fnn import data
-    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
+    x, y = data.xor(n, noise=noise, seed=seed, dtype=np.float64)
     return jnp.asarray(x), jnp.asarray(y)
 
 
