@@ -37,6 +37,9 @@ def _start(model, optimizer, key, params, batch=(16, 2)):
 
 
 def _differ(a, b):
+    """The control, not a comparison: some entry of the two trees differs beyond NumPy's
+    ``allclose(rtol=1e-6)`` (what a test adds, a penalty or an augmentation, moves the result
+    far past that test's 1e-10, so its comparison could fail)."""
     return not all(np.allclose(u, v, rtol=1e-6) for u, v in zip(jax.tree.leaves(a),
                                                                 jax.tree.leaves(b)))
 
