@@ -32,13 +32,19 @@ def rel_err(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
 
 
+def tree_scale(t):
+    """The largest absolute entry anywhere in a tree: the scale at which roundoff in a sum shows
+    (an entry that cancels to near zero still carries the error of the terms it summed)."""
+    return float(max((np.max(np.abs(np.asarray(x, np.float64))) for x in jax.tree.leaves(t)
+                      if np.size(x)), default=0.0))
+
+
 def tree_rel_err(a, b):
     """Max error over a tree relative to the largest reference entry anywhere in it (a leaf whose
     exact gradient is zero, such as an attention key bias, then compares at the scale of the
     others instead of at its own roundoff)."""
-    scale = max(np.max(np.abs(np.asarray(x))) for x in jax.tree.leaves(b))
     return max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / max(scale, 1e-12)
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / max(tree_scale(b), 1e-12)
 
 
 def _leaf_array(a):
@@ -74,13 +80,13 @@ def assert_trees_close(got, want, *, rtol, atol, what=""):
                                  f"{float(b[i])!r}")
 
 
-def xor_data(n, seed=0):
-    """``n`` noisy XOR points (``fnn.data.xor``, noise 0.1) as float64 JAX arrays:
-    ``(x [n, 2], y [n] int32)``."""
+def xor_data(n, seed=0, *, noise=0.1):
+    """``n`` noisy XOR points (``fnn.data.xor``) as float64 JAX arrays:
+    ``(x [n, 2], y [n] int32)``; ``xor_data(4, noise=0)`` is the truth table in order."""
     import jax.numpy as jnp
 
     from fnn import data
-    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
+    x, y = data.xor(n, noise=noise, seed=seed, dtype=np.float64)
     return jnp.asarray(x), jnp.asarray(y)
 
 

@@ -3,24 +3,17 @@ last-N checkpoints, the CSV log, reduce-on-plateau (without a recompile), the wa
 the progress bar's last line and backup-and-restore."""
 import csv
 
-import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TRACES, counted_ce
+from helpers import TRACES, assert_trees_close, counted_ce, xor_data
 
-from fnn import checkpoint, data, losses, optim, regularizers, train
+from fnn import checkpoint, losses, optim, regularizers, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 MODEL = serial(Dense(4), Tanh(), Dense(2))
-
-
-def _xor(n=48, seed=0):
-    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
-    return jnp.asarray(x), jnp.asarray(y)
 
 
 def _snapshots():
@@ -31,7 +24,7 @@ def _snapshots():
 def test_checkpoints_best_and_last_n_and_csv_log(key, tmp_path):
     """Validation labels flipped: validation loss rises once the model learns, so the best
     epoch is early; best.safetensors holds that epoch's state, the last two epochs remain."""
-    x, y = _xor()
+    x, y = xor_data(48)
     snap, cb = _snapshots()
     ckpt = train.ModelCheckpoint(tmp_path / "ck", keep_last=2)
     log = train.CSVLogger(tmp_path / "log.csv")
@@ -43,10 +36,10 @@ def test_checkpoints_best_and_last_n_and_csv_log(key, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
         "best.safetensors", "epoch_0005.safetensors", "epoch_0006.safetensors"]
     like = res.train_state
-    chex.assert_trees_all_equal(checkpoint.load(tmp_path / "ck" / "best.safetensors", like),
-                                snap[best])
-    chex.assert_trees_all_equal(checkpoint.load(tmp_path / "ck" / "epoch_0006.safetensors",
-                                                like), snap[6])
+    assert_trees_close(checkpoint.load(tmp_path / "ck" / "best.safetensors", like),
+                       snap[best], rtol=0, atol=0)
+    assert_trees_close(checkpoint.load(tmp_path / "ck" / "epoch_0006.safetensors",
+                                       like), snap[6], rtol=0, atol=0)
     assert checkpoint.read_metadata(tmp_path / "ck" / "best.safetensors")["epoch"] == str(best)
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
@@ -56,7 +49,7 @@ def test_checkpoints_best_and_last_n_and_csv_log(key, tmp_path):
 
 
 def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
-    x, y = _xor()
+    x, y = xor_data(48)
     seen = {}
     cb = lambda epoch, ts, logs: seen.setdefault(epoch, len(TRACES)) and None
     plateau = train.ReduceLROnPlateau(factor=0.5, patience=2)
@@ -79,7 +72,7 @@ def test_reduce_lr_on_plateau_follows_the_rule_without_recompiling(key):
 
 
 def test_time_limit_stops_with_its_reason(key):
-    x, y = _xor()
+    x, y = xor_data(48)
     res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=50, batch_size=16, key=key,
                     callbacks=[train.TimeLimit(1e-6)], loop=train.Loop(progress=False))
     assert res.history["epoch"] == [1]
@@ -92,7 +85,7 @@ def test_time_limit_stops_with_its_reason(key):
 def test_backup_and_restore_resumes_unless_told_not_to(key, tmp_path):
     """A finished 2-epoch run backed up; epochs=3 again resumes after epoch 2 (the same state
     as 3 epochs in one go); resume=False starts afresh and overwrites the backup."""
-    x, y = _xor()
+    x, y = xor_data(48)
     kw = dict(batch_size=16, key=key, loop=train.Loop(progress=False))
     backup, seen = train.BackupAndRestore(tmp_path / "run"), []
     cb = lambda epoch, ts, logs: seen.append(epoch)
@@ -101,7 +94,7 @@ def test_backup_and_restore_resumes_unless_told_not_to(key, tmp_path):
     more = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=3, callbacks=[cb, backup], **kw)
     whole = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=3, **kw)
     assert seen == [3] and more.history["epoch"] == [1, 2, 3]
-    chex.assert_trees_all_equal(more.train_state, whole.train_state)
+    assert_trees_close(more.train_state, whole.train_state, rtol=0, atol=0)
     fresh = train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=1, callbacks=[
         train.BackupAndRestore(tmp_path / "run", resume=False)], **kw)
     assert fresh.history["epoch"] == [1] and int(fresh.train_state.step) == 3
@@ -116,7 +109,7 @@ def test_early_stopping_stops_and_restores_best(key):
     """Validation labels are the training labels flipped, so validation loss turns up while the
     model learns; with patience 2 the run stops two epochs after the best one (whichever that is
     for this initialization) and hands back that epoch's parameters."""
-    x, y = _xor(64)
+    x, y = xor_data(64)
     snap = {}
     cb = lambda epoch, ts, logs: snap.setdefault(epoch, jax.tree.map(np.array, ts.params)) \
         and None
@@ -130,14 +123,14 @@ def test_early_stopping_stops_and_restores_best(key):
     assert min(h["val_loss"][best:]) >= h["val_loss"][best - 1]
     assert sorted(snap) == list(range(1, ran + 1))
     assert f"early stopping after epoch {ran}" in result.stop_reason
-    jax.tree.map(np.testing.assert_array_equal, result.train_state.params, snap[best])
+    assert_trees_close(result.train_state.params, snap[best], rtol=0, atol=0)
     assert int(result.train_state.step) == 4 * ran    # the step count is not rolled back
 
 
 def test_progress_bar_prints_why_training_stopped(key, capsys):
     """progress=True draws a tqdm bar; after it closes, the early-stopping line follows."""
     pytest.importorskip("tqdm")
-    x, y = _xor(40)
+    x, y = xor_data(40)
     res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=20, batch_size=16, key=key,
                     val_data=(x, 1 - y), callbacks=[train.EarlyStopping(1)],
                     loop=train.Loop(progress=True))
@@ -146,7 +139,7 @@ def test_progress_bar_prints_why_training_stopped(key, capsys):
 
 def test_early_stopping_takes_a_rule_and_refuses_two(key):
     """A fnn.regularizers.early_stopping rule stops as the same patience given as an int."""
-    x, y = _xor(48)
+    x, y = xor_data(48)
     kw = dict(epochs=20, batch_size=16, key=key, val_data=(x, 1 - y),
               loop=train.Loop(progress=False))
     by_int = train.fit(MODEL, CE, optim.adam(0.05), (x, y),

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import assert_trees_close
+
 from fnn.combinators import serial
 from fnn.layers import Dense, Dropout, SpatialDropout
 from fnn.layers.dropout import dropout, dropout_backward
@@ -88,9 +90,7 @@ def test_dropout_in_serial_gets_folded_keys_and_matches_vjp(key, rng):
         _, vjp = jax.vjp(lambda p, x: model.apply(p, state, x, key=key, train=True)[0], params, x)
         return vjp(dy), model.backward(params, state, x, dy, key=key, train=True)
     (ref_p, ref_x), (dp, dx) = jax.jit(both)(params, x, dy)
-    np.testing.assert_allclose(dx, ref_x, rtol=1e-10, atol=1e-14)
-    for a, b in zip(jax.tree.leaves(dp), jax.tree.leaves(ref_p)):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert_trees_close((dp, dx), (ref_p, ref_x), rtol=1e-10, atol=1e-14)
 
 
 def test_plain_op_backward_equals_the_op_on_dy(key, rng):

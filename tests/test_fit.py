@@ -1,26 +1,20 @@
 """fit's step options against plain loops (regularizer, augmentation), the history's learning
 rate, the compiled epoch reused for equal optimizers and models, and donation of the train
 state."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from helpers import TRACES, counted_ce
+from helpers import TRACES, assert_trees_close, counted_ce, xor_data
 
-from fnn import data, losses, optim, regularizers, train
+from fnn import losses, optim, regularizers, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 MODEL = serial(Dense(4), Tanh(), Dense(2))
 STATE = MODEL.init(jax.random.PRNGKey(0), (1, 2))[1]
-
-
-def _xor(n=40, seed=0):
-    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
-    return jnp.asarray(x), jnp.asarray(y)
 
 
 def _plain_sgd(params, x, y, lr, epochs, objective, batch=16, extra=lambda t: t):
@@ -43,6 +37,9 @@ def _start(model, optimizer, key, params, batch=(16, 2)):
 
 
 def _differ(a, b):
+    """The control, not a comparison: some entry of the two trees differs beyond NumPy's
+    ``allclose(rtol=1e-6)`` (what a test adds, a penalty or an augmentation, moves the result
+    far past that test's 1e-10, so its comparison could fail)."""
     return not all(np.allclose(u, v, rtol=1e-6) for u, v in zip(jax.tree.leaves(a),
                                                                 jax.tree.leaves(b)))
 
@@ -51,7 +48,7 @@ def _differ(a, b):
 def test_regularizer_on_both_gradient_paths_matches_plain_loop(grad, key):
     """fit with an L2 penalty equals plain SGD on CE + penalty (a penalty dropped or counted
     twice moves the weights by ~λ·lr·w per step: far beyond the tolerance)."""
-    x, y = _xor()
+    x, y = xor_data(40)
     l2 = regularizers.l2(0.05)
     params = MODEL.init(key, (16, 2))[0]
     res = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16,
@@ -60,7 +57,7 @@ def test_regularizer_on_both_gradient_paths_matches_plain_loop(grad, key):
                     loop=train.Loop(shuffle=False, progress=False))
     want = _plain_sgd(params, x, y, 0.2, 2,
                       lambda p, xb, yb, t: CE(MODEL.apply(p, STATE, xb)[0], yb) + l2(p))
-    chex.assert_trees_all_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
+    assert_trees_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
     without = _plain_sgd(params, x, y, 0.2, 2,
                          lambda p, xb, yb, t: CE(MODEL.apply(p, STATE, xb)[0], yb))
     assert _differ(want, without)
@@ -68,7 +65,7 @@ def test_regularizer_on_both_gradient_paths_matches_plain_loop(grad, key):
 
 def test_augment_runs_inside_the_step_with_the_documented_key(key):
     """Noise augmentation keyed by fold_in(train key, update count), against a plain loop."""
-    x, y = _xor()
+    x, y = xor_data(40)
 
     def noise(k, xb, yb):
         return xb + 0.3 * jax.random.normal(k, xb.shape, xb.dtype), yb
@@ -87,7 +84,7 @@ def test_augment_runs_inside_the_step_with_the_documented_key(key):
         return CE(MODEL.apply(p, STATE, xa)[0], ya)
     want = _plain_sgd(params, x, y, 0.2, 2, objective, extra=lambda t: jax.random.fold_in(
         k1 if t < steps_per_epoch else k2, t))
-    chex.assert_trees_all_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
+    assert_trees_close(res.train_state.params, want, rtol=1e-10, atol=1e-12)
     plain = train.fit(MODEL, CE, optim.sgd(0.2), (x, y), epochs=2, batch_size=16,
                       train_state=_start(MODEL, optim.sgd(0.2), key, params),
                       loop=train.Loop(shuffle=False, progress=False))
@@ -97,7 +94,7 @@ def test_augment_runs_inside_the_step_with_the_documented_key(key):
 def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
     """fit with optim.sgd built afresh (another rate too) and the model rebuilt traces nothing
     new; a different optimizer rule does (so the counter can fail)."""
-    x, y = _xor()
+    x, y = xor_data(40)
     run = lambda opt, model=MODEL: train.fit(model, counted_ce, opt, (x, y), epochs=2,
                                              batch_size=16, key=key,
                                              loop=train.Loop(progress=False))
@@ -106,7 +103,7 @@ def test_equal_optimizers_and_models_reuse_the_compiled_epoch(key):
     again = run(optim.sgd(0.01), serial(Dense(4), Tanh(), Dense(2)))
     other_rate = run(optim.sgd(0.3))
     assert len(TRACES) == traced > 0
-    chex.assert_trees_all_equal(first.train_state.params, again.train_state.params)
+    assert_trees_close(first.train_state.params, again.train_state.params, rtol=0, atol=0)
     assert other_rate.history["lr"] == [0.3, 0.3]       # the rate is an input, not a constant
     assert not np.allclose(other_rate.history["loss"], first.history["loss"])
     run(optim.sgd(0.01, momentum=0.9))
@@ -135,7 +132,7 @@ def test_fingerprint_sees_values_not_objects():
 
 
 def test_history_lr_from_fnn_optimizer_state(key):
-    x, y = _xor()
+    x, y = xor_data(40)
     sched = optim.schedules.exponential_decay(0.1, 0.5, 3)       # halves every epoch here
     h = train.fit(MODEL, CE, optim.adam(sched), (x, y), epochs=3, batch_size=16, key=key,
                   loop=train.Loop(progress=False)).history
@@ -145,7 +142,7 @@ def test_history_lr_from_fnn_optimizer_state(key):
 
 @pytest.mark.parametrize("epochs", [0, -3, 2.0])
 def test_epochs_must_be_positive(epochs, key):
-    x, y = _xor()
+    x, y = xor_data(40)
     with pytest.raises(ValueError, match=f"fit: epochs must be a positive int, got {epochs}"):
         train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=epochs, batch_size=16, key=key)
 
@@ -157,7 +154,7 @@ def test_epoch_donates_the_state_and_computes_what_a_non_donating_epoch_does(key
     are deleted after the call); step and key stay readable; the numbers are those of the same
     epoch compiled without donation."""
     from fnn.train.epoch import make_epoch_runner
-    x, y = _xor()
+    x, y = xor_data(40)
     args = (MODEL, CE, optim.adam(0.01).update, "autodiff", (), None, False, None, 40, 16,
             False, True)
     donating, sizes = make_epoch_runner(*args)
@@ -170,13 +167,13 @@ def test_epoch_donates_the_state_and_computes_what_a_non_donating_epoch_does(key
     assert all(a.is_deleted() for a in jax.tree.leaves((ts.params, ts.opt_state)))
     assert not ts.step.is_deleted() and not ts.key.is_deleted()
     assert not any(a.is_deleted() for a in jax.tree.leaves(keep))     # not donated
-    chex.assert_trees_all_equal(got, want)
+    assert_trees_close(got, want, rtol=0, atol=0)
     np.testing.assert_array_equal(np.asarray(flat), np.asarray(flat_want))
     assert int(nxt) == len(sizes)
 
 
 def test_fit_leaves_the_callers_arrays_alive_and_unchanged(key):
-    x, y = _xor()
+    x, y = xor_data(40)
     ts = train.create_train_state(MODEL, optim.adam(0.01), key, (16, 2))
     before = jax.tree.map(np.array, ts)
     for kw in (dict(train_state=ts),
@@ -184,8 +181,8 @@ def test_fit_leaves_the_callers_arrays_alive_and_unchanged(key):
         res = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16, **kw,
                         loop=train.Loop(progress=False))
         assert not any(a.is_deleted() for a in jax.tree.leaves(ts))
-        chex.assert_trees_all_equal(jax.tree.map(np.array, ts.params), before.params)
+        assert_trees_close(ts.params, before.params, rtol=0, atol=0)
         assert int(res.train_state.step) == 9
     again = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16, train_state=ts,
                       loop=train.Loop(progress=False))          # the same start: the same run
-    chex.assert_trees_all_equal(again.train_state, res.train_state)
+    assert_trees_close(again.train_state, res.train_state, rtol=0, atol=0)

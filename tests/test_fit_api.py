@@ -3,10 +3,11 @@ replacement named, and the option objects (Step, Loop, Distribution) checked whe
 import inspect
 
 import jax
-import numpy as np
 import pytest
 
-from fnn import data, losses, optim, sharding, train
+from helpers import xor_data
+
+from fnn import losses, optim, sharding, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
@@ -28,11 +29,6 @@ REMOVED = {"early_stopping": "EarlyStopping(", "min_delta": "EarlyStopping(",
            "steps_per_epoch": "loop=Loop(steps_per_epoch=", "chunk": "loop=Loop(chunk="}
 
 
-def _xor(n=32):
-    x, y = data.xor(n, noise=0.1, seed=0, dtype=np.float64)
-    return x, y
-
-
 def test_signature_is_small_and_documented():
     params = inspect.signature(train.fit).parameters
     assert len(params) <= 15, list(params)
@@ -50,14 +46,14 @@ def test_signature_is_small_and_documented():
 def test_each_removed_keyword_names_its_replacement(name, key):
     with pytest.raises(TypeError, match=rf"fit: {name}= was removed in fnn 0\.2: {name}= -> "
                                         rf".*{__import__('re').escape(REMOVED[name])}"):
-        train.fit(MODEL, CE, optim.sgd(0.1), _xor(), epochs=1, batch_size=8, key=key,
+        train.fit(MODEL, CE, optim.sgd(0.1), xor_data(32), epochs=1, batch_size=8, key=key,
                   **{name: None})
 
 
 def test_several_removed_keywords_in_one_error(key):
     with pytest.raises(TypeError, match=r"fit: shuffle=, mesh= were removed .*Loop.*"
                                         r"Distribution"):
-        train.fit(MODEL, CE, optim.sgd(0.1), _xor(), epochs=1, batch_size=8, key=key,
+        train.fit(MODEL, CE, optim.sgd(0.1), xor_data(32), epochs=1, batch_size=8, key=key,
                   shuffle=False, mesh=None)
 
 
@@ -79,9 +75,9 @@ def test_options_are_checked_when_built():
     with pytest.raises(ValueError, match="Distribution: mesh: mesh axis 'data' not in"):
         sharding.Distribution(sharding.make_mesh((1,), ("model",)))
     with pytest.raises(TypeError, match=r"fit: loop must be a fnn.train.Loop\(...\), got dict"):
-        train.fit(MODEL, CE, optim.sgd(0.1), _xor(), epochs=1, batch_size=8,
+        train.fit(MODEL, CE, optim.sgd(0.1), xor_data(32), epochs=1, batch_size=8,
                   key=jax.random.PRNGKey(0), loop={"shuffle": False})
     with pytest.raises(TypeError, match=r"fit: distribution must be a "
                                         r"fnn.sharding.Distribution\(...\), got Mesh"):
-        train.fit(MODEL, CE, optim.sgd(0.1), _xor(), epochs=1, batch_size=8,
+        train.fit(MODEL, CE, optim.sgd(0.1), xor_data(32), epochs=1, batch_size=8,
                   key=jax.random.PRNGKey(0), distribution=sharding.make_mesh((1,)))

@@ -1,25 +1,21 @@
 """fit's non-finite guard: a NaN or Inf loss or gradient stops the epoch at the last finite
 state (against plain SGD up to the bad batch), the message names the epoch, the step and
 whether the inputs were at fault, and non-finite data is refused before training."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from fnn import data, losses, optim, train
+from helpers import assert_trees_close, xor_data
+
+from fnn import losses, optim, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 MODEL = serial(Dense(4), Tanh(), Dense(2))
 STATE = MODEL.init(jax.random.PRNGKey(0), (1, 2))[1]
 SGD = optax.sgd(0.1)
-
-
-def _xor(n=40, seed=0):
-    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
-    return jnp.asarray(x), jnp.asarray(y)
 
 
 def _start(model, optimizer, key, params, batch=(16, 2)):
@@ -40,7 +36,7 @@ def _plain_sgd(params, x, y, lr, epochs, objective, batch=16):
 
 
 def test_nonfinite_inputs_are_reported_as_a_data_problem(key):
-    x, y = _xor()
+    x, y = xor_data(40)
     with pytest.raises(ValueError, match=r"fit: train_data: x holds 1 non-finite value\(s\) "
                                          r"\(NaN or Inf\), the first in example 7: the data, "
                                          r"not the model, is at fault"):
@@ -52,7 +48,7 @@ def test_nonfinite_inputs_are_reported_as_a_data_problem(key):
 
 
 def test_divergence_with_finite_inputs_blames_the_model(key):
-    x, y = _xor()
+    x, y = xor_data(40)
     with pytest.warns(RuntimeWarning, match="inputs of that batch are finite, so the model or "
                                             "the optimizer diverged"):
         res = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)), epochs=30,
@@ -64,7 +60,7 @@ def test_divergence_with_finite_inputs_blames_the_model(key):
         one = train.fit(MODEL, losses.mse, optim.sgd(1e6), (x, jax.nn.one_hot(y, 2)), epochs=30,
                         batch_size=16, key=key, callbacks=[lambda *a: None],
                         loop=train.Loop(progress=False))
-    chex.assert_trees_all_equal(one.train_state, res.train_state)
+    assert_trees_close(one.train_state, res.train_state, rtol=0, atol=0)
     assert one.stop_reason == res.stop_reason
     assert {k: v for k, v in one.history.items() if k != "time"} == \
         {k: v for k, v in res.history.items() if k != "time"}
@@ -76,7 +72,7 @@ def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
     last finite state, so both settings stop at update 1 with the initial parameters."""
     def poisoned(pred, target, **kw):
         return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
-    x, y = _xor()
+    x, y = xor_data(40)
     params = MODEL.init(key, (16, 2))[0]
     for grad_norm in (False, True):
         with pytest.warns(RuntimeWarning, match=r"epoch 1, step 0 \(update 1 of the epoch\); the "
@@ -85,7 +81,7 @@ def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
                             train_state=_start(MODEL, optim.sgd(0.1), key, params),
                             step=train.Step(grad_norm=grad_norm),
                             loop=train.Loop(progress=False))
-        chex.assert_trees_all_equal(res.train_state.params, params)
+        assert_trees_close(res.train_state.params, params, rtol=0, atol=0)
         assert int(res.train_state.step) == 0
 
 
@@ -94,7 +90,7 @@ def test_guard_without_a_kept_copy_stops_where_the_replay_does(poisoned, key):
     """With grad_norm=True fit keeps no copy of the epoch's start (the in-loop guard keeps the
     last good state); with grad_norm=False it replays from a copy. A NaN example gives both
     the same state, step and history, and the state of plain SGD up to the bad batch."""
-    x, y = _xor(64)
+    x, y = xor_data(64)
     x = x.at[poisoned].set(jnp.nan)
     params = MODEL.init(key, (16, 2))[0]
     kw = dict(epochs=3, batch_size=16, train_state=_start(MODEL, optim.sgd(0.1), key, params),
@@ -105,19 +101,19 @@ def test_guard_without_a_kept_copy_stops_where_the_replay_does(poisoned, key):
             runs.append(train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw,
                                   step=train.Step(grad_norm=grad_norm)))
     a, b = runs
-    chex.assert_trees_all_equal(a.train_state.params, b.train_state.params)
+    assert_trees_close(a.train_state.params, b.train_state.params, rtol=0, atol=0)
     assert int(a.train_state.step) == int(b.train_state.step) == poisoned // 16
     assert a.history["loss"] == b.history["loss"] and a.stop_reason == b.stop_reason
     ref = _plain_sgd(params, x[:16 * (poisoned // 16)], y[:16 * (poisoned // 16)], 0.1, 1,
                      lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
-    chex.assert_trees_all_close(a.train_state.params, ref, rtol=1e-12, atol=1e-12)
+    assert_trees_close(a.train_state.params, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("poisoned", [37, 49])
 def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key):
     """Batches of 16 in order: example 37 sits in batch 2 (0-based) of epoch 1, example 49 in
     the partial last batch 3; the steps before it happen, nothing after."""
-    x, y = _xor(50)
+    x, y = xor_data(50)
     bad = poisoned // 16
     params, _, _ = MODEL.init(key, (16, 2))
     kw = dict(batch_size=16, train_state=train.create_train_state(MODEL, SGD, key, (16, 2),
@@ -133,7 +129,7 @@ def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key)
     assert "inputs of that batch hold NaN or Inf: a data problem" in result.stop_reason
     ref = _plain_sgd(params, x[:16 * bad], y[:16 * bad], 0.1, 1,
                      lambda p, xb, yb, e: CE(MODEL.apply(p, STATE, xb)[0], yb))
-    chex.assert_trees_all_close(result.train_state.params, ref, rtol=1e-10, atol=1e-12)
+    assert_trees_close(result.train_state.params, ref, rtol=1e-10, atol=1e-12)
     assert np.isfinite(result.history["loss"][0])
     if poisoned == 37:
         with pytest.raises(FloatingPointError, match="epoch 1, step 2"):

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import assert_trees_close
+
 from fnn import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,9 +84,7 @@ def test_fit_on_a_mesh_donates_keeps_callers_state_and_reuses_its_compiled_epoch
                       distribution=on_mesh(), **kw)
     assert len(traces) == n                                   # no new trace: cached
     for got in runs + [third]:
-        for a, b in zip(jax.tree.leaves(got.train_state.params),
-                        jax.tree.leaves(ref.train_state.params)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        assert_trees_close(got.train_state.params, ref.train_state.params, rtol=1e-12, atol=1e-12)
     assert not any(a.is_deleted() for a in jax.tree.leaves(params))
 
 

@@ -4,16 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn import data, losses, optim, train
+from helpers import xor_data
+
+from fnn import losses, optim, train
 from fnn.layers import Dense, Tanh, serial
 
 CE = losses.softmax_cross_entropy_with_integer_labels
 MODEL = serial(Dense(4), Tanh(), Dense(2))
-
-
-def _xor(n=32):
-    x, y = data.xor(n, noise=0.1, seed=0, dtype=np.float64)
-    return x, y
 
 
 def _start(model, optimizer, key, params, batch):
@@ -63,7 +60,7 @@ def test_mean_absolute_error_metric(key):
 
 
 def test_metrics_auto_and_explicit(key):
-    x, y = _xor()
+    x, y = xor_data(32)
     kw = dict(epochs=1, batch_size=8, key=key, loop=train.Loop(progress=False))
     auto = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw).history
     none = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), metrics=(), **kw).history

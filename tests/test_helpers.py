@@ -42,3 +42,6 @@ def test_xor_data():
     assert x.shape == (40, 2) and y.shape == (40,) and x.dtype == jnp.float64
     corner = np.round(np.asarray(x)).astype(int)                  # noise 0.1: the nearest corner
     np.testing.assert_array_equal(np.asarray(y), corner[:, 0] ^ corner[:, 1])
+    table = xor_data(4, noise=0)                                  # noise 0: the truth table
+    assert_trees_close(table, (np.array([[0, 0], [0, 1], [1, 0], [1, 1]]), np.array([0, 1, 1, 0])),
+                       rtol=0, atol=0)

@@ -5,6 +5,8 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import assert_trees_close
+
 import fnn.optim as fo
 
 
@@ -27,37 +29,35 @@ def test_global_norm_clip_caps_the_norm_exactly_and_keeps_direction(rng):
     c = 0.5 * np_norm(g)
     out = apply(fo.clip_by_global_norm(c), g)
     np.testing.assert_allclose(np_norm(out), c, rtol=1e-14)
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
-        np.testing.assert_allclose(a, b * (c / np_norm(g)), rtol=1e-14)
+    assert_trees_close(out, jax.tree.map(lambda b: b * (c / np_norm(g)), g), rtol=1e-14, atol=0)
     ref = apply(optax.clip_by_global_norm(c), g)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), out, ref)
+    assert_trees_close(out, ref, rtol=1e-14, atol=0)
 
 
 def test_global_norm_clip_leaves_small_updates_alone(rng):
     g = tree(rng)
     out = apply(fo.clip_by_global_norm(np_norm(g) * 1.01), g)
-    jax.tree.map(np.testing.assert_array_equal, out, g)
+    assert_trees_close(out, g, rtol=0, atol=0)
 
 
 def test_leaf_norm_clip_caps_each_leaf(rng):
     g = tree(rng, scale=2.0)
     c = 6.0
     out = apply(fo.clip_by_leaf_norm(c), g)
-    clipped = 0
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
-        n = np.linalg.norm(b)
-        clipped += n > c
-        np.testing.assert_allclose(a, b * min(1.0, c / n), rtol=1e-14)
-        np.testing.assert_allclose(np.linalg.norm(a), min(n, c), rtol=1e-14)
-    assert 0 < clipped < len(jax.tree.leaves(g))  # the case exercises both branches
+    assert_trees_close(out, jax.tree.map(lambda b: b * min(1.0, c / np.linalg.norm(b)), g),
+                       rtol=1e-14, atol=0)
+    norms = jax.tree.map(np.linalg.norm, g)
+    assert_trees_close(jax.tree.map(np.linalg.norm, out), jax.tree.map(lambda n: min(n, c), norms),
+                       rtol=1e-14, atol=0)
+    assert 0 < sum(n > c for n in jax.tree.leaves(norms)) < len(jax.tree.leaves(g))  # both branches
 
 
 def test_value_clip_matches_numpy_and_optax(rng):
     g = tree(rng, scale=2.0)
     out = apply(fo.clip_by_value(1.5), g)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.clip(b, -1.5, 1.5)), out, g)
+    assert_trees_close(out, jax.tree.map(lambda b: np.clip(b, -1.5, 1.5), g), rtol=0, atol=0)
     ref = apply(optax.clip(1.5), g)
-    jax.tree.map(np.testing.assert_array_equal, out, ref)
+    assert_trees_close(out, ref, rtol=0, atol=0)
 
 
 def test_grad_norms_match_numpy(rng):
@@ -65,10 +65,7 @@ def test_grad_norms_match_numpy(rng):
     norms = jax.jit(fo.grad_norms)(g)
     np.testing.assert_allclose(norms.global_norm, np_norm(g), rtol=1e-14)
     np.testing.assert_allclose(fo.global_norm(g), np_norm(g), rtol=1e-14)
-    assert jax.tree.structure(norms.leaf_norms) == jax.tree.structure(g)
-    for n, x in zip(jax.tree.leaves(norms.leaf_norms), jax.tree.leaves(g)):
-        assert n.shape == ()
-        np.testing.assert_allclose(n, np.linalg.norm(x), rtol=1e-14)
+    assert_trees_close(norms.leaf_norms, jax.tree.map(np.linalg.norm, g), rtol=1e-14, atol=0)
 
 
 # --------------------------------------------------------------------------- weight decay
@@ -93,12 +90,11 @@ def test_add_decayed_weights_with_mask(mask_kind, rng):
     pred = fo.not_named(*NO_DECAY)
     mask = {"predicate": pred, "bool_tree": by_name(params), "optax_function": by_name}[mask_kind]
     out = apply(fo.add_decayed_weights(0.1, mask), g, params)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (path, p), u, gi in zip(flat, jax.tree.leaves(out), jax.tree.leaves(g)):
-        decays = path[-1].key not in NO_DECAY
-        np.testing.assert_allclose(u, gi + 0.1 * p if decays else gi, rtol=1e-15)
+    want = jax.tree_util.tree_map_with_path(
+        lambda path, p, gi: gi + 0.1 * p if path[-1].key not in NO_DECAY else gi, params, g)
+    assert_trees_close(out, want, rtol=1e-15, atol=0)
     ref = apply(optax.add_decayed_weights(0.1, by_name), g, params)
-    jax.tree.map(np.testing.assert_array_equal, out, ref)
+    assert_trees_close(out, ref, rtol=0, atol=0)
 
 
 def test_scheduled_weight_decay_follows_the_schedule(rng):

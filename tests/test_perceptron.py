@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from helpers import numpy_perceptron
+from helpers import numpy_perceptron, xor_data
 
 from fnn.perceptron import perceptron_fit, perceptron_predict
 
@@ -30,8 +30,7 @@ def test_converges_on_separable_data(rng):
 
 
 def test_cannot_learn_xor():
-    x = np.array([[0.0, 0], [0, 1], [1, 0], [1, 1]])
-    y = np.array([0, 1, 1, 0])
+    x, y = xor_data(4, noise=0)                          # the truth table
     params, mistakes = perceptron_fit(x, y, epochs=100)
     assert int(mistakes[-1]) > 0
     assert np.mean(np.asarray(perceptron_predict(params, x)) == y) <= 0.75

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import assert_trees_close
+
 import fnn.optim as fo
 from fnn import regularizers as R
 
@@ -30,10 +32,11 @@ def test_l2_value_and_grad(masked, rng):
     want = 0.3 * 0.5 * sum(np.sum(x * x) for x, keep in pairs if keep)
     np.testing.assert_allclose(jax.jit(reg.value)(params), want, rtol=1e-14)
     grad = jax.jit(reg.grad)(params)
-    for g, (x, keep) in zip(jax.tree.leaves(grad), pairs):
-        np.testing.assert_allclose(g, 0.3 * x if keep else np.zeros_like(x), rtol=1e-14)
+    want = [0.3 * x if keep else np.zeros_like(x) for x, keep in pairs]
+    assert_trees_close(grad, jax.tree.unflatten(jax.tree.structure(params), want), rtol=1e-14,
+                       atol=0)
     auto = jax.jit(jax.grad(reg.value))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), grad, auto)
+    assert_trees_close(grad, auto, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -45,11 +48,11 @@ def test_l1_value_and_grad(masked, rng):
     want = 0.2 * sum(np.sum(np.abs(x)) for x, keep in pairs if keep)
     np.testing.assert_allclose(jax.jit(reg.value)(params), want, rtol=1e-14)
     grad = jax.jit(reg.grad)(params)
-    for g, (x, keep) in zip(jax.tree.leaves(grad), pairs):
-        np.testing.assert_array_equal(g, 0.2 * np.sign(x) if keep else np.zeros_like(x))
+    want = [0.2 * np.sign(x) if keep else np.zeros_like(x) for x, keep in pairs]
+    assert_trees_close(grad, jax.tree.unflatten(jax.tree.structure(params), want), rtol=0, atol=0)
     auto = jax.jit(jax.grad(reg.value))(params)  # agrees away from 0 (autodiff gives 1 at 0)
     auto["dense"]["w"] = auto["dense"]["w"].at[0, 0].set(0.0)
-    jax.tree.map(np.testing.assert_array_equal, grad, auto)
+    assert_trees_close(grad, auto, rtol=0, atol=0)
 
 
 def test_l2_with_sgd_equals_weight_decay(rng):
@@ -59,7 +62,7 @@ def test_l2_with_sgd_equals_weight_decay(rng):
                                      fo.sgd(0.5).init(params))[0]
     decayed = fo.chain(fo.add_decayed_weights(0.1, NO_DECAY), fo.sgd(0.5))
     via_decay = decayed.update(g, decayed.init(params), params)[0]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), via_penalty, via_decay)
+    assert_trees_close(via_penalty, via_decay, rtol=1e-14, atol=0)
 
 
 # --------------------------------------------------------------------------- early stopping

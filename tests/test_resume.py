@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import assert_trees_close
+
 from fnn import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,10 +100,12 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_is_bit_identical(tmp_path):
     exec(RUN, namespace)                                 # the same run, never interrupted
     want = namespace["run"]()
     got = checkpoint.load(tmp_path / "final.safetensors", like=want.train_state)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want.train_state)):
-        a, b = np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(
-            a.dtype, jax.dtypes.prng_key) else a), np.asarray(b)
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert_trees_close(got, want.train_state, rtol=0, atol=0, what="resumed")   # names the leaf
+    raw = lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) \
+        else a
+    bits = lambda t: [(a.dtype, a.tobytes()) for a in map(np.asarray, jax.tree.leaves(
+        jax.tree.map(raw, t)))]
+    assert bits(got) == bits(want.train_state)      # and bit for bit: dtypes, -0.0, NaN payloads
     history = json.loads(checkpoint.read_metadata(tmp_path / "final.safetensors")["history"])
     assert history == {k: v for k, v in want.history.items() if k != "time"}
     assert len(set(want.history["lr"])) > 1              # the callback's state mattered

@@ -12,6 +12,8 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import assert_trees_close, xor_data
+
 from fnn import backprop, data, losses, train
 from fnn.layers import Dense, Tanh, serial
 
@@ -26,11 +28,6 @@ MODEL = serial(Dense(4), Tanh(), Dense(2))
 SGD = optax.sgd(0.1)
 STATE = MODEL.init(jax.random.PRNGKey(0), (1, 2))[1]
 VG = jax.jit(jax.value_and_grad(lambda p, x, y: CE(MODEL.apply(p, STATE, x)[0], y)))
-
-
-def _xor(n=50, seed=0):
-    x, y = data.xor(n, noise=0.1, seed=seed, dtype=np.float64)
-    return jnp.asarray(x), jnp.asarray(y)
 
 
 def _reference(params, x, y, steps, batch=16):
@@ -54,10 +51,6 @@ def _ce_direct(params, x, y):
     return -np.mean(logp[np.arange(len(y)), y]), np.mean(np.argmax(z, 1) == y)
 
 
-def _allclose(a, b):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-12), a, b)
-
-
 @pytest.mark.parametrize("grad", ["autodiff", "manual", "function"])
 def test_fit_matches_a_plain_optax_loop(grad, key):
     """shuffle=False: the same batches (16, 16, 16, then the partial 2) in the same order.
@@ -66,14 +59,14 @@ def test_fit_matches_a_plain_optax_loop(grad, key):
     if grad == "function":
         vg = backprop.value_and_grad(MODEL, CE)
         grad = lambda *a, **k: calls.append(1) or vg(*a, **k)
-    x, y = _xor()
+    x, y = xor_data(50)
     params, _, _ = MODEL.init(key, (16, 2))
     result = train.fit(MODEL, CE, SGD, (x, y), epochs=2, batch_size=16,
                        train_state=train.create_train_state(MODEL, SGD, key, (16, 2),
                                                             params=params),
                        step=train.Step(grad=grad), loop=train.Loop(shuffle=False, progress=False))
     want, seen = _reference(params, x, y, 8)
-    _allclose(result.train_state.params, want)
+    assert_trees_close(result.train_state.params, want, rtol=1e-10, atol=1e-12)
     assert int(result.train_state.step) == 8
     assert bool(calls) == callable(grad)                 # the function was traced and used
     expect = [sum(v * n for v, n in part) / 50 for part in (seen[:4], seen[4:])]
@@ -81,7 +74,7 @@ def test_fit_matches_a_plain_optax_loop(grad, key):
 
 
 def test_fit_lowers_loss_and_history_is_consistent(key, capsys):
-    (x, y), (xv, yv) = _xor(64), _xor(64, seed=1)
+    (x, y), (xv, yv) = xor_data(64), xor_data(64, seed=1)
     result = train.fit(MODEL, CE, ADAM, (x, y), epochs=12, batch_size=16, val_data=(xv, yv),
                        key=key, step=train.Step(grad_norm=True), loop=train.Loop(progress="lines"))
     h = result.history
@@ -104,7 +97,7 @@ def test_frozen_params_history_and_callbacks(key, capsys):
     """With a zero learning rate each epoch's mean loss is the whole set's loss (shuffled
     batches of 16, 16, 16, 2 weighted by size), and evaluate() agrees; a callback sees each
     epoch and stops the run by returning True; progress="auto" is silent off a terminal."""
-    x, y = _xor()
+    x, y = xor_data(50)
     seen = []
     cb = lambda epoch, ts, logs: seen.append((epoch, int(ts.step))) or epoch == 2
     result = train.fit(MODEL, CE, optax.sgd(0.0), (x, y), epochs=5, batch_size=16, key=key,
@@ -132,7 +125,7 @@ def _counting(loss):
 def test_second_epoch_does_not_recompile_and_step_guard(key):
     """The loss runs only while JAX traces: its call count must not grow after epoch 1, nor
     after the first make_step call. A poisoned batch leaves the step's state unchanged."""
-    x, y = _xor()
+    x, y = xor_data(50)
     loss, calls = _counting(CE)
     after = {}
     cb = lambda epoch, ts, logs: after.setdefault(epoch, len(calls)) and None
@@ -146,7 +139,7 @@ def test_second_epoch_does_not_recompile_and_step_guard(key):
         assert bool(m.finite)
     new, m = step(ts, (x[:16].at[0, 0].set(jnp.inf), y[:16]))
     assert len(calls) == before + 1 and int(ts.step) == 3 and not bool(m.finite)
-    jax.tree.map(np.testing.assert_array_equal, new, ts)
+    assert_trees_close(new, ts, rtol=0, atol=0)
 
 
 def test_lr_find_sweeps_until_divergence(key, tmp_path):
@@ -168,7 +161,7 @@ def test_lr_find_sweeps_until_divergence(key, tmp_path):
 
 
 def test_errors_name_the_problem(key):
-    x, y = _xor(16)
+    x, y = xor_data(16)
     fit = lambda *a, **k: train.fit(MODEL, CE, SGD, *a, **{"epochs": 1, "batch_size": 4, **k})
     with pytest.raises(ValueError, match="pass key="):
         fit((x, y))
