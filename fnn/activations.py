@@ -25,7 +25,7 @@ __all__ = [
     "step", "identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu",
     "gelu_tanh", "quick_gelu", "swish", "silu", "softplus", "softmax", "log_softmax", "prelu",
     "Activation", "Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "QuickGelu",
-    "Swish", "Softplus", "Softmax", "LogSoftmax", "PRelu",
+    "Swish", "Softplus", "Softmax", "LogSoftmax", "PRelu", "check_activation",
 ]
 
 
@@ -220,9 +220,11 @@ def prelu(z, alpha):
 
 # --------------------------------------------------------------------------- layer forms
 
-def _with_vjp(fn, where: str):
+def check_activation(fn, where: str):
     """``fn`` if it carries the hand-derived ``.vjp(z, dy)`` an fnn backward needs, else a
-    ``TypeError`` naming ``where``, what is missing and the ways to supply it."""
+    ``TypeError`` naming ``where`` (the layer taking ``activation=``), what is missing and the
+    ways to supply it. ``MLP``, ``GatedMLP``, ``TransformerBlock``, ``GPT`` and ``Activation``
+    call it when they are built."""
     if callable(fn) and callable(getattr(fn, "vjp", None)):
         return fn
     what = getattr(fn, "__name__", None) or repr(fn)
@@ -238,7 +240,7 @@ def Activation(fn, name: str | None = None, **fn_kwargs) -> Layer:
 
     Backward: ``dx = fn.vjp(x, dy)``; a function without ``.vjp`` raises ``TypeError``.
     """
-    _with_vjp(fn, "Activation")
+    check_activation(fn, "Activation")
     name = name or getattr(fn, "__name__", "activation")
 
     def init(key, input_shape):

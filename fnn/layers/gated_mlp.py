@@ -66,7 +66,7 @@ def GatedMLP(hidden_features: int, out_features: int | None = None, *, activatio
     for what, n in (("hidden_features", hidden_features), ("out_features", out_features or 1)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"GatedMLP: {what} must be a positive int, got {n!r}")
-    activation = acts._with_vjp(activation, "GatedMLP")
+    activation = acts.check_activation(activation, "GatedMLP")
     name = f"GatedMLP({hidden_features})"
     w_init = w_init or inits.glorot_uniform()
 

@@ -66,7 +66,7 @@ def MLP(hidden_features: int, out_features: int | None = None, *, activation=act
     for what, n in (("hidden_features", hidden_features), ("out_features", out_features or 1)):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"MLP: {what} must be a positive int, got {n!r}")
-    acts._with_vjp(activation, "MLP")
+    acts.check_activation(activation, "MLP")
     name = f"MLP({hidden_features})"
     w_init = w_init or inits.glorot_uniform()
 
@@ -153,7 +153,7 @@ def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
     """
     if norm not in ("pre", "post"):
         raise ValueError(f"TransformerBlock: norm must be 'pre' or 'post', got {norm!r}")
-    acts._with_vjp(activation, "TransformerBlock")
+    acts.check_activation(activation, "TransformerBlock")
     mha = MultiHeadAttention(num_heads, head_dim, num_kv_heads, dropout=dropout,
                              use_bias=use_bias, causal=causal, rope=rope, rope_base=rope_base,
                              chunk_size=chunk_size)
