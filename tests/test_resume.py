@@ -1,6 +1,8 @@
 """Resume after a crash: a training process killed with SIGKILL mid-save and mid-epoch, then
 resumed, ends with the same bytes as a run never interrupted (params, optimizer state, key,
-history, early stopping's best params and a reduce-on-plateau callback's state included)."""
+history, early stopping's best params and a reduce-on-plateau callback's state included); and
+a run crashed between its callbacks and the backup resumes every callback's state (the CSV log,
+the best and last-N checkpoints)."""
 import csv
 import json
 import os
@@ -66,8 +68,7 @@ CHILD = RUN + textwrap.dedent("""
             return out
         loops.memory_launch = memory_launch
     result = run(directory)
-    from fnn import checkpoint, data, losses, optim, train
-from fnn.layers import Dense, Tanh, serial
+    from fnn import checkpoint
     checkpoint.save(out, result.train_state, metadata={"history": __import__("json").dumps(
         {k: v for k, v in result.history.items() if k != "time"})})
 """)
