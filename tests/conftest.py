@@ -28,6 +28,9 @@ def _fast_compile():
 
 
 _fast_compile()
+# The fnn command turns JAX's persistent compilation cache on; the suite's in-process and child
+# CLI runs leave it off (a process-wide setting, and no files in the user's cache directory).
+os.environ.setdefault("FNN_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

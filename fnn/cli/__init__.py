@@ -138,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
                          "backend is the CPU); see docs/scaling.md")
     tr.add_argument("--resume", action="store_true", help="continue training from the "
                     "backup in OUT/ckpt (fit's callbacks=[BackupAndRestore(OUT/ckpt)])")
+    tr.add_argument("--no-compile-cache", action="store_true",
+                    help="do not use the persistent compilation cache (default: on, in "
+                         "$FNN_CACHE_DIR or ~/.cache/fnn/jax; FNN_COMPILE_CACHE=off also "
+                         "turns it off); see fnn.compilation")
     gc = sub.add_parser("gradcheck", help="check a task's hand-derived gradient against "
                         "autodiff and finite differences (float64)")
     gc.add_argument("name")
@@ -173,8 +177,11 @@ def cmd_train(args) -> int:
     task = _task(args.name)
     if task is None:
         return 2
+    from fnn import compilation
+    if not args.no_compile_cache and os.environ.get("FNN_COMPILE_CACHE", "").lower() != "off":
+        compilation.enable_cache()
     t0 = time.perf_counter()
-    with _devices(args.devices):
+    with _devices(args.devices), compilation.CompileTimer() as compiled:
         writer = jax.process_index() == 0    # several processes: process 0 speaks and writes
         metrics = task.train(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              seed=args.seed, out=args.out, quiet=args.quiet or not writer,
@@ -183,8 +190,10 @@ def cmd_train(args) -> int:
         return 0
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in metrics.items())
-    print(f"{task.name}: {shown} ({time.perf_counter() - t0:.1f} s); checkpoint and plots "
-          f"in {args.out}/")
+    hits = f", {compiled.cache_hits} of {compiled.compiles} from the cache" \
+        if compiled.cache_hits else ""
+    print(f"{task.name}: {shown} ({time.perf_counter() - t0:.1f} s, of which compiling "
+          f"{compiled.seconds:.1f} s{hits}); checkpoint and plots in {args.out}/")
     print(json.dumps({"task": task.name, **metrics}))
     return 0
 
