@@ -195,6 +195,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     else:
         first = unpack(train_data, "fit: train_data")           # checked on the host, as given
         data, n = as_data(train_data, "fit: train_data")
+        if n == 0:
+            raise ValueError("fit: train_data has 0 examples")
         x0, shape_batch = data[0], min(batch_size, n)
     if loop.check_data:
         check = make_data_check(model, loss, input_shape(x0, shape_batch))
@@ -241,6 +243,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
                           get if stream else (jax.device_get if on is None else to_host))
     elif val_data is not None:
         vdata, vn = as_data(val_data, "fit: val_data")
+        if vn == 0:
+            raise ValueError("fit: val_data has 0 examples")
         if on is not None:
             vdata = _replicate(on)(vdata)
         if check:
