@@ -52,3 +52,51 @@ def test_a_dict_or_python_lists_get_one_line_saying_what_to_pass(where):
     # a tuple of arrays as x (a model with two inputs) is data, not a list of numbers
     from fnn.train._batches import unpack
     assert len(unpack(((x, x), y), "fit: train_data")[0]) == 2
+
+
+def test_reduce_lr_on_plateau_needs_a_rate_it_can_change_and_says_so_at_the_start():
+    """Before: a plain optax optimizer trained until the first plateau, then the run was lost to
+    'learning_rate: this optimizer state holds no learning rate'. Now no epoch runs."""
+    import jax
+    x, y = xor_data(32)
+    ran = []
+    kw = dict(epochs=3, batch_size=16, key=jax.random.PRNGKey(0), loop=QUIET, val_data=(x, y))
+    plateau = train.ReduceLROnPlateau(patience=1)
+    with pytest.raises(ValueError, match=r"^fit: ReduceLROnPlateau needs a learning rate it can "
+                                         r"change.*optax\.adam\(0\.3\).* optax\.inject_hyperparams"
+                                         r"\(optax\.adam\)\(learning_rate=0\.3\), or "
+                                         r"fnn\.optim\.adam\(0\.3\)$"):
+        train.fit(MODEL, CE, optax.adam(0.3), (x, y),
+                  callbacks=[lambda e, ts, logs: ran.append(e), plateau], **kw)
+    with pytest.raises(ValueError, match=r"^fit: ReduceLROnPlateau cannot change this "
+                                         r"optimizer's rate: .*comes from a schedule"):
+        train.fit(MODEL, CE, optim.adam(optim.schedules.linear(0.3, 0.0, 10)), (x, y),
+                  callbacks=[lambda e, ts, logs: ran.append(e), plateau], **kw)
+    assert ran == []
+    # the adjustable forms named in the message train, the rate in the history
+    for opt in (optax.inject_hyperparams(optax.adam)(learning_rate=0.3), optim.adam(0.3)):
+        res = train.fit(MODEL, CE, opt, (x, y), callbacks=[train.ReduceLROnPlateau(patience=1)],
+                        **kw)
+        assert res.history["lr"][0] == pytest.approx(0.3)
+
+
+def test_a_plain_optax_optimizer_warns_once_that_the_lr_column_is_nan():
+    import warnings
+
+    import jax
+    x, y = xor_data(32)
+    kw = dict(epochs=2, batch_size=16, key=jax.random.PRNGKey(0), loop=QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = train.fit(MODEL, CE, optax.sgd(0.1), (x, y), **kw)
+    said = [w for w in caught if "lr" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, UserWarning)
+    assert re.search(r"holds no learning rate .* the history's lr is NaN; to have it recorded, "
+                     r".*inject_hyperparams", str(said[0].message))
+    assert said[0].filename == __file__               # points at the caller's fit(...) line
+    assert len(res.history["lr"]) == 2 and all(np.isnan(res.history["lr"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw)
+    assert not [w for w in caught if "learning rate" in str(w.message)]
+    assert res.history["lr"] == [pytest.approx(0.1)] * 2

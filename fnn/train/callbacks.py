@@ -123,7 +123,7 @@ class ReduceLROnPlateau(Callback):
     ``min_delta`` for ``patience`` epochs, then wait ``cooldown`` epochs; never below
     ``min_lr``. The rate is optimizer state (:func:`fnn.optim.set_learning_rate`), so the
     compiled epoch is not recompiled. Needs a constant-rate fnn optimizer or an
-    ``optax.inject_hyperparams`` one."""
+    ``optax.inject_hyperparams`` one (``fit`` refuses any other before the first epoch)."""
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 5,
                  min_delta: float = 0.0, cooldown: int = 0, min_lr: float = 0.0):

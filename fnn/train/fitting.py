@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn.optim import learning_rate, set_learning_rate
+from fnn.optim.rates import rate_nodes
 from fnn.precision import loss_scaling, mixed_precision, policy
 from fnn.sharding.distribution import Distribution
 from fnn.sharding.mesh import current_mesh
 from fnn.train import resume as backup_file
 from fnn.train._batches import as_data, input_shape, unpack
 from fnn.train._removed import refuse_removed
-from fnn.train.callbacks import EarlyStopping
+from fnn.train.callbacks import EarlyStopping, ReduceLROnPlateau
 from fnn.train.data_checks import make_data_check
 from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
                                    stream_on_mesh, to_host)
@@ -117,6 +119,33 @@ def _with_precision(model, optimizer, precision, grad):
                                        else optimizer)
 
 
+_ADJUSTABLE = ("build the optimizer with its rate in its state: "
+               "optax.inject_hyperparams(optax.adam)(learning_rate=0.3), or fnn.optim.adam(0.3)")
+
+
+def _check_rate(opt_state, callbacks):
+    """Refuse a :class:`ReduceLROnPlateau` that could not change the rate (before training,
+    not at the first plateau); warn that the history's ``lr`` is NaN when the state holds no
+    rate."""
+    if not rate_nodes(opt_state):
+        if any(isinstance(cb, ReduceLROnPlateau) for cb in callbacks):
+            raise ValueError("fit: ReduceLROnPlateau needs a learning rate it can change, and "
+                             "this optimizer's state holds none (a plain optax optimizer such "
+                             f"as optax.adam(0.3) keeps it in a closure); {_ADJUSTABLE}")
+        if is_writer():
+            warnings.warn("fit: this optimizer's state holds no learning rate (a plain optax "
+                          "optimizer), so the history's lr is NaN; to have it recorded, "
+                          + _ADJUSTABLE, UserWarning, stacklevel=4)
+        return
+    for cb in callbacks:
+        if isinstance(cb, ReduceLROnPlateau):
+            try:
+                set_learning_rate(opt_state, learning_rate(opt_state))
+            except ValueError as e:
+                raise ValueError(f"fit: ReduceLROnPlateau cannot change this optimizer's "
+                                 f"rate: {e}") from None
+
+
 def _split_callbacks(callbacks):
     callbacks = tuple(callbacks)
     backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
@@ -144,7 +173,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
 
     **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair (fnn's keep the
     learning rate in their state: the history's ``lr`` reads it, and optimizers equal but for
-    the rate share one compiled epoch). Start from ``key`` (``model.init``) or from
+    the rate share one compiled epoch; a plain optax one's ``lr`` is NaN, said in one warning,
+    and :class:`~fnn.train.ReduceLROnPlateau` is refused with it before training). Start from ``key`` (``model.init``) or from
     ``train_state`` (:func:`create_train_state`, e.g. with given params). ``metrics``:
     ``"auto"`` (accuracy for a classification loss), ``()``, or a list of names
     (``"accuracy"``, ``"top5_accuracy"``, ``"mean_absolute_error"``, ``"macro_f1"``),
@@ -206,6 +236,7 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         if key is None:
             raise ValueError("fit: pass key= (a jax.random key) or train_state=")
         train_state = create_train_state(model, optimizer, key, input_shape(x0, shape_batch))
+    _check_rate(train_state.opt_state, callbacks)
     on = on_mesh(distribution, train_state) if distribution is not None else None
     if on is not None:
         train_state = on.place_state(train_state)
