@@ -86,9 +86,8 @@ def _nonfinite_message(epoch, bad, start):
              "(lower the learning rate, clip the gradients)") if bad.inputs_finite else \
         ("the inputs of that batch hold NaN or Inf: a data problem, not the model")
     kept = "keeping the state from before that step" if bad.params_finite else (
-        "but the parameters were already non-finite before it (a non-finite gradient or "
-        "update with a finite loss, in an earlier epoch or, with grad_norm=True, an earlier "
-        "step; fit(step=Step(grad_norm=True)) stops at a non-finite gradient)")
+        "but the parameters were already non-finite before it (an update that overflowed "
+        "with a finite loss and gradient, or a train state given with non-finite values)")
     return (f"fit: non-finite loss or gradient at epoch {epoch}, step {bad.step} (update "
             f"{bad.step - start + 1} of the epoch); {cause}; training stopped, {kept}")
 
@@ -193,8 +192,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     calls ``fit`` alike, process 0 alone writes progress and backups, and each gets the final
     train state whole (see ``docs/scaling.md``).
 
-    NaN/Inf guard: the epoch stops before the first step whose loss (and, with
-    ``Step(grad_norm=True)``, gradient norm) is not finite and keeps the last finite state;
+    NaN/Inf guard: the epoch stops before the first step whose loss or gradient is not finite
+    (a NaN gradient with a finite loss included) and keeps the last finite state;
     ``fit`` warns (or raises, ``Loop(on_nonfinite="raise")``) naming the epoch, the step and
     whether that batch's inputs were finite.
 

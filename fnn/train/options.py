@@ -32,7 +32,7 @@ class Step:
     - ``augment``: ``fn(key, x, target) -> (x, target)``, jittable, applied to each training
       batch inside the step with ``key = fold_in(train_state.key, train_state.step)``.
     - ``grad_norm``: the mean gradient norm per epoch in the history (one more pass over the
-      gradients per step), and a non-finite gradient stops training too.
+      gradients per step). A non-finite gradient stops training either way.
     """
 
     grad: str | Callable = "autodiff"
