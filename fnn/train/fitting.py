@@ -173,8 +173,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair (fnn's keep the
     learning rate in their state: the history's ``lr`` reads it, and optimizers equal but for
     the rate share one compiled epoch; a plain optax one's ``lr`` is NaN, said in one warning,
-    and :class:`~fnn.train.ReduceLROnPlateau` is refused with it before training). Start from ``key`` (``model.init``) or from
-    ``train_state`` (:func:`create_train_state`, e.g. with given params). ``metrics``:
+    and :class:`~fnn.train.ReduceLROnPlateau` is refused with it before training). Start from
+    ``key`` (``model.init``) or from ``train_state`` (:func:`create_train_state`, e.g. with given params). ``metrics``:
     ``"auto"`` (accuracy for a classification loss), ``()``, or a list of names
     (``"accuracy"``, ``"top5_accuracy"``, ``"mean_absolute_error"``, ``"macro_f1"``),
     functions or :class:`~fnn.train.Metric` s, computed inside the compiled epoch.
