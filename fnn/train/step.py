@@ -152,7 +152,7 @@ def step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None
 
     ``update`` is the optimizer's ``update``; ``metrics`` a tuple of
     :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss and the gradient (its norm
-    when ``grad_norm``, else :func:`all_finite`), so a NaN gradient with a finite loss (e.g.
+    when ``grad_norm``, else ``all_finite``), so a NaN gradient with a finite loss (e.g.
     through a ReLU, which maps NaN to 0) is seen in the step it appears."""
     vg = _grad_fn(model, loss, grad, regularizer, bool(metrics))
     stochastic = getattr(model, "stochastic", True)
@@ -193,7 +193,7 @@ def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accu
     ``optimizer.update``, ``params + updates``. With ``guard`` a non-finite loss or gradient
     leaves the state unchanged (``metrics.finite`` is then ``False``). ``grad_norm=False``
     skips the global gradient norm (NaN in the metrics); a non-finite gradient is then found by
-    :func:`all_finite`. Any optax-shaped ``(init, update)`` optimizer
+    ``all_finite``. Any optax-shaped ``(init, update)`` optimizer
     works.
     """
     acc = accuracy_fn(loss, accuracy)
