@@ -153,3 +153,58 @@ def test_early_stopping_takes_a_rule_and_refuses_two(key):
     with pytest.raises(ValueError, match="more than one EarlyStopping"):
         train.fit(MODEL, CE, optim.adam(0.05), (x, y),
                   callbacks=[train.EarlyStopping(2), train.EarlyStopping(3)], **kw)
+
+
+def _torch_plateau(values, lr, factor, patience, cooldown):
+    """PyTorch's ``ReduceLROnPlateau.step`` (mode min, threshold 0 absolute), written out: the
+    rate after each epoch. PyTorch cuts when the bad epochs exceed its patience, so fnn's
+    ``patience=p`` is PyTorch's ``p - 1``; its cooldown counts every epoch after a cut,
+    improving or not, and bad epochs in it do not count."""
+    best, bad, cool, out = np.inf, 0, 0, []
+    for v in values:
+        if v < best:
+            best, bad = v, 0
+        else:
+            bad += 1
+        if cool > 0:
+            cool, bad = cool - 1, 0
+        if bad > patience - 1:
+            lr, cool, bad = lr * factor, cooldown, 0
+        out.append(lr)
+    return out
+
+
+@pytest.mark.parametrize("cooldown", [1, 2, 3])
+def test_reduce_lr_on_plateau_waits_cooldown_epochs_after_a_cut(cooldown, key):
+    """patience=1: every non-improving epoch would cut the rate, except the ``cooldown`` epochs
+    after a cut, improving ones among them (epoch 9 improves inside a cooldown for each k)."""
+    ts = train.create_train_state(Dense(2), optim.sgd(1.0), key, (1, 2))
+    values = [1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    plateau = train.ReduceLROnPlateau(factor=0.5, patience=1, cooldown=cooldown)
+    got = []
+    for epoch, v in enumerate(values, 1):
+        out = plateau(epoch, ts, {"val_loss": v})
+        ts = out if out is not None else ts
+        got.append(float(optim.learning_rate(ts.opt_state)))
+    cuts = [e for e in range(2, len(got) + 1) if got[e - 1] < got[e - 2]]
+    assert cuts[0] == 2 and len(cuts) >= 3
+    for a, b in zip(cuts, cuts[1:]):          # no cut in the cooldown epochs after a cut...
+        assert b - a > cooldown, (cooldown, cuts)
+    assert got == _torch_plateau(values, 1.0, 0.5, 1, cooldown)     # ...and none later
+
+
+def test_model_checkpoint_keeps_the_earlier_best_on_a_tie(key, tmp_path):
+    """A later epoch that only equals the best so far (minimised or maximised) is not a new
+    best: best.safetensors keeps the earlier epoch's state and metadata."""
+    base = train.create_train_state(Dense(2), optim.sgd(1.0), key, (1, 2))
+    states = {e: base._replace(params=jax.tree.map(lambda a: a + e, base.params))
+              for e in range(1, 5)}
+    for monitor, values in (("val_loss", [1.0, 0.5, 0.5, 0.7]),
+                            ("val_accuracy", [0.5, 0.9, 0.9, 0.8])):
+        directory = tmp_path / monitor
+        ckpt = train.ModelCheckpoint(directory, monitor=monitor, keep_last=0)
+        for epoch, v in enumerate(values, 1):
+            ckpt(epoch, states[epoch], {monitor: v})
+        best = directory / "best.safetensors"
+        assert checkpoint.read_metadata(best)["epoch"] == "2", monitor
+        assert_trees_close(checkpoint.load(best, like=base), states[2], rtol=0, atol=0)

@@ -132,6 +132,28 @@ def test_truncated_and_corrupt_files_raise_clear_errors(tmp_path):
     assert open(good, "rb").read() == raw
 
 
+@pytest.mark.parametrize("extra", [b"\0", b"\0" * 8, b"PK\x03\x04 trailing junk"],
+                         ids=["1-byte", "8-bytes", "junk"])
+def test_trailing_bytes_without_a_checksum_are_refused(tmp_path, extra):
+    """A plain safetensors file (written by safetensors itself: no fnn.sha256 to catch it) with
+    bytes after the last array is corrupt: fnn.checkpoint.load and torch_weights.read_state_dict
+    (which reads safetensors files with it) both refuse it, naming the file and the sizes."""
+    from fnn import torch_weights
+    flat = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int64)}
+    path = tmp_path / "plain.safetensors"
+    safetensors_numpy.save_file(flat, path)
+    assert "fnn.sha256" not in checkpoint.read_metadata(path)
+    assert sorted(torch_weights.read_state_dict(path)) == ["b", "w"]       # the clean file reads
+    path.write_bytes(path.read_bytes() + extra)
+    data = 6 * 4 + 2 * 8
+    message = rf"plain.safetensors: corrupt file: the arrays need {data} bytes of data, the " \
+              rf"file holds {data + len(extra)}"
+    for read in (checkpoint.load, lambda p: checkpoint.load(p, like=flat),
+                 torch_weights.read_state_dict):
+        with pytest.raises(CheckpointError, match=message):
+            read(path)
+
+
 def test_mismatched_tree_lists_every_difference(tmp_path):
     path = checkpoint.save(tmp_path / "c.safetensors",
                            {"w": np.ones((2, 3)), "b": np.zeros(3), "n": np.int32(1)})

@@ -169,3 +169,40 @@ def test_nan_gradient_with_finite_loss_stops_in_the_step_it_appears(grad_norm, k
     new, m = step(ts, (x[32:48], y[32:48]))
     assert np.isfinite(m.loss) and not bool(m.finite)
     assert_trees_close(new.params, params, rtol=0, atol=0)
+
+
+def test_early_stopping_restores_the_best_epoch_when_a_later_epoch_hits_a_nan(key):
+    """Batches streamed in a fixed order; epoch 3's third batch holds a NaN. The guard stops in
+    epoch 3 at its last good state, which validates better than epochs 1-2 (a trap: it is not a
+    finished epoch); EarlyStopping(restore_best=True) hands back the best finished epoch's
+    params, bit for bit those of a clean run of that many epochs."""
+    x, y = xor_data(64)
+
+    def batches(poison):
+        def epoch_batches(epoch):
+            for i in range(0, 64, 16):
+                xb = x[i:i + 16]
+                if poison and epoch == 3 and i == 32:
+                    xb = xb.at[5, 0].set(jnp.nan)
+                yield xb, y[i:i + 16]
+        return epoch_batches
+
+    def run(poison, epochs, restore_best=True):
+        return train.fit(MODEL, CE, optax.adam(0.05), batches(poison), epochs=epochs,
+                         val_data=(x, y), key=key,
+                         callbacks=[train.EarlyStopping(100, restore_best=restore_best)],
+                         loop=train.Loop(progress=False, check_data=False))
+    with pytest.warns(RuntimeWarning, match=r"epoch 3, step 10 \(update 3 of the epoch\)"):
+        res = run(True, 6)
+    with pytest.warns(RuntimeWarning, match=r"epoch 3, step 10 \(update 3 of the epoch\)"):
+        last_good = run(True, 6, restore_best=False)
+    val = res.history["val_loss"]
+    assert len(val) == 3 and val[2] < min(val[:2])       # the partial epoch looks best
+    best = int(np.argmin(val[:2])) + 1
+    assert res.best_epoch == best
+    clean = run(False, best)
+    assert_trees_close(res.train_state.params, clean.train_state.params, rtol=0, atol=0)
+    assert int(last_good.train_state.step) == 4 * 2 + 2 == int(res.train_state.step)
+    with pytest.raises(AssertionError):                  # the control: not the last good state
+        assert_trees_close(res.train_state.params, last_good.train_state.params, rtol=0,
+                           atol=0)

@@ -71,3 +71,30 @@ def test_metrics_auto_and_explicit(key):
                                        (x, np.eye(2)[y]), **kw).history
     with pytest.raises(ValueError, match=r"metrics must be 'auto' or a sequence.*\['macro_f1'\]"):
         train.fit(MODEL, CE, optim.sgd(0.1), (x, y), metrics="macro_f1", **kw)
+
+
+def test_macro_f1_skips_a_class_absent_from_labels_and_predictions(key):
+    """fnn documents scikit-learn's default: the mean over the classes present in the labels or
+    the predictions. Class 3 is predicted but never a label: it counts (with F1 0). Class 4 of 5
+    is never a label and never predicted (its logit is pushed far down): it does not count, as in f1_score(labels=the classes seen), and the result
+    differs from f1_score(labels=range(5)), which counts it as 0."""
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((41, 3)))
+    y = jnp.asarray(rng.integers(0, 3, 41))          # class 3: predicted, never a label
+    net = Dense(5)
+    params = net.init(key, (8, 3))[0]
+    params = {**params, "b": params["b"].at[4].set(-1e3)}
+    pred = np.asarray(net.apply(params, {}, x)[0]).argmax(1)
+    yn = np.asarray(y)
+    assert 4 not in pred and 4 not in yn and 3 in pred and 3 not in yn
+    seen = np.union1d(yn, pred)
+    want = f1_score(yn, pred, average="macro", labels=seen)
+    assert want == pytest.approx(f1_score(yn, pred, average="macro"), rel=1e-15)
+    all5 = f1_score(yn, pred, average="macro", labels=range(5), zero_division=0)
+    assert abs(want - all5) > 1e-3                       # the two conventions differ here
+    got = train.evaluate(net, CE, params, {}, (x, y), batch_size=8, metrics=["macro_f1"])
+    assert got["macro_f1"] == pytest.approx(want, rel=1e-12)
+    m = train.macro_f1                                   # the Metric itself, one batch
+    assert float(m.result(m.stats(net.apply(params, {}, x)[0], y, jnp.ones(41)))) == \
+        pytest.approx(want, rel=1e-12)

@@ -98,6 +98,33 @@ def test_bfloat16_hand_backward_of_every_layer(name, i, ex, monkeypatch):
         f"{name}: hand vs float32 {tree_err(hand, ref32):.3g}, autodiff {tree_err(ref, ref32):.3g}"
 
 
+@pytest.mark.parametrize("spec,x_dtype", [("bfloat16", F32), ("bfloat16", jnp.float64),
+                                           ("float16", F32), ("float32", BF16)])
+def test_dx_comes_back_in_the_inputs_dtype(spec, x_dtype):
+    """``dx`` of a mixed-precision model has the input's dtype, not ``compute``'s: from the hand
+    path (``backward``), from autodiff of ``apply`` and from autodiff over the hand rules
+    (``backprop.custom_vjp``); its values agree with the float32 model's to compute's
+    precision."""
+    model = serial(Dense(8), LayerNorm(), Dense(3))
+    params, state, _ = model.init(K, (4, 5))
+    params = to32(params)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 5)), x_dtype)
+    dy = jnp.asarray(np.random.default_rng(6).standard_normal((4, 3)), F32)
+    mixed = mixed_precision(model, spec)
+
+    def all_three(params, x, dy):
+        hand = mixed.backward(params, state, x, dy)[1]
+        auto = REAL_VJP(lambda x: mixed.apply(params, state, x)[0], x)[1](dy)[0]
+        over = backprop.custom_vjp(mixed)
+        rules = REAL_VJP(lambda x: over.apply(params, state, x)[0], x)[1](dy)[0]
+        ref = REAL_VJP(lambda x: model.apply(params, state, x)[0], to32(x))[1](dy)[0]
+        return hand, auto, rules, ref
+    hand, auto, rules, ref = jax.jit(all_three)(params, x, dy)
+    for what, dx in (("hand", hand), ("autodiff", auto), ("custom_vjp", rules)):
+        assert dx.dtype == x.dtype, f"{spec}, {x.dtype} input: {what} dx is {dx.dtype}"
+        assert tree_err(dx, ref) < (3e-2 if spec != "float32" else 1e-2), what
+
+
 def test_normalization_statistics_stay_float32():
     """LayerNorm of bfloat16 activations with a large common offset: standardized in float32,
     so the output matches float32 to bfloat16 rounding of the output (not of the statistics)."""

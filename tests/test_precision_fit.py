@@ -88,6 +88,38 @@ def test_a_non_finite_step_is_skipped_and_the_scale_halves():
     assert float(new.loss_scale.scale) == 2.0 ** 15                    # grown after 3 good steps
 
 
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_a_skipped_step_leaves_a_stateful_optimizer_untouched(bad):
+    """Adam inside loss_scaling: two good steps make its count, mu and nu non-trivial; a
+    non-finite step leaves all three bit for bit as they were (and applies nothing); the next
+    good steps then match plain optax Adam fed the good gradients only."""
+    import optax
+    scale = 2.0 ** 4
+    opt = loss_scaling(optax.adam(0.1), initial=scale, dynamic=False)
+    params = {"w": jnp.array([1.0, -2.0, 0.5], F32)}
+    grads = [jnp.array(g, F32) for g in ([0.3, -1.0, 2.0], [0.5, 0.25, -1.5], [-0.7, 0.1, 0.2],
+                                         [0.05, -0.4, 0.9])]
+    state = opt.init(params)
+    for g in grads[:2]:
+        _, state = opt.update({"w": g * scale}, state, params)
+    before = jax.tree.map(np.array, state.inner)
+    assert int(before[0].count) == 2 and np.all(before[0].mu["w"] != 0)
+    updates, state = opt.update({"w": jnp.array([1.0, bad, 0.0], F32) * scale}, state, params)
+    assert float(jnp.max(jnp.abs(updates["w"]))) == 0.0
+    adam = state.inner[0]
+    assert int(adam.count) == 2
+    np.testing.assert_array_equal(adam.mu["w"], before[0].mu["w"])
+    np.testing.assert_array_equal(adam.nu["w"], before[0].nu["w"])
+    ref = optax.adam(0.1)
+    ref_state = ref.init(params)
+    for g in grads[:2]:
+        _, ref_state = ref.update({"w": g}, ref_state, params)
+    for g in grads[2:]:
+        want, ref_state = ref.update({"w": g}, ref_state, params)
+        got, state = opt.update({"w": g * scale}, state, params)
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+
+
 def test_the_precision_short_hand_is_the_two_combinators():
     """precision="float16" is mixed_precision(model, "float16") with loss_scaling(optimizer)
     (dynamic, from 2**15); "bfloat16" the model alone: the same bits either way."""

@@ -1,6 +1,9 @@
 """Resume after a crash: a training process killed with SIGKILL mid-save and mid-epoch, then
 resumed, ends with the same bytes as a run never interrupted (params, optimizer state, key,
-history, early stopping's best params and a reduce-on-plateau callback's state included)."""
+history, early stopping's best params and a reduce-on-plateau callback's state included); and
+a run crashed between its callbacks and the backup resumes every callback's state (the CSV log,
+the best and last-N checkpoints)."""
+import csv
 import json
 import os
 import signal
@@ -14,7 +17,8 @@ import pytest
 
 from helpers import assert_trees_close
 
-from fnn import checkpoint
+from fnn import checkpoint, data, losses, optim, train
+from fnn.layers import Dense, Tanh, serial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 8
@@ -109,3 +113,58 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_is_bit_identical(tmp_path):
     history = json.loads(checkpoint.read_metadata(tmp_path / "final.safetensors")["history"])
     assert history == {k: v for k, v in want.history.items() if k != "time"}
     assert len(set(want.history["lr"])) > 1              # the callback's state mattered
+
+
+class _Crash:
+    """Raises after epoch ``at`` (listed last: the other callbacks have run for that epoch,
+    the backup has not), like a process killed between a callback's write and the backup."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, epoch, train_state, logs):
+        if epoch == self.at:
+            raise RuntimeError(f"crash after epoch {epoch}")
+
+
+def test_resume_restores_every_callbacks_state(tmp_path):
+    """A 5-epoch run crashes in epoch 3's callbacks and is resumed by a fresh process's worth
+    of fresh callback objects: the CSV log has each epoch exactly once, and ModelCheckpoint's
+    best (an early epoch: the validation labels are flipped) and its last two files are those
+    of a run never interrupted: the backup restored the callbacks' states, not only the train
+    state."""
+    x, y = data.xor(64, noise=0.2, seed=0, dtype=np.float64)
+    model = serial(Dense(8), Tanh(), Dense(2))
+
+    def run(out, crash_at=None, backup=True):
+        cbs = [train.ModelCheckpoint(out / "ck", keep_last=2), train.CSVLogger(out / "log.csv"),
+               _Crash(crash_at)] + ([train.BackupAndRestore(out / "run")] if backup else [])
+        return train.fit(model, losses.softmax_cross_entropy_with_integer_labels,
+                         optim.adam(0.05), (x, y), epochs=5, batch_size=16, val_data=(x, 1 - y),
+                         key=jax.random.PRNGKey(3), callbacks=cbs,
+                         loop=train.Loop(progress=False))
+
+    with pytest.raises(RuntimeError, match="crash after epoch 3"):
+        run(tmp_path / "resumed", crash_at=3)
+    resumed = run(tmp_path / "resumed")
+    straight = run(tmp_path / "straight", backup=False)
+    best = int(np.argmin(straight.history["val_loss"])) + 1
+    assert best <= 2                        # the best epoch is before the crash: its state matters
+
+    def rows(out):
+        with open(out / "log.csv") as f:
+            return [{k: v for k, v in r.items() if k != "time"} for r in csv.DictReader(f)]
+    got, want = rows(tmp_path / "resumed"), rows(tmp_path / "straight")
+    assert [r["epoch"] for r in got] == ["1", "2", "3", "4", "5"]
+    assert got == want
+    files = lambda out: sorted(p.name for p in (out / "ck").iterdir())
+    assert files(tmp_path / "resumed") == files(tmp_path / "straight") == [
+        "best.safetensors", "epoch_0004.safetensors", "epoch_0005.safetensors"]
+    for name in ("best.safetensors", "epoch_0005.safetensors"):
+        a, b = (tmp_path / d / "ck" / name for d in ("resumed", "straight"))
+        assert checkpoint.read_metadata(a)["epoch"] == checkpoint.read_metadata(b)["epoch"]
+        assert_trees_close(checkpoint.load(a, like=straight.train_state),
+                           checkpoint.load(b, like=straight.train_state), rtol=0, atol=0)
+    assert checkpoint.read_metadata(tmp_path / "resumed" / "ck" / "best.safetensors")[
+        "epoch"] == str(best)
+    assert_trees_close(resumed.train_state, straight.train_state, rtol=0, atol=0)

@@ -43,6 +43,19 @@ def test_fsdp_preset_splits_largest_axis_of_large_params():
     assert got == {"big": P(None, "data"), "small": P(), "odd": P(None, None, "data")}
 
 
+def test_fsdp_preset_takes_the_later_axis_on_a_tie():
+    """Two (or three) equally large axes that the mesh axis divides: the later one is split, as
+    fsdp's docstring says; a larger earlier axis still wins over a later smaller one."""
+    params = {"square": jnp.zeros((32, 32)), "first_two": jnp.zeros((16, 16, 4)),
+              "three": jnp.zeros((8, 8, 8)), "larger_first": jnp.zeros((64, 32, 32))}
+    mesh = _mesh((1,), ("data",))
+    got = sharding.param_specs(params, mesh, sharding.fsdp(min_size=16))
+    assert got == {"square": P(None, "data"), "first_two": P(None, "data"),
+                   "three": P(None, None, "data"), "larger_first": P("data")}
+    rule = sharding.fsdp("data", min_size=16)           # the rule itself, shape by shape
+    assert rule("w", (4, 6, 6), mesh) == P(None, None, "data")
+
+
 def test_user_rules_first_match_wins_and_unmatched_replicated():
     params = {"a": {"w": jnp.zeros((4, 4))}, "b": {"w": jnp.zeros((4, 4))}}
     rules = [(r"^a/", P("model")), (r"w$", P(None, "data"))]

@@ -121,7 +121,8 @@ class CSVLogger(Callback):
 
 class ReduceLROnPlateau(Callback):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved by more than
-    ``min_delta`` for ``patience`` epochs, then wait ``cooldown`` epochs; never below
+    ``min_delta`` for ``patience`` epochs, then wait ``cooldown`` epochs (each counts, improving
+    or not, as in PyTorch); never below
     ``min_lr``. The rate is optimizer state (:func:`fnn.optim.set_learning_rate`), so the
     compiled epoch is not recompiled. Needs a constant-rate fnn optimizer or an
     ``optax.inject_hyperparams`` one (``fit`` refuses any other before the first epoch).
@@ -139,11 +140,13 @@ class ReduceLROnPlateau(Callback):
 
     def __call__(self, epoch, train_state, logs):
         value = _value("ReduceLROnPlateau", self.monitor, logs)
-        if value < self.best - self.min_delta:
+        improved = value < self.best - self.min_delta
+        if improved:
             self.best, self.wait = value, 0
-            return None
-        if self.cooling:
+        if self.cooling:                # every epoch after a cut counts, improving or not
             self.cooling -= 1
+            return None
+        if improved:
             return None
         self.wait += 1
         if self.wait < self.patience:
