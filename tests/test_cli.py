@@ -37,6 +37,21 @@ def test_train_xor_end_to_end(tmp_path, capsys):
     assert int(ts.step) == 4 and ts.params["hidden"]["w"].shape == (2, 8)
 
 
+def test_train_prints_its_epoch_lines_to_the_stream_help_names(tmp_path, capsys):
+    """--help (and docs/getting-started.md) say progress goes to stderr: every epoch's line is
+    there, and stdout holds only the summary line and the JSON line."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "progress goes to stderr" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["train", "xor", "--quick", "--epochs", "3", "--out",
+                     str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert [ln.split()[1] for ln in err.splitlines() if ln.startswith("epoch ")] == \
+        ["1/3", "2/3", "3/3"]
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and "epoch " not in out and json.loads(lines[1])["epochs"] == 3
+
+
 def test_gradcheck_passes_for_xor(capsys):
     assert cli.main(["gradcheck", "xor", "--directions", "2"]) == 0
     out = capsys.readouterr().out

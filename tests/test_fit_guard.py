@@ -67,9 +67,9 @@ def test_divergence_with_finite_inputs_blames_the_model(key):
 
 
 def test_nonfinite_gradient_with_finite_loss_keeps_the_last_finite_state(key):
-    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): without the gradient
-    norm the guard sees the NaN one step late, in the next loss; the replay backs off to the
-    last finite state, so both settings stop at update 1 with the initial parameters."""
+    """A loss whose value is finite but whose gradient is NaN (0·√(p−p)): with or without the
+    gradient norm the guard sees the NaN gradient in that step, so both settings stop at
+    update 1 with the initial parameters."""
     def poisoned(pred, target, **kw):
         return CE(pred, target, **kw) + 0.0 * jnp.sqrt(pred[0, 0] - pred[0, 0])
     x, y = xor_data(40)
@@ -135,6 +135,40 @@ def test_nan_guard_names_epoch_and_step_and_keeps_last_good_state(poisoned, key)
         with pytest.raises(FloatingPointError, match="epoch 1, step 2"):
             train.fit(MODEL, CE, SGD, (x.at[poisoned].set(jnp.nan), y), epochs=1,
                       loop=train.Loop(on_nonfinite="raise", **loop), **kw)
+
+
+def _nan_blind(pred, target, **kw):
+    """Cross-entropy of ``pred`` with NaN read as 0: a NaN example gives a finite loss (ln 2)
+    but, through ``dW = xᵀ·dpred = NaN·0``, a NaN gradient; and once the parameters are NaN every
+    later loss is ln 2 too, so a guard on the loss alone never fires."""
+    return CE(jnp.where(jnp.isnan(pred), 0.0, pred), target, **kw)
+
+
+@pytest.mark.parametrize("grad_norm", [False, True])
+def test_nan_gradient_with_finite_loss_stops_in_the_step_it_appears(grad_norm, key):
+    """Example 37 (batch 2) holds a NaN; the loss stays finite in every step. fit stops at
+    that step with plain SGD's state up to it, in memory and streamed alike; make_step's guard
+    leaves the state as it was."""
+    x, y = xor_data(64)
+    x = x.at[37].set(jnp.nan)
+    params = MODEL.init(key, (16, 2))[0]
+    loop = dict(shuffle=False, progress=False, check_data=False)
+    ref = _plain_sgd(params, x[:32], y[:32], 0.1, 1,
+                     lambda p, xb, yb, e: _nan_blind(MODEL.apply(p, STATE, xb)[0], yb))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    for data in ((x, y), lambda epoch: iter(batches)):
+        with pytest.warns(RuntimeWarning, match=r"epoch 1, step 2 \(update 3 of the epoch\); "
+                                                r"the inputs of that batch hold NaN"):
+            res = train.fit(MODEL, _nan_blind, optim.sgd(0.1), data, epochs=3, batch_size=16,
+                            train_state=_start(MODEL, optim.sgd(0.1), key, params),
+                            step=train.Step(grad_norm=grad_norm), loop=train.Loop(**loop))
+        assert int(res.train_state.step) == 2 and len(res.history["epoch"]) == 1
+        assert_trees_close(res.train_state.params, ref, rtol=1e-10, atol=1e-12)
+    step = train.make_step(MODEL, _nan_blind, optim.sgd(0.1), grad_norm=grad_norm)
+    ts = _start(MODEL, optim.sgd(0.1), key, params)
+    new, m = step(ts, (x[32:48], y[32:48]))
+    assert np.isfinite(m.loss) and not bool(m.finite)
+    assert_trees_close(new.params, params, rtol=0, atol=0)
 
 
 def test_early_stopping_restores_the_best_epoch_when_a_later_epoch_hits_a_nan(key):

@@ -89,20 +89,24 @@ def test_fit_lowers_loss_and_history_is_consistent(key, capsys):
     np.testing.assert_allclose(h["val_loss"][-1], vl, rtol=1e-9)
     np.testing.assert_allclose(h["val_accuracy"][-1], va, rtol=1e-12)
     assert result.stop_reason is None and int(ts.step) == 12 * 4
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err                   # progress lines go to stderr
     assert "epoch 12/12 loss" in out and "val_accuracy" in out
 
 
 def test_frozen_params_history_and_callbacks(key, capsys):
     """With a zero learning rate each epoch's mean loss is the whole set's loss (shuffled
     batches of 16, 16, 16, 2 weighted by size), and evaluate() agrees; a callback sees each
-    epoch and stops the run by returning True; progress="auto" is silent off a terminal."""
+    epoch and stops the run by returning True; progress="auto" off a terminal prints one line
+    per epoch and the reason to stderr, nothing to stdout."""
     x, y = xor_data(50)
     seen = []
     cb = lambda epoch, ts, logs: seen.append((epoch, int(ts.step))) or epoch == 2
     result = train.fit(MODEL, CE, optax.sgd(0.0), (x, y), epochs=5, batch_size=16, key=key,
                        callbacks=[cb], loop=train.Loop(progress="auto"))
-    assert capsys.readouterr() == ("", "")
+    out, err = capsys.readouterr()
+    assert out == "" and [ln for ln in err.splitlines() if ln.startswith(("epoch", "fit:"))] == [
+        "epoch 1/5 loss 0.6859 accuracy 0.4", "epoch 2/5 loss 0.6859 accuracy 0.4",
+        "fit: a callback stopped training after epoch 2"]
     loss, acc = _ce_direct(result.train_state.params, x, y)
     np.testing.assert_allclose(result.history["loss"], [loss, loss], rtol=1e-10)
     np.testing.assert_allclose(result.history["accuracy"], [acc, acc], rtol=1e-12)

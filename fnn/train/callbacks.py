@@ -22,6 +22,7 @@ import jax
 
 from fnn import checkpoint
 from fnn.optim import learning_rate, set_learning_rate
+from fnn.train.progress import say
 
 __all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau",
            "TimeLimit"]
@@ -124,15 +125,18 @@ class ReduceLROnPlateau(Callback):
     or not, as in PyTorch); never below
     ``min_lr``. The rate is optimizer state (:func:`fnn.optim.set_learning_rate`), so the
     compiled epoch is not recompiled. Needs a constant-rate fnn optimizer or an
-    ``optax.inject_hyperparams`` one."""
+    ``optax.inject_hyperparams`` one (``fit`` refuses any other before the first epoch).
+    ``verbose``: say each cut in one line on stderr (``ReduceLROnPlateau: epoch 7: val_loss
+    has not improved for 5 epochs; learning rate 0.001 -> 0.0001``)."""
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 5,
-                 min_delta: float = 0.0, cooldown: int = 0, min_lr: float = 0.0):
+                 min_delta: float = 0.0, cooldown: int = 0, min_lr: float = 0.0,
+                 verbose: bool = True):
         if not 0 < factor < 1:
             raise ValueError(f"ReduceLROnPlateau: factor must be in (0, 1), got {factor}")
         self.monitor, self.factor, self.patience = monitor, factor, patience
         self.min_delta, self.cooldown, self.min_lr = min_delta, cooldown, min_lr
-        self.best, self.wait, self.cooling = math.inf, 0, 0
+        self.best, self.wait, self.cooling, self.verbose = math.inf, 0, 0, verbose
 
     def __call__(self, epoch, train_state, logs):
         value = _value("ReduceLROnPlateau", self.monitor, logs)
@@ -152,6 +156,9 @@ class ReduceLROnPlateau(Callback):
         new = max(lr * self.factor, self.min_lr)
         if new >= lr:
             return None
+        if self.verbose and jax.process_index() == 0:
+            say(f"ReduceLROnPlateau: epoch {epoch}: {self.monitor} has not improved for "
+                f"{self.patience} epochs; learning rate {lr:.4g} -> {new:.4g}")
         return train_state._replace(opt_state=set_learning_rate(train_state.opt_state, new))
 
     def get_state(self):

@@ -265,6 +265,8 @@ def evaluate(model, loss, params, state, data, *, batch_size: int = 256,
     Returns ``{"loss": ..., name: ...}``.
     """
     data, n = as_data(data, "evaluate")
+    if n == 0:
+        raise ValueError("evaluate: data has 0 examples")
     ms = resolve_metrics(loss, metrics)
     lv, results = make_eval(model, loss, ms, n, min(batch_size, n))(params, state, data)
     return {"loss": float(lv), **{m.name: float(r) for m, r in zip(ms, results)}}

@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn.optim import learning_rate, set_learning_rate
+from fnn.optim.rates import rate_nodes
 from fnn.precision import loss_scaling, mixed_precision, policy
 from fnn.sharding.distribution import Distribution
 from fnn.sharding.mesh import current_mesh
 from fnn.train import resume as backup_file
 from fnn.train._batches import as_data, input_shape, unpack
 from fnn.train._removed import refuse_removed
-from fnn.train.callbacks import EarlyStopping
+from fnn.train.callbacks import EarlyStopping, ReduceLROnPlateau
 from fnn.train.data_checks import make_data_check
 from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
                                    stream_on_mesh, to_host)
@@ -84,9 +86,8 @@ def _nonfinite_message(epoch, bad, start):
              "(lower the learning rate, clip the gradients)") if bad.inputs_finite else \
         ("the inputs of that batch hold NaN or Inf: a data problem, not the model")
     kept = "keeping the state from before that step" if bad.params_finite else (
-        "but the parameters were already non-finite before it (a non-finite gradient or "
-        "update with a finite loss, in an earlier epoch or, with grad_norm=True, an earlier "
-        "step; fit(step=Step(grad_norm=True)) stops at a non-finite gradient)")
+        "but the parameters were already non-finite before it (an update that overflowed "
+        "with a finite loss and gradient, or a train state given with non-finite values)")
     return (f"fit: non-finite loss or gradient at epoch {epoch}, step {bad.step} (update "
             f"{bad.step - start + 1} of the epoch); {cause}; training stopped, {kept}")
 
@@ -117,6 +118,33 @@ def _with_precision(model, optimizer, precision, grad):
                                        else optimizer)
 
 
+_ADJUSTABLE = ("build the optimizer with its rate in its state: "
+               "optax.inject_hyperparams(optax.adam)(learning_rate=0.3), or fnn.optim.adam(0.3)")
+
+
+def _check_rate(opt_state, callbacks):
+    """Refuse a :class:`ReduceLROnPlateau` that could not change the rate (before training,
+    not at the first plateau); warn that the history's ``lr`` is NaN when the state holds no
+    rate."""
+    if not rate_nodes(opt_state):
+        if any(isinstance(cb, ReduceLROnPlateau) for cb in callbacks):
+            raise ValueError("fit: ReduceLROnPlateau needs a learning rate it can change, and "
+                             "this optimizer's state holds none (a plain optax optimizer such "
+                             f"as optax.adam(0.3) keeps it in a closure); {_ADJUSTABLE}")
+        if is_writer():
+            warnings.warn("fit: this optimizer's state holds no learning rate (a plain optax "
+                          "optimizer), so the history's lr is NaN; to have it recorded, "
+                          + _ADJUSTABLE, UserWarning, stacklevel=4)
+        return
+    for cb in callbacks:
+        if isinstance(cb, ReduceLROnPlateau):
+            try:
+                set_learning_rate(opt_state, learning_rate(opt_state))
+            except ValueError as e:
+                raise ValueError(f"fit: ReduceLROnPlateau cannot change this optimizer's "
+                                 f"rate: {e}") from None
+
+
 def _split_callbacks(callbacks):
     callbacks = tuple(callbacks)
     backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
@@ -144,8 +172,9 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
 
     **Arguments:** ``optimizer``: any optax-shaped ``(init, update)`` pair (fnn's keep the
     learning rate in their state: the history's ``lr`` reads it, and optimizers equal but for
-    the rate share one compiled epoch). Start from ``key`` (``model.init``) or from
-    ``train_state`` (:func:`create_train_state`, e.g. with given params). ``metrics``:
+    the rate share one compiled epoch; a plain optax one's ``lr`` is NaN, said in one warning,
+    and :class:`~fnn.train.ReduceLROnPlateau` is refused with it before training). Start from
+    ``key`` (``model.init``) or from ``train_state`` (:func:`create_train_state`, e.g. with given params). ``metrics``:
     ``"auto"`` (accuracy for a classification loss), ``()``, or a list of names
     (``"accuracy"``, ``"top5_accuracy"``, ``"mean_absolute_error"``, ``"macro_f1"``),
     functions or :class:`~fnn.train.Metric` s, computed inside the compiled epoch.
@@ -163,8 +192,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     calls ``fit`` alike, process 0 alone writes progress and backups, and each gets the final
     train state whole (see ``docs/scaling.md``).
 
-    NaN/Inf guard: the epoch stops before the first step whose loss (and, with
-    ``Step(grad_norm=True)``, gradient norm) is not finite and keeps the last finite state;
+    NaN/Inf guard: the epoch stops before the first step whose loss or gradient is not finite
+    (a NaN gradient with a finite loss included) and keeps the last finite state;
     ``fit`` warns (or raises, ``Loop(on_nonfinite="raise")``) naming the epoch, the step and
     whether that batch's inputs were finite.
 
@@ -195,6 +224,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     else:
         first = unpack(train_data, "fit: train_data")           # checked on the host, as given
         data, n = as_data(train_data, "fit: train_data")
+        if n == 0:
+            raise ValueError("fit: train_data has 0 examples")
         x0, shape_batch = data[0], min(batch_size, n)
     if loop.check_data:
         check = make_data_check(model, loss, input_shape(x0, shape_batch))
@@ -204,6 +235,7 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         if key is None:
             raise ValueError("fit: pass key= (a jax.random key) or train_state=")
         train_state = create_train_state(model, optimizer, key, input_shape(x0, shape_batch))
+    _check_rate(train_state.opt_state, callbacks)
     on = on_mesh(distribution, train_state) if distribution is not None else None
     if on is not None:
         train_state = on.place_state(train_state)
@@ -241,6 +273,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
                           get if stream else (jax.device_get if on is None else to_host))
     elif val_data is not None:
         vdata, vn = as_data(val_data, "fit: val_data")
+        if vn == 0:
+            raise ValueError("fit: val_data has 0 examples")
         if on is not None:
             vdata = _replicate(on)(vdata)
         if check:

@@ -52,8 +52,8 @@ def _deleted(ts) -> bool:
 
 def _replay(run, kept, data, good):
     """Replay ``good`` steps from (a copy of) ``kept``; while the state they give is not finite
-    (a non-finite gradient whose loss was finite: with ``grad_norm=False`` the guard sees it a
-    step late), one step fewer. ``(ts, flat, good)``."""
+    (an update that overflowed from a finite loss and gradient: the guard sees it a step
+    late), one step fewer. ``(ts, flat, good)``."""
     while True:
         ts, flat, _ = run(copy_state(kept), data, np.int32(good))
         if good == 0 or _finite(ts):
@@ -82,8 +82,8 @@ def memory_launch(run_epoch, sizes, ts, data, limit=None, *, keep=False, copy=Fa
     """Dispatch one in-memory epoch from ``ts`` (asynchronous) -> :class:`Launch`. ``limit``:
     the step count as an array already on the device (saves a transfer). The runner donates
     its input: ``copy`` launches from a copy (``ts`` stays readable, and is the replay's
-    source); ``keep`` keeps a copy for the replay (needed where the guard may see a non-finite
-    gradient a step late: ``grad_norm=False``)."""
+    source); ``keep`` keeps a copy for the replay (where the guard may see a non-finite state a step
+    late: an update that overflowed from a finite gradient)."""
     src = copy_state(ts) if copy else ts
     kept = ts if copy else (copy_state(ts) if keep else None)
     new, flat, nxt = run_epoch(src, data, np.int32(len(sizes)) if limit is None else limit)

@@ -32,7 +32,7 @@ class Step:
     - ``augment``: ``fn(key, x, target) -> (x, target)``, jittable, applied to each training
       batch inside the step with ``key = fold_in(train_state.key, train_state.step)``.
     - ``grad_norm``: the mean gradient norm per epoch in the history (one more pass over the
-      gradients per step), and a non-finite gradient stops training too.
+      gradients per step). A non-finite gradient stops training either way.
     """
 
     grad: str | Callable = "autodiff"
@@ -59,7 +59,9 @@ class Loop:
     - ``shuffle``: reshuffle in-memory data each epoch (with a key split from the train key).
     - ``drop_last``: leave out the partial last batch of in-memory data (else it runs as a
       real smaller batch).
-    - ``progress``: ``"auto"`` (a tqdm bar on a terminal), ``True``, ``"lines"``, ``False``.
+    - ``progress``, on stderr: ``"auto"`` (a tqdm bar when stderr is a terminal, else one
+      plain line per epoch), ``True`` (the bar), ``"lines"`` (one line per epoch, every
+      epoch), ``False`` (nothing).
     - ``on_nonfinite``: ``"stop"`` (warn and return the last finite state) or ``"raise"``
       (``FloatingPointError``); the message says whether that batch's inputs were finite.
     - ``check_data``: before training (each streamed batch as it comes, on the host), refuse

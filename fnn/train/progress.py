@@ -1,51 +1,61 @@
-"""Progress display for :func:`fnn.train.fit`: a tqdm bar on a terminal, or printed lines."""
+"""Progress display for :func:`fnn.train.fit`, on stderr: a tqdm bar on a terminal, else one
+plain line per epoch (a log file, a pipe, CI: Keras' ``verbose=2``)."""
 from __future__ import annotations
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "say"]
 
 import math
 import sys
 
 
+def say(text: str):
+    """Print one line to stderr above a live tqdm bar (redrawn below it), or plainly."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(text, file=sys.stderr, flush=True)
+    else:
+        tqdm.write(text, file=sys.stderr)
+        sys.stderr.flush()
+
+
+def _terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class Progress:
-    """A tqdm bar over epochs with the latest metrics (``"auto"``: only on a terminal), or
-    printed lines (``"lines"``: the first and last epoch and every tenth of the run), or
-    nothing. ``close(reason)`` reports why training stopped early."""
+    """What ``fit`` shows after each epoch, on stderr. ``progress``: ``"auto"`` (a tqdm bar
+    when stderr is a terminal, else lines), ``True`` (the bar; lines without tqdm),
+    ``"lines"`` (one line per epoch, every epoch: ``epoch 3/20 loss 0.41 ...``) or ``False``
+    (nothing). ``close(reason)`` prints why training stopped early."""
 
     def __init__(self, progress, epochs, initial=0):
-        self.bar, self.lines, self.epochs, self.pending = None, progress == "lines", epochs, None
-        if progress and not self.lines:
+        if progress == "auto":
+            progress = True if _terminal() else "lines"
+        self.bar, self.lines, self.epochs = None, progress == "lines", epochs
+        if progress is True:
             try:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=epochs, initial=initial, unit="epoch", desc="fit",
-                                file=sys.stderr, disable=None if progress == "auto" else False)
+                                file=sys.stderr, disable=False)
             except ImportError:
-                self.lines = progress is True
+                self.lines = True
 
     def update(self, logs):
         if self.bar is None and not self.lines:
             return
         shown = {k: f"{v:.4g}" for k, v in logs.items()
                  if k not in ("epoch", "time") and not (isinstance(v, float) and math.isnan(v))}
-        line = f"epoch {logs['epoch']}/{self.epochs} " + " ".join(f"{k} {v}"
-                                                                 for k, v in shown.items())
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
-        elif self.lines:
-            e = logs["epoch"]
-            self.pending = line
-            if e in (1, self.epochs) or e % max(1, self.epochs // 10) == 0:
-                print(line, flush=True)
-                self.pending = None
+        else:
+            print(f"epoch {logs['epoch']}/{self.epochs} " + " ".join(
+                f"{k} {v}" for k, v in shown.items()), file=sys.stderr, flush=True)
 
     def close(self, reason=None):
         if self.bar is not None:
-            shown = not self.bar.disable             # tqdm's close() sets disable: read it first
             self.bar.close()
-            if reason and shown:
-                print(reason, file=sys.stderr, flush=True)
-        elif self.lines:
-            for text in (self.pending, reason):
-                if text:
-                    print(text, flush=True)
+        if reason and (self.bar is not None or self.lines):
+            print(reason, file=sys.stderr, flush=True)

@@ -49,7 +49,7 @@ class TrainState(NamedTuple):
 class StepMetrics(NamedTuple):
     """What one train step reports: ``loss`` (the batch's data loss, before the update),
     ``accuracy`` (NaN without an accuracy function), ``grad_norm`` (global L2 norm of the
-    gradient) and ``finite`` (loss and gradient norm are finite)."""
+    gradient) and ``finite`` (loss and gradient are finite)."""
 
     loss: jax.Array
     accuracy: jax.Array
@@ -135,14 +135,25 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
                      f"got {grad!r}")
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating leaf of ``tree`` is finite (a bool scalar; one read of each
+    leaf, no arithmetic on its values, so a large finite gradient cannot overflow it)."""
+    ok = jnp.ones((), bool)
+    for a in jax.tree.leaves(tree):
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(a))
+    return ok
+
+
 def step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None,
               grad_norm=False, augment=None):
     """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepOut)`` that
     :func:`make_step`, ``fit``'s compiled epochs and :func:`fnn.train.lr_find` run.
 
     ``update`` is the optimizer's ``update``; ``metrics`` a tuple of
-    :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss, and the gradient norm
-    too when ``grad_norm``."""
+    :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss and the gradient (its norm
+    when ``grad_norm``, else ``all_finite``), so a NaN gradient with a finite loss (e.g.
+    through a ReLU, which maps NaN to 0) is seen in the step it appears."""
     vg = _grad_fn(model, loss, grad, regularizer, bool(metrics))
     stochastic = getattr(model, "stochastic", True)
 
@@ -163,8 +174,9 @@ def step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None
         size = jax.tree.leaves(x)[0].shape[0]
         w = jnp.ones((size,), jnp.result_type(float))
         stats = tuple(m.stats(pred, t, w) for m in metrics)
-        finite = jnp.isfinite(value) & (jnp.isfinite(gnorm) if grad_norm and ls is None
-                                        else True)
+        # with loss scaling the optimizer itself skips a step whose gradient overflowed
+        finite = jnp.isfinite(value) & (True if ls is not None else jnp.isfinite(gnorm)
+                                        if grad_norm else all_finite(grads))
         return new, StepOut(value, finite, gnorm, size, stats)
     return step
 
@@ -180,8 +192,8 @@ def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accu
     :func:`fnn.backprop.value_and_grad`'s result that computes the same loss),
     ``optimizer.update``, ``params + updates``. With ``guard`` a non-finite loss or gradient
     leaves the state unchanged (``metrics.finite`` is then ``False``). ``grad_norm=False``
-    skips the global gradient norm (one more pass over the gradients; NaN in the metrics) and
-    then judges finiteness by the loss alone. Any optax-shaped ``(init, update)`` optimizer
+    skips the global gradient norm (NaN in the metrics); a non-finite gradient is then found by
+    ``all_finite``. Any optax-shaped ``(init, update)`` optimizer
     works.
     """
     acc = accuracy_fn(loss, accuracy)

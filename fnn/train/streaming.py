@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -40,7 +41,8 @@ class Chunk(NamedTuple):
 
 def is_stream(data) -> bool:
     """Whether ``data`` is a stream of batches rather than in-memory ``(x, target[, kw])``."""
-    return not isinstance(data, (tuple, list)) and (callable(data) or hasattr(data, "__iter__"))
+    return not isinstance(data, (tuple, list, Mapping)) and (callable(data) or
+                                                             hasattr(data, "__iter__"))
 
 
 def epoch_batches(source, epoch: int, steps_per_epoch: int | None):
