@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_grad", "check_model", "check_layer", "numerical_grad", "GradcheckError", "GradcheckReport",
-           "LeafCheck"]
+__all__ = ["check_grad", "check_model", "check_layer", "numerical_grad", "raise_if_failed",
+           "GradcheckError", "GradcheckReport", "LeafCheck"]
 
 
 class LeafCheck(NamedTuple):
