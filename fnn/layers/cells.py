@@ -315,8 +315,7 @@ def _lstm_output(emitted):
 
 
 def _lstm_back_inputs(emitted, prevs):
-    """The reverse step's inputs: the gate pre-activations ``u``, ``tanh c'`` and the previous
-    ``c``."""
+    """The reverse step's inputs: gate pre-activations ``u``, ``tanh c'``, the previous ``c``."""
     return emitted[0], emitted[2], prevs[1]
 
 
@@ -331,9 +330,7 @@ def _lstm_step_back(k, dcarry):
     tanh²c')``; ``dz = [dc g σ'_i, dc c σ'_f, dc i sech²(u_g), dh tanh c' σ'_o]``; ``dc_prev =
     dc f``."""
     u, tc, c = k
-    a, d = jnp.tanh(u), _sech2(u)
-    ai, af, g, ao = _split(a, 4)                                 # each (B, H)
-    di, df, dg, do = _split(d, 4)
+    (ai, af, g, ao), (di, df, dg, do) = _split(jnp.tanh(u), 4), _split(_sech2(u), 4)  # (B, H)
     dh, dc = dcarry
     dc = dc + dh * (0.5 + 0.5 * ao) * (1 - tc * tc)
     dz = jnp.concatenate([dc * g * 0.25 * di, dc * c * 0.25 * df, dc * (0.5 + 0.5 * ai) * dg,
