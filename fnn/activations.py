@@ -29,6 +29,12 @@ __all__ = [
 ]
 
 
+def _keep_nan(z, g):
+    """``g`` with ``z``'s NaNs put back: a piecewise derivative chosen by ``z > 0`` would
+    otherwise turn a NaN input into a finite slope (and hide it from the backward)."""
+    return jnp.where(jnp.isnan(z), z, g)
+
+
 def _elementwise(grad):
     """Attach ``grad`` and the elementwise ``vjp`` to an activation."""
     def attach(f):
@@ -40,13 +46,14 @@ def _elementwise(grad):
 
 # --------------------------------------------------------------------------- functions
 
-@_elementwise(lambda z: jnp.zeros_like(z))
+@_elementwise(lambda z: _keep_nan(z, jnp.zeros_like(z)))
 def step(z):
-    """Heaviside step (the perceptron's threshold): ``1`` where ``z > 0`` else ``0``.
+    """Heaviside step (the perceptron's threshold): ``1`` where ``z > 0`` else ``0``; NaN stays
+    NaN (as ``jnp.heaviside``).
 
     Its derivative is zero almost everywhere, which is why the perceptron has its own rule.
     """
-    return (z > 0).astype(z.dtype)
+    return _keep_nan(z, (z > 0).astype(z.dtype))
 
 
 @_elementwise(lambda z: jnp.ones_like(z))
@@ -76,14 +83,15 @@ def tanh(z):
     return jnp.tanh(z)
 
 
-@_elementwise(lambda z: (z > 0).astype(z.dtype))
+@_elementwise(lambda z: _keep_nan(z, (z > 0).astype(z.dtype)))
 def relu(z):
     """``max(0, z)``; derivative ``1`` for ``z > 0`` and ``0`` otherwise (``0`` at ``z = 0``,
-    as in PyTorch and ``jax.nn.relu``; written as a ``where`` so autodiff agrees at 0)."""
-    return jnp.where(z > 0, z, jnp.zeros_like(z))
+    as in PyTorch and ``jax.nn.relu``; written as a ``where`` so autodiff agrees at 0).
+    ``relu(nan)`` is NaN, as ``jax.nn.relu`` and ``torch.relu``, and so is its derivative."""
+    return _keep_nan(z, jnp.where(z > 0, z, jnp.zeros_like(z)))
 
 
-@_elementwise(lambda z, alpha=0.01: jnp.where(z > 0, 1.0, alpha).astype(z.dtype))
+@_elementwise(lambda z, alpha=0.01: _keep_nan(z, jnp.where(z > 0, 1.0, alpha).astype(z.dtype)))
 def leaky_relu(z, alpha=0.01):
     """``z`` for ``z > 0``, else ``alpha·z``; derivative ``1`` or ``alpha``."""
     return jnp.where(z > 0, z, alpha * z)
@@ -206,7 +214,7 @@ log_softmax.vjp = _log_softmax_vjp
 
 
 def _prelu_grad(z, alpha):
-    return jnp.where(z > 0, 1.0, jnp.broadcast_to(alpha, z.shape)).astype(z.dtype)
+    return _keep_nan(z, jnp.where(z > 0, 1.0, jnp.broadcast_to(alpha, z.shape)).astype(z.dtype))
 
 
 @_elementwise(_prelu_grad)
@@ -366,10 +374,8 @@ def PRelu(init: float = 0.25) -> Layer:
 
     def backward(params, state, x, dy, *, key=None, train=False):
         _check(params, x)
-        neg = x <= 0
-        a = jnp.broadcast_to(params["alpha"], x.shape)
-        dx = jnp.where(neg, a * dy, dy)
-        dalpha = jnp.sum(jnp.where(neg, dy * x, 0).reshape(-1, x.shape[-1]), axis=0)
+        dx = prelu.vjp(x, dy, params["alpha"])                 # NaN in x stays NaN in dx
+        dalpha = jnp.sum(jnp.where(x > 0, 0, dy * x).reshape(-1, x.shape[-1]), axis=0)
         return {"alpha": dalpha}, dx
 
     return from_backward(init_fn, apply, backward, name="PRelu")

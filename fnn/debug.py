@@ -11,7 +11,8 @@ The checklist (``Debugging Neural Networks`` in the lesson), and what each check
 3. **Monitor gradient norms** (``"gradients"``): the hand-derived gradient of every layer at
    initialization; a layer that gets no gradient, vanishing (``< 1e-6`` of the largest) or
    exploding (``> 1e3``, or above 100 times its weights' norm) norms, ReLUs that output zero
-   for every example (dead units), and a cross-entropy far above ``log(classes)``.
+   for every example (dead units), and a cross-entropy far above ``log(classes)`` (its info
+   line shows the initial loss next to that chance level, ``ln C``).
 4. **Start simple** (``"size"``): the parameter count, and advice when it is large.
 5. **Use gradient checking** (``"backward"``): the hand-derived gradient
    (:mod:`fnn.backprop`) against ``jax.grad`` and both against central finite differences
@@ -213,16 +214,22 @@ def _dead_relus(model, params, state, x):
     return out
 
 
+def _classes(loss, model, x):
+    """``C``, the number of classes, for a cross-entropy over integer labels of one array of
+    ``C`` logits; else ``None``."""
+    if not getattr(loss, "integer_labels", False):
+        return None
+    out = output_shape(model, tuple(np.shape(x)))
+    if not out or not all(isinstance(d, (int, np.integer)) for d in out):
+        return None                                        # not one array of logits
+    return int(out[-1]) if int(out[-1]) >= 2 else None
+
+
 def _initial_loss(loss, value, params, state, x, model):
     """Cross-entropy over ``C`` classes starts near ``log C``; far above it, the initial outputs
     are confidently wrong (too large initial weights)."""
-    if not getattr(loss, "integer_labels", False):
-        return []
-    out = output_shape(model, tuple(np.shape(x)))
-    if not out or not all(isinstance(d, (int, np.integer)) for d in out):
-        return []                                          # not one array of logits
-    c = int(out[-1])
-    if c < 2 or value <= 3 * math.log(c) + 1:
+    c = _classes(loss, model, x)
+    if c is None or value <= 3 * math.log(c) + 1:
         return []
     return [Finding("gradients", "warning",
                     f"the loss at initialization, {value:.4g}, is far above log({c}) = "
@@ -259,7 +266,9 @@ def _gradients(model, loss, params, state, x, target, key):
                                f"between it and the loss"))
     order = lambda k: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in k.split("/")]
     shown = ", ".join(f"{k} {norms[k]:.2g}" for k in sorted(norms, key=order))
-    out.append(Finding("gradients", "info", f"loss at initialization {value:.4g}; gradient "
+    c = _classes(loss, model, x)
+    chance = "" if c is None else f", chance ln {c} = {math.log(c):.4g}"   # uniform guesses
+    out.append(Finding("gradients", "info", f"initial loss {value:.4g}{chance}; gradient "
                                             f"norm per layer: {shown}"))
     return out
 

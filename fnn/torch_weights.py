@@ -21,7 +21,10 @@ docstrings give the same rules). A ``Dense`` right after a ``Flatten`` of a chan
 map gets its input columns reordered from PyTorch's channels-first flattening, so a CNN whose
 input is transposed from NCHW to NHWC computes PyTorch's outputs. Every missing, unexpected or
 mis-shaped tensor (and every unused ``mapping`` entry) is reported at once in a
-:class:`StateDictError`.
+:class:`StateDictError`. fnn's ``Conv`` pads ``SAME`` by default, PyTorch's ``Conv2d`` not at all
+(``padding=0``): the weights fit either way, so when a tensor further on is mis-shaped (the
+``Linear`` after a ``Flatten``), the error adds a hint naming each such ``Conv``, its padding and
+its output shape under both paddings.
 
 >>> import numpy as np
 >>> from fnn import checkpoint
@@ -162,10 +165,47 @@ def _has_leaves(tree):
     return bool(jax.tree.leaves(tree))
 
 
+def _thaw(v):
+    """A constructor argument back from its frozen form in ``Layer.spec`` (``core._freeze``)."""
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], type):
+        t, a = v
+        if t in (list, tuple):
+            return t(_thaw(b) for b in a)
+        if t is dict:
+            return {k: _thaw(b) for k, b in a}
+        return frozenset(_thaw(b) for b in a) if t is frozenset else a
+    return getattr(v, "obj", v)
+
+
 class _Walk:
     def __init__(self, sd, mapping):
         self.sd, self.mapping = sd, dict(mapping or {})
         self.defaults, self.used, self.used_map, self.problems = {}, set(), set(), []
+        self.padded, self.hints = [], {}        # convs whose padding is not PyTorch's default
+
+    def note_padding(self, layer, shape, path):
+        """Remember a Conv/ConvTranspose whose padding is not ``VALID``: its weights load
+        whatever the padding, but its output is larger than PyTorch's ``padding=0`` one, so
+        a mis-shaped tensor further on (the ``Linear`` after a ``Flatten``) may come from it."""
+        args = {k: _thaw(v) for k, v in layer.spec[2]} if layer.spec else {}
+        if layer.kind in ("Conv", "ConvTranspose") and args.get("padding", "VALID") != "VALID":
+            self.padded.append((path, layer, tuple(shape), args))
+
+    def padding_hints(self, upto):
+        """A hint per conv remembered before a shape problem (the first ``upto``), once."""
+        from fnn import layers
+        for path, layer, shape, args in self.padded[:upto]:
+            if path in self.hints:
+                continue
+            n = len(shape) - 2
+            valid = output_shape(getattr(layers, layer.kind)(**{**args, "padding": "VALID"}),
+                                 shape)
+            self.hints[path] = (
+                f"hint: {layer.kind} {path or '<root>'!r} ({layer.name}) uses padding "
+                f"{args['padding']!r}: {shape} -> {output_shape(layer, shape)}; PyTorch's "
+                f"{layer.kind}{n}d defaults to padding=0 (VALID): -> {valid}. If the PyTorch "
+                f"layer has padding=0, build it with {layer.kind}(..., padding='VALID'); the "
+                f"mis-shaped tensor above may come from this difference")
 
     def node(self, layer, shape, pt, st, path, prefix, flat_from=None):
         if path in self.mapping:
@@ -198,6 +238,7 @@ class _Walk:
         if kind == "Bidirectional":
             return self.bidirectional(layer, shape, pt, st, path, prefix, level or 0)
         take = _Take(self, prefix, path, layer)
+        self.note_padding(layer, shape, path)
         if kind in _RECURRENT:
             return tl.recurrent(take, pt, st, shape, f"_l{level or 0}")[0], _zeros(st)
         if kind == "Dense":
@@ -221,9 +262,12 @@ class _Walk:
                         f"parameters and follows a Flatten of a channels-last feature map; "
                         f"PyTorch flattened channels-first (put it before the Flatten)")
                 flat_from = None
+            before, padded = len(self.problems), len(self.padded)
             params[name], state[name] = self.node(
                 child, shape, pt[name], st[name], _join(path, name, "/"),
                 _join(prefix, name, "."), flat_from if kind == "Dense" else None)
+            if any(p.startswith("shape:") for p in self.problems[before:]):
+                self.padding_hints(padded)
             if kind == "Dense":
                 flat_from = None
             if chained:
@@ -293,7 +337,8 @@ def load_state_dict(model, state_dict: Mapping[str, Any], input_shape, *,
                       for p in walk.mapping if p not in walk.used_map]
     if walk.problems:
         raise StateDictError(f"load_state_dict: the state_dict does not fit {model.name} "
-                             f"({len(walk.problems)} problems):\n  " + "\n  ".join(walk.problems))
+                             f"({len(walk.problems)} problems):\n  "
+                             + "\n  ".join(walk.problems + list(walk.hints.values())))
     dtype = dtype or jnp.zeros(()).dtype
     cast = lambda a, t: jnp.asarray(a, t.dtype if jnp.issubdtype(t.dtype, jnp.integer) else dtype)
     return jax.tree.map(cast, params, pt), jax.tree.map(cast, state, st)

@@ -135,3 +135,23 @@ def test_a_check_that_raises_is_reported_and_state_comes_from_init(rng):
     bn = serial(Dense(4), BatchNorm(), Relu(), Dense(3))      # params given, state from init
     params, _, _ = bn.init(jax.random.PRNGKey(0), x.shape)
     assert debug.checklist(bn, CE, (x, y), params=params, checks=("gradients",)).passed
+
+
+def test_initial_loss_is_shown_next_to_chance(rng, monkeypatch, capsys):
+    """The report (and ``fnn doctor``'s output) puts the initial loss next to ``ln C``, the
+    loss of uniform guesses over ``C`` classes: the loss is recomputed here in NumPy."""
+    from fnn import cli, tasks
+    x, y = _data(rng, classes=5)
+    model = serial(Dense(5))
+    params, state, _ = model.init(jax.random.PRNGKey(0), x.shape)
+    z = x @ np.asarray(params["0"]["w"]) + np.asarray(params["0"]["b"])
+    lse = np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1)) + z.max(1)
+    want = f"initial loss {float(np.mean(lse - z[np.arange(len(y)), y])):.4g}, chance ln 5 = 1.609;"
+    task = tasks.Task("five-classes", "5 classes", None,
+                      lambda seed=0: (model, CE, params, state, x, y))
+    monkeypatch.setitem(tasks._TASKS, "five-classes", task)
+    cli.main(["doctor", "five-classes", "--steps", "2"])
+    assert want in capsys.readouterr().out
+    mse = debug.checklist(model, losses.mse, (x, np.eye(5)[y]), params=params, state=state,
+                          overfit_steps=2)
+    assert "chance" not in " ".join(_messages(mse, "gradients", "info"))   # no classes: no ln C

@@ -330,3 +330,26 @@ def test_torch_save_checkpoint_dict_is_unwrapped(tmp_path):
     sd = read_state_dict(tmp_path / "ckpt.pth")
     assert set(sd) == {"weight", "bias"}
     np.testing.assert_array_equal(sd["bias"], module.bias.detach().numpy())
+
+
+def test_conv_padding_that_differs_from_pytorch_is_named(rng):
+    """A PyTorch ``Conv2d(3, 4, 3)`` (padding=0) read into fnn's ``Conv`` (default SAME): the
+    weights fit, the ``Linear`` after the ``Flatten`` does not; the error names the Conv, its
+    padding and both output shapes, and the VALID model loads the same state_dict."""
+    sd = {"0.weight": rng.normal(size=(4, 3, 3, 3)), "0.bias": rng.normal(size=4),
+          "3.weight": rng.normal(size=(2, 4 * 4 * 4)), "3.bias": rng.normal(size=2)}
+    same = serial(L.Conv(4, (3, 3)), L.Relu(), L.Flatten(), L.Dense(2))
+    with pytest.raises(StateDictError) as e:
+        load_state_dict(same, sd, (1, 6, 6, 3))
+    msg = str(e.value)
+    assert "1 problems" in msg and "shape: '3.weight' is (2, 64)" in msg
+    assert ("hint: Conv '0' (Conv(4, (3, 3))) uses padding 'SAME': (1, 6, 6, 3) -> (1, 6, 6, 4); "
+            "PyTorch's Conv2d defaults to padding=0 (VALID): -> (1, 4, 4, 4)") in msg
+    assert "padding='VALID'" in msg
+    valid = serial(L.Conv(4, (3, 3), padding="VALID"), L.Relu(), L.Flatten(), L.Dense(2))
+    params, _ = load_state_dict(valid, sd, (1, 6, 6, 3))
+    assert params["0"]["w"].shape == (3, 3, 3, 4)
+    sd["3.weight"] = rng.normal(size=(2, 5))                    # a genuine mismatch: no hint
+    with pytest.raises(StateDictError) as e:
+        load_state_dict(valid, sd, (1, 6, 6, 3))
+    assert "hint" not in str(e.value)

@@ -4,10 +4,12 @@ Queries and keys are cut into blocks of ``c``. The forward runs, per query block
 softmax over the key blocks (Rabe & Staats 2021; FlashAttention, Dao et al. 2022)::
 
     m' = max(m, rowmax S_ij),   l' = e^{m − m'} l + rowsum e^{S_ij − m'},
-    O' = e^{m − m'} O + e^{S_ij − m'} V_j,      finally O / l and lse = m + log l
+    O' = e^{m − m'} O + e^{S_ij − m'} V_j,      finally O / l, keeping m and l
 
 skipping blocks wholly above the causal diagonal. The backward walks the key blocks; for each it
-visits the query blocks that see it, recomputes ``P_ij = exp(S_ij − lse_i)`` and accumulates::
+visits the query blocks that see it, recomputes ``P_ij = exp(S_ij − m_i) / l_i`` (from ``m`` and
+``l``, not the log-sum-exp ``m + log l``, which in float32 rounds ``log l`` to a unit in the last
+place of ``m``: 1e-3 at logits of 1e4) and accumulates::
 
     dV_jᵀ += dO_iᵀ P_ij,   dS_ij = P_ij ⊙ (dO_i V_jᵀ − rowsum(dO_i ⊙ O_i)),
     dQ_i += scale·dS_ij K_j,   dK_jᵀ += scale·Q_iᵀ dS_ij
@@ -148,8 +150,8 @@ class Tiles:
 
 
 def chunked_forward(tl: Tiles):
-    """Online softmax per query block: returns ``O`` blocks and ``lse`` blocks (``+inf`` on
-    rows allowed no key)."""
+    """Online softmax per query block: returns ``O`` blocks and ``ml`` blocks, each row's max
+    ``m`` and ``l = Σ exp(S − m)`` side by side (``l`` 0 on a row allowed no key)."""
     b, t, h, d, s, kh, dv = tl.shape
     rows = tl.g * tl.cq
     low = jnp.finfo(tl.q.dtype).min       # m starts finite: exp(S − m) needs no isfinite guard
@@ -178,35 +180,42 @@ def chunked_forward(tl: Tiles):
         (o, m, l), _ = lax.scan(step, init, (jnp.arange(tl.nk), tl.k, tl.v))
         # l ≥ 1 on a row with an allowed key (its max contributed exp(0)); 0 on an empty row.
         # The clamp is a constant to autodiff, so ∂/∂l stays exact at l = 1.
-        lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.maximum(l, 1)))
-        return None, (o / (l + lax.stop_gradient(jnp.maximum(l, 1) - l)), lse)
+        ml = jnp.concatenate([m, l], axis=-1)
+        return None, (o / (l + lax.stop_gradient(jnp.maximum(l, 1) - l)), ml)
 
-    _, (o, lse) = lax.scan(row, None, (jnp.arange(tl.nq), tl.q))
-    return o, lse                                           # (nq,b,kh,g·cq,dv), (nq,b,kh,g·cq,1)
+    _, (o, ml) = lax.scan(row, None, (jnp.arange(tl.nq), tl.q))
+    return o, ml                                            # (nq,b,kh,g·cq,dv), (nq,b,kh,g·cq,2)
 
 
-def chunked_backward(tl: Tiles, do, o, lse):
+def chunked_backward(tl: Tiles, do, o, ml):
     """Key block by key block: ``dK_j, dV_j`` accumulate over the query blocks that see block
-    ``j``; ``dQ`` accumulates in place. Each block's ``P`` is recomputed from ``lse``."""
+    ``j``; ``dQ`` accumulates in place. Each block's ``P`` is recomputed from ``m`` and ``l``
+    (``ml``; an empty row's ``l = 0`` is read as 1, so its ``P = 0``)."""
     b, t, h, d, s, kh, dv = tl.shape
     dob = _query_blocks(do, kh, tl.nq, tl.cq)                                 # (nq,b,kh,g·cq,dv)
     dobt = _query_blocks(do, kh, tl.nq, tl.cq, last=True)                     # (nq,b,kh,dv,g·cq)
     qt = jnp.swapaxes(tl.q, -1, -2)                                           # (nq,b,kh,d,g·cq)
     delta = jnp.sum(dob * o, axis=-1, keepdims=True)        # rowsum(dO ⊙ O) = rowsum(dP ⊙ P)
+    # every row of dS sums to 0, so dQ = scale·dS (K − k̄) for any k̄ and Σ_j dK_j = 0: with the
+    # keys' mean taken out (and dK's after), a large common part of K or Q (activations offset
+    # by 100) does not turn dS's rounding into errors 100× the gradient (as it does autodiff's)
+    kbar = jnp.sum(tl.k, axis=(0, 3), keepdims=True)[0] / s                  # (b,kh,1,d)
+    m, l = ml[..., :1], jnp.maximum(ml[..., 1:], 1)
 
     def col(dq, ys):
         j, kj, vj = ys
+        kjc = kj - kbar
 
         def visit(i, carry):
             dq, dkt, dvt = carry
-            p = jnp.exp(tl.logits(tl.q[i], kj, i, j) - lse[i])               # (b,kh,g·cq,ck)
+            p = jnp.exp(tl.logits(tl.q[i], kj, i, j) - m[i]) / l[i]          # (b,kh,g·cq,ck)
             pd, keep = tl.drop(p, i, j)
             dvt = dvt + jnp.matmul(dobt[i], pd)                               # dVᵀ += dOᵀ P
             dp = jnp.matmul(dob[i], jnp.swapaxes(vj, -1, -2))                 # dP = dO Vᵀ
             if keep is not None:
                 dp = jnp.where(keep, dp / (1 - tl.rate), 0)
             ds = p * (dp - delta[i])
-            dq = dq.at[i].add(jnp.matmul(ds, kj) * tl.scale)
+            dq = dq.at[i].add(jnp.matmul(ds, kjc) * tl.scale)
             return dq, dkt + jnp.matmul(qt[i], ds), dvt                       # dKᵀ += scale·Qᵀ dS
 
         first = 0
@@ -218,4 +227,5 @@ def chunked_backward(tl: Tiles, do, o, lse):
 
     dq, (dkt, dvt) = lax.scan(col, jnp.zeros_like(tl.q), (jnp.arange(tl.nk), tl.k, tl.v))
     unk = lambda a: a.transpose(1, 0, 4, 2, 3).reshape(b, tl.nk * tl.ck, kh, a.shape[3])[:, :s]
-    return tl.untile(dq), unk(dkt), unk(dvt)
+    dk = unk(dkt)
+    return tl.untile(dq), dk - jnp.mean(dk, axis=1, keepdims=True), unk(dvt)

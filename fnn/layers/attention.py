@@ -18,11 +18,14 @@ of ``V`` there). ``bias`` is an additive constant (no gradient is returned for i
 **Chunked** (``chunk_size=c``, Rabe & Staats 2021; Dao et al. 2022): queries and keys in blocks of
 ``c``; each query block runs an online softmax over the key blocks (running max ``m``, sum ``l``,
 unnormalized output), so no ``T × S`` matrix is ever held; with ``causal=True`` blocks above the
-diagonal are skipped. Its forward keeps the output and each row's log-sum-exp as residuals; its
-backward recomputes each block's ``P = exp(S − lse)`` from them and uses
+diagonal are skipped. Its forward keeps the output and each row's max ``m`` and sum ``l`` as
+residuals; its backward recomputes each block's ``P = exp(S − m) / l`` from them (not from the
+log-sum-exp ``m + log l``, which float32 rounds to ``m``'s last place) and uses
 ``rowsum(dP ⊙ P) = rowsum(dO ⊙ O)``; memory is linear in the length. The plain form keeps the
-same (per query span), and its backward recomputes ``S`` and ``P = exp(S − lse)`` in one go:
-keeping the ``T × S`` matrix ``P`` instead was measured slower (benchmarks/RESULTS.md).
+same (per query span), and its backward recomputes ``S`` and ``P`` in one go:
+keeping the ``T × S`` matrix ``P`` instead was measured slower (benchmarks/RESULTS.md). Both
+compute ``dQ = scale·dS (K − k̄)`` and take the mean out of ``dK`` (exact: each row of ``dS``
+sums to 0), so a large common part of ``K``/``Q`` does not amplify ``dS``'s rounding.
 
 ``dot_product_attention_fwd`` → ``(out, res)`` and ``dot_product_attention_bwd(res, dout)`` →
 ``(dq, dk, dv)`` are the pair a layer's ``fwd``/``bwd`` call; ``dot_product_attention_vjp`` runs
@@ -151,22 +154,25 @@ def _drop(e, rate, key, q, k):
 
 
 def _span_fwd(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key):
-    """One query span's ``O`` (heads-last) and residuals ``(lse, keep)``: each row's
-    log-sum-exp ``m + log l`` and the dropout mask (``None`` at rate 0)."""
+    """One query span's ``O`` (heads-last) and residuals ``(m, l, keep)``: each row's max and
+    sum of ``exp(S − m)``, and the dropout mask (``None`` at rate 0). ``m`` and ``l`` rather
+    than the log-sum-exp ``m + log l``: in float32 that sum rounds ``log l`` to a unit in the
+    last place of ``m`` (1e-3 at logits of 1e4), and ``P = exp(S − lse)`` inherits the error,
+    where ``exp(S − m) / l`` is the forward's ``P`` exactly."""
     _, _, e, l, m = _exp_scores(q, k, mask5, bias5, causal, scale, q_offset, with_max=True)
     ed, keep = _drop(e, rate, key, q, k)
     o = jnp.matmul(ed, v.transpose(0, 2, 1, 3)) / l                          # O = P V
-    return _heads_last(o, q.shape[2]), (m + jnp.log(l), keep)
+    return _heads_last(o, q.shape[2]), (m, l, keep)
 
 
-def _span_bwd(q, k, v, o, do, lse, keep, mask5, bias5, causal, scale, q_offset, rate):
+def _span_bwd(q, k, v, o, do, m, l, keep, mask5, bias5, causal, scale, q_offset, rate):
     """``(dq, dk, dv)`` of one span from its residuals (``o``, ``do``: heads-last): ``S`` is
-    recomputed and ``P = exp(S − lse)`` (zero off the allowed keys and on a row allowing none,
-    whose ``lse`` is the lowest float)."""
+    recomputed and ``P = exp(S − m) / l`` (zero off the allowed keys and on a row allowing
+    none, whose ``m`` is the lowest float and ``l`` one)."""
     h, kh = q.shape[2], k.shape[2]
     qf, kf, s = _scores(q, k, mask5, bias5, causal, scale, q_offset)
     vf = v.transpose(0, 2, 1, 3)
-    p = jnp.exp(s - lse)                                                      # P
+    p = jnp.exp(s - m) / l                                                    # P
     pd = p if keep is None else jnp.where(keep, p / (1 - rate), 0)            # dropped P
     dvt = jnp.matmul(_heads_first(do, kh, last=True), pd)                     # dVᵀ = dOᵀ P
     dof = _heads_first(do, kh)
@@ -175,8 +181,12 @@ def _span_bwd(q, k, v, o, do, lse, keep, mask5, bias5, causal, scale, q_offset, 
         dp = jnp.where(keep, dp / (1 - rate), 0)
     delta = jnp.sum(dof * _heads_first(o, kh), axis=-1, keepdims=True)  # rowsum(dP ⊙ P)
     ds = p * (dp - delta)
-    dq = jnp.matmul(ds, kf) * scale
+    # every row of dS sums to 0, so dQ = scale·dS (K − k̄) for any k̄ and Σ_j dK_j = 0: with the
+    # keys' mean taken out (and dK's after), a large common part of K or Q (activations offset
+    # by 100) does not turn dS's rounding into errors 100× the gradient (as it does autodiff's)
+    dq = jnp.matmul(ds, kf - jnp.mean(kf, axis=2, keepdims=True)) * scale   # dQ = scale·dS K
     dkt = jnp.matmul(_heads_first(q * scale, kh, last=True), ds)             # dKᵀ = scale·Qᵀ dS
+    dkt = dkt - jnp.mean(dkt, axis=-1, keepdims=True)
     return _heads_last(dq, h), dkt.transpose(0, 3, 1, 2), dvt.transpose(0, 3, 1, 2)
 
 
@@ -288,8 +298,8 @@ def dot_product_attention_fwd(q, k, v, mask=None, *, causal=False, bias=None, sc
                               chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
     """``(out, res)``: :func:`dot_product_attention`'s output and the residuals its backward
     :func:`dot_product_attention_bwd` starts from — a dict of arrays: ``q, k, v``, ``o`` (the
-    output) and the log-sum-exp of each row (``spans``: per query span of the plain form, with
-    its dropout mask; ``lse``: the chunked form's blocks), from which the backward recomputes
+    output) and each row's max and sum of exponentials (``spans``: per query span of the plain
+    form, with its dropout mask; ``ml``: the chunked form's blocks), from which the backward recomputes
     ``P`` but never the forward's output. Same arguments."""
     rate, key = dropout_rate, dropout_key
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key)
@@ -300,7 +310,7 @@ def dot_product_attention_fwd(q, k, v, mask=None, *, causal=False, bias=None, sc
         out, res["spans"] = _plain_fwd(q, k, v, mask5, bias5, causal, scale, q_offset, rate, key)
     else:
         tl = Tiles(q, k, v, mask5, bias5, causal, scale, q_offset, chunk_size, rate, key)
-        o, res["lse"] = chunked_forward(tl)
+        o, res["ml"] = chunked_forward(tl)
         out = tl.untile(o)
     res["o"] = out
     return out, res
@@ -323,7 +333,7 @@ def dot_product_attention_bwd(res, dout, mask=None, *, causal=False, bias=None, 
         return _plain_bwd(q, k, v, o, dout, res["spans"], mask5, bias5, causal, scale, q_offset,
                           rate)
     tl = Tiles(q, k, v, mask5, bias5, causal, scale, q_offset, chunk_size, rate, key)
-    return chunked_backward(tl, dout, tl.tile(o), res["lse"])
+    return chunked_backward(tl, dout, tl.tile(o), res["ml"])
 
 
 def dot_product_attention_vjp(q, k, v, dout, mask=None, *, causal=False, bias=None, scale=None,

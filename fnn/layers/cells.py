@@ -294,38 +294,47 @@ def _lstm_fast(p):
 
 def _lstm_fwd_step(p, carry, xp):
     """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`).
-    Emits ``a = tanh(z/2 | z/2 | z | z/2)``, ``c'`` and ``tanh c'``."""
+    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)``, ``c'`` and ``tanh c'``: ``u``
+    rather than ``a = tanh u``, since a saturated gate's derivative ``(1 − a²)/4`` from a
+    stored ``a`` is rounding noise in float32 once ``|a|`` is within an ulp of 1 (0, or 3e-8
+    where the truth is 1e-14; ``z`` below about −18, where autodiff's ``σ(1 − σ)`` is right),
+    and ``e/(1 + e)²``, ``e = exp(−2|u|)``, is accurate on both sides."""
     h, c = carry
-    a = jnp.tanh(xp + h @ p["wh"])                               # (B, 4H)
-    i, f, g, o = _split(a, 4)
+    u = xp + h @ p["wh"]                                         # (B, 4H)
+    i, f, g, o = _split(jnp.tanh(u), 4)
     c_new = (0.5 + 0.5 * f) * c + (0.5 + 0.5 * i) * g
     tc = jnp.tanh(c_new)
     h_new = (0.5 + 0.5 * o) * tc
-    return (h_new, c_new), (a, c_new, tc)
+    return (h_new, c_new), (u, c_new, tc)
 
 
 def _lstm_output(emitted):
-    a, c, tc = emitted
-    hs = (0.5 + 0.5 * _split(a, 4)[3]) * tc
+    u, c, tc = emitted
+    hs = (0.5 + 0.5 * jnp.tanh(_split(u, 4)[3])) * tc
     return hs, (hs, c)
 
 
 def _lstm_back_inputs(emitted, prevs):
-    """The reverse step's inputs: the gate activations ``a``, ``tanh c'`` and the previous
-    ``c``."""
+    """The reverse step's inputs: gate pre-activations ``u``, ``tanh c'``, the previous ``c``."""
     return emitted[0], emitted[2], prevs[1]
 
 
+def _sech2(u):
+    """``1 − tanh²u = 4e/(1 + e)²`` with ``e = exp(−2|u|)``: no cancellation when saturated."""
+    e = jnp.exp(-2 * jnp.abs(u))
+    return 4 * e / ((1 + e) * (1 + e))
+
+
 def _lstm_step_back(k, dcarry):
-    """With ``σ = (1 + a)/2``, ``σ' = (1 - a²)/4``: ``dc ← dc + dh o (1 - tanh²c')``;
-    ``dz = [dc g σ'_i, dc c σ'_f, dc i (1 - g²), dh tanh c' σ'_o]``; ``dc_prev = dc f``."""
-    a, tc, c = k
-    ai, af, g, ao = _split(a, 4)                                 # each (B, H)
-    q = lambda u: 0.25 * (1 - u * u)
+    """With ``a = tanh u``, ``σ = (1 + a)/2``, ``σ' = sech²(u)/4``: ``dc ← dc + dh o (1 −
+    tanh²c')``; ``dz = [dc g σ'_i, dc c σ'_f, dc i sech²(u_g), dh tanh c' σ'_o]``; ``dc_prev =
+    dc f``."""
+    u, tc, c = k
+    (ai, af, g, ao), (di, df, dg, do) = _split(jnp.tanh(u), 4), _split(_sech2(u), 4)  # (B, H)
     dh, dc = dcarry
     dc = dc + dh * (0.5 + 0.5 * ao) * (1 - tc * tc)
-    dz = jnp.concatenate([dc * g * q(ai), dc * c * q(af), dc * (0.5 + 0.5 * ai) * (1 - g * g),
-                          dh * tc * q(ao)], axis=-1)             # (B, 4H)
+    dz = jnp.concatenate([dc * g * 0.25 * di, dc * c * 0.25 * df, dc * (0.5 + 0.5 * ai) * dg,
+                          dh * tc * 0.25 * do], axis=-1)         # (B, 4H)
     return dz, None, (None, dc * (0.5 + 0.5 * af))
 
 
