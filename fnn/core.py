@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn._identity import Same
+
 Shape = tuple  # (batch, ...) of ints; a layer taking several inputs gets a tuple of shapes
 PyTree = Any
 
@@ -164,21 +166,6 @@ def from_backward(init: Callable, apply: Callable, backward: Callable, *, name: 
     return Layer(init, apply, fwd, backward, name, kind, keywords, children, stochastic, meta)
 
 
-class _Same:
-    """Identity as a hashable value: equal only to a wrapper of the same object."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other):
-        return isinstance(other, _Same) and other.obj is self.obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-
 def _freeze(v):
     """A hashable stand-in for a constructor argument: equal exactly when the arguments are
     (values with their type, containers by content, layers structurally, anything else that
@@ -194,7 +181,7 @@ def _freeze(v):
     try:
         hash(v)
     except TypeError:
-        return _Same(v)
+        return Same(v)
     return (type(v), v)
 
 

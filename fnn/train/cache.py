@@ -27,25 +27,11 @@ import collections
 import functools
 import types
 
+from fnn._identity import Same
 from fnn.core import Layer
 
 _VALUES = (type(None), bool, int, str, bytes)
 _EXACT_VALUES = frozenset(_VALUES)
-
-
-class _Same:
-    """Identity: equal only to a wrapper of the same object (which it keeps alive)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other):
-        return isinstance(other, _Same) and other.obj is self.obj
-
-    def __hash__(self):
-        return id(self.obj)
 
 
 def _cells(fn, path, memo):
@@ -75,7 +61,7 @@ def _globals(fn, path, memo):
     """The globals ``fn``'s code reads: immutable values by value, the rest by identity."""
     g = fn.__globals__
     return tuple((name, fingerprint(g[name], path, memo) if isinstance(g[name], _IMMUTABLE)
-                  else _Same(g[name])) for name in _global_names(fn.__code__) if name in g)
+                  else Same(g[name])) for name in _global_names(fn.__code__) if name in g)
 
 
 def fingerprint(obj, _path=(), _memo=None):
@@ -133,7 +119,7 @@ def _fingerprint(obj, _path, memo):
     if isinstance(obj, types.MethodType):
         return (types.MethodType, fingerprint(obj.__func__, path, memo),
                 fingerprint(obj.__self__, path, memo))
-    return _Same(obj)
+    return Same(obj)
 
 
 def _ident(a):
