@@ -24,6 +24,7 @@ One concern per module:
 - ``metrics``: accuracy, top-k accuracy, mean absolute error, macro F1, your own.
 - ``callbacks``: :class:`EarlyStopping`, :class:`ModelCheckpoint`, :class:`CSVLogger`,
   :class:`ReduceLROnPlateau`, :class:`TimeLimit`.
+- ``tensorboard``: :class:`TensorBoard`, the history as TensorBoard scalars (``fnn[tensorboard]``).
 - ``resume``: :class:`BackupAndRestore`: the run's whole state saved atomically each epoch,
   and resumed from.
 - ``distributed``: ``fit`` on a :class:`fnn.sharding.Distribution`.
@@ -43,6 +44,7 @@ from fnn.train.options import Loop, Step
 from fnn.train.callbacks import (Callback, CSVLogger, EarlyStopping, ModelCheckpoint,
                                  ReduceLROnPlateau, TimeLimit)
 from fnn.train.resume import BackupAndRestore
+from fnn.train.tensorboard import TensorBoard
 from fnn.train.lr_finder import LRFindResult, lr_find
 from fnn.train.metrics import (Metric, binary_accuracy, categorical_accuracy, macro_f1,
                                mean_absolute_error, mean_metric, top_k_accuracy)
@@ -52,4 +54,4 @@ __all__ = ["TrainState", "StepMetrics", "FitResult", "LRFindResult", "create_tra
            "make_step", "fit", "Step", "Loop", "evaluate", "lr_find", "categorical_accuracy",
            "binary_accuracy", "Metric", "mean_metric", "top_k_accuracy", "mean_absolute_error",
            "macro_f1", "Callback", "EarlyStopping", "BackupAndRestore", "ModelCheckpoint",
-           "CSVLogger", "ReduceLROnPlateau", "TimeLimit"]
+           "CSVLogger", "ReduceLROnPlateau", "TimeLimit", "TensorBoard"]
