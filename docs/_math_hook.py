@@ -42,5 +42,5 @@ def math_to_mathml(text: str, where: str = "page") -> str:
     return _ARITHMATEX.sub(lambda m: _to_mathml(m, where), text)
 
 
-def on_page_content(html_text: str, page, config, files) -> str:  # noqa: ARG001 (MkDocs hook)
+def on_page_content(html_text: str, page, config, files) -> str:  # MkDocs hook
     return math_to_mathml(html_text, page.file.src_uri)

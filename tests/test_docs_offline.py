@@ -77,7 +77,7 @@ def test_the_hook_turns_arithmatex_into_mathml():
 def test_the_site_config_loads_nothing_from_another_host():
     text = (ROOT / "mkdocs.yml").read_text()
     assert "docs/_math_hook.py" in text and "font: false" in text
-    assert not re.search(r"^\s*-\s*(https?:)?//", text, re.M), "a script or stylesheet URL"
+    assert not re.search(r"^\s*-\s*(https?:)?//", text, re.MULTILINE), "a script or stylesheet URL"
 
 
 def test_no_table_in_the_docs_shows_a_backslash_before_a_bar():
