@@ -6,7 +6,7 @@ docstrings as Markdown, where those come out as literal colons, nested block quo
 paragraphs. This extension rewrites each docstring's text before it is parsed (the source files
 are untouched):
 
-- ``:math:`x``` -> ``$x$`` (arithmatex, rendered by MathJax);
+- ``:math:`x``` -> ``$x$`` (arithmatex; `_math_hook.py` turns it into MathML);
 - ``:func:`x``` (any role: func, class, mod, meth, attr, data, obj, ``~`` prefix) -> ``x``
   as inline code;
 - a paragraph ending in ``::`` -> ``:`` (reST's literal-block marker; the indented block that
