@@ -9,7 +9,7 @@ import pytest
 from fnn import losses, train
 from fnn.layers import BatchNorm, Dense, Dropout, Tanh, parallel, serial
 from fnn.precision import mixed_precision
-from fnn.train.predict import make_predict
+from fnn.train.predicting import make_predict
 
 N = 10
 

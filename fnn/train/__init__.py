@@ -17,7 +17,7 @@ One concern per module:
 - ``epoch``: an in-memory epoch as **one** jitted call (shuffle, a ``lax.while_loop`` over the
   full batches that leaves at the first non-finite loss, then the real partial batch), chunks
   of streamed steps, :func:`evaluate`. The loop carries only the sums the history reports.
-- ``predict``: :func:`predict`, batched eval-mode outputs (one program for every batch).
+- ``predicting``: :func:`predict`, batched eval-mode outputs (one program for every batch).
 - ``loops``: one epoch on the host, in memory or streamed, behind one interface; the replay
   after a non-finite step; validation.
 - ``streaming``: any iterable of batches, prefetched to the device in a background thread.
@@ -39,7 +39,7 @@ batch's inputs were finite. A NaN gradient whose loss is finite shows in the nex
 the replay then backs off to the last finite state. The replay costs only when it fires.
 """
 from fnn.train.epoch import evaluate
-from fnn.train.predict import predict
+from fnn.train.predicting import predict
 from fnn.train.fitting import FitResult, fit
 from fnn.train.options import Loop, Step
 from fnn.train.callbacks import (Callback, CSVLogger, EarlyStopping, ModelCheckpoint,

@@ -23,7 +23,7 @@ from fnn.train.metrics import resolve_metrics
 from fnn.sharding.data import shard_shuffle
 from fnn.precision import current_scale
 from fnn.train._batches import as_data, select
-from fnn.train.predict import with_precision
+from fnn.train.predicting import with_precision
 from fnn.train.step import TrainState, step_core
 
 __all__ = ["evaluate"]
