@@ -207,3 +207,50 @@ def test_char_transformer_task_quick_run(tmp_path):
     assert len(m["samples"]) == len(char_transformer.PROMPTS)
     assert {"char_transformer_curves.png", "char_transformer_attention.png",
             "char_transformer_sample.txt", "char_transformer.safetensors"} <= set(os.listdir(tmp_path))
+
+
+def test_char_transformer_cli_ends_with_a_readable_summary(tmp_path, capsys):
+    """``fnn train char-transformer --quick``: stdout ends with a readable summary line (no
+    per-epoch lists or dicts, no 16-digit floats) and one JSON object of the final numbers; on
+    stderr, after the epoch lines, bits/char, the same validation loss in the epoch lines' unit
+    (nats/char) and the samples. The units are checked against the epoch line and against the
+    validation loss recomputed independently (float64 NumPy cross-entropy of
+    ``fnn.train.predict`` on the saved params)."""
+    import json
+    import math
+    import re
+
+    from fnn import checkpoint, cli, train
+    from fnn.tasks import char_transformer as task
+    assert cli.main(["train", "char-transformer", "--quick", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    metrics = json.loads(lines[-1])
+    assert set(metrics) == {"task", "val_bpc", "train_bpc", "val_loss", "epochs"}
+    assert metrics["epochs"] == 1
+    assert not re.search(r"[\[\]{}]", lines[-2]) and not re.search(r"\d\.\d{6}", lines[-2])
+    assert f"val_bpc {metrics['val_bpc']:.4f}" in lines[-2]
+    # units: the epoch line's val_loss (4 significant digits) is the summary's nats/char
+    epoch_line = [l for l in err.splitlines() if l.startswith("epoch 1/1")][-1]
+    shown = float(re.search(r"val_loss (\S+)", epoch_line).group(1))
+    assert shown == pytest.approx(metrics["val_loss"], rel=1e-3)
+    assert metrics["val_bpc"] == pytest.approx(metrics["val_loss"] / math.log(2), rel=1e-12)
+    # independent recomputation: mean next-character cross-entropy over the validation windows
+    train_text, val_text, alphabet = task.load_text()
+    index = {c: i for i, c in enumerate(alphabet)}
+    vx, vy = task.windows([index[c] for c in val_text[:4_000]], task.SEQ)
+    net = task.model(len(alphabet), quick=True)
+    _, state, _ = net.init(jax.random.PRNGKey(0), vx.shape)
+    params = checkpoint.load(tmp_path / "char_transformer.safetensors")
+    logits = np.asarray(train.predict(net, params, state, vx, batch_size=16), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nats = -np.take_along_axis(logp, np.asarray(vy)[..., None], -1).mean()
+    assert metrics["val_loss"] == pytest.approx(nats, rel=1e-4)
+    assert metrics["val_bpc"] == pytest.approx(nats / math.log(2), rel=1e-4)
+    # the readable summary on stderr comes after the epoch lines
+    tail = err[err.rindex(epoch_line):]
+    assert f"validation {metrics['val_bpc']:.3f} bits/char" in tail
+    assert f"val_loss {metrics['val_loss']:.3f} nats/char" in tail
+    first = (tmp_path / "char_transformer_sample.txt").read_text()[:task.SEQ]  # 64 chars each
+    assert first.startswith(task.PROMPTS[0]) and repr(first) in tail

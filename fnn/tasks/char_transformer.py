@@ -112,9 +112,12 @@ def _plots(history, maps, text, out):
 
 def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False, quick=False,
         resume=False, precision=None) -> dict:
-    """Train, report validation bits/char per epoch, sample; returns ``val_bpc`` (last epoch),
-    ``history`` (per-epoch ``train_bpc``/``val_bpc``), ``samples`` (one text per prompt in
-    ``PROMPTS``, 64 characters: the context the positions were trained on) and ``epochs``."""
+    """Train, report validation bits/char per epoch, sample; returns ``val_bpc`` and
+    ``train_bpc`` (last epoch, bits per character), ``val_loss`` (the same in nats per
+    character, as the progress line shows it), ``history`` (per-epoch ``train_bpc``/
+    ``val_bpc``), ``samples`` (one text per prompt in ``PROMPTS``, 64 characters: the context
+    the positions were trained on) and ``epochs``. Unless ``quiet``, ends with
+    :func:`summary` on stderr."""
     epochs = default(epochs, 1 if quick else EPOCHS)
     lr = default(lr, LR)
     batch = default(batch_size, BATCH)
@@ -154,8 +157,42 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     checkpoint.save(os.path.join(out, "char_transformer.safetensors"), ts.params)
     maps = attention_maps(net, ts.params, ts.state, ids[:1], 2 if quick else HEADS)
     _plots(history, maps, texts[0], out)
-    return {"val_bpc": history["val_bpc"][-1], "history": history, "samples": texts,
-            "epochs": len(history["epoch"])}
+    m = {"val_bpc": history["val_bpc"][-1], "train_bpc": history["train_bpc"][-1],
+         "val_loss": hist["val_loss"][-1], "history": history, "samples": texts,
+         "epochs": len(history["epoch"])}
+    if not quiet:
+        print(summary(m, out), file=sys.stderr, flush=True)
+    return m
+
+
+def summary(m, out="out") -> str:
+    """The readable end of a run (what ``fnn train char-transformer`` shows on stderr after the
+    epoch lines): bits per character, the same validation loss in the progress line's unit
+    (``loss``/``val_loss`` there are ``lm_loss``: nats per character), and the samples.
+
+    >>> print(summary({"val_bpc": 2.0, "train_bpc": 2.5, "val_loss": 2.0 * math.log(2),
+    ...                "epochs": 4, "samples": ["The end"]}))
+    char-transformer, 4 epochs: validation 2.000 bits/char, train 2.500 bits/char
+      (val_loss 1.386 nats/char on the epoch lines = 2.000 bits/char × ln 2)
+    samples (temperature 0.8, top-k 20; all in out/char_transformer_sample.txt):
+      'The end'
+    """
+    lines = [f"char-transformer, {m['epochs']} epoch{'s' * (m['epochs'] != 1)}: validation "
+             f"{m['val_bpc']:.3f} bits/char, train {m['train_bpc']:.3f} bits/char",
+             f"  (val_loss {m['val_loss']:.3f} nats/char on the epoch lines = "
+             f"{m['val_bpc']:.3f} bits/char × ln 2)",
+             f"samples (temperature 0.8, top-k 20; all in "
+             f"{os.path.join(out, 'char_transformer_sample.txt')}):"]
+    return "\n".join(lines + [f"  {t!r}" for t in m["samples"]])
+
+
+def train_metrics(**kwargs) -> dict:
+    """:func:`run` as ``fnn train char-transformer`` calls it: the final numbers only
+    (``val_bpc``, ``train_bpc`` in bits per character; ``val_loss`` in nats per character, the
+    unit of the progress line; ``epochs``), so the command's summary line and JSON object hold
+    no per-epoch lists; the history and samples are in ``run``'s result and the files."""
+    m = run(**kwargs)
+    return {k: m[k] for k in ("val_bpc", "train_bpc", "val_loss", "epochs")}
 
 
 def problem(seed=0):
@@ -171,4 +208,4 @@ def problem(seed=0):
 
 
 register(Task("char-transformer", "character-level GPT on pydoc topics, val bits/char, "
-              "KV-cache sampling (~3 min)", run, problem))
+              "KV-cache sampling (~3 min)", train_metrics, problem))

@@ -17,6 +17,7 @@ One concern per module:
 - ``epoch``: an in-memory epoch as **one** jitted call (shuffle, a ``lax.while_loop`` over the
   full batches that leaves at the first non-finite loss, then the real partial batch), chunks
   of streamed steps, :func:`evaluate`. The loop carries only the sums the history reports.
+- ``predicting``: :func:`predict`, batched eval-mode outputs (one program for every batch).
 - ``loops``: one epoch on the host, in memory or streamed, behind one interface; the replay
   after a non-finite step; validation.
 - ``streaming``: any iterable of batches, prefetched to the device in a background thread.
@@ -39,6 +40,7 @@ batch's inputs were finite. A NaN gradient whose loss is finite shows in the nex
 the replay then backs off to the last finite state. The replay costs only when it fires.
 """
 from fnn.train.epoch import evaluate
+from fnn.train.predicting import predict
 from fnn.train.fitting import FitResult, fit
 from fnn.train.options import Loop, Step
 from fnn.train.callbacks import (Callback, CSVLogger, EarlyStopping, ModelCheckpoint,
@@ -51,7 +53,8 @@ from fnn.train.metrics import (Metric, binary_accuracy, categorical_accuracy, ma
 from fnn.train.step import StepMetrics, TrainState, create_train_state, make_step
 
 __all__ = ["TrainState", "StepMetrics", "FitResult", "LRFindResult", "create_train_state",
-           "make_step", "fit", "Step", "Loop", "evaluate", "lr_find", "categorical_accuracy",
+           "make_step", "fit", "Step", "Loop", "evaluate", "predict", "lr_find",
+           "categorical_accuracy",
            "binary_accuracy", "Metric", "mean_metric", "top_k_accuracy", "mean_absolute_error",
            "macro_f1", "Callback", "EarlyStopping", "BackupAndRestore", "ModelCheckpoint",
            "CSVLogger", "ReduceLROnPlateau", "TimeLimit", "TensorBoard"]

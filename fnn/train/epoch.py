@@ -23,6 +23,7 @@ from fnn.train.metrics import resolve_metrics
 from fnn.sharding.data import shard_shuffle
 from fnn.precision import current_scale
 from fnn.train._batches import as_data, select
+from fnn.train.predicting import with_precision
 from fnn.train.step import TrainState, step_core
 
 __all__ = ["evaluate"]
@@ -258,12 +259,15 @@ def make_eval_batch(model, loss, metrics):
 
 
 def evaluate(model, loss, params, state, data, *, batch_size: int = 256,
-             metrics="auto") -> dict:
+             metrics="auto", precision=None) -> dict:
     """Mean loss and metrics of ``model`` on ``data = (x, target[, model_kwargs])`` in eval
     mode (``train=False``), in one compiled scan. ``loss`` must take ``weights=``.
     ``metrics``: as :func:`fnn.train.fit` (``"auto"``: accuracy for a classification loss).
+    ``precision``: a :mod:`fnn.precision` policy, applied as ``fit(precision=...)`` does
+    (``mixed_precision(model, precision)``), as :func:`fnn.train.predict` takes it.
     Returns ``{"loss": ..., name: ...}``.
     """
+    model = with_precision(model, precision, "evaluate")
     data, n = as_data(data, "evaluate")
     if n == 0:
         raise ValueError("evaluate: data has 0 examples")
