@@ -15,6 +15,9 @@ layer ``k`` of a multi-layer ``nn.LSTM`` (``*_lk``), so ``serial(LSTM(h), LSTM(h
 or give the fnn block PyTorch's ``relu``). ``mapping={fnn_path: torch_prefix}`` renames any
 node: an fnn path is the parameter keys joined by ``/`` (``"0"``, ``"encoder/2"``,
 ``"attn/mha"``), a torch prefix the dotted module name (``"features.0"``, ``""`` for the root).
+A composed model declares its own names in ``meta["torch_names"]`` (``{relative fnn path:
+relative torch name}``, ``""``: the part adds no level — :func:`fnn.models.ResNet`'s blocks map
+``residual/main/conv1`` to ``conv1``) and is walked as a ``serial`` of its children.
 
 The tensors are transposed into fnn's layouts as :mod:`fnn._torch_layers` lists (the layers'
 docstrings give the same rules). A ``Dense`` right after a ``Flatten`` of a channels-last feature
@@ -222,8 +225,13 @@ class _Walk:
                                      f"{layer.name}")
                 return _zeros(pt), _zeros(st)
             prefix, level = level[1], int(level[2])
-        if kind in ("serial", "parallel"):
-            return self.children(layer, shape, pt, st, path, prefix, kind == "serial")
+        names = layer.meta.get("torch_names")
+        if names is not None:          # the layer's own torch names for its parts ("": no level)
+            for rel, name in names.items():
+                self.defaults.setdefault(_join(path, rel, "/"),
+                                         _join(prefix, name, ".") if name else prefix)
+        if kind in ("serial", "parallel") or (names is not None and layer.children):
+            return self.children(layer, shape, pt, st, path, prefix, kind != "parallel")
         if kind in ("residual", "mixed_precision", "full_precision"):    # the child's params
             return self.node(layer.children[0][1], shape, pt, st, path, prefix)
         if kind == "stack":
