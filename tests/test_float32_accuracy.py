@@ -8,13 +8,15 @@ every layer's first example; these are the cases that sweep's draws missed).
   relative error on ``q.w`` against autodiff's 0.02); plain and chunked forms.
 - A saturated LSTM gate: its derivative from the stored ``a = tanh(z/2)`` was exactly 0 in
   float32 where autodiff's ``σ(1 − σ)`` keeps it.
+- Saturated GRU gates, tanh units (SimpleRNN, GRU's ``n``) and LSTM cell state: derivatives from
+  stored outputs (autodiff's form) lose them; from pre-activations the hand path keeps them.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn.layers import LSTM, MultiHeadAttention
+from fnn.layers import GRU, LSTM, MultiHeadAttention, SimpleRNN
 
 from helpers import no_autodiff
 
@@ -75,3 +77,59 @@ def test_saturated_lstm_gate_keeps_its_gradient_in_float32(z):
     rel = lambda g: float(np.max(np.abs(g - want) / np.abs(want)))
     assert np.all(h != 0), f"hand lost the saturated gate's gradient: {h} (float64 {want})"
     assert rel(h) <= max(2 * rel(a), 1e-3), f"hand {h}, autodiff {a}, float64 {want}"
+
+
+def block_grads(layer, key, block, value, steps=3, pin=False):
+    """The gradient of ``params[key]``'s gate ``block`` (``H = 2`` entries) with that block set to
+    ``value``: float64 autodiff (the reference), float32 autodiff, float32 hand. ``pin``: the
+    block's ``wi``, ``wh`` columns zeroed, so that its pre-activation is ``value`` exactly."""
+    params, _, _ = layer.init(jax.random.PRNGKey(0), (1, steps, 2))
+    params = {**params, key: params[key].at[block].set(value)}
+    if pin:
+        params = {**params, **{k: params[k].at[:, block].set(0) for k in ("wi", "wh")}}
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, steps, 2)))
+    dy = jnp.asarray(rng.standard_normal((1, steps, 2)))
+    grads = grads_fn(layer)
+    (ref, _), _ = grads(params, x, dy)
+    (auto, _), (hand, _) = grads(to32(params), to32(x), to32(dy))
+    return tuple(np.asarray(g[key][block], np.float64) for g in (ref, auto, hand))
+
+
+def check_kept(want, auto, hand, tol):
+    """Hand within 2× autodiff's error + 1e-6 (relative, over the block, as the sweep
+    measures), and every entry within ``tol`` (relative) of float64's."""
+    assert np.all(want != 0)
+    err = lambda g: float(np.linalg.norm(g - want) / np.linalg.norm(want))
+    assert err(hand) <= 2 * err(auto) + 1e-6, f"hand {hand}, autodiff {auto}, float64 {want}"
+    rel = lambda g: float(np.max(np.abs(g - want) / np.abs(want)))
+    assert rel(hand) <= tol, f"hand lost the saturated gradient: {hand} (float64 {want})"
+
+
+@pytest.mark.parametrize("gate", [0, 1], ids=["r", "z"])
+@pytest.mark.parametrize("u", [-30.0, -22.0, 22.0, 30.0])
+def test_saturated_gru_gate_keeps_its_gradient_in_float32(gate, u):
+    """GRU reset/update gate pre-activation ``u`` (pinned): autodiff's ``σ(1 − σ)`` from ``σ``
+    (and the hand path's before it kept pre-activations) is 0 in float32 for ``u`` ≥ 17. At +30
+    float64's own ``σ(1 − σ)`` is good to 6e-4 only (``1 − σ ≈ 9e-14``, ulp 1e-16): the
+    tolerance; pinning keeps ``u`` from drifting higher, where the reference gets worse."""
+    want, auto, hand = block_grads(GRU(2), "bi", slice(2 * gate, 2 * gate + 2), u, pin=True)
+    check_kept(want, auto, hand, 1e-2 if u == 30 else 1e-4)
+
+
+@pytest.mark.parametrize("u", [-12.0, -8.0, 8.0, 12.0])
+@pytest.mark.parametrize("where", ["SimpleRNN", "GRU-n"])
+def test_saturated_tanh_unit_keeps_its_gradient_in_float32(where, u):
+    """A tanh unit's bias ``u``: ``1 − tanh²`` from the stored output (autodiff's form too) is
+    rounding noise at ``|u|`` = 8 and 0 at 12 in float32; from the pre-activation it is exact.
+    (Beyond ``|u|`` ≈ 18 float64's own autodiff reference is 0, so the sweep stops at 12.)"""
+    layer, key, block = ((SimpleRNN(2), "b", slice(0, 2)) if where == "SimpleRNN"
+                         else (GRU(2), "bi", slice(4, 6)))
+    check_kept(*block_grads(layer, key, block, u), 1e-4)
+
+
+def test_saturated_lstm_cell_state_keeps_its_gradient_in_float32():
+    """Gates i, f, g saturated open (+22) over 12 steps: ``c`` grows to ~12, where ``1 − tanh²c``
+    from a stored ``tanh c`` is noise in float32; the i and f bias gradients flow through it."""
+    want, auto, hand = block_grads(LSTM(2), "b", slice(0, 6), 22.0, steps=12)
+    check_kept(want[:4], auto[:4], hand[:4], 1e-4)

@@ -6,7 +6,7 @@ The runner projects the inputs of all time steps in one matmul (``x @ wi``,
 (``xp_t = x_t wi + b`` is completed inside the step).
 ``apply`` (and :func:`scan_rnn`) scans the plain step, which autodiff differentiates. The
 layers' ``fwd`` scans the cell's ``fwd_step`` instead, which may be written for speed and emits
-every step's gate activations; those, with the input, are the residuals. ``bwd`` (and
+every step's gate pre-activations; those, with the input, are the residuals. ``bwd`` (and
 :func:`scan_rnn_backward`) runs a reverse ``lax.scan`` over the *errors only*, reading each
 step's activations (``δh_{t-1} = δgh_t · whᵀ + ...``, gate derivatives written
 out in ``fnn.layers.cells``), and gathers every weight gradient afterwards as one einsum over
@@ -71,7 +71,7 @@ def _apply_scan(cell, params, xs, carry0, mask, reverse, sequences=True):
 
 def _fwd_scan(cell, params, xs, carry0, mask, reverse):
     """The hand path's forward: ``(final_carry, hs, emitted)``, ``emitted`` being every step's
-    gate activations ``[T, B, ...]`` (the residuals)."""
+    gate pre-activations ``[T, B, ...]`` (the residuals)."""
     final, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse)
     return final, _masked(cell.output(emitted)[0], mask), emitted
 

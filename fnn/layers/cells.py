@@ -7,15 +7,15 @@ steps in one matmul by the runner) and a recurrent step holding the only matmul 
 inside the scan, ``gh = h @ wh (+ bh)``.
 
 Each cell has two forms of its step. ``step`` is the plain form (``apply`` scans it and
-autodiff differentiates it); ``fwd_step`` is the form the hand path scans: it *emits* the gate
-activations that the backward needs (the residuals) and may be written for speed — the LSTM's
-applies one ``tanh`` to all four gate columns, ``σ(u) = (1 + tanh(u/2))/2``, with the halving
-folded into the weights (exact: a power of two). Its outputs equal ``step``'s to rounding.
-The backward works from the emitted activations alone: ``back_inputs`` gathers, for all steps
-in bulk, what the reverse step needs (the activations and the previous carry), and the reverse
+autodiff differentiates it); ``fwd_step`` is the form the hand path scans: it *emits* what the
+backward needs (the residuals: gate pre-activations, from which ``σ'`` and ``tanh'`` keep a
+saturated unit's gradient in float32, see :func:`_sech2`) and may be written for speed — the
+LSTM's applies one ``tanh`` to all four gate columns, ``σ(u) = (1 + tanh(u/2))/2``, with the
+halving folded into the weights (exact: a power of two). Its outputs equal ``step``'s to
+rounding. The backward works from the emitted values alone: ``back_inputs`` gathers, for all
+steps in bulk, what the reverse step needs (derivatives and the previous carry), and the reverse
 scan (``step_back``) turns the carry's error into the gate errors with a few multiplies and
-the recurrent matmul per step. (Forming those factors in bulk before the reverse scan instead
-measured no faster for the LSTM and slower for the GRU: benchmarks/RESULTS.md, recurrent.)
+the recurrent matmul per step.
 
 Layouts follow PyTorch's gate order with the weights transposed (``x @ wi`` rather than
 ``W_ih @ x``), so that ``torch.nn.LSTM``/``GRU``/``RNN`` weights load by a transpose:
@@ -62,7 +62,7 @@ class Cell(NamedTuple):
     - ``step(params, carry, xp_t) -> (carry, h_t)``: the plain step (``apply``'s);
     - ``fast(params) -> params``: the parameters ``fwd_step`` runs on (scaled weights);
     - ``fwd_step(fast_params, carry, xp_t) -> (carry, emitted)``: the hand path's step, emitting
-      the gate activations (the residuals);
+      the residuals (gate pre-activations);
     - ``output(emitted) -> (hs, carries)``: every step's output ``h`` and new carry, in bulk
       (``carries[0]`` is ``hs``);
     - ``back_inputs(emitted, carries_prev) -> inputs``: what ``step_back`` reads at each step,
@@ -230,6 +230,15 @@ def _init(gates, bias_keys, forget_bias=None):
     return init
 
 
+def _sech2(u):
+    """``tanh'(u) = 4e/(1 + e)²``, ``e = exp(−2|u|)``, accurate for every ``u``; ``σ'(u) =
+    sech²(u/2)/4``. From stored outputs, ``1 − a²`` (``a = tanh u``; autodiff's ``(1 + a)(1 −
+    a)`` too) is 0 in float32 from ``|u| ≈ 9`` on and noise before, and ``σ(1 − σ)`` is 0 from
+    ``u ≈ 17`` on."""
+    e = jnp.exp(-2 * jnp.abs(u))
+    return 4 * e / ((1 + e) * (1 + e))
+
+
 def _same(params):
     return params
 
@@ -239,7 +248,8 @@ def _same(params):
 @functools.lru_cache(maxsize=None)
 def make_rnn_cell(activation=acts.tanh) -> Cell:
     """An Elman cell ``h' = act(a)``, ``a = x wi + h wh + b``, for any fnn activation with a
-    ``.grad``. Emits ``h`` (tanh) or ``a``. Backward: ``da = dh ⊙ act'(a)``; ``dxp = dgh = da``.
+    ``.grad``. Emits ``a`` (tanh' from ``a``: :func:`_sech2`). Backward: ``da = dh ⊙ act'(a)``;
+    ``dxp = dgh = da``.
     (Cached per activation, so that layers sharing one share its compiled scans.)
     """
     if not hasattr(activation, "grad"):
@@ -254,15 +264,14 @@ def make_rnn_cell(activation=acts.tanh) -> Cell:
 
     def fwd_step(p, carry, xp):
         a = xp + carry[0] @ p["wh"]
-        h = act(a)
-        return (h,), ((h,) if is_tanh else (a,))
+        return (act(a),), (a,)
 
     def output(emitted):
-        hs = emitted[0] if is_tanh else act(emitted[0])
+        hs = act(emitted[0])
         return hs, (hs,)
 
     def back_inputs(emitted, prevs):                             # act'(a), in bulk
-        return ((1 - emitted[0] * emitted[0]) if is_tanh else activation.grad(emitted[0]),)
+        return (_sech2(emitted[0]) if is_tanh else activation.grad(emitted[0]),)
 
     def step_back(k, dcarry):
         return dcarry[0] * k[0], None, (None,)
@@ -294,47 +303,39 @@ def _lstm_fast(p):
 
 def _lstm_fwd_step(p, carry, xp):
     """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`).
-    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)``, ``c'`` and ``tanh c'``: ``u``
-    rather than ``a = tanh u``, since a saturated gate's derivative ``(1 − a²)/4`` from a
-    stored ``a`` is rounding noise in float32 once ``|a|`` is within an ulp of 1 (0, or 3e-8
+    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)`` and ``c'``, rather than ``a =
+    tanh u`` and ``tanh c'``, since a saturated gate's derivative ``(1 − a²)/4`` from a stored
+    ``a`` is rounding noise in float32 once ``|a|`` is within an ulp of 1 (0, or 3e-8
     where the truth is 1e-14; ``z`` below about −18, where autodiff's ``σ(1 − σ)`` is right),
     and ``e/(1 + e)²``, ``e = exp(−2|u|)``, is accurate on both sides."""
     h, c = carry
     u = xp + h @ p["wh"]                                         # (B, 4H)
     i, f, g, o = _split(jnp.tanh(u), 4)
     c_new = (0.5 + 0.5 * f) * c + (0.5 + 0.5 * i) * g
-    tc = jnp.tanh(c_new)
-    h_new = (0.5 + 0.5 * o) * tc
-    return (h_new, c_new), (u, c_new, tc)
+    h_new = (0.5 + 0.5 * o) * jnp.tanh(c_new)
+    return (h_new, c_new), (u, c_new)
 
 
 def _lstm_output(emitted):
-    u, c, tc = emitted
-    hs = (0.5 + 0.5 * jnp.tanh(_split(u, 4)[3])) * tc
+    u, c = emitted
+    hs = (0.5 + 0.5 * jnp.tanh(_split(u, 4)[3])) * jnp.tanh(c)
     return hs, (hs, c)
 
 
 def _lstm_back_inputs(emitted, prevs):
-    """The reverse step's inputs: gate pre-activations ``u``, ``tanh c'``, the previous ``c``."""
-    return emitted[0], emitted[2], prevs[1]
-
-
-def _sech2(u):
-    """``1 − tanh²u = 4e/(1 + e)²`` with ``e = exp(−2|u|)``: no cancellation when saturated."""
-    e = jnp.exp(-2 * jnp.abs(u))
-    return 4 * e / ((1 + e) * (1 + e))
+    """The reverse step's inputs: gate pre-activations ``u``, ``c'``, the previous ``c``."""
+    return emitted[0], emitted[1], prevs[1]
 
 
 def _lstm_step_back(k, dcarry):
-    """With ``a = tanh u``, ``σ = (1 + a)/2``, ``σ' = sech²(u)/4``: ``dc ← dc + dh o (1 −
-    tanh²c')``; ``dz = [dc g σ'_i, dc c σ'_f, dc i sech²(u_g), dh tanh c' σ'_o]``; ``dc_prev =
-    dc f``."""
-    u, tc, c = k
+    """With ``a = tanh u``, ``σ = (1 + a)/2``, ``σ' = sech²(u)/4``: ``dc ← dc + dh o sech²c'``;
+    ``dz = [dc g σ'_i, dc c σ'_f, dc i sech²(u_g), dh tanh c' σ'_o]``; ``dc_prev = dc f``."""
+    u, cn, c = k
     (ai, af, g, ao), (di, df, dg, do) = _split(jnp.tanh(u), 4), _split(_sech2(u), 4)  # (B, H)
     dh, dc = dcarry
-    dc = dc + dh * (0.5 + 0.5 * ao) * (1 - tc * tc)
+    dc = dc + dh * (0.5 + 0.5 * ao) * _sech2(cn)
     dz = jnp.concatenate([dc * g * 0.25 * di, dc * c * 0.25 * df, dc * (0.5 + 0.5 * ai) * dg,
-                          dh * tc * 0.25 * do], axis=-1)         # (B, 4H)
+                          dh * jnp.tanh(cn) * 0.25 * do], axis=-1)   # (B, 4H)
     return dz, None, (None, dc * (0.5 + 0.5 * af))
 
 
@@ -346,25 +347,23 @@ lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0), _ls
 
 def _gru_gates(p, h, xp):
     gh = h @ p["wh"] + bias(p["bh"], 2)                          # (B, 3H): r, z, n
-    xr, xz, xn = _split(xp, 3)
-    hr, hz, hn = _split(gh, 3)
-    r, z = sigmoid(xr + hr), sigmoid(xz + hz)
-    return r, z, jnp.tanh(xn + r * hn), hn
+    (xr, xz, xn), (hr, hz, hn) = _split(xp, 3), _split(gh, 3)
+    ur, uz = xr + hr, xz + hz
+    un = xn + sigmoid(ur) * hn
+    z, n = sigmoid(uz), jnp.tanh(un)
+    return (ur, uz, un, hn), n + z * (h - n)                     # h' = (1 - z) n + z h
 
 
 def _gru_step(p, carry, xp):
-    h = carry[0]
-    _, z, n, _ = _gru_gates(p, h, xp)
-    h_new = n + z * (h - n)
+    _, h_new = _gru_gates(p, carry[0], xp)
     return (h_new,), h_new
 
 
 def _gru_fwd_step(p, carry, xp):
-    """Emits ``r, z, n, gh_n`` and ``h'``, each ``(B, H)``."""
-    h = carry[0]
-    r, z, n, hn = _gru_gates(p, h, xp)
-    h_new = n + z * (h - n)
-    return (h_new,), (r, z, n, hn, h_new)
+    """Emits the pre-activations ``u_r, u_z, u_n``, ``gh_n`` and ``h'``, each ``(B, H)``: ``u``
+    rather than ``σ(u)``, ``tanh u`` (see :func:`_sech2`)."""
+    u, h_new = _gru_gates(p, carry[0], xp)
+    return (h_new,), u + (h_new,)
 
 
 def _gru_output(emitted):
@@ -372,26 +371,28 @@ def _gru_output(emitted):
 
 
 def _gru_back_inputs(emitted, prevs):
-    """The reverse step's inputs: ``r, z, n, gh_n`` and the previous ``h``."""
-    return emitted[:4] + (prevs[0],)
+    """The reverse step's factors, in bulk from the pre-activations: ``(1 − z) tanh'(u_n)``
+    (``1 − z = σ(−u_z)``), ``gh_n σ'(u_r)``, ``(h − n) σ'(u_z)``, ``z`` and ``r``."""
+    ur, uz, un, hn, _ = emitted
+    return (sigmoid(-uz) * _sech2(un), hn * 0.25 * _sech2(0.5 * ur),
+            (prevs[0] - jnp.tanh(un)) * 0.25 * _sech2(0.5 * uz), sigmoid(uz), sigmoid(ur))
 
 
 def _gru_step_back(k, dcarry):
-    """``dan = dh (1-z)(1-n²)``, ``dar = dan gh_n σ'_r``, ``daz = dh (h - n) σ'_z``;
+    """``dan = dh (1-z) tanh'(u_n)``, ``dar = dan gh_n σ'(u_r)``, ``daz = dh (h - n) σ'(u_z)``;
     ``dxp = [dar, daz, dan]``, ``dgh = [dar, daz, dan r]``, ``dh_prev ∋ dh z``."""
-    r, z, n, hn, h = k
+    kn, kr, kz, z, r = k
     dh = dcarry[0]
-    dan = dh * (1 - z) * (1 - n * n)
-    dar = dan * hn * r * (1 - r)
-    daz = dh * (h - n) * z * (1 - z)
+    dan, daz = dh * kn, dh * kz
+    dar = dan * kr
     return (jnp.concatenate([dar, daz, dan], axis=-1),
             jnp.concatenate([dar, daz, dan * r], axis=-1), (dh * z,))
 
 
 def _gru_rec_grad(emitted, dxp):
-    """``dgh`` of every step from ``dxp``: the ``n`` block times ``r``."""
+    """``dgh`` of every step from ``dxp``: the ``n`` block times ``r = σ(u_r)``."""
     dr, dz, dn = _split(dxp, 3)
-    return jnp.concatenate([dr, dz, dn * emitted[0]], axis=-1)
+    return jnp.concatenate([dr, dz, dn * sigmoid(emitted[0])], axis=-1)
 
 
 gru_cell = Cell("gru", 3, 1, "bi", "bh", _init(3, ("bi", "bh")), _gru_step, _same,
