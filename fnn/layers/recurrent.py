@@ -2,7 +2,7 @@
 through time derived by hand.
 
 Each layer is defined by its residual pair: ``fwd`` scans the cell's fast step and keeps the
-input and every step's gate activations as residuals; ``bwd`` runs the hand BPTT of
+input and every step's gate pre-activations as residuals; ``bwd`` runs the hand BPTT of
 ``fnn.layers._rnn_scan`` from them (``backward`` is ``bwd`` of ``fwd``). ``apply`` scans the
 plain step, the form autodiff differentiates; ``fwd``'s outputs equal ``apply``'s to rounding.
 Variable lengths, reverse scans and carries are described in ``fnn.layers._rnn_scan``.
