@@ -13,6 +13,7 @@ import numpy as np
 import jax
 
 from fnn.checks import data_checker
+from fnn.train.cache import cached
 
 
 def _nonfinite(a):
@@ -46,9 +47,12 @@ def _check_finite(data, where: str, offset: int = 0):
                 f"those examples (or pass loop=Loop(check_data=False) to train anyway)")
 
 
+@cached
 def make_data_check(model, loss, input_shape):
     """``check(data, where, offset=0)`` for ``data = (x, target, model_kwargs)``: finiteness,
-    then label and token-id ranges; raises ``ValueError`` naming the array or the loss/layer."""
+    then label and token-id ranges; raises ``ValueError`` naming the array or the loss/layer.
+    Memoised per model, loss and input shape (:func:`fnn.train.cache.cached`): building it
+    traces ``model.init`` abstractly, a fixed cost each ``fit`` call would pay again."""
     values = data_checker(model, loss, input_shape)
 
     def check(data, where, offset=0):

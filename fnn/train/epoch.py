@@ -56,16 +56,42 @@ def _loop(core, ts, stacked, limit, count):
     non-finite one: ``(steps_run, ts, sums, bad)``; ``steps_run`` counts the bad step, ``ts``
     and ``sums`` are those from before it."""
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
-    acc = zero_sums(core, ts, one)
+    zero = zero_sums(core, ts, one)
+    pack, unpack = _packer(zero)
 
     def body(c):
         i, ts, acc, _ = c
         new, out = core(ts, jax.tree.map(lambda a: a[i], stacked))
         ok = out.finite
-        return i + 1, select(ok, new, ts), select(ok, _add(acc, out), acc), ~ok
+        step = pack(_add(zero, out))            # 0 + x: this step's terms, exactly
+        return i + 1, select(ok, new, ts), tuple(
+            a + jnp.where(ok, v, jnp.zeros_like(v)) for a, v in zip(acc, step)), ~ok
     i, bad = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
-    return jax.lax.while_loop(lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body,
-                              (i, ts, acc, bad))
+    i, ts, acc, bad = jax.lax.while_loop(
+        lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body, (i, ts, pack(zero), bad))
+    return i, ts, unpack(acc), bad
+
+
+def _packer(like):
+    """``(pack, unpack)``: the leaves of a pytree shaped like ``like`` as one flat vector per
+    dtype, and back. The loop carries the sums so: one add per dtype and step instead of one
+    small kernel per scalar (each costs about a microsecond per step on XLA:CPU)."""
+    leaves, tree = jax.tree.flatten(like)
+    kinds = sorted({jnp.dtype(a.dtype).name for a in leaves})
+
+    def pack(t):
+        ls = jax.tree.leaves(t)
+        return tuple(jnp.concatenate([jnp.ravel(a) for a, b in zip(ls, leaves)
+                                      if jnp.dtype(b.dtype).name == k]) for k in kinds)
+
+    def unpack(vs):
+        at, out = dict.fromkeys(kinds, 0), []
+        for b in leaves:
+            k, n = jnp.dtype(b.dtype).name, int(np.size(b))
+            out.append(vs[kinds.index(k)][at[k]:at[k] + n].reshape(np.shape(b)))
+            at[k] += n
+        return jax.tree.unflatten(tree, out)
+    return pack, unpack
 
 
 class Report(NamedTuple):
