@@ -170,3 +170,16 @@ def numpy_perceptron(x, y, epochs=100, lr=1.0):
             update = lr * (yi - (1 if xi @ w + b > 0 else 0))
             w, b = w + update * xi, b + update
     return w, b
+
+
+class CrashAt:
+    """A ``fit`` callback that raises in epoch ``at`` (listed last: the other callbacks have run
+    for that epoch, the backup has not), like a process killed between a callback's write and
+    the backup."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, epoch, train_state, logs):
+        if epoch == self.at:
+            raise RuntimeError(f"crash after epoch {epoch}")

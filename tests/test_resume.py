@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_trees_close
+from helpers import CrashAt, assert_trees_close
 
 from fnn import checkpoint, data, losses, optim, train
 from fnn.layers import Dense, Tanh, serial
@@ -115,17 +115,6 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert len(set(want.history["lr"])) > 1              # the callback's state mattered
 
 
-class _Crash:
-    """Raises after epoch ``at`` (listed last: the other callbacks have run for that epoch,
-    the backup has not), like a process killed between a callback's write and the backup."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def __call__(self, epoch, train_state, logs):
-        if epoch == self.at:
-            raise RuntimeError(f"crash after epoch {epoch}")
-
 
 def test_resume_restores_every_callbacks_state(tmp_path):
     """A 5-epoch run crashes in epoch 3's callbacks and is resumed by a fresh process's worth
@@ -138,7 +127,7 @@ def test_resume_restores_every_callbacks_state(tmp_path):
 
     def run(out, crash_at=None, backup=True):
         cbs = [train.ModelCheckpoint(out / "ck", keep_last=2), train.CSVLogger(out / "log.csv"),
-               _Crash(crash_at)] + ([train.BackupAndRestore(out / "run")] if backup else [])
+               CrashAt(crash_at)] + ([train.BackupAndRestore(out / "run")] if backup else [])
         return train.fit(model, losses.softmax_cross_entropy_with_integer_labels,
                          optim.adam(0.05), (x, y), epochs=5, batch_size=16, val_data=(x, 1 - y),
                          key=jax.random.PRNGKey(3), callbacks=cbs,

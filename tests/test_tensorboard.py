@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import xor_data
+from helpers import CrashAt, xor_data
 
 from fnn import losses, optim, train
 from fnn.layers import Dense, Tanh, serial
@@ -106,17 +106,6 @@ def test_every_k_epochs_and_nan_learning_rate(tmp_path):
     _assert_matches(_scalars(tmp_path / "tb"), res.history, [2, 4, 6])
 
 
-class _Crash:
-    """Raise in epoch ``at``'s callbacks: after TensorBoard wrote that epoch, before the backup
-    saved it (a process killed between the two)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def __call__(self, epoch, train_state, logs):
-        if epoch == self.at:
-            raise RuntimeError(f"crash after epoch {epoch}")
-
 
 def test_a_resumed_run_logs_each_epoch_once(tmp_path):
     """A run crashes in epoch 3's callbacks (epoch 3 already in the event file, the backup at
@@ -125,7 +114,7 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path):
     pytest.importorskip("tensorboardX")
 
     def cbs(crash_at=None):
-        return [train.TensorBoard(tmp_path / "tb"), _Crash(crash_at),
+        return [train.TensorBoard(tmp_path / "tb"), CrashAt(crash_at),
                 train.BackupAndRestore(tmp_path / "run")]
 
     with pytest.raises(RuntimeError, match="crash after epoch 3"):
