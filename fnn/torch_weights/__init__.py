@@ -1,33 +1,58 @@
-"""Load PyTorch weights (a ``state_dict``, or a file of one) into an fnn model.
+"""PyTorch weights (a ``state_dict``, or a file of one) into an fnn model, and back out.
 
 :func:`load_state_dict` walks the fnn model the way PyTorch names a module tree: a ``serial``
 (or ``parallel``) child ``n`` is PyTorch's submodule ``n`` — ``nn.Sequential`` numbers its
 children ``0, 1, ...`` and so does ``serial`` — so ``serial(Dense(8), Relu(), Dense(3))`` reads
-``0.weight, 0.bias, 2.weight, 2.bias``; ``residual`` adds no level; ``stack(layer, n)`` reads
-copy ``i`` (fnn path ``<path>/i``) from ``<prefix>.i`` (``nn.ModuleList``,
-``nn.TransformerEncoder``'s ``layers``); a recurrent layer reads PyTorch's ``*_l0`` weights
-(``Bidirectional``: ``*_l0`` and ``*_l0_reverse``), and a mapping to ``"name[k]"`` reads
-layer ``k`` of a multi-layer ``nn.LSTM`` (``*_lk``), so ``serial(LSTM(h), LSTM(h))`` loads
-``nn.LSTM(..., num_layers=2)`` with ``mapping={"0": "lstm[0]", "1": "lstm[1]"}``; ``MLP`` reads
-``nn.Sequential(Linear, act, Linear)`` (``0``, ``2``); ``TransformerBlock`` reads
-``nn.TransformerEncoderLayer`` (``self_attn``, ``linear1``, ``linear2``, ``norm1``, ``norm2``;
-``norm_first=True`` is fnn's ``norm="pre"``; build it with ``activation="gelu"``, fnn's default,
-or give the fnn block PyTorch's ``relu``). ``mapping={fnn_path: torch_prefix}`` renames any
-node: an fnn path is the parameter keys joined by ``/`` (``"0"``, ``"encoder/2"``,
+``0.weight, 0.bias, 2.weight, 2.bias``; ``residual`` and ``tied`` add no level; ``stack(layer,
+n)`` reads copy ``i`` (fnn path ``<path>/i``) from ``<prefix>.i`` (``nn.ModuleList``,
+``nn.TransformerEncoder``'s ``layers``), or, when its torch name holds ``{i}``, from that name
+with ``i`` put in (torchvision ViT's ``encoder.layers.encoder_layer_{i}``); a recurrent layer
+reads PyTorch's ``*_l0`` weights (``Bidirectional``: ``*_l0`` and ``*_l0_reverse``), and a
+mapping to ``"name[k]"`` reads layer ``k`` of a multi-layer ``nn.LSTM`` (``*_lk``), so
+``serial(LSTM(h), LSTM(h))`` loads ``nn.LSTM(..., num_layers=2)`` with ``mapping={"0":
+"lstm[0]", "1": "lstm[1]"}``; ``MLP`` reads ``nn.Sequential(Linear, act, Linear)`` (``0``,
+``2``), ``GatedMLP`` HF Llama's ``gate_proj``, ``up_proj``, ``down_proj``; ``TransformerBlock``
+reads ``nn.TransformerEncoderLayer`` (``self_attn``, ``linear1``, ``linear2``, ``norm1``,
+``norm2``; ``norm_first=True`` is fnn's ``norm="pre"``; build it with ``activation="gelu"``,
+fnn's default, or give the fnn block PyTorch's ``relu``). ``mapping={fnn_path: torch_prefix}``
+renames any node: an fnn path is the parameter keys joined by ``/`` (``"0"``, ``"encoder/2"``,
 ``"attn/mha"``), a torch prefix the dotted module name (``"features.0"``, ``""`` for the root).
-A composed model declares its own names in ``meta["torch_names"]`` (``{relative fnn path:
-relative torch name}``, ``""``: the part adds no level — :func:`fnn.models.ResNet`'s blocks map
-``residual/main/conv1`` to ``conv1``) and is walked as a ``serial`` of its children.
 
-The tensors are transposed into fnn's layouts as :mod:`fnn._torch_layers` lists (the layers'
-docstrings give the same rules). A ``Dense`` right after a ``Flatten`` of a channels-last feature
-map gets its input columns reordered from PyTorch's channels-first flattening, so a CNN whose
-input is transposed from NCHW to NHWC computes PyTorch's outputs. Every missing, unexpected or
-mis-shaped tensor (and every unused ``mapping`` entry) is reported at once in a
-:class:`StateDictError`. fnn's ``Conv`` pads ``SAME`` by default, PyTorch's ``Conv2d`` not at all
-(``padding=0``): the weights fit either way, so when a tensor further on is mis-shaped (the
-``Linear`` after a ``Flatten``), the error adds a hint naming each such ``Conv``, its padding and
-its output shape under both paddings.
+**Declarations.** A composed model says how PyTorch names and stores it in its ``meta`` (keys
+are fnn paths relative to the declaring layer, ``""`` the layer itself; ``<path>/{i}/...``
+applies to every copy of a ``stack``; an enclosing layer's declaration wins over an inner one):
+
+- ``meta["torch_names"] = {path: torch name}`` (relative; ``""``: the part adds no level —
+  :func:`fnn.models.ResNet`'s blocks map ``residual/main/conv1`` to ``conv1``); a layer with
+  children that declares names is walked as a ``serial`` of them.
+- ``meta["torch_layout"] = {path: layout}`` (or ``layout=`` here, which wins): ``Dense`` (and
+  ``MLP``/``GatedMLP`` parts) ``"linear"`` (default, ``nn.Linear``, weight ``(out, in)``) or
+  ``"conv1d"`` (HF GPT-2's ``Conv1D``, weight ``(in, out)``); ``MultiHeadAttention``
+  ``"packed"`` (default, ``nn.MultiheadAttention``), a dict of Linear submodules relative to the
+  attention's name (Llama ``{"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}``,
+  BERT ``{"q": "self.query", ..., "o": "output.dense"}``) or a fused projection split into q, k,
+  v (GPT-2 ``{"qkv": "c_attn", "o": "c_proj", "format": "conv1d"}``, ``c_attn.weight (d, 3d)``);
+  ``PositionalEmbedding``, ``ClassToken``, ``PRelu`` and any one-parameter layer
+  ``"embedding"`` (default: ``<name>.weight``) or ``"parameter"`` (the name *is* the tensor:
+  torchvision's ``encoder.pos_embedding (1, n, d)``, ``class_token (1, 1, d)``). A layout is
+  never guessed from shapes: a square ``(in, out)`` weight loads transposed unless declared.
+- ``meta["torch_tied"] = {alias key: source key}`` (relative to the layer's torch name; GPT-2's
+  ``{"lm_head.weight": "transformer.wte.weight"}``): the alias may be absent; if present it must
+  equal the source. A ``tied`` combinator's target is such an alias too.
+
+The tensors are converted by the rules :mod:`fnn.torch_weights._layers` lists (the layers'
+docstrings give the same). A ``Dense`` right after a ``Flatten`` of a channels-last feature map
+gets its input columns reordered from PyTorch's channels-first flattening, so a CNN whose input
+is transposed from NCHW to NHWC computes PyTorch's outputs. Every missing, unexpected,
+mis-shaped or mis-typed (an integer or boolean tensor for a float parameter) tensor, every
+tied alias that differs from its source, every wrong layout and every unused ``mapping`` or
+``layout`` entry is reported at once in a :class:`StateDictError`. fnn's ``Conv`` pads
+``SAME`` by default, PyTorch's ``Conv2d`` not at all (``padding=0``): the weights fit either
+way, so when a tensor further on is mis-shaped (the ``Linear`` after a ``Flatten``), the error
+adds a hint naming each such ``Conv``, its padding and its output shape under both paddings.
+
+:func:`state_dict` runs the same walk and rules backwards: fnn ``params``/``state`` to the
+``state_dict`` PyTorch's module has (aliases included), bit-exact both ways.
 
 >>> import numpy as np
 >>> from fnn import checkpoint

@@ -75,7 +75,10 @@ class Ctx:
     def __init__(self, walk, pt, st, shape, path, prefix, flat_from=None, suffix="_l0"):
         self.walk, self.pt, self.st, self.in_shape = walk, pt, st, shape
         self.path, self.prefix, self.flat_from, self.suffix = path, prefix, flat_from, suffix
-        self.layout = walk.layout_of(path)
+
+    @property
+    def layout(self):               # read only by converters that have layouts
+        return self.walk.layout_of(self.path)
 
     def key(self, name):
         return join(self.prefix, name, ".")
