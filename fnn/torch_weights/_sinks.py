@@ -106,7 +106,7 @@ class Saver:
             if k in self.sd:
                 walk.problems.append(f"duplicate: {b.where} writes {k!r}, which another layer "
                                      f"wrote (two fnn layers have the same PyTorch name)")
-            a = np.ascontiguousarray(a)
+            a = np.array(a, order="C")                   # a copy; keeps a 0-d array 0-d
             if self.dtype is not None and is_float(a.dtype):
                 a = a.astype(self.dtype)
             self.sd[k] = a
