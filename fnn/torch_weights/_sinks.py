@@ -121,3 +121,20 @@ class Saver:
                 continue
             self.sd[alias] = self.sd[source].copy()
             self.aliases.add(alias)
+
+
+class Keys(Saver):
+    """The PyTorch keys a model reads/writes (no arrays): ``sd`` maps each to its shape."""
+
+    def __init__(self):
+        self.sd, self.aliases = {}, set()
+
+    def take(self, walk, b):
+        self.sd.update(zip(b.rule.keys, b.rule.shapes))
+        if b.tied:
+            self.aliases.update(b.rule.keys)
+
+    def finish(self, walk):
+        for alias, source in walk.aliases.items():
+            self.sd[alias] = self.sd.get(source)
+            self.aliases.add(alias)
