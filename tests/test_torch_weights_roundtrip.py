@@ -48,8 +48,8 @@ LAYOUTS = {     # name: (model, input shape)
     "tied": (named(tied(serial(("wte", L.Embedding(7, 4)), ("head", L.Dense(7, use_bias=False))),
                         "head/w", "wte/w", transpose=True), torch_names={"head": "lm_head"}),
              (1, 3)),
-    "torch_tied": (named(serial(("wte", L.Embedding(7, 4))), torch_tied={"head.weight": "wte.weight"}),
-                   (1, 3)),
+    "torch_tied": (named(serial(("wte", L.Embedding(7, 4))),
+                         torch_tied={"head.weight": "wte.weight"}), (1, 3)),
 }
 MODELS = {**{k: (c.model, c.shape) for k, c in CASES.items()}, **LAYOUTS}
 MAPPINGS = {"lstm-stack-2": {"0": "lstm[0]", "1": "lstm[1]"}}

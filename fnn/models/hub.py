@@ -102,9 +102,10 @@ def read_weights(directory) -> dict:
     if not os.path.isfile(index):
         if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
             return read_state_dict(os.path.join(directory, "pytorch_model.bin"))
-        have = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+        what = (f"holds {sorted(os.listdir(directory))}" if os.path.isdir(directory)
+                else "does not exist")
         raise FileNotFoundError(f"{directory}: no {SINGLE} and no {INDEX} (the directory "
-                                f"{'holds ' + str(have) if have is not None else 'does not exist'})")
+                                f"{what})")
     index, wm = _read_index(directory)
     sd, problems = {}, []
     for shard in sorted(set(wm.values())):
@@ -150,7 +151,8 @@ def _match_prefix(sd, model_keys, prefix):
     left = sorted(k for k in sd if not k.startswith(p))
     if left:
         warnings.warn(f"from_pretrained: the checkpoint's {len(left)} tensors outside "
-                      f"{prefix!r} (a head: {', '.join(left[:3])}{', ...' if len(left) > 3 else ''})"
+                      f"{prefix!r} (a head: {', '.join(left[:3])}"
+                      f"{', ...' if len(left) > 3 else ''})"
                       f" are not used by the base model", stacklevel=3)
     return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
 

@@ -87,7 +87,8 @@ class Loader:
 
 class Saver:
     def __init__(self, params, state, dtype=None):
-        self.leaves = {**leaves(params, "params"), **leaves(state, "state")}
+        self.leaves = {k: np.asarray(v) for k, v in {**leaves(params, "params"),
+                                                     **leaves(state, "state")}.items()}
         self.dtype, self.sd, self.aliases = dtype, {}, set()
 
     def has(self, key):
@@ -98,7 +99,7 @@ class Saver:
         if tie:
             s = self.get(walk, ref._replace(keys=tie[0]))
             return s.T if tie[1] else s
-        return np.asarray(self.leaves[(ref.tree, ref.keys)])[ref.index]
+        return self.leaves[(ref.tree, ref.keys)][ref.index]
 
     def take(self, walk, b):
         outs = b.rule.to_torch(*(self.get(walk, r) for r in b.refs))
