@@ -1,6 +1,8 @@
 """Models assembled from fnn layers: each a ``fnn.Layer`` plus the functions that use it."""
 from fnn.models.gpt import GPT, decode_step, init_cache, lm_loss, sample, value_and_grad
+from fnn.models.bert import Bert
 from fnn.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 
 __all__ = ["GPT", "init_cache", "decode_step", "sample", "value_and_grad", "lm_loss",
-           "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50"]
+           "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50",
+           "Bert"]
