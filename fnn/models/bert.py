@@ -152,7 +152,8 @@ def Bert(vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: int
                     ("activation", Tanh())) if add_pooling_layer else None
     name = (f"Bert(vocab={vocab_size}, d={d}, layers={num_hidden_layers}, "
             f"heads={num_attention_heads})")
-    meta = {"torch_names": {"encoder": "encoder.layer"}, "hf_config": dict(c),
+    meta = {"torch_names": {"encoder": "encoder.layer"},
+            "torch_layout": {"embeddings/token_type_embeddings": "embedding"}, "hf_config": dict(c),
             "add_pooling_layer": add_pooling_layer}
     return _model(body, pooler, c, name, meta)
 
