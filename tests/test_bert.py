@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnn.models import Bert
+from fnn.models import Bert, BertForSequenceClassification
 from fnn.models import bert as bert_module
 
 from helpers import assert_trees_close, no_autodiff, tree_scale
@@ -94,34 +94,26 @@ def test_forward_matches_numpy_with_padding_and_token_types(model_and_params):
     assert np.abs(np.asarray(seq0) - ref_seq).max() > 1e-3
 
 
-def test_hand_backward_matches_vjp_eval_and_train(model_and_params, monkeypatch):
+def test_hand_backward_matches_vjp(model_and_params, monkeypatch):
     """bwd of fwd's residuals against jax.vjp of apply (w.r.t. params; the ids are integers),
-    eval and train (dropout everywhere HF has it, the same key), in one compilation; the pad
-    token's embedding row gets no gradient (nn.Embedding(padding_idx))."""
+    eval mode (train mode, every dropout, in the classifier test below); the pad token's
+    embedding row gets no gradient (nn.Embedding(padding_idx))."""
     model, params, state = model_and_params
     rng = np.random.default_rng(1)
     dy = (jnp.asarray(rng.normal(size=(2, 6, 8))), jnp.asarray(rng.normal(size=(2, 8))))
     kw = dict(token_type_ids=jnp.asarray(TYPES), attention_mask=jnp.asarray(MASK))
-    real_vjp, key = jax.vjp, jax.random.PRNGKey(3)
+    real_vjp = jax.vjp
 
     def run(params, dy):
-        out = []
-        for train in (False, True):
-            f = lambda p: model.apply(p, state, jnp.asarray(IDS), key=key, train=train, **kw)[0]
-            y, vjp = real_vjp(f, params)
-            y2, _, res = model.fwd(params, state, jnp.asarray(IDS), key=key, train=train, **kw)
-            g, dx = model.bwd(params, state, res, dy, key=key, train=train, **kw)
-            out.append((y, y2, vjp(dy)[0], g))
-        return out
+        y, vjp = real_vjp(lambda p: model.apply(p, state, jnp.asarray(IDS), **kw)[0], params)
+        y2, _, res = model.fwd(params, state, jnp.asarray(IDS), **kw)
+        return y, y2, vjp(dy)[0], model.bwd(params, state, res, dy, **kw)
     with no_autodiff(monkeypatch):
-        results = jax.jit(run)(params, dy)
-    for train, (y, y2, ref, got) in zip((False, True), results):
-        assert_trees_close(y2, y, rtol=1e-12, atol=1e-12, what=f"train={train} fwd != apply")
-        assert_trees_close(got, ref, rtol=1e-9, atol=1e-11 * tree_scale(ref),
-                           what=f"train={train} bwd vs jax.vjp")
-        word = np.asarray(got["embeddings"]["word_embeddings"]["w"])
-        assert np.all(word[1] == 0) and np.abs(word[[2, 3, 7]]).min() > 0
-    assert np.abs(np.asarray(results[0][0][0]) - np.asarray(results[1][0][0])).max() > 1e-3
+        y, y2, ref, (got, dx) = jax.jit(run)(params, dy)
+    assert_trees_close(y2, y, rtol=1e-12, atol=1e-12, what="fwd != apply")
+    assert_trees_close(got, ref, rtol=1e-9, atol=1e-11 * tree_scale(ref), what="bwd vs jax.vjp")
+    word = np.asarray(got["embeddings"]["word_embeddings"]["w"])
+    assert dx is None and np.all(word[1] == 0) and np.abs(word[[2, 3, 7]]).min() > 0
 
 
 def test_init_pad_row_zero_and_no_pooler():
@@ -177,3 +169,42 @@ def test_bad_inputs_say_what_was_expected(model_and_params):
         model.init(jax.random.PRNGKey(0), (1, 10))
     with pytest.raises(TypeError, match="unexpected keyword"):
         model.apply(params, state, ids, mask=None)
+
+
+def test_sequence_classifier_matches_numpy_and_autodiff(monkeypatch):
+    """BertForSequenceClassification: logits = pooled W_c + b_c (NumPy), and
+    fnn.backprop.value_and_grad's hand gradient of the cross-entropy against jax.grad, train
+    mode (dropout in the embeddings, attention, sublayers and before the classifier), one
+    compilation; and against eval mode, so the dropout is there."""
+    from fnn import backprop, losses
+    cfg = {**CFG, "num_hidden_layers": 1}
+    model = BertForSequenceClassification(3, classifier_dropout=0.3, **cfg)
+    params, state, shape = model.init(jax.random.PRNGKey(2), IDS.shape)
+    assert shape == (2, 3) and sorted(params) == ["classifier", "dropout", "embeddings", "encoder",
+                                                 "pooler"]
+    params = randomized(params, seed=2)
+    ids, labels, key = jnp.asarray(IDS), jnp.array([0, 2]), jax.random.PRNGKey(5)
+    kw = dict(token_type_ids=jnp.asarray(TYPES), attention_mask=jnp.asarray(MASK))
+    loss = losses.softmax_cross_entropy_with_integer_labels
+    hand = backprop.value_and_grad(model, loss)
+    real_grad = jax.grad
+
+    def run(params):
+        logits = model.apply(params, state, ids, **kw)[0]
+        ref = real_grad(lambda p: loss(model.apply(p, state, ids, key=key, train=True, **kw)[0],
+                                       labels))(params)
+        (value, _), grads = hand(params, state, ids, labels, key=key, train=True, **kw)
+        return logits, ref, grads, value, loss(logits, labels)
+    with no_autodiff(monkeypatch):
+        logits, ref, got, train_loss, eval_loss = jax.jit(run)(params)
+    assert abs(train_loss - eval_loss) > 1e-3
+    _, pooled = np_bert(params, IDS, TYPES, MASK, 2, 1e-12)
+    C = jax.tree.map(np.asarray, params["classifier"])
+    np.testing.assert_allclose(logits, pooled @ C["w"] + C["b"], rtol=1e-12, atol=1e-12)
+    assert_trees_close(got, ref, rtol=1e-9, atol=1e-11 * tree_scale(ref), what="classifier")
+    config = bert_module.hf_config(model)
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert len(config["id2label"]) == 3 and config["classifier_dropout"] == 0.3
+    assert bert_module.from_hf_config(config) == model
+    with pytest.raises(ValueError, match="num_labels"):
+        BertForSequenceClassification(0, **cfg)

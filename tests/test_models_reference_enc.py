@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fnn.backprop
+import fnn.losses
 import fnn.models
 from fnn.models import Bert, VisionTransformer
 from fnn.torch_weights import load_state_dict, state_dict
@@ -152,6 +154,36 @@ def test_bert_hub_directory_written_by_transformers(tmp_path):
     (seq, pooled), _ = model.apply(params, state, jnp.asarray(IDS), **bert_inputs(False))
     for got, want in zip(hf_out(hf), (seq, pooled)):
         np.testing.assert_allclose(want, got.detach().numpy(), rtol=0, atol=1e-9)
+
+
+def test_bert_sequence_classifier_matches_transformers(tmp_path):
+    """BertForSequenceClassification (keys ``bert.…``, ``classifier.…``): logits, the hand
+    gradient of the cross-entropy, and its hub directory both ways."""
+    transformers = import_transformers()
+    config = transformers.BertConfig(**BERT, num_labels=3)
+    hf = perturbed(transformers.BertForSequenceClassification(config), seed=4)
+    model = fnn.models.BertForSequenceClassification(3, **BERT)
+    params, state = load_state_dict(model, numpy_sd(hf), IDS.shape, dtype=jnp.float64)
+    labels = np.array([2, 0])
+    out = hf(input_ids=torch.tensor(IDS), labels=torch.tensor(labels), **bert_inputs(True))
+    out.loss.backward()
+    loss = fnn.losses.softmax_cross_entropy_with_integer_labels
+    (value, _, logits), grads = fnn.backprop.value_and_grad(model, loss, with_output=True)(
+        params, state, jnp.asarray(IDS), jnp.asarray(labels), train=False, **bert_inputs(False))
+    np.testing.assert_allclose(logits, out.logits.detach().numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(value, out.loss.item(), rtol=0, atol=1e-9)
+    grads_close(hf, state_dict(model, grads, state, IDS.shape), 1e-8)
+
+    fnn.models.save_pretrained(tmp_path / "fnn_cls", model, params, state)
+    hub = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "fnn_cls", dtype=torch.float64).eval()
+    got = hub(input_ids=torch.tensor(IDS), **bert_inputs(True)).logits
+    np.testing.assert_allclose(got.detach().numpy(), logits, rtol=0, atol=1e-9)
+    hf.save_pretrained(tmp_path / "hf_cls")
+    again, p2, s2 = fnn.models.from_pretrained(tmp_path / "hf_cls", dtype=jnp.float64)
+    assert again == model
+    np.testing.assert_allclose(again.apply(p2, s2, jnp.asarray(IDS), **bert_inputs(False))[0],
+                               out.logits.detach().numpy(), rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- ViT

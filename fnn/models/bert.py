@@ -29,7 +29,7 @@ from fnn import activations as acts
 from fnn import initializers as inits
 from fnn.activations import Tanh
 from fnn.combinators import residual, serial, stack
-from fnn.core import Layer, constructor, is_shape
+from fnn.core import Layer, child_key, constructor, is_shape
 from fnn.layers.dense import Dense, Embedding
 from fnn.layers.dropout import Dropout
 from fnn.layers.multi_head_attention import MultiHeadAttention
@@ -39,7 +39,7 @@ from fnn.layers.positional import PositionalEmbedding
 from fnn.layers.token_type import TokenTypeEmbedding
 from fnn.layers.transformer import MLP
 
-__all__ = ["Bert", "from_hf_config", "hf_config", "hf_input_shape", "HF_PREFIX"]
+__all__ = ["Bert", "BertForSequenceClassification", "from_hf_config", "hf_config", "hf_input_shape", "HF_PREFIX"]
 
 HF_PREFIX = ""          # BertModel's own keys; a BertFor... checkpoint nests them under "bert."
 
@@ -138,24 +138,71 @@ def Bert(vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: int
     ((2, 5, 16), (2, 16))
     """
     args = dict(locals())
+    return _build({f: args[f] for f in FIELDS}, add_pooling_layer)
+
+
+@constructor
+def BertForSequenceClassification(
+        num_labels: int = 2, *, classifier_dropout: float | None = None, vocab_size: int = 30522,
+        hidden_size: int = 768, num_hidden_layers: int = 12, num_attention_heads: int = 12,
+        intermediate_size: int = 3072, hidden_act: str = "gelu", hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1, max_position_embeddings: int = 512,
+        type_vocab_size: int = 2, initializer_range: float = 0.02, layer_norm_eps: float = 1e-12,
+        pad_token_id: int | None = 0) -> Layer:
+    """BERT with a classification head, Hugging Face ``BertForSequenceClassification``:
+    ``logits = Drop(pooled_output) W_c + b_c`` (dropout ``classifier_dropout``, default
+    ``hidden_dropout_prob``); the other keywords are :func:`Bert`'s (``BertConfig`` fields).
+    **Input and keywords** as :func:`Bert`; **output** ``[batch, num_labels]`` logits, so
+    ``fnn.backprop.value_and_grad(model, loss)`` trains it. **Params:** :func:`Bert`'s and
+    ``classifier``; torch names ``bert.…`` and ``classifier.…``.
+
+    >>> from fnn.core import output_shape
+    >>> output_shape(BertForSequenceClassification(3, vocab_size=50, hidden_size=8,
+    ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16), (4, 7))
+    (4, 3)
+    """
+    args = dict(locals())
     c = {f: args[f] for f in FIELDS}
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+        raise ValueError(f"BertForSequenceClassification: num_labels must be a positive int, "
+                         f"got {num_labels!r}")
+    p = c["hidden_dropout_prob"] if classifier_dropout is None else classifier_dropout
+    if not 0 <= p < 1:
+        raise ValueError(f"BertForSequenceClassification: classifier_dropout must be in [0, 1), "
+                         f"got {p!r}")
+    return _build(c, True, (num_labels, p, classifier_dropout))
+
+
+def _build(c: dict, add_pooling_layer: bool, classifier=None) -> Layer:
     _check(c)
-    r, d = initializer_range, hidden_size
+    r, d = c["initializer_range"], c["hidden_size"]
     embeddings = serial(
-        ("word_embeddings", Embedding(vocab_size, d, w_init=inits.normal(r))),
-        ("position_embeddings", PositionalEmbedding(max_position_embeddings,
+        ("word_embeddings", Embedding(c["vocab_size"], d, w_init=inits.normal(r))),
+        ("position_embeddings", PositionalEmbedding(c["max_position_embeddings"],
                                                     w_init=inits.normal(r))),
-        ("token_type_embeddings", TokenTypeEmbedding(type_vocab_size, w_init=inits.normal(r))),
-        ("LayerNorm", LayerNorm(layer_norm_eps)), *_drop(hidden_dropout_prob))
-    body = serial(("embeddings", embeddings), ("encoder", stack(_bert_layer(c), num_hidden_layers)))
-    pooler = serial(("select", SelectToken(0)), ("dense", Dense(d, w_init=inits.normal(r))),
-                    ("activation", Tanh())) if add_pooling_layer else None
-    name = (f"Bert(vocab={vocab_size}, d={d}, layers={num_hidden_layers}, "
-            f"heads={num_attention_heads})")
-    meta = {"torch_names": {"encoder": "encoder.layer"},
-            "torch_layout": {"embeddings/token_type_embeddings": "embedding"}, "hf_config": dict(c),
-            "add_pooling_layer": add_pooling_layer}
-    return _model(body, pooler, c, name, meta)
+        ("token_type_embeddings", TokenTypeEmbedding(c["type_vocab_size"],
+                                                     w_init=inits.normal(r))),
+        ("LayerNorm", LayerNorm(c["layer_norm_eps"])), *_drop(c["hidden_dropout_prob"]))
+    body = serial(("embeddings", embeddings),
+                  ("encoder", stack(_bert_layer(c), c["num_hidden_layers"])))
+    tail = [("pooler", serial(("select", SelectToken(0)),
+                              ("dense", Dense(d, w_init=inits.normal(r))),
+                              ("activation", Tanh())))] if add_pooling_layer else []
+    name = (f"(vocab={c['vocab_size']}, d={d}, layers={c['num_hidden_layers']}, "
+            f"heads={c['num_attention_heads']})")
+    names = {"encoder": "encoder.layer"}
+    meta = {"hf_config": dict(c), "add_pooling_layer": add_pooling_layer}
+    if classifier is None:
+        name = "Bert" + name
+    else:
+        num_labels, p, meta["classifier_dropout"] = classifier
+        tail += [*_drop(p), ("classifier", Dense(num_labels, w_init=inits.normal(r)))]
+        names = {"embeddings": "bert.embeddings", "encoder": "bert.encoder.layer",
+                 "pooler": "bert.pooler", "classifier": "classifier"}
+        name, meta["num_labels"] = f"BertForSequenceClassification{name}", num_labels
+    meta.update(torch_names=names,
+                torch_layout={"embeddings/token_type_embeddings": "embedding"})
+    return _model(body, tail, add_pooling_layer and classifier is None, c, name, meta)
 
 
 def _word(params):
@@ -167,9 +214,15 @@ def _with_word(params, w):
     return {**params, "embeddings": {**emb, "word_embeddings": {**emb["word_embeddings"], "w": w}}}
 
 
-def _model(body: Layer, pooler: Layer | None, c: dict, name: str, meta: dict) -> Layer:
+def _mask(attention_mask):
+    return (jnp.asarray(attention_mask) != 0)[:, None, None, :]                  # (b, 1, 1, S)
+
+
+def _model(body: Layer, tail: list, pair: bool, c: dict, name: str, meta: dict) -> Layer:
+    """``body`` (ids → h) then the ``tail`` layers in turn on h (pooler[, dropout,
+    classifier]); the output is ``(h, tail's)`` when ``pair``, else the tail's (h if none)."""
     pad, maxlen = c["pad_token_id"], c["max_position_embeddings"]
-    children = body.children + ((("pooler", pooler),) if pooler is not None else ())
+    first = len(body.children)                       # tail layer i gets child key first + i
 
     def init(key, input_shape):
         if not is_shape(input_shape) or len(input_shape) != 2 or not 1 <= input_shape[1] <= maxlen:
@@ -178,10 +231,10 @@ def _model(body: Layer, pooler: Layer | None, c: dict, name: str, meta: dict) ->
         params, state, shape = body.init(key, input_shape)
         if pad is not None:                          # HF's _init_weights zeroes the pad row
             params = _with_word(params, _word(params).at[pad].set(0))
-        if pooler is None:
-            return params, state, shape
-        params["pooler"], state["pooler"], pooled = pooler.init(jax.random.fold_in(key, 2), shape)
-        return params, state, (shape, pooled)
+        z = shape
+        for i, (n, layer) in enumerate(tail):
+            params[n], state[n], z = layer.init(child_key(key, first + i), z)
+        return params, state, ((shape, z) if pair else z)
 
     def keywords(x, token_type_ids, attention_mask):
         if not hasattr(x, "dtype") or x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
@@ -194,7 +247,7 @@ def _model(body: Layer, pooler: Layer | None, c: dict, name: str, meta: dict) ->
                 raise ValueError(f"{name}: attention_mask must have the ids' shape (batch, T) = "
                                  f"{tuple(x.shape)} (1 = token, 0 = padding), got "
                                  f"{getattr(m, 'shape', type(m).__name__)}")
-            kw["mask"] = (jnp.asarray(m) != 0)[:, None, None, :]            # (b, 1, 1, S)
+            kw["mask"] = _mask(m)
         return kw
 
     def frozen_pad(params):
@@ -204,62 +257,62 @@ def _model(body: Layer, pooler: Layer | None, c: dict, name: str, meta: dict) ->
         w = _word(params)
         return _with_word(params, w.at[pad].set(lax.stop_gradient(w[pad])))
 
-    def split(params, state):
-        rest = lambda t: {k: v for k, v in t.items() if k != "pooler"}
-        return rest(params), rest(state)
+    def part(tree):
+        return {k: v for k, v in tree.items() if k in dict(body.children)}
+
+    def run(method, params, state, x, key, train, kw):
+        h, new_state, *res = getattr(body, method)(part(params), part(state), x, key=key,
+                                                   train=train, **kw)
+        z, rest = h, {"body": res[0]} if res else {}
+        for i, (n, layer) in enumerate(tail):
+            z, new_state[n], *r = getattr(layer, method)(params[n], state[n], z, train=train,
+                                                         key=child_key(key, first + i))
+            rest.update({n: r[0]} if r else {})
+        return ((h, z) if pair else z), new_state, rest
 
     def apply(params, state, x, *, key=None, train=False, token_type_ids=None,
               attention_mask=None):
         kw = keywords(x, token_type_ids, attention_mask)
-        params = frozen_pad(params)
-        bp, bs = split(params, state)
-        h, new_state = body.apply(bp, bs, x, key=key, train=train, **kw)
-        if pooler is None:
-            return h, new_state
-        pooled, new_state["pooler"] = pooler.apply(params["pooler"], state["pooler"], h)
-        return (h, pooled), new_state
+        return run("apply", frozen_pad(params), state, x, key, train, kw)[:2]
 
     def fwd(params, state, x, *, key=None, train=False, token_type_ids=None,
             attention_mask=None):
-        kw = keywords(x, token_type_ids, attention_mask)
-        bp, bs = split(params, state)
-        h, new_state, res = body.fwd(bp, bs, x, key=key, train=train, **kw)
-        if pooler is None:
-            return h, new_state, {"body": res}
-        pooled, new_state["pooler"], res_p = pooler.fwd(params["pooler"], state["pooler"], h)
-        return (h, pooled), new_state, {"body": res, "pooler": res_p}
+        return run("fwd", params, state, x, key, train, keywords(x, token_type_ids,
+                                                                  attention_mask))
 
     def bwd(params, state, res, dy, *, key=None, train=False, token_type_ids=None,
             attention_mask=None):
-        kw = {k: v for k, v in (("token_type_ids", token_type_ids),) if v is not None}
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         if attention_mask is not None:
-            kw["mask"] = (jnp.asarray(attention_mask) != 0)[:, None, None, :]
-        bp, bs = split(params, state)
+            kw["mask"] = _mask(attention_mask)
+        if pair and not (isinstance(dy, (tuple, list)) and len(dy) == 2):
+            raise ValueError(f"{name}: dy must be the pair (d sequence_output, d "
+                             f"pooled_output), like the output; got {type(dy).__name__}")
+        dseq, dz = dy if pair else (None, dy)
         grads = {}
-        if pooler is not None:
-            if not (isinstance(dy, (tuple, list)) and len(dy) == 2):
-                raise ValueError(f"{name}: dy must be the pair (d sequence_output, d "
-                                 f"pooled_output), like the output; got {type(dy).__name__}")
-            dseq, dpooled = dy
-            grads["pooler"], dh = pooler.bwd(params["pooler"], state["pooler"], res["pooler"],
-                                             dpooled)
-            dy = dseq + dh
-        g, _ = body.bwd(bp, bs, res["body"], dy, key=key, train=train, **kw)
+        for i in reversed(range(len(tail))):
+            n, layer = tail[i]
+            grads[n], dz = layer.bwd(params[n], state[n], res[n], dz, train=train,
+                                     key=child_key(key, first + i))
+        g, _ = body.bwd(part(params), part(state), res["body"], dz if dseq is None else dseq + dz,
+                        key=key, train=train, **kw)
         if pad is not None:
             g = _with_word(g, _word(g).at[pad].set(0))
         return {**g, **grads}, None
 
     return Layer(init, apply, fwd, bwd, name, keywords={"token_type_ids", "attention_mask"},
-                 children=children, stochastic=body.stochastic, meta=meta)
+                 children=body.children + tuple(tail),
+                 stochastic=any(l.stochastic for _, l in body.children + tuple(tail)), meta=meta)
 
 
 # --------------------------------------------------------------------------- Hugging Face config
 
 def from_hf_config(config: dict) -> Layer:
-    """The :func:`Bert` of a Hugging Face ``config.json`` (a ``BertConfig`` as a dict): its
-    fields by name, BertConfig's defaults for those absent. A value fnn's BERT does not
-    implement raises ``ValueError`` naming the field: ``model_type`` other than ``"bert"``,
-    ``position_embedding_type`` other than ``"absolute"``, ``is_decoder`` or
+    """The model of a Hugging Face ``config.json`` (a ``BertConfig`` as a dict): its fields by
+    name, BertConfig's defaults for those absent; :func:`BertForSequenceClassification` when
+    ``architectures`` names it (``num_labels`` from ``id2label``), else :func:`Bert`. A value
+    fnn's BERT does not implement raises ``ValueError`` naming the field: ``model_type`` other
+    than ``"bert"``, ``position_embedding_type`` other than ``"absolute"``, ``is_decoder`` or
     ``add_cross_attention`` true, a ``hidden_act`` fnn has no derivative for."""
     if not isinstance(config, dict):
         raise TypeError(f"bert.from_hf_config: expected a dict (config.json), got "
@@ -273,17 +326,32 @@ def from_hf_config(config: dict) -> Layer:
     if "hidden_act" in config and config["hidden_act"] not in ACTIVATIONS:
         raise ValueError(f"bert.from_hf_config: hidden_act={config['hidden_act']!r} is not "
                          f"supported; one of {sorted(ACTIVATIONS)}")
-    return Bert(**{f: config[f] for f in FIELDS if f in config})
+    fields = {f: config[f] for f in FIELDS if f in config}
+    if "BertForSequenceClassification" in (config.get("architectures") or ()):
+        labels = config.get("id2label")
+        num_labels = len(labels) if labels else config.get("num_labels", 2)
+        return BertForSequenceClassification(num_labels,
+                                             classifier_dropout=config.get("classifier_dropout"),
+                                             **fields)
+    return Bert(**fields)
 
 
 def hf_config(model: Layer) -> dict:
-    """The ``config.json`` fields of a :func:`Bert` (``model_type`` ``"bert"``, ``architectures``
-    ``["BertModel"]``, every ``BertConfig`` field the model is built from)."""
-    if not isinstance(model, Layer) or model.kind != "Bert":
-        raise TypeError(f"bert.hf_config: expected a model built by fnn.models.Bert, got "
-                        f"{model!r}")
-    return {"model_type": "bert", "architectures": ["BertModel"],
-            "position_embedding_type": "absolute", **model.meta["hf_config"]}
+    """The ``config.json`` fields of a :func:`Bert` or :func:`BertForSequenceClassification`
+    (``model_type`` ``"bert"``, ``architectures``, every ``BertConfig`` field the model is built
+    from; for the classifier ``id2label``/``label2id`` and ``classifier_dropout``)."""
+    if not isinstance(model, Layer) or model.kind not in ("Bert", "BertForSequenceClassification"):
+        raise TypeError(f"bert.hf_config: expected a model built by fnn.models.Bert or "
+                        f"BertForSequenceClassification, got {model!r}")
+    config = {"model_type": "bert", "architectures": [model.kind if model.kind != "Bert"
+                                                      else "BertModel"],
+              "position_embedding_type": "absolute", **model.meta["hf_config"]}
+    if model.kind == "BertForSequenceClassification":
+        n = model.meta["num_labels"]
+        config.update(id2label={str(i): f"LABEL_{i}" for i in range(n)},
+                      label2id={f"LABEL_{i}": i for i in range(n)},
+                      classifier_dropout=model.meta["classifier_dropout"])
+    return config
 
 
 def hf_input_shape(config: dict) -> tuple:
