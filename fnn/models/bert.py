@@ -41,7 +41,7 @@ from fnn.layers.transformer import MLP
 
 __all__ = ["Bert", "BertForSequenceClassification", "from_hf_config", "hf_config", "hf_input_shape", "HF_PREFIX"]
 
-HF_PREFIX = ""          # BertModel's own keys; a BertFor... checkpoint nests them under "bert."
+HF_PREFIX = "bert"      # a BertFor... checkpoint nests BertModel's keys under "bert."
 
 # Hugging Face ACT2FN names -> fnn activations (each with its hand derivative)
 ACTIVATIONS = {"gelu": acts.gelu, "gelu_new": acts.gelu_tanh, "gelu_pytorch_tanh": acts.gelu_tanh,
