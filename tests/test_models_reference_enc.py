@@ -6,6 +6,7 @@ into fnn by ``fnn.torch_weights.load_state_dict``, float64, eval mode. Outputs a
 torch autograd (every parameter, and the image for ViT), and what fnn saves back (a
 ``state_dict``; for BERT a hub directory) loads in the reference and gives its outputs."""
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -147,13 +148,23 @@ def test_bert_saved_back_loads_in_transformers(tmp_path):
 
 
 def test_bert_hub_directory_written_by_transformers(tmp_path):
+    """BertModel's directory, and a pre-training checkpoint's (``bert.…`` plus the ``cls.…``
+    heads, as the hub's bert-base-uncased): the base model is read from under ``bert.``."""
+    transformers = import_transformers()
     hf = bert_reference(seed=2)
+    pre = perturbed(transformers.BertForPreTraining(transformers.BertConfig(**BERT)), seed=5)
     hf.save_pretrained(tmp_path / "hf_bert")
-    model, params, state = fnn.models.from_pretrained(tmp_path / "hf_bert", dtype=jnp.float64)
-    assert model == Bert(**BERT)
-    (seq, pooled), _ = model.apply(params, state, jnp.asarray(IDS), **bert_inputs(False))
-    for got, want in zip(hf_out(hf), (seq, pooled)):
-        np.testing.assert_allclose(want, got.detach().numpy(), rtol=0, atol=1e-9)
+    pre.save_pretrained(tmp_path / "hf_pre")
+    for directory, ref in (("hf_bert", hf), ("hf_pre", pre.bert)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, params, state = fnn.models.from_pretrained(tmp_path / directory,
+                                                              dtype=jnp.float64)
+        assert model == Bert(**BERT)
+        assert any("cls.predictions" in str(w.message) for w in caught) == (directory == "hf_pre")
+        (seq, pooled), _ = model.apply(params, state, jnp.asarray(IDS), **bert_inputs(False))
+        for got, want in zip(hf_out(ref), (seq, pooled)):
+            np.testing.assert_allclose(want, got.detach().numpy(), rtol=0, atol=1e-9)
 
 
 def test_bert_sequence_classifier_matches_transformers(tmp_path):
