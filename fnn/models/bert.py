@@ -9,7 +9,9 @@
 
 The padding mask is Hugging Face's: ``attention_mask[b, s] = 0`` removes key ``s`` from every
 query's softmax (HF adds ``finfo.min`` to its scores; fnn's attention gives it probability 0, the
-same in floating point). A padded query row still attends to the real tokens, as in HF.
+same in floating point). A padded query row still attends to the real tokens, as in HF. One
+difference: a sequence with no token at all (its mask all 0) gets attention output 0 in fnn,
+where HF's all-``finfo.min`` row attends uniformly to the padding.
 
 Parameters are named as ``BertModel``'s modules where a name is a module of fnn's:
 ``embeddings/{word_embeddings, position_embeddings, token_type_embeddings, LayerNorm}``,
