@@ -45,7 +45,7 @@ def kernel_grad_choice(op: str, x_shape, w_shape, dtype, strides=1, padding="SAM
            **{k: repr(v) for k, v in opts.items()}}
     forms = (default, "im2col" if default == "conv" else "conv")
     return tuning.choose("conv.kernel_grad", key,
-                         [candidate(f, o) for o in tuning.OPTION_SETS for f in forms], make_args)
+                         [candidate(f, o) for o in tuning.options.OPTION_SETS for f in forms], make_args)
 
 
 _PLATFORM_NAMES = {"gpu": ("cuda", "rocm")}

@@ -25,7 +25,8 @@ import numpy as np
 
 from fnn.tuning import cache
 from fnn.tuning._settings import STATE, enabled, median
-from fnn.tuning.options import OPTION_SETS, accepted, in_effect, record
+from fnn.tuning import options
+from fnn.tuning.options import accepted, in_effect, record
 
 __all__ = ["Candidate", "choose", "agree", "measured", "best", "memo_entries"]
 
@@ -95,7 +96,7 @@ def _measure(candidates: list[Candidate], make_args: Callable[[], tuple]) -> dic
         if i and time.perf_counter() - t0 > STATE.budget:
             rejected[c.name] = "not measured: over the time budget"
             continue
-        opts = OPTION_SETS.get(c.options)
+        opts = options.OPTION_SETS.get(c.options)
         if opts is None or not accepted(c.options):
             rejected[c.name] = f"compiler options {c.options!r} not accepted by this jaxlib"
             continue

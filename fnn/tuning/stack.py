@@ -64,8 +64,12 @@ def stack_form(model, layer, n: int, remat, params, x, train: bool, kw: dict) ->
             return y, grads, dx
         return Candidate(form, run)
 
-    def make_args():
+    dtypes = [a.dtype for a in jax.tree.leaves(params)]
+
+    def make_args():                    # fresh parameters of the traced ones' dtypes
         p, s, _ = model.init(jax.random.PRNGKey(0), shape)
+        leaves, tree = jax.tree.flatten(p)
+        p = jax.tree.unflatten(tree, [np.asarray(a).astype(t) for a, t in zip(leaves, dtypes)])
         r = np.random.default_rng(0)
         return (p, s, *(r.standard_normal(shape).astype(dtype) for _ in range(2)))
     return choose("stack.form", key, [candidate(f) for f in FORMS], make_args)
