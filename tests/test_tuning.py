@@ -117,3 +117,14 @@ def test_agree_is_float_rounding_not_more():
     assert "max difference" in tuning.agree(x, x * np.float32(1.001))
     assert "non-finite" in tuning.agree(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
     assert "structure" in tuning.agree((x,), [x])
+
+
+def test_fnn_tune_report_and_clear(tune, capsys):
+    from fnn.cli import main
+    with tune({"exp": 3.0, "exp2": 1.0}):
+        tuning.choose("test.cli", {"n": 12}, _candidates(), _args)
+        assert main(["tune", "--report"]) == 0
+        out = capsys.readouterr().out
+        assert "machine:" in out and "test.cli" in out and "exp2" in out
+        assert main(["tune", "--clear"]) == 0
+        assert "deleted 1" in capsys.readouterr().out and os.listdir(tune.dir) == []
