@@ -89,8 +89,8 @@ def _signature(args, kwargs):
     leaves, tree = jax.tree.flatten((args, kwargs))
     sig = []
     for a in leaves:
-        if hasattr(a, "shape") and hasattr(a, "dtype"):
-            sig.append((tuple(a.shape), str(a.dtype), bool(getattr(a, "weak_type", False))))
+        if hasattr(a, "shape") and hasattr(a, "dtype"):      # (str(dtype) would cost 15 us)
+            sig.append((a.shape, a.dtype))
         else:
             sig.append((type(a).__name__, a if isinstance(a, (int, float, bool, str)) else id(a)))
     return tree, tuple(sig)
@@ -141,6 +141,7 @@ class TunedJit:
         self.plain = jax.jit(_fresh(fun), **jit_kwargs)      # never another jit's cached trace
         self._by_options = {"default": self.plain}
         self._chosen: dict = {}
+        self._no_options = False     # no choice point here depends on compiler options
         functools.update_wrapper(self, fun)
 
     def options_for(self, *args, **kwargs) -> str:
@@ -156,6 +157,10 @@ class TunedJit:
                 self.plain.trace(*args, **kwargs)
             finally:
                 _RECORDING.reset(token)
+            seen = [(p, e) for p, e in seen if set(e.get("options", {}).values()) - {"default"}]
+            # whether a choice point is reached depends on fun's structure, not on the shapes:
+            # none here means none for any shapes, and calls skip the signature from now on
+            self._no_options = not seen and len(self._chosen) == 0
             name = self._chosen[sig] = _option_set(seen) if seen else "default"
         return name
 
@@ -174,7 +179,7 @@ class TunedJit:
             _IN_EFFECT.reset(token)
 
     def __call__(self, *args, **kwargs):
-        if not enabled():
+        if self._no_options or not enabled():
             return self.plain(*args, **kwargs)
         with self._effect(self.options_for(*args, **kwargs)) as f:
             return f(*args, **kwargs)
