@@ -121,17 +121,23 @@ class Runner:
     ``jit`` compiles ``packed(big, small, data, limit)`` with ``big = (params, state,
     opt_state)`` and ``small = (step, key)``: donating the first argument (:data:`DONATE`)
     reuses the train state's buffers and keeps the step and key of the state launched from
-    readable (the host needs them after a non-finite step)."""
+    readable (the host needs them after a non-finite step). ``donates``: whether ``jit``
+    donates (else the state launched from stays whole: it is the replay's copy)."""
 
     def __init__(self, fn, jit=jax.jit):
         self.tree, self.specs = None, None
+        self.donates = bool(getattr(jit, "keywords", {}).get("donate_argnums"))
 
         def packed(big, small, data, limit):
             ts, i, bad, acc = fn(join(big, small), data, limit)
             ls = current_scale(ts.opt_state)
             leaves, self.tree = jax.tree.flatten(Report(
                 i, bad, acc, _rate(ts.opt_state), jnp.full((), jnp.nan) if ls is None else ls.scale))
-            self.specs = [(np.shape(v), jnp.asarray(v).dtype) for v in leaves]
+            self.specs, at = [], 0                   # (start, stop, shape, dtype) per leaf
+            for v in leaves:
+                k = int(np.size(v))
+                self.specs.append((at, at + k, np.shape(v), jnp.asarray(v).dtype))
+                at += k
             f = jnp.result_type(float)
             nxt = jnp.where(bad, 0, limit).astype(jnp.int32)
             return (*split(ts), jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves]), nxt)
@@ -142,12 +148,9 @@ class Runner:
         return join(big, small), flat, nxt
 
     def unpack(self, flat) -> Report:
-        flat, out, at = np.asarray(jax.device_get(flat)), [], 0
-        for shape, dtype in self.specs:
-            k = int(np.prod(shape))
-            out.append(flat[at:at + k].reshape(shape).astype(dtype))
-            at += k
-        r = jax.tree.unflatten(self.tree, out)
+        flat = np.asarray(jax.device_get(flat))
+        r = jax.tree.unflatten(self.tree, [flat[a:b].reshape(shape).astype(dtype)
+                                           for a, b, shape, dtype in self.specs])
         return Report(int(r.steps), bool(r.bad), r.sums, float(r.learning_rate),
                       float(r.loss_scale))
 

@@ -24,7 +24,7 @@ from fnn.train.callbacks import EarlyStopping, ReduceLROnPlateau
 from fnn.train.data_checks import make_data_check
 from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
                                    stream_on_mesh, to_host)
-from fnn.train.epoch import make_chunk_runner, make_epoch_runner, make_eval
+from fnn.train.epoch import DONATE, make_chunk_runner, make_epoch_runner, make_eval
 from fnn.train.loops import (InMemory, InMemoryVal, Streamed, StreamedVal, batch_inputs_finite,
                              copy_state, logs_from_sums)
 from fnn.train.metrics import resolve_metrics
@@ -249,20 +249,23 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         epochs_src = Streamed(runner, train_data, loop.steps_per_epoch, loop.chunk, check, put,
                               pending)
     else:
+        # with grad_norm=False the replay needs each epoch's start: the epoch does not
+        # donate its input, which is that copy; else it donates (updates in place)
+        keep = not step.grad_norm
         if on is None:
             runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,
-                                              loop.shuffle)
+                                              loop.shuffle, None, jax.jit if keep else DONATE)
             limit = jax.device_put(np.int32(len(sizes)))
             bad_inputs = batch_inputs_finite(data, sizes, loop.shuffle)
         else:
             runner, sizes, data, limit, bad_inputs = memory_on_mesh(
-                on, data, parts, batch_size, loop.drop_last, loop.shuffle)
-        # the epoch donates its input: never the caller's own arrays
-        train_state = copy_state(train_state)
+                on, data, parts, batch_size, loop.drop_last, loop.shuffle, donate=not keep)
+        if runner.donates:              # never the caller's own arrays
+            train_state = copy_state(train_state)
         nbytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(
             train_state) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
-        epochs_src = InMemory(runner, sizes, data, limit, bad_inputs, keep=not step.grad_norm,
-                              speculate=nbytes <= 2 ** 26, quiet=not (
+        epochs_src = InMemory(runner, sizes, data, limit, bad_inputs, keep=keep,
+                              speculate=nbytes <= 2 ** 26 or not runner.donates, quiet=not (
                                   callbacks or backup or val_data is not None),
                               state_bytes=nbytes)
     val = None

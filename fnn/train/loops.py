@@ -62,7 +62,8 @@ def _replay(run, kept, data, good):
     (an update that overflowed from a finite loss and gradient: the guard sees it a step
     late), one step fewer. ``(ts, flat, good)``."""
     while True:
-        ts, flat, _ = run(copy_state(kept), data, np.int32(good))
+        ts, flat, _ = run(copy_state(kept) if getattr(run, "donates", True) else kept, data,
+                          np.int32(good))
         if good == 0 or _finite(ts):
             return ts, flat, good
         good -= 1
@@ -87,12 +88,17 @@ class Launch(NamedTuple):
 
 def memory_launch(run_epoch, sizes, ts, data, limit=None, *, keep=False, copy=False):
     """Dispatch one in-memory epoch from ``ts`` (asynchronous) -> :class:`Launch`. ``limit``:
-    the step count as an array already on the device (saves a transfer). The runner donates
-    its input: ``copy`` launches from a copy (``ts`` stays readable, and is the replay's
-    source); ``keep`` keeps a copy for the replay (where the guard may see a non-finite state a step
-    late: an update that overflowed from a finite gradient)."""
-    src = copy_state(ts) if copy else ts
-    kept = ts if copy else (copy_state(ts) if keep else None)
+    the step count as an array already on the device (saves a transfer). A runner that
+    donates its input (``run_epoch.donates``) runs from a copy with ``copy`` (``ts`` stays
+    readable, and is the replay's source), and with ``keep`` a copy is kept for the replay
+    (where the guard may see a non-finite state a step late: an update that overflowed from
+    a finite gradient). A runner that does not donate leaves ``ts`` whole: it is that copy,
+    with no copy made."""
+    if not getattr(run_epoch, "donates", True):
+        src, kept = ts, (ts if keep or copy else None)
+    else:
+        src = copy_state(ts) if copy else ts
+        kept = ts if copy else (copy_state(ts) if keep else None)
     new, flat, nxt = run_epoch(src, data, np.int32(len(sizes)) if limit is None else limit)
     return Launch(ts, kept, new, flat, nxt)
 
@@ -226,8 +232,10 @@ class InMemory:
     backup), a chain of ``chain`` epochs (about a quarter second of work, see
     :func:`chain_length`) read back after one wait (on XLA:CPU each wait costs about as much
     as a millisecond of work). Launched epochs are used only if the next epoch starts from
-    the state they started from. ``keep``: keep a copy of each epoch's start for the replay
-    (``grad_norm=False``); ``speculate``: launching ahead is allowed (a small state, copied)."""
+    the state they started from. ``keep``: keep each epoch's start for the replay
+    (``grad_norm=False``: the runner then does not donate, and the start is that copy);
+    ``speculate``: launching ahead is allowed (a small state, copied, or a runner that does
+    not donate)."""
 
     runner: Runner
     sizes: tuple
