@@ -208,4 +208,5 @@ def test_with_a_kept_start_the_epoch_does_not_donate_and_copies_nothing(key, mon
                               loop=train.Loop(progress=False)))
         assert (len(copies) >= 1) if grad_norm else not copies
         assert not any(a.is_deleted() for a in jax.tree.leaves(ts))
-    assert_trees_close(runs[0].train_state, runs[1].train_state, rtol=0, atol=0)
+    # two programs (grad_norm adds a reduction), fused differently: equal to rounding
+    assert_trees_close(runs[0].train_state, runs[1].train_state, rtol=1e-12, atol=1e-15)
