@@ -148,7 +148,7 @@ class PlacedLimit:
 
     def __init__(self, runner, on: OnMesh):
         self.runner, self.on, self.unpack = runner, on, runner.unpack
-        self.donates = runner.donates
+        self.donates, self.ticks = runner.donates, runner.ticks
 
     def __call__(self, ts, data, limit):
         if not isinstance(limit, jax.Array):

@@ -20,6 +20,7 @@ import numpy as np
 from fnn.train._batches import unpack
 from fnn.train.data_checks import inputs_finite
 from fnn.train.epoch import Runner, batch_order, make_eval_batch
+from fnn.train.progress import tick, tick_every
 from fnn.train.streaming import Prefetch, epoch_batches
 
 
@@ -142,15 +143,16 @@ def stream_epoch(run_chunk, ts, batches, k, check, where, put=jax.device_put):
     waits for the host; a bad chunk's successor is dropped and the bad one replayed. The
     report's sums are those of the whole epoch."""
     pre = Prefetch(batches, k, check, where, put=put)
-    total, prev, bad, report = None, None, None, None
+    total, prev, bad, report, done = None, None, None, None, 0
 
     def read(p):
-        nonlocal total, bad, report
+        nonlocal total, bad, report, done
         report = run_chunk.unpack(p[2][1])
         if report.bad:
             bad = p
         else:
-            total = _add(total, report.sums)
+            total, done = _add(total, report.sums), done + report.steps
+            tick(done, total.loss, total.examples)          # the display, if any
     try:
         for chunk in pre:
             res = run_chunk(ts, chunk.stacked, np.int32(chunk.count))[:2]
@@ -235,7 +237,8 @@ class InMemory:
     the state they started from. ``keep``: keep each epoch's start for the replay
     (``grad_norm=False``: the runner then does not donate, and the start is that copy);
     ``speculate``: launching ahead is allowed (a small state, copied, or a runner that does
-    not donate)."""
+    not donate). A runner that reports its steps (``runner.ticks``) gets ``(limit, every)``,
+    ``every`` placed by ``put`` and paced by :func:`fnn.train.progress.tick_every`."""
 
     runner: Runner
     sizes: tuple
@@ -249,8 +252,30 @@ class InMemory:
     inflight: collections.deque = dataclasses.field(default_factory=collections.deque)
     chain: int = 1
     epoch_time: float | None = None
+    put: Callable | None = None
+    ended: float | None = None
+    every: int = 0
+
+    def __post_init__(self):
+        if self.runner.ticks:              # the epoch reports its steps: (limit, every)
+            self.every = tick_every(len(self.sizes), None)
+            self.limit = (self.limit, self.put(np.int32(self.every)))
+
+    def _pace(self):
+        """Steps between in-epoch reports from the time between two epochs' ends."""
+        now, last = time.perf_counter(), self.ended
+        self.ended = now
+        if self.runner.ticks and last is not None:
+            every = tick_every(len(self.sizes), now - last)
+            if every != self.every:
+                self.every, self.limit = every, (self.limit[0], self.put(np.int32(every)))
 
     def run(self, epoch, ts, remaining):
+        out = self._run(epoch, ts, remaining)
+        self._pace()
+        return out
+
+    def _run(self, epoch, ts, remaining):
         q = self.inflight
         if q and q[0].before is not ts:
             q.clear()
