@@ -132,9 +132,10 @@ class Progress:
             shown = {k: f"{v:.4g}" for k, v in logs.items() if k not in ("epoch", "time")
                      and not (isinstance(v, float) and math.isnan(v))}
             if self.bar is not None:
-                if self.inner is not None:
-                    self.inner.reset(total=self.steps)
+                if self.inner is not None:             # the next epoch's steps, from 0
                     self.inner.set_description(f"epoch {self.shown + 1}", refresh=False)
+                    self.inner.set_postfix_str("", refresh=False)
+                    self.inner.reset(total=self.steps)
                 self.bar.set_postfix(shown, refresh=False)
                 self.bar.update(1)
             else:
