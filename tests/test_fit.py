@@ -186,3 +186,27 @@ def test_fit_leaves_the_callers_arrays_alive_and_unchanged(key):
     again = train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16, train_state=ts,
                       loop=train.Loop(progress=False))          # the same start: the same run
     assert_trees_close(again.train_state, res.train_state, rtol=0, atol=0)
+
+
+def test_with_a_kept_start_the_epoch_does_not_donate_and_copies_nothing(key, monkeypatch):
+    """grad_norm=False keeps each epoch's start for the replay: the runner then does not
+    donate, so that start is the kept copy and fit makes no copy per epoch; grad_norm=True
+    donates (copies keep the caller's arrays and a launched-ahead start alive). Both compute
+    the same run."""
+    from fnn.train import fitting, loops
+    x, y = xor_data(40)
+    copies = []
+    real = loops.copy_state
+    monkeypatch.setattr(loops, "copy_state", lambda t: copies.append(1) or real(t))
+    monkeypatch.setattr(fitting, "copy_state", loops.copy_state)
+    ts = train.create_train_state(MODEL, optim.adam(0.01), key, (16, 2))
+    runs = []
+    for grad_norm in (False, True):
+        copies.clear()
+        runs.append(train.fit(MODEL, CE, optim.adam(0.01), (x, y), epochs=3, batch_size=16,
+                              train_state=ts, step=train.Step(grad_norm=grad_norm),
+                              loop=train.Loop(progress=False)))
+        assert (len(copies) >= 1) if grad_norm else not copies
+        assert not any(a.is_deleted() for a in jax.tree.leaves(ts))
+    # two programs (grad_norm adds a reduction), fused differently: equal to rounding
+    assert_trees_close(runs[0].train_state, runs[1].train_state, rtol=1e-12, atol=1e-15)

@@ -2,6 +2,7 @@
 dict or Python lists instead of arrays, and a ReduceLROnPlateau whose optimizer keeps its
 learning rate where it cannot be changed (plain optax)."""
 import re
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +101,20 @@ def test_a_plain_optax_optimizer_warns_once_that_the_lr_column_is_nan():
         res = train.fit(MODEL, CE, optim.sgd(0.1), (x, y), **kw)
     assert not [w for w in caught if "learning rate" in str(w.message)]
     assert res.history["lr"] == [pytest.approx(0.1)] * 2
+
+
+def test_the_finiteness_check_counts_exactly_when_the_sum_overflows():
+    """The data check's fast path trusts a finite sum; values whose sum overflows (each
+    finite) must still pass, and a NaN or Inf among them is still counted and located
+    (against NumPy's elementwise isfinite)."""
+    from fnn.train.data_checks import _nonfinite
+    big = np.full((6, 3), 3e38, np.float32)                  # finite, sum = inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # and no overflow warning
+        assert _nonfinite(big) == (0, None)
+    for bad, value in (((4, 1), np.nan), ((2, 0), np.inf), ((5, 2), -np.inf)):
+        a = big.copy()
+        a[bad] = value
+        rows = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        assert _nonfinite(a) == (int((~np.isfinite(a)).sum()), int(rows[0])) == (1, bad[0])
+    assert _nonfinite(np.arange(5)) == (0, None)              # integers: nothing to check

@@ -62,3 +62,42 @@ def test_reduce_lr_on_plateau_says_each_cut_in_one_line(capsys):
     train.fit(MODEL, CE, optim.adam(0.05), (x, y),
               callbacks=[train.ReduceLROnPlateau(factor=0.5, patience=2, verbose=False)], **kw)
     assert capsys.readouterr().err == ""
+
+
+def test_the_terminal_bar_moves_inside_an_epoch_with_the_running_loss(monkeypatch):
+    """On a terminal the epoch's steps are reported from inside the compiled epoch (every
+    40 // 20 = 2 steps in the first epoch) and after each streamed chunk of 4; each report's
+    loss is the mean of the batch losses so far, against plain optax SGD step by step."""
+    pytest.importorskip("tqdm")
+    import numpy as np
+    import optax
+    from fnn.train import progress
+    x, y = xor_data(160)
+    params = MODEL.init(jax.random.PRNGKey(0), (4, 2))[0]
+    state = MODEL.init(jax.random.PRNGKey(0), (4, 2))[1]
+    opt, p, s, losses_ = optax.sgd(0.1), params, None, []
+    s = opt.init(p)
+    vg = jax.jit(jax.value_and_grad(lambda p, xb, yb: CE(MODEL.apply(p, state, xb)[0], yb)))
+    for i in range(0, 160, 4):
+        value, g = vg(p, x[i:i + 4], y[i:i + 4])
+        u, s = opt.update(g, s, p)
+        p, _ = optax.apply_updates(p, u), losses_.append(float(value))
+    running = np.cumsum(losses_) / np.arange(1, 41)
+    seen = []
+    monkeypatch.setattr(progress.Progress, "step", lambda self, done, loss:
+                        seen.append((done, loss)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 160, 4)]
+    for data, want in (((x, y), list(range(2, 40, 2))),
+                       (lambda epoch: iter(batches), list(range(4, 41, 4)))):
+        seen.clear()
+        res = train.fit(MODEL, CE, optim.sgd(0.1), data, epochs=1, batch_size=4,
+                        train_state=train.create_train_state(MODEL, optim.sgd(0.1),
+                                                             jax.random.PRNGKey(1), (4, 2),
+                                                             params=params),
+                        loop=train.Loop(shuffle=False, chunk=4))
+        assert [d for d, _ in seen] == want
+        np.testing.assert_allclose([v for _, v in seen], running[np.array(want) - 1],
+                                   rtol=1e-10)
+        assert res.history["loss"][0] == pytest.approx(running[-1], rel=1e-10)
+    assert not progress._LISTENING                  # each fit's display left the list

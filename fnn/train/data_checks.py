@@ -21,6 +21,9 @@ def _nonfinite(a):
     a = np.asarray(a)
     if not np.issubdtype(a.dtype, np.inexact):
         return 0, None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(a)):      # a finite sum: every value finite (one fast pass)
+            return 0, None
     bad = ~np.isfinite(a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1))
     rows = np.flatnonzero(bad.any(axis=1))
     return int(bad.sum()), (int(rows[0]) if rows.size else None)

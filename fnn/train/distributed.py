@@ -101,12 +101,13 @@ def _runner_jit(mesh, ts_sharding, data_sharding, donate):
                                                     flat(data_sharding))), donate)
 
 
-def epoch_jit(mesh, ts_sharding, data_sharding):
+def epoch_jit(mesh, ts_sharding, data_sharding, donate=True):
     """The ``jit`` for :func:`fnn.train.epoch.make_epoch_runner` on ``mesh``: the train
-    state's shardings in and out (params, model and optimizer state donated), the data set
-    split over ``"data"``, the report replicated. Equal meshes and shardings give the same
-    object, so the runner's cache finds the compiled epoch of an earlier ``fit`` call."""
-    return _runner_jit(mesh, ts_sharding, data_sharding, True)
+    state's shardings in and out (params, model and optimizer state donated unless
+    ``donate=False``), the data set split over ``"data"``, the report replicated. Equal
+    meshes and shardings give the same object, so the runner's cache finds the compiled
+    epoch of an earlier ``fit`` call."""
+    return _runner_jit(mesh, ts_sharding, data_sharding, donate)
 
 
 def chunk_jit(mesh, ts_sharding, chunk_sharding):
@@ -147,6 +148,7 @@ class PlacedLimit:
 
     def __init__(self, runner, on: OnMesh):
         self.runner, self.on, self.unpack = runner, on, runner.unpack
+        self.donates, self.ticks = runner.donates, runner.ticks
 
     def __call__(self, ts, data, limit):
         if not isinstance(limit, jax.Array):
@@ -158,10 +160,11 @@ def _multi(runner, on):
     return PlacedLimit(runner, on) if jax.process_count() > 1 else runner
 
 
-def memory_on_mesh(on: OnMesh, data, parts, batch_size, drop_last, shuffle):
+def memory_on_mesh(on: OnMesh, data, parts, batch_size, drop_last, shuffle, donate=True):
     """The in-memory epoch on the mesh: ``(runner, sizes, placed data, limit, bad_inputs)``.
     ``data``: the whole set, the same on every process; ``parts``: the step's
-    ``(model, loss, update, grad, metrics, regularizer, grad_norm, augment)``."""
+    ``(model, loss, update, grad, metrics, regularizer, grad_norm, augment)``; ``donate``:
+    the runner donates the train state (see :func:`epoch_jit`)."""
     shards, mesh = on.shards, on.mesh
     n = jax.tree.leaves(data)[0].shape[0]
     if batch_size % shards:
@@ -175,7 +178,7 @@ def memory_on_mesh(on: OnMesh, data, parts, batch_size, drop_last, shuffle):
     data_sh = jax.tree.map(lambda _: batch_sharding(mesh), data)
     data = place(jax.tree.map(lambda a: np.asarray(a)[:n][order], data), data_sh)
     run, sizes = make_epoch_runner(*parts, n, batch_size, drop_last, shuffle, shards,
-                                   epoch_jit(mesh, on.ts_sharding, data_sh))
+                                   epoch_jit(mesh, on.ts_sharding, data_sh, donate))
     return (_multi(run, on), sizes, data, on.scalar(len(sizes)),
             _bad_inputs(mesh, shards, batch_size, shuffle, data))
 

@@ -25,6 +25,7 @@ from fnn.sharding.data import shard_shuffle
 from fnn.precision import current_scale
 from fnn.train._batches import as_data, select
 from fnn.train.predicting import with_precision
+from fnn.train.progress import tick
 from fnn.train.step import TrainState, step_core
 
 __all__ = ["evaluate"]
@@ -52,10 +53,12 @@ def zero_sums(core, ts, batch) -> Sums:
     return Sums(z, z, z, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))
 
 
-def _loop(core, ts, stacked, limit, count):
+def _loop(core, ts, stacked, limit, count, every=None):
     """Run ``core`` over the first ``min(limit, count)`` slices of ``stacked``, leaving after a
     non-finite one: ``(steps_run, ts, sums, bad)``; ``steps_run`` counts the bad step, ``ts``
-    and ``sums`` are those from before it."""
+    and ``sums`` are those from before it. ``every`` (a traced int, ``0``: never): report
+    the steps done and the sums to the host (:func:`fnn.train.progress.tick`) every
+    ``every`` steps, between segments of that many steps (an inner loop: no per-step test)."""
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
     zero = zero_sums(core, ts, one)
     pack, unpack = _packer(zero)
@@ -67,9 +70,22 @@ def _loop(core, ts, stacked, limit, count):
         step = pack(_add(zero, out))            # 0 + x: this step's terms, exactly
         return i + 1, select(ok, new, ts), tuple(
             a + jnp.where(ok, v, jnp.zeros_like(v)) for a, v in zip(acc, step)), ~ok
-    i, bad = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
-    i, ts, acc, bad = jax.lax.while_loop(
-        lambda c: (c[0] < jnp.minimum(limit, count)) & ~c[3], body, (i, ts, pack(zero), bad))
+    n = jnp.minimum(limit, count)
+    init = (jnp.zeros((), jnp.int32), ts, pack(zero), jnp.zeros((), bool))
+    if every is None:
+        i, ts, acc, bad = jax.lax.while_loop(lambda c: (c[0] < n) & ~c[3], body, init)
+        return i, ts, unpack(acc), bad
+
+    def report(c):
+        s = unpack(c[2])
+        jax.debug.callback(tick, c[0], s.loss, s.examples)
+
+    def segment(c):
+        end = jnp.minimum(c[0] + jnp.where(every > 0, every, n), n)
+        c = jax.lax.while_loop(lambda c: (c[0] < end) & ~c[3], body, c)
+        jax.lax.cond((c[0] < n) & ~c[3], report, lambda c: None, c)
+        return c
+    i, ts, acc, bad = jax.lax.while_loop(lambda c: (c[0] < n) & ~c[3], segment, init)
     return i, ts, unpack(acc), bad
 
 
@@ -119,36 +135,48 @@ class Runner:
     ``limit``, or 0 after a non-finite step, the limit for an epoch launched from this one's
     state before its report is read (it then runs no step and hands the state on).
 
+    ``ticks``: the runner reports its steps from inside (:func:`fnn.train.progress.tick`);
+    its ``limit`` is then ``(limit, every)`` (a bare limit: no reports) and so is
+    ``next_limit``.
+
     ``jit`` compiles ``packed(big, small, data, limit)`` with ``big = (params, state,
     opt_state)`` and ``small = (step, key)``: donating the first argument (:data:`DONATE`)
     reuses the train state's buffers and keeps the step and key of the state launched from
-    readable (the host needs them after a non-finite step)."""
+    readable (the host needs them after a non-finite step). ``donates``: whether ``jit``
+    donates (else the state launched from stays whole: it is the replay's copy)."""
 
-    def __init__(self, fn, jit=jax.jit):
-        self.tree, self.specs = None, None
+    def __init__(self, fn, jit=jax.jit, ticks=False):
+        self.tree, self.specs, self.ticks = None, None, ticks
+        self.donates = bool(getattr(jit, "keywords", {}).get("donate_argnums"))
 
         def packed(big, small, data, limit):
             ts, i, bad, acc = fn(join(big, small), data, limit)
+            if ticks:                                   # (limit, every): every goes on
+                limit, every = limit
             ls = current_scale(ts.opt_state)
             leaves, self.tree = jax.tree.flatten(Report(
                 i, bad, acc, _rate(ts.opt_state), jnp.full((), jnp.nan) if ls is None else ls.scale))
-            self.specs = [(np.shape(v), jnp.asarray(v).dtype) for v in leaves]
+            self.specs, at = [], 0                   # (start, stop, shape, dtype) per leaf
+            for v in leaves:
+                k = int(np.size(v))
+                self.specs.append((at, at + k, np.shape(v), jnp.asarray(v).dtype))
+                at += k
             f = jnp.result_type(float)
             nxt = jnp.where(bad, 0, limit).astype(jnp.int32)
-            return (*split(ts), jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves]), nxt)
+            return (*split(ts), jnp.concatenate([jnp.ravel(v).astype(f) for v in leaves]),
+                    (nxt, every) if ticks else nxt)
         self.jitted = jit(packed)
 
     def __call__(self, ts, data, limit):
+        if self.ticks and not isinstance(limit, tuple):   # a replay: no reports
+            limit = (limit, np.int32(0))
         big, small, flat, nxt = self.jitted(*split(ts), data, limit)
         return join(big, small), flat, nxt
 
     def unpack(self, flat) -> Report:
-        flat, out, at = np.asarray(jax.device_get(flat)), [], 0
-        for shape, dtype in self.specs:
-            k = int(np.prod(shape))
-            out.append(flat[at:at + k].reshape(shape).astype(dtype))
-            at += k
-        r = jax.tree.unflatten(self.tree, out)
+        flat = np.asarray(jax.device_get(flat))
+        r = jax.tree.unflatten(self.tree, [flat[a:b].reshape(shape).astype(dtype)
+                                           for a, b, shape, dtype in self.specs])
         return Report(int(r.steps), bool(r.bad), r.sums, float(r.learning_rate),
                       float(r.loss_scale))
 
@@ -191,7 +219,7 @@ def make_chunk_runner(model, loss, update, grad, metrics, regularizer, grad_norm
 
 @cached
 def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
-                      batch_size, drop_last, shuffle, shards=None, jit=DONATE):
+                      batch_size, drop_last, shuffle, shards=None, jit=DONATE, ticks=False):
     """One epoch as a :class:`Runner` ``(ts, data, limit) -> (ts, packed report)``, and the
     batch sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
     partial one (a real smaller batch, not padding) unless ``drop_last``.
@@ -200,7 +228,8 @@ def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm
     :func:`fnn.sharding.shard_dataset`), and the shuffle permutes within each device's shard
     (:func:`fnn.sharding.shard_shuffle`) so no batch gathers the data set; ``jit`` then
     compiles with the mesh's shardings (:func:`fnn.train.distributed.epoch_jit`). The train
-    state given to the runner is donated (``jit``: :data:`DONATE`)."""
+    state given to the runner is donated (``jit``: :data:`DONATE`). ``ticks``: the epoch
+    reports its steps from inside (see :class:`Runner`)."""
     full, tail = divmod(n, batch_size)
     tail = 0 if drop_last else tail
     if full + (tail > 0) == 0:
@@ -208,6 +237,7 @@ def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm
     core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
 
     def epoch(ts, data, limit):
+        limit, every = limit if ticks else (limit, None)
         key, pkey = jax.random.split(ts.key)
         if shards:
             head, rest = shard_shuffle(pkey if shuffle else None, data, shards, batch_size)
@@ -223,7 +253,7 @@ def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm
             rest = jax.tree.map(lambda a: a[full * batch_size:], data)
         ts = ts._replace(key=key)
         if full:
-            i, ts, acc, bad = _loop(core, ts, head, limit, full)
+            i, ts, acc, bad = _loop(core, ts, head, limit, full, every)
         else:
             i, bad, acc = jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero_sums(core, ts, rest)
         if tail:
@@ -233,7 +263,7 @@ def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm
             ts, acc = select(ok, new, ts), select(ok, _add(acc, out), acc)
             i, bad = i + go, bad | (go & ~out.finite)
         return ts, i, bad, acc
-    return Runner(epoch, jit), (batch_size,) * full + ((tail,) if tail else ())
+    return Runner(epoch, jit, ticks), (batch_size,) * full + ((tail,) if tail else ())
 
 
 def batch_order(ts, n, shuffle):

@@ -24,12 +24,12 @@ from fnn.train.callbacks import EarlyStopping, ReduceLROnPlateau
 from fnn.train.data_checks import make_data_check
 from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
                                    stream_on_mesh, to_host)
-from fnn.train.epoch import make_chunk_runner, make_epoch_runner, make_eval
+from fnn.train.epoch import DONATE, make_chunk_runner, make_epoch_runner, make_eval
 from fnn.train.loops import (InMemory, InMemoryVal, Streamed, StreamedVal, batch_inputs_finite,
                              copy_state, logs_from_sums)
 from fnn.train.metrics import resolve_metrics
 from fnn.train.options import Loop, Step
-from fnn.train.progress import Progress
+from fnn.train.progress import Progress, shows_steps
 from fnn.train.resume import BackupAndRestore
 from fnn.train.step import TrainState, create_train_state
 from fnn.train.streaming import epoch_batches, is_stream
@@ -249,22 +249,30 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         epochs_src = Streamed(runner, train_data, loop.steps_per_epoch, loop.chunk, check, put,
                               pending)
     else:
+        # with grad_norm=False the replay needs each epoch's start: the epoch does not
+        # donate its input, which is that copy; else it donates (updates in place)
+        keep = not step.grad_norm
+        # steps shown from inside: XLA:CPU then runs the epoch in the calling thread (a
+        # host callback), so no epoch is launched ahead of the bookkeeping
+        ticks = is_writer() and shows_steps(loop.progress)
         if on is None:
             runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,
-                                              loop.shuffle)
+                                              loop.shuffle, None, jax.jit if keep else DONATE,
+                                              ticks)
             limit = jax.device_put(np.int32(len(sizes)))
             bad_inputs = batch_inputs_finite(data, sizes, loop.shuffle)
         else:
             runner, sizes, data, limit, bad_inputs = memory_on_mesh(
-                on, data, parts, batch_size, loop.drop_last, loop.shuffle)
-        # the epoch donates its input: never the caller's own arrays
-        train_state = copy_state(train_state)
+                on, data, parts, batch_size, loop.drop_last, loop.shuffle, donate=not keep)
+        if runner.donates:              # never the caller's own arrays
+            train_state = copy_state(train_state)
         nbytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(
             train_state) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
-        epochs_src = InMemory(runner, sizes, data, limit, bad_inputs, keep=not step.grad_norm,
-                              speculate=nbytes <= 2 ** 26, quiet=not (
+        epochs_src = InMemory(runner, sizes, data, limit, bad_inputs, keep=keep,
+                              speculate=(nbytes <= 2 ** 26 or not runner.donates)
+                              and not runner.ticks, quiet=not (
                                   callbacks or backup or val_data is not None),
-                              state_bytes=nbytes)
+                              state_bytes=nbytes, put=jax.device_put)
     val = None
     if val_data is not None and is_stream(val_data):
         val = StreamedVal(val_data, model, loss, ms, check,
@@ -328,7 +336,9 @@ def _restore(run, ts):
 
 def _train(run: Run, ts, epochs):
     ts, done, history, reason = _restore(run, ts)
-    bar = Progress(run.loop.progress if is_writer() else False, epochs, initial=done)
+    sizes = getattr(run.epochs, "sizes", None)
+    bar = Progress(run.loop.progress if is_writer() else False, epochs, initial=done,
+                   steps=len(sizes) if sizes else run.loop.steps_per_epoch).__enter__()
     step = int(to_host(ts.step))
     try:
         for epoch in range(done + 1, epochs + 1):

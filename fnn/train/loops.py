@@ -20,6 +20,7 @@ import numpy as np
 from fnn.train._batches import unpack
 from fnn.train.data_checks import inputs_finite
 from fnn.train.epoch import Runner, batch_order, make_eval_batch
+from fnn.train.progress import tick, tick_every
 from fnn.train.streaming import Prefetch, epoch_batches
 
 
@@ -62,7 +63,8 @@ def _replay(run, kept, data, good):
     (an update that overflowed from a finite loss and gradient: the guard sees it a step
     late), one step fewer. ``(ts, flat, good)``."""
     while True:
-        ts, flat, _ = run(copy_state(kept), data, np.int32(good))
+        ts, flat, _ = run(copy_state(kept) if getattr(run, "donates", True) else kept, data,
+                          np.int32(good))
         if good == 0 or _finite(ts):
             return ts, flat, good
         good -= 1
@@ -87,12 +89,17 @@ class Launch(NamedTuple):
 
 def memory_launch(run_epoch, sizes, ts, data, limit=None, *, keep=False, copy=False):
     """Dispatch one in-memory epoch from ``ts`` (asynchronous) -> :class:`Launch`. ``limit``:
-    the step count as an array already on the device (saves a transfer). The runner donates
-    its input: ``copy`` launches from a copy (``ts`` stays readable, and is the replay's
-    source); ``keep`` keeps a copy for the replay (where the guard may see a non-finite state a step
-    late: an update that overflowed from a finite gradient)."""
-    src = copy_state(ts) if copy else ts
-    kept = ts if copy else (copy_state(ts) if keep else None)
+    the step count as an array already on the device (saves a transfer). A runner that
+    donates its input (``run_epoch.donates``) runs from a copy with ``copy`` (``ts`` stays
+    readable, and is the replay's source), and with ``keep`` a copy is kept for the replay
+    (where the guard may see a non-finite state a step late: an update that overflowed from
+    a finite gradient). A runner that does not donate leaves ``ts`` whole: it is that copy,
+    with no copy made."""
+    if not getattr(run_epoch, "donates", True):
+        src, kept = ts, (ts if keep or copy else None)
+    else:
+        src = copy_state(ts) if copy else ts
+        kept = ts if copy else (copy_state(ts) if keep else None)
     new, flat, nxt = run_epoch(src, data, np.int32(len(sizes)) if limit is None else limit)
     return Launch(ts, kept, new, flat, nxt)
 
@@ -136,15 +143,16 @@ def stream_epoch(run_chunk, ts, batches, k, check, where, put=jax.device_put):
     waits for the host; a bad chunk's successor is dropped and the bad one replayed. The
     report's sums are those of the whole epoch."""
     pre = Prefetch(batches, k, check, where, put=put)
-    total, prev, bad, report = None, None, None, None
+    total, prev, bad, report, done = None, None, None, None, 0
 
     def read(p):
-        nonlocal total, bad, report
+        nonlocal total, bad, report, done
         report = run_chunk.unpack(p[2][1])
         if report.bad:
             bad = p
         else:
-            total = _add(total, report.sums)
+            total, done = _add(total, report.sums), done + report.steps
+            tick(done, total.loss, total.examples)          # the display, if any
     try:
         for chunk in pre:
             res = run_chunk(ts, chunk.stacked, np.int32(chunk.count))[:2]
@@ -226,8 +234,11 @@ class InMemory:
     backup), a chain of ``chain`` epochs (about a quarter second of work, see
     :func:`chain_length`) read back after one wait (on XLA:CPU each wait costs about as much
     as a millisecond of work). Launched epochs are used only if the next epoch starts from
-    the state they started from. ``keep``: keep a copy of each epoch's start for the replay
-    (``grad_norm=False``); ``speculate``: launching ahead is allowed (a small state, copied)."""
+    the state they started from. ``keep``: keep each epoch's start for the replay
+    (``grad_norm=False``: the runner then does not donate, and the start is that copy);
+    ``speculate``: launching ahead is allowed (a small state, copied, or a runner that does
+    not donate). A runner that reports its steps (``runner.ticks``) gets ``(limit, every)``,
+    ``every`` placed by ``put`` and paced by :func:`fnn.train.progress.tick_every`."""
 
     runner: Runner
     sizes: tuple
@@ -241,8 +252,30 @@ class InMemory:
     inflight: collections.deque = dataclasses.field(default_factory=collections.deque)
     chain: int = 1
     epoch_time: float | None = None
+    put: Callable | None = None
+    ended: float | None = None
+    every: int = 0
+
+    def __post_init__(self):
+        if self.runner.ticks:              # the epoch reports its steps: (limit, every)
+            self.every = tick_every(len(self.sizes), None)
+            self.limit = (self.limit, self.put(np.int32(self.every)))
+
+    def _pace(self):
+        """Steps between in-epoch reports from the time between two epochs' ends."""
+        now, last = time.perf_counter(), self.ended
+        self.ended = now
+        if self.runner.ticks and last is not None:
+            every = tick_every(len(self.sizes), now - last)
+            if every != self.every:
+                self.every, self.limit = every, (self.limit[0], self.put(np.int32(every)))
 
     def run(self, epoch, ts, remaining):
+        out = self._run(epoch, ts, remaining)
+        self._pace()
+        return out
+
+    def _run(self, epoch, ts, remaining):
         q = self.inflight
         if q and q[0].before is not ts:
             q.clear()

@@ -1,0 +1,77 @@
+"""The cost of showing an epoch's steps from inside the compiled epoch (issue #26).
+
+``fnn train digits-cnn``'s model and training step (hand backward, augmentation, Adam) on
+sklearn's digits, the progress bar on (stderr to /dev/null): ``fit`` with the in-epoch step
+reports (a host callback between segments of steps, paced by
+``fnn.train.progress.tick_every``: the first epoch 20 reports, later ones about 4 a second)
+against the same bar with the reports compiled out. Goal: ≤ 2% of an epoch.
+
+Rounds interleaved (rotating order), medians; each round one ``fit`` of ``--epochs`` epochs;
+reported: the whole call and the median epoch after the first (from the history).
+
+    PYTHONPATH=. python benchmarks/bench_progress.py [--rounds 5] [--epochs 4]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+
+from fnn import data, optim, train
+from fnn.tasks import digits_cnn as task
+from fnn.train import fitting
+
+
+def run_fit(xy, epochs, ticks):
+    """One fit with the bar on; ``ticks=False`` compiles the epoch without its reports."""
+    real = fitting.shows_steps
+    fitting.shows_steps = real if ticks else (lambda progress: False)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            t0 = time.perf_counter()
+            res = train.fit(task.model(), task.LOSS, optim.adam(task.LR), xy, epochs=epochs,
+                            batch_size=task.BATCH, key=jax.random.PRNGKey(0),
+                            step=train.Step(grad="manual", augment=task.augmentation()),
+                            loop=train.Loop(progress=True))
+            jax.block_until_ready(res.train_state)
+            return time.perf_counter() - t0, res.history["time"]
+    finally:
+        fitting.shows_steps = real
+
+
+def main(rounds, epochs):
+    (x, y), _ = data.load_digits(image=True)
+    xy, _ = data.split((x, y), task.VAL_FRACTION, seed=0)
+    names = {"bar, steps reported from inside the epoch": True, "bar, epochs only": False}
+    for ticks in names.values():                          # compile both
+        run_fit(xy, 1, ticks)
+    call, epoch = {n: [] for n in names}, {n: [] for n in names}
+    order = list(names)
+    for r in range(rounds):
+        for n in order[r % 2:] + order[:r % 2]:
+            t, times = run_fit(xy, epochs, names[n])
+            call[n].append(t)
+            epoch[n].extend(times[1:])
+    steps = -(-len(xy[0]) // task.BATCH)
+    print(f"{platform.processor() or platform.machine()}, jax {jax.__version__}, {rounds} "
+          f"rounds of {epochs} epochs, {steps} steps per epoch", file=sys.stdout)
+    base_call, base_epoch = (statistics.median(call[order[1]]),
+                             statistics.median(epoch[order[1]]))
+    for n in order:
+        c, e = statistics.median(call[n]), statistics.median(epoch[n])
+        print(f"  {n:44s} call {c:7.3f} s ({c / base_call:.3f})   epoch {1e3 * e:8.1f} ms "
+              f"({e / base_epoch:.3f})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=4)
+    a = ap.parse_args()
+    main(a.rounds, a.epochs)
