@@ -126,6 +126,8 @@ class Report(NamedTuple):
 DONATE = functools.partial(tuning.jit, donate_argnums=(0,))   # compiler options: fnn.tuning
 """The default ``jit`` of :func:`make_epoch_runner`: the train state's params, model state and
 optimizer state (the first argument of the packed function) are donated."""
+KEEP = tuning.jit
+"""The same without donation: the state launched from stays whole (fit's replay copy)."""
 
 
 class Runner:

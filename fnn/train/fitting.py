@@ -24,7 +24,7 @@ from fnn.train.callbacks import EarlyStopping, ReduceLROnPlateau
 from fnn.train.data_checks import make_data_check
 from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
                                    stream_on_mesh, to_host)
-from fnn.train.epoch import DONATE, make_chunk_runner, make_epoch_runner, make_eval
+from fnn.train.epoch import DONATE, KEEP, make_chunk_runner, make_epoch_runner, make_eval
 from fnn.train.loops import (InMemory, InMemoryVal, Streamed, StreamedVal, batch_inputs_finite,
                              copy_state, logs_from_sums)
 from fnn.train.metrics import resolve_metrics
@@ -257,7 +257,7 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         ticks = is_writer() and shows_steps(loop.progress)
         if on is None:
             runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,
-                                              loop.shuffle, None, jax.jit if keep else DONATE,
+                                              loop.shuffle, None, KEEP if keep else DONATE,
                                               ticks)
             limit = jax.device_put(np.int32(len(sizes)))
             bad_inputs = batch_inputs_finite(data, sizes, loop.shuffle)
