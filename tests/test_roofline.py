@@ -127,3 +127,16 @@ def test_task_steps_hand_equals_autodiff_and_names_are_checked():
         task_steps.problem("mnist")
     with pytest.raises(ValueError, match="kind"):
         task_steps.train_step(p.model, p.loss, "numeric")
+
+
+def test_fnn_doctor_roofline(capsys):
+    from fnn.cli import main
+    assert main(["doctor", "xor", "--roofline", "v5e"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fnn doctor xor --roofline v5e")
+    assert out.count("v5e float32:") == 2 and "hand" in out and "autodiff" in out
+    if not deviceless.tpu_compiler_available():
+        assert "libtpu is not installed" in out
+    assert main(["doctor", "xor", "--roofline", "v9"]) == 2
+    assert main(["doctor", "mnist", "--roofline", "v5e"]) == 2
+    assert "known: xor" in capsys.readouterr().err
