@@ -10,8 +10,8 @@ XLA's ``cost_analysis()`` counts a while-loop body once. So ``F`` and ``B`` are 
 with its loops written out (:func:`fnn.accelerators.unroll.unrolled`), and for a model whose depth
 is one ``stack`` (a ``lax.scan`` over blocks) from builds of depth 1 and 2 extrapolated linearly,
 ``cost(L) = cost(1) + (L − 1)·(cost(2) − cost(1))``: exact when every block costs the same, and
-two shallow models compile faster than one deep one written out. The temporary memory is the real program's
-(loops as they are, full depth), which XLA's buffer assignment measures exactly.
+two shallow models compile faster than one deep one written out. The temporary memory is the
+real program's (loops as they are, full depth), which XLA's buffer assignment measures exactly.
 
 >>> import jax, jax.numpy as jnp
 >>> from fnn.accelerators import roofline as rl
