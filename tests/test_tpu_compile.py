@@ -157,3 +157,19 @@ def test_importing_fnn_loads_no_libtpu():
                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_depth_extrapolation_on_the_tpu_compiler():
+    """As tests/test_roofline.py on the host: a 3-block GPT's FLOPs and bytes extrapolated from
+    depth 1 and 2 against the 3-block step written out, both compiled for v5e."""
+    from fnn.accelerators import roofline as rl
+    from test_roofline import gpt_args, gpt_step, tiny_gpt
+    with jax.enable_x64(False):
+        build = lambda d: (gpt_step(tiny_gpt(d)), gpt_args(tiny_gpt(d)))
+        r = rl.step_roofline(build, "v5e", depth=3, dtype="float32")
+        full = rl.cost(*(lambda s, a: (s, *a))(*build(3)), target="v5e")
+    print(f"extrapolated {r.flops:.7g} FLOPs {r.bytes_accessed:.7g} B; written out "
+          f"{full.flops:.7g} FLOPs {full.bytes_accessed:.7g} B")
+    assert r.loops == full.loops == 0                  # (XLA:TPU fuses a little differently
+    assert r.flops == pytest.approx(full.flops, rel=0.01)      # at each depth: 0.2% apart)
+    assert r.bytes_accessed == pytest.approx(full.bytes_accessed, rel=0.05)
