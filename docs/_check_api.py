@@ -13,7 +13,8 @@ import sys
 
 MODULES = ["core", "layers", "activations", "losses", "initializers", "optim", "backprop",
            "gradcheck", "train", "checkpoint", "data", "plot", "precision", "augment", "checks",
-           "debug", "torch_weights", "sharding", "regularizers", "perceptron", "models"]
+           "debug", "torch_weights", "sharding", "regularizers", "perceptron", "models",
+           "accelerators"]
 
 
 def missing(site: pathlib.Path) -> list[str]:

@@ -3,12 +3,15 @@
 ::
 
     fnn doctor digits-mlp [--seed S] [--steps N] [--lr X]
+    fnn doctor digits-mlp --roofline v5e
 
 Enables float64 (finite differences need it), builds the task's small problem (its model,
 loss, fresh parameters and a small batch: ``Task.problem``), prints the report and exits with
 status 1 if any finding is an error, 0 otherwise (2 for an unknown task). For a classifier the
 gradients line compares the initial loss with chance: ``initial loss 2.951, chance ln 10 =
-2.303``.
+2.303``. ``--roofline CHIP`` prints instead the roofline of the task's training step on a chip
+(``fnn.accelerators.task_steps.roofline``, hand and autodiff): compiled for it where this
+machine can (a TPU with libtpu installed, a GPU with one), else counted by the host compiler.
 """
 from __future__ import annotations
 
@@ -26,9 +29,15 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="Adam steps of the overfit test")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the overfit test")
+    p.add_argument("--roofline", metavar="CHIP", default=None,
+                   help="instead: the training step's roofline on CHIP (v4, v5e, v5p, v6e, "
+                        "A100, H100): FLOPs, bytes, temporary memory, step time, MFU bound")
 
 
 def cmd_doctor(args) -> int:
+    if args.roofline is not None:
+        from fnn.accelerators.report import print_task_roofline
+        return print_task_roofline(args.name, args.roofline)
     import jax
     jax.config.update("jax_enable_x64", True)           # finite differences need float64
     from fnn import debug, tasks

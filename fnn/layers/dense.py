@@ -169,7 +169,9 @@ def Embedding(vocab: int, features: int, *, w_init=None) -> Layer:
         _check(x)
         check_param_shapes(f"Embedding({vocab}, {features})", params, {"w": (vocab, features)})
         w = params["w"]
-        dw = jnp.zeros_like(w).at[x.reshape(-1)].add(dy.reshape(-1, w.shape[1]))
+        # dy in w's dtype: a wider error (a float32 carried state upstream) would be a mixed-type
+        # scatter, which JAX deprecates (an error in a future release)
+        dw = jnp.zeros_like(w).at[x.reshape(-1)].add(dy.reshape(-1, w.shape[1]).astype(w.dtype))
         return {"w": dw}, None
 
     return from_backward(init, apply, backward, name=name, meta={"input_range": (0, vocab)})
