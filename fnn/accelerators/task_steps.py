@@ -82,7 +82,7 @@ def problem(name: str, *, depth: int | None = None) -> Problem:
                        jax.ShapeDtypeStruct((b, 8, 8, 1), f32), _ids((b,)), None)
     vocab = len(set(char_lstm.load_text()))
     if name == "char-lstm":
-        cfg = char_lstm._config(False, None, None, None)
+        cfg = char_lstm.config()
         shape = (cfg["batch"], cfg["window"])
         return Problem(name, char_lstm.model(vocab, cfg["hidden"]), char_lstm.LOSS,
                        _ids(shape), _ids(shape), None)

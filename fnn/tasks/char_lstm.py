@@ -107,7 +107,9 @@ def sample(params, prompt_ids, length: int, temperature: float, key):
 
 # --------------------------------------------------------------------------- the story
 
-def _config(quick, hidden, batch, window):
+def config(quick=False, hidden=None, batch=None, window=None) -> dict:
+    """The run's sizes: characters read (``None``: all), LSTM width, streams, window length
+    (``quick``: the small run); an argument given overrides its default."""
     if quick:
         return dict(chars=24_000, hidden=hidden or 32, batch=batch or 8, window=window or 32)
     return dict(chars=None, hidden=hidden or 128, batch=batch or 32, window=window or 64)
@@ -121,7 +123,7 @@ def run(*, epochs=None, lr=None, batch_size=None, seed=0, out="out", quiet=False
     ``val_bits_per_char``, ``train_bits_per_char``, ``epochs``, ``seconds``; the sampled text
     is in ``out/char_lstm_sample.txt``."""
     t_start = time.perf_counter()
-    cfg = _config(quick, hidden, default(batch, batch_size), window)   # batch_size: streams
+    cfg = config(quick, hidden, default(batch, batch_size), window)   # batch_size: streams
     epochs, lr = default(epochs, 1 if quick else 4), default(lr, 3e-3)
     ids, chars = encode(load_text()[:cfg["chars"]])
     cut = int(0.9 * len(ids))
