@@ -61,7 +61,8 @@ def test_attention_linear_modules(rng, names, bias):
                   "out_proj.weight": sd["attn.output.dense.weight"],
                   "out_proj.bias": sd["attn.output.dense.bias"]}
         x = rng.normal(size=(2, 3, 8))
-        np.testing.assert_allclose(model.apply(params, state, x)[0], R.mha(x, packed, 4), atol=1e-12)
+        np.testing.assert_allclose(model.apply(params, state, x)[0], R.mha(x, packed, 4),
+                                   atol=1e-12)
 
 
 @pytest.mark.parametrize("fmt", ["conv1d", "linear"])
@@ -102,7 +103,8 @@ def test_positional_embedding_class_token_patch_embedding(rng):
                   torch_names={"cls": "class_token", "pos": "encoder.pos_embedding"},
                   torch_layout={"cls": "parameter", "pos": "parameter"})
     sd = {"conv_proj.weight": rng.normal(size=(6, 3, 2, 2)), "conv_proj.bias": rng.normal(size=6),
-          "class_token": rng.normal(size=(1, 1, 6)), "encoder.pos_embedding": rng.normal(size=(1, 5, 6))}
+          "class_token": rng.normal(size=(1, 1, 6)),
+          "encoder.pos_embedding": rng.normal(size=(1, 5, 6))}
     params, state = load_state_dict(model, sd, (2, 4, 4, 3))
     x = rng.normal(size=(2, 3, 4, 4))                                         # NCHW
     tok = R.conv2d(x, sd["conv_proj.weight"], sd["conv_proj.bias"], stride=2)  # (2, 6, 2, 2)
@@ -126,7 +128,8 @@ def test_stack_names_with_i_templates(rng):
     for i in range(2):
         p = f"encoder.layers.encoder_layer_{i}"
         sd.update({f"{p}.ln.weight": rng.normal(size=4), f"{p}.ln.bias": rng.normal(size=4),
-                   f"{p}.mlp.0.weight": rng.normal(size=(4, 4)), f"{p}.mlp.0.bias": rng.normal(size=4)})
+                   f"{p}.mlp.0.weight": rng.normal(size=(4, 4)),
+                   f"{p}.mlp.0.bias": rng.normal(size=4)})
     params, _ = load_state_dict(model, sd, (1, 4))
     for i in range(2):
         p = f"encoder.layers.encoder_layer_{i}"
@@ -178,7 +181,8 @@ def test_gated_mlp_and_mlp_names_and_layouts(rng):
     model = named(serial(("mlp", L.GatedMLP(6)), ("ff", L.MLP(5))),
                   torch_names={"ff/fc1": "c_fc", "ff/fc2": "c_proj"},
                   torch_layout={"ff": "conv1d"})
-    sd = {"mlp.gate_proj.weight": rng.normal(size=(6, 4)), "mlp.up_proj.weight": rng.normal(size=(6, 4)),
+    sd = {"mlp.gate_proj.weight": rng.normal(size=(6, 4)),
+          "mlp.up_proj.weight": rng.normal(size=(6, 4)),
           "mlp.down_proj.weight": rng.normal(size=(4, 6)), "c_fc.weight": rng.normal(size=(4, 5)),
           "c_fc.bias": rng.normal(size=5), "c_proj.weight": rng.normal(size=(5, 4)),
           "c_proj.bias": rng.normal(size=4)}

@@ -2,9 +2,11 @@
 from fnn.models.gpt import (GPT, decode_step, generate, init_cache, lm_loss, sample,
                             value_and_grad)
 from fnn.models.gpt2 import GPT2
+from fnn.models.hub import from_pretrained, save_pretrained
 from fnn.models.llama import Llama
 from fnn.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 
 __all__ = ["GPT", "init_cache", "decode_step", "sample", "generate", "value_and_grad", "lm_loss",
            "GPT2", "Llama",
            "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50"]
+__all__ += ["from_pretrained", "save_pretrained"]

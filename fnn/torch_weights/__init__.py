@@ -71,19 +71,15 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fnn import checkpoint
-from fnn.torch_weights import _sinks, _walk
+from fnn.torch_weights import _run, _sinks
+from fnn.torch_weights._run import StateDictError
 
 __all__ = ["load_state_dict", "state_dict", "read_state_dict", "StateDictError"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-
-
-class StateDictError(ValueError):
-    """A ``state_dict`` that does not fit the model: missing, unexpected or mis-shaped tensors."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -138,26 +134,6 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- load and save
 
-def _templates(model, shape):
-    return jax.eval_shape(lambda k: model.init(k, shape)[:2],
-                          jax.eval_shape(jax.random.PRNGKey, 0))
-
-
-def _walk_model(sink, model, shape, pt, st, mapping, layout):
-    walk = _walk.Walk(sink, mapping, layout)
-    walk.node(model, shape, pt, st, "", (), (), "")
-    sink.finish(walk)
-    return walk
-
-
-def _raise(walk, model, what, extra=()):
-    problems = walk.problems + list(extra) + walk.unused()
-    if problems:
-        raise StateDictError(f"{what}: {model.name} and its PyTorch names do not fit "
-                             f"({len(problems)} problems):\n  "
-                             + "\n  ".join(problems + list(walk.hints.values())))
-
-
 def load_state_dict(model, state_dict: Mapping[str, Any], input_shape, *,
                     mapping: Mapping[str, str] | None = None, layout: Mapping | None = None,
                     dtype=None):
@@ -188,34 +164,7 @@ def load_state_dict(model, state_dict: Mapping[str, Any], input_shape, *,
      [1. 3. 5.]]
     """
     sd = {str(k): _numpy(k, v) for k, v in state_dict.items()}
-    shape = tuple(input_shape)
-    pt, st = _templates(model, shape)
-    sink = _sinks.Loader(sd, pt, st)
-    walk = _walk_model(sink, model, shape, pt, st, mapping, layout)
-    _raise(walk, model, "load_state_dict",
-           [f"unexpected: {k!r} {tuple(sd[k].shape)} is not used by the model"
-            for k in sd if k not in sink.used])
-    dtype = dtype or jnp.zeros(()).dtype
-    arrays = sink.arrays
-
-    def leaves(tree, name):
-        return [arrays[k] for k in _sinks.leaves(tree, name)]
-    cast = lambda a, t: jnp.asarray(a, dtype if _sinks.is_float(t.dtype) else t.dtype)
-    out = [jax.tree.unflatten(jax.tree.structure(t), [cast(a, s) for a, s in
-                                                      zip(leaves(t, n), jax.tree.leaves(t))])
-           for t, n in ((pt, "params"), (st, "state"))]
-    return out[0], out[1]
-
-
-def _check_trees(model, params, state, pt, st):
-    for name, got, want in (("params", params, pt), ("state", state, st)):
-        g = {"/".join(k[1]): np.shape(v) for k, v in _sinks.leaves(got, name).items()}
-        w = {"/".join(k[1]): tuple(v.shape) for k, v in _sinks.leaves(want, name).items()}
-        bad = sorted(f"{k or '<root>'}: given {g.get(k, 'nothing')}, {model.name} has "
-                     f"{w.get(k, 'nothing')}" for k in set(g) | set(w) if g.get(k) != w.get(k))
-        if bad:
-            raise StateDictError(f"state_dict: the {name} do not fit {model.name} at this "
-                                 f"input shape ({len(bad)} differences):\n  " + "\n  ".join(bad))
+    return _run.load(model, sd, input_shape, mapping, layout, dtype)
 
 
 def state_dict(model, params, state, input_shape, *, mapping: Mapping[str, str] | None = None,
@@ -226,8 +175,9 @@ def state_dict(model, params, state, input_shape, *, mapping: Mapping[str, str] 
     back gives ``params``/``state`` bit for bit. Tied aliases are written as copies of their
     source (PyTorch's ``state_dict`` has both); a ``BatchNorm``'s ``num_batches_tracked`` is
     written as ``0`` (an int64 scalar; fnn counts no batches); a recurrent layer's bias
-    ``b`` as ``bias_ih = b``, ``bias_hh = 0``. ``dtype``: cast every float array (default:
-    as the params are). **Raises:** :class:`StateDictError` when ``params``/``state`` do not
+    ``b`` as ``bias_ih = b``, ``bias_hh = 0``; a stateful recurrent layer's carry is not a
+    weight and is not written (it loads back as zeros). ``dtype``: cast every float array
+    (default: as the params are). **Raises:** :class:`StateDictError` when ``params``/``state`` do not
     have the structure ``model.init(key, input_shape)`` gives, or a declaration is wrong.
 
     >>> import numpy as np
@@ -237,15 +187,4 @@ def state_dict(model, params, state, input_shape, *, mapping: Mapping[str, str] 
     >>> sorted(sd), sd["weight"].shape                      # nn.Linear(2, 3): weight (out, in)
     (['bias', 'weight'], (3, 2))
     """
-    return _state_dict(model, params, state, input_shape, mapping, layout, dtype)[0]
-
-
-def _state_dict(model, params, state, input_shape, mapping=None, layout=None, dtype=None):
-    """``(state_dict, aliases)``: the keys that are tied copies of another (for hub files)."""
-    shape = tuple(input_shape)
-    pt, st = _templates(model, shape)
-    _check_trees(model, params, state, pt, st)
-    sink = _sinks.Saver(params, state, dtype)
-    walk = _walk_model(sink, model, shape, pt, st, mapping, layout)
-    _raise(walk, model, "state_dict")
-    return sink.sd, sink.aliases
+    return _run.save(model, params, state, input_shape, mapping, layout, dtype)[0]

@@ -148,7 +148,7 @@ def conv_transpose(c) -> list:
     *k, cin_g, cout = _t(c.pt["w"])
     n, cin = len(k), int(c.in_shape[-1])
     g = cin // cin_g
-    order = (*range(3, n + 3), 1, 0, 2)                           # (g, I/g, O/g, *K) -> (*K, I/g, g, O/g)
+    order = (*range(3, n + 3), 1, 0, 2)           # (g, I/g, O/g, *K) -> (*K, I/g, g, O/g)
     back = tuple(int(i) for i in np.argsort(order))
     flip = tuple(range(n))
 
@@ -202,7 +202,8 @@ def recurrent(c, pt=None, ref=(), suffix=None) -> list:
     rules = [one(key("weight_ih"), (g, n_in), p + ("wi",), _transpose, _transpose),
              one(key("weight_hh"), (g, h), p + ("wh",), _transpose, _transpose)]
     if "bi" in pt:
-        return rules + [one(key("bias_ih"), (g,), p + ("bi",)), one(key("bias_hh"), (g,), p + ("bh",))]
+        return rules + [one(key("bias_ih"), (g,), p + ("bi",)),
+                        one(key("bias_hh"), (g,), p + ("bh",))]
     return rules + [Rule((key("bias_ih"), key("bias_hh")), ((g,), (g,)), (p + ("b",),),
                          lambda bi, bh: (bi + bh,), lambda b: (b, np.zeros_like(b)))]
 

@@ -87,7 +87,8 @@ class Loader:
 
 class Saver:
     def __init__(self, params, state, dtype=None):
-        self.leaves = {**leaves(params, "params"), **leaves(state, "state")}
+        self.leaves = {k: np.asarray(v) for k, v in {**leaves(params, "params"),
+                                                     **leaves(state, "state")}.items()}
         self.dtype, self.sd, self.aliases = dtype, {}, set()
 
     def has(self, key):
@@ -98,7 +99,7 @@ class Saver:
         if tie:
             s = self.get(walk, ref._replace(keys=tie[0]))
             return s.T if tie[1] else s
-        return np.asarray(self.leaves[(ref.tree, ref.keys)])[ref.index]
+        return self.leaves[(ref.tree, ref.keys)][ref.index]
 
     def take(self, walk, b):
         outs = b.rule.to_torch(*(self.get(walk, r) for r in b.refs))
@@ -106,7 +107,7 @@ class Saver:
             if k in self.sd:
                 walk.problems.append(f"duplicate: {b.where} writes {k!r}, which another layer "
                                      f"wrote (two fnn layers have the same PyTorch name)")
-            a = np.ascontiguousarray(a)
+            a = np.array(a, order="C")                   # a copy; keeps a 0-d array 0-d
             if self.dtype is not None and is_float(a.dtype):
                 a = a.astype(self.dtype)
             self.sd[k] = a
@@ -120,4 +121,21 @@ class Saver:
                                      f"the model does not write")
                 continue
             self.sd[alias] = self.sd[source].copy()
+            self.aliases.add(alias)
+
+
+class Keys(Saver):
+    """The PyTorch keys a model reads/writes (no arrays): ``sd`` maps each to its shape."""
+
+    def __init__(self):
+        self.sd, self.aliases = {}, set()
+
+    def take(self, walk, b):
+        self.sd.update(zip(b.rule.keys, b.rule.shapes))
+        if b.tied:
+            self.aliases.update(b.rule.keys)
+
+    def finish(self, walk):
+        for alias, source in walk.aliases.items():
+            self.sd[alias] = self.sd.get(source)
             self.aliases.add(alias)

@@ -161,11 +161,14 @@ class Walk:
                 for rel, name in BLOCK[norm].items():
                     self.defaults.setdefault(join(path, rel), join(prefix, name, "."))
             return self.node(layer.children[0][1], *args, flat_from)
-        if kind == "tied":
-            return self.tied(layer, *args, flat_from)
+        if kind == "tied" or {"target", "source", "transpose"} <= set(layer.meta):
+            return self.tied(layer, *args, flat_from)      # tied, or a model built as one
         if kind == "stack":
             return self.stack(layer, *args)
         if kind in ("serial", "parallel") or (names is not None and layer.children):
+            (first, child), *more = layer.children
+            if names is not None and not more and not (isinstance(pt, dict) and first in pt):
+                return self.node(child, *args, flat_from)      # a model wrapping its child
             return self.children(layer, *args, kind != "parallel")
         if kind == "Bidirectional":
             for (name, child), suffix in zip(layer.children, (f"_l{level or 0}",
