@@ -24,7 +24,7 @@ from fnn.models import _causal_lm as lm
 
 __all__ = ["GPT2", "from_hf_config", "hf_config", "hf_input_shape", "HF_PREFIX"]
 
-HF_PREFIX = ""          # GPT2LMHeadModel's names: transformer.wte.weight, ..., lm_head.weight
+HF_PREFIX = "transformer"   # the base GPT2Model inside GPT2LMHeadModel (transformer.h.0...)
 _FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
            "activation_function", "resid_pdrop", "embd_pdrop", "attn_pdrop",
            "layer_norm_epsilon", "initializer_range", "scale_attn_weights",

@@ -27,7 +27,7 @@ from fnn.models import _causal_lm as lm
 
 __all__ = ["Llama", "from_hf_config", "hf_config", "hf_input_shape", "HF_PREFIX"]
 
-HF_PREFIX = ""          # LlamaForCausalLM's names: model.embed_tokens.weight, ..., lm_head.weight
+HF_PREFIX = "model"         # the base LlamaModel inside LlamaForCausalLM (model.layers.0...)
 _FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
            "num_attention_heads", "num_key_value_heads", "hidden_act",
            "max_position_embeddings", "initializer_range", "rms_norm_eps",
