@@ -5,7 +5,7 @@ its residuals, checked against ``jax.vjp``. See ``docs/design.md`` and the READM
 """
 from fnn import (activations, augment, backprop, checkpoint, checks, compilation, data, debug,
                  gradcheck, initializers, layers, losses, models, optim, precision, regularizers,
-                 sharding, torch_weights, train)
+                 sharding, torch_weights, train, tuning)
 from fnn.combinators import parallel, residual, serial, stack, tied
 from fnn.core import (Example, Layer, cast, constructor, count_params, examples, from_backward,
                       summary)
@@ -17,5 +17,5 @@ __all__ = [
     "residual", "stack", "tied", "count_params", "summary", "cast", "activations", "augment",
     "backprop", "checkpoint", "checks", "compilation", "data", "debug", "gradcheck",
     "initializers", "layers", "losses", "models", "optim", "precision", "regularizers",
-    "sharding", "torch_weights", "train",
+    "sharding", "torch_weights", "train", "tuning",
 ]

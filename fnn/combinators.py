@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn.core import Layer, child_key, constructor
+from fnn.tuning.stack import check_remat, stack_form
 
 __all__ = ["serial", "parallel", "residual", "stack", "tied"]
 
@@ -229,21 +230,23 @@ def residual(layer: Layer) -> Layer:
 # --------------------------------------------------------------------------- stack
 
 @constructor
-def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
+def stack(layer: Layer, n: int, *, remat: bool | str = "auto") -> Layer:
     """``n`` copies of ``layer`` applied in sequence with one ``lax.scan``.
 
     Parameters (and state) of the copies are stacked along a new leading axis of size ``n``, so
     compile time does not grow with depth. ``layer`` must map its input shape to itself. Copy
     ``i`` gets the key ``fold_in(key, i)``.
 
-    ``fwd`` scans the copies' ``fwd`` once, stacking each copy's residuals along the copy
-    axis; ``bwd`` scans their ``bwd`` in reverse. ``remat=True`` trades compute for memory:
-    ``fwd`` keeps only each copy's input (``n`` activations) and ``bwd`` reruns that copy's
-    forward before its backward; ``apply`` wraps each copy in ``jax.checkpoint`` so that
-    ``jax.grad`` of the stack rematerialises too.
+    ``fwd`` scans the copies' ``fwd`` once, stacking each copy's residuals along the copy axis;
+    ``bwd`` scans their ``bwd`` in reverse. ``remat=True`` trades compute for memory: ``fwd``
+    keeps only each copy's input and ``bwd`` reruns that copy's forward before its backward;
+    ``apply`` wraps each copy in ``jax.checkpoint`` so ``jax.grad`` rematerialises too.
+    ``remat="auto"``: ``fwd``/``bwd`` store, remat or unroll, whichever was measured fastest for
+    the shapes (:mod:`fnn.tuning.stack`; stored with the tuner off).
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"stack: n must be a positive int, got {n!r}")
+    check_remat(remat)
     n = int(n)
     name = f"stack({layer.name}, {n})"
 
@@ -262,42 +265,44 @@ def stack(layer: Layer, n: int, *, remat: bool = False) -> Layer:
     def keys(key):
         return None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
-    def scan(body, carry, xs, reverse=False):
-        return jax.lax.scan(lambda c, a: body(c, *a), carry, xs, reverse=reverse, length=n)
+    def scan(body, carry, xs, reverse=False, how="stored"):
+        return jax.lax.scan(lambda c, a: body(c, *a), carry, xs, n, reverse, n if how == "unrolled" else 1)
 
     def apply(params, state, x, *, key=None, train=False, **kw):
         _check_kw(name, layer.keywords, kw)
 
         def run(p, s, h, k):            # keywords stay Python values (cache_len is static)
             return layer.apply(p, s, h, key=k, train=train, **kw)
-        f = jax.checkpoint(run) if remat else run
+        f = jax.checkpoint(run) if remat is True else run
         return scan(lambda h, p, s, k: f(p, s, h, k), x, (params, state, keys(key)))
 
     def fwd(params, state, x, *, key=None, train=False, **kw):
         _check_kw(name, layer.keywords, kw)
+        how = stack_form(model, layer, n, remat, params, x, train, kw)   # stored/remat/unrolled
 
         def body(h, p, s, k):
-            if remat:                   # keep the copy's input; bwd reruns its forward
+            if how == "remat":          # keep the copy's input; bwd reruns its forward
                 y, s2 = layer.apply(p, s, h, key=k, train=train, **kw)
                 return y, (s2, h)
             y, s2, r = layer.fwd(p, s, h, key=k, train=train, **kw)
             return y, (s2, r)
-        y, (new_state, res) = scan(body, x, (params, state, keys(key)))
+        y, (new_state, res) = scan(body, x, (params, state, keys(key)), how=how)
         return y, new_state, res
 
     def bwd(params, state, res, dy, *, key=None, train=False, **kw):
         _check_kw(name, layer.keywords, kw)
+        how = stack_form(model, layer, n, remat, params, dy, train, kw)
 
         def body(d, p, s, k, r):
-            if remat:
+            if how == "remat":
                 r = layer.fwd(p, s, r, key=k, train=train, **kw)[2]
             dp, d = layer.bwd(p, s, r, d, key=k, train=train, **kw)
             return d, dp
-        dx, grads = scan(body, dy, (params, state, keys(key), res), reverse=True)
+        dx, grads = scan(body, dy, (params, state, keys(key), res), reverse=True, how=how)
         return grads, dx
 
-    return Layer(init, apply, fwd, bwd, name, "stack", layer.keywords,
-                 ((f"0..{n - 1}", layer),), layer.stochastic, {"n": n, "remat": remat})
+    return (model := Layer(init, apply, fwd, bwd, name, "stack", layer.keywords,
+                           ((f"0..{n - 1}", layer),), layer.stochastic, {"n": n, "remat": remat}))
 
 
 # --------------------------------------------------------------------------- tied

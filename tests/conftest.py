@@ -31,6 +31,9 @@ _fast_compile()
 # The fnn command turns JAX's persistent compilation cache on; the suite's in-process and child
 # CLI runs leave it off (a process-wide setting, and no files in the user's cache directory).
 os.environ.setdefault("FNN_COMPILE_CACHE", "off")
+# The tuner (fnn.tuning) would time formulations: the suite times nothing. Off, every choice point
+# takes its default; tests that turn it on pass a fake timer and a temporary cache directory.
+os.environ.setdefault("FNN_TUNE", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

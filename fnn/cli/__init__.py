@@ -7,6 +7,7 @@
                          [--quiet] [--quick] [--resume] [--precision bfloat16|float16|float32]
     fnn gradcheck xor [--seed S] [--directions K]
     fnn doctor xor [--seed S] [--steps N] [--lr X]       (the debugging checklist: fnn.cli.doctor)
+    fnn tune --report [--all] | --clear                 (the tuner's choices: fnn.cli.tune)
 
 ``train`` prints progress and the final test metrics and writes the checkpoint and plots to
 ``DIR`` (default ``out``). Its last line of output is one JSON object, ``{"task": NAME,
@@ -148,8 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--seed", type=int, default=0)
     gc.add_argument("--directions", type=int, default=3,
                     help="random directions per parameter array")
-    from fnn.cli import doctor
+    from fnn.cli import doctor, tune
     doctor.add_parser(sub)
+    tune.add_parser(sub)
     return ap
 
 
@@ -243,8 +245,9 @@ def main(argv=None) -> int:
     _join_processes()
     args = _parser().parse_args(argv)
     from fnn.cli.doctor import cmd_doctor
+    from fnn.cli.tune import cmd_tune
     return {"list": cmd_list, "train": cmd_train, "gradcheck": cmd_gradcheck,
-            "doctor": cmd_doctor}[args.command](args)
+            "doctor": cmd_doctor, "tune": cmd_tune}[args.command](args)
 
 
 if __name__ == "__main__":

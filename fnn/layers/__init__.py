@@ -14,6 +14,7 @@ from fnn.layers.transformer import MLP, TransformerBlock
 from fnn.layers.merge import Add, Multiply
 from fnn.layers.gated_mlp import GatedMLP
 from fnn.layers.patch import ClassToken, PatchEmbedding, SelectToken
+from fnn.layers.token_type import TokenTypeEmbedding
 from fnn.layers.conv import Conv, ConvTranspose
 from fnn.layers.dense import Dense, Embedding, Flatten
 from fnn.layers.dropout import Dropout, SpatialDropout
@@ -38,5 +39,5 @@ __all__ = [
     "MultiHeadAttention",
     "init_cache", "decode_step", "sinusoidal", "rope", "SinusoidalPositions",
     "PositionalEmbedding", "MLP", "GatedMLP", "TransformerBlock",
-    "PatchEmbedding", "ClassToken", "SelectToken",
+    "PatchEmbedding", "ClassToken", "SelectToken", "TokenTypeEmbedding",
 ]

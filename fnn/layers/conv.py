@@ -25,12 +25,16 @@ other op applied to ``dy`` with the flipped, swapped kernel.
 Kernel gradient formulation (``kernel_grad=``): ``"conv"`` hands the correlation to
 ``lax.conv_general_dilated`` (batch as the contracted axis); ``"im2col"`` gathers the ``prod(K)``
 shifted input slices into one ``(B·out, prod(K)·C)`` matrix and multiplies it by the error
-``(B·out, O)``. On CPU, XLA's convolution-shaped kernel gradient is several times slower than the
-matmul (measured in ``benchmarks/RESULTS.md``, "Convolution"), so ``"auto"`` looks the backend up in
-:data:`KERNEL_GRAD` — edit that table to revisit the choice.
+``(B·out, O)``. ``"auto"`` is chosen per platform when the program is lowered
+(``jax.lax.platform_dependent``), not from the host's backend: a program exported for a GPU or
+TPU from a CPU host carries the convolution form. On CPU the choice is a measured one
+(:func:`kernel_grad_choice`, a choice point of :mod:`fnn.tuning`; it also decides the compiler
+options of fnn's own compiled functions); with the tuner off, :data:`KERNEL_GRAD` decides
+(measured in ``benchmarks/RESULTS.md``, "Convolution").
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -40,18 +44,21 @@ from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
+from fnn.layers._conv_tuning import _auto_kernel_grad, kernel_grad_choice
 from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._spatial import (LAYOUTS, explicit_padding, int_tuple, padding_mode,
                                  padding_pairs, spatial_sizes)
 
 __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
            "conv_output_shape", "conv_transpose_output_shape", "KERNEL_GRAD",
+           "kernel_grad_choice",
            "Conv", "ConvTranspose"]
 
-#: Kernel-gradient formulation per backend for ``kernel_grad="auto"`` (backends not listed:
-#: ``"conv"``, the library convolution, right for GPU/TPU). The CPU choice was measured with
+#: Kernel-gradient formulation per platform for ``kernel_grad="auto"`` (platforms not listed:
+#: ``"conv"``, the library convolution, right for GPU/TPU; ``"gpu"`` stands for cuda and rocm).
+#: The CPU entry is the tuner's default candidate (used with the tuner off), measured with
 #: bench_conv.py: benchmarks/RESULTS.md, "Convolution" (im2col + matmul against XLA's CPU
-#: convolution for the kernel gradient).
+#: convolution for the kernel gradient, under jaxlib's default compiler options).
 KERNEL_GRAD = {"cpu": "im2col"}
 
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
@@ -130,9 +137,15 @@ def _pad(x, pads, interior=None):
 
 
 def _kernel_grad(xp, dy, ksize, strides, dilation, groups, method):
-    """``dw[k, c, f] = Σ_{b,o} xp[b, o·s + k·d, c] · dy[b, o, f]`` on a padded input ``xp``."""
-    if method == "auto":
-        method = KERNEL_GRAD.get(jax.default_backend(), "conv")
+    """``dw[k, c, f] = Σ_{b,o} xp[b, o·s + k·d, c] · dy[b, o, f]`` on a padded input ``xp``;
+    ``method``: ``"conv"``, ``"im2col"``, or ``{platform: method}`` (chosen at lowering)."""
+    if isinstance(method, dict):
+        forms = {p: functools.partial(_kernel_grad, ksize=ksize, strides=strides,
+                                      dilation=dilation, groups=groups, method=m)
+                 for p, m in method.items()}
+        if len(set(method.values())) == 1:
+            return forms["default"](xp, dy)
+        return lax.platform_dependent(xp, dy, **forms)
     n, out, co = len(ksize), dy.shape[1:-1], dy.shape[-1]
     ci = xp.shape[-1]
     if method == "conv":           # batch is the contracted axis, channels the "batch"
@@ -190,6 +203,8 @@ def conv_backward(x, w, dy, strides=1, padding="SAME", dilation=1, groups=1, ker
     dx = _conv_raw(dy, _flip_swap(w, groups), (1,) * len(sizes), dx_pads, strides, dilation,
                    groups)
     used = [(lo, L + k - 1 - m - lo) for (lo, _), L, k, m in zip(pads, span, k_eff, sizes)]
+    if kernel_grad == "auto":
+        kernel_grad = _auto_kernel_grad("conv", x, w, strides, padding, dilation, groups)
     dw = _kernel_grad(_pad(x, used), dy, ksize, strides, dilation, groups, kernel_grad)
     return dw, dx
 
@@ -258,6 +273,8 @@ def conv_transpose_backward(x, w, dy, strides=1, padding="SAME", dilation=1, gro
     dx = _conv_raw(dy, _flip_swap(w, groups), strides, dx_pads, None, dilation, groups)
     used = [(lo, o + k - 1 - L - lo) for (lo, _), o, k, L in zip(pads, out, k_eff, span)]
     xp = _pad(x, used, [s - 1 for s in strides])
+    if kernel_grad == "auto":
+        kernel_grad = _auto_kernel_grad("conv_transpose", x, w, strides, padding, dilation, groups)
     dw = _kernel_grad(xp, dy, w.shape[:-2], ones, dilation, groups, kernel_grad)
     return dw, dx
 

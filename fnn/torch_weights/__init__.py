@@ -177,8 +177,9 @@ def state_dict(model, params, state, input_shape, *, mapping: Mapping[str, str] 
     written as ``0`` (an int64 scalar; fnn counts no batches); a recurrent layer's bias
     ``b`` as ``bias_ih = b``, ``bias_hh = 0``; a stateful recurrent layer's carry is not a
     weight and is not written (it loads back as zeros). ``dtype``: cast every float array
-    (default: as the params are). **Raises:** :class:`StateDictError` when ``params``/``state`` do not
-    have the structure ``model.init(key, input_shape)`` gives, or a declaration is wrong.
+    (default: as the params are). **Raises:** :class:`StateDictError` when
+    ``params``/``state`` do not have the structure ``model.init(key, input_shape)`` gives, or
+    a declaration is wrong.
 
     >>> import numpy as np
     >>> from fnn.layers import Dense

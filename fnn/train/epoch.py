@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn import tuning
 from fnn.core import default_dtype
 from fnn.optim.rates import rate_nodes
 from fnn.train.cache import cached
@@ -106,7 +107,7 @@ class Report(NamedTuple):
     loss_scale: float
 
 
-DONATE = functools.partial(jax.jit, donate_argnums=(0,))
+DONATE = functools.partial(tuning.jit, donate_argnums=(0,))   # compiler options: fnn.tuning
 """The default ``jit`` of :func:`make_epoch_runner`: the train state's params, model state and
 optimizer state (the first argument of the packed function) are donated."""
 
@@ -174,7 +175,7 @@ def _rate(opt_state):
 
 @cached
 def make_chunk_runner(model, loss, update, grad, metrics, regularizer, grad_norm, augment,
-                      jit=jax.jit):
+                      jit=tuning.jit):
     """A :class:`Runner` over a chunk of ``K`` stacked batches ``(K, batch, ...)``
     (streaming: one call per chunk). ``jit``: on a mesh, one with its shardings
     (:func:`fnn.train.distributed.chunk_jit`); the state is not donated (the streamed epoch

@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fnn import backprop
+from fnn import backprop, tuning
 from fnn.precision import ScaledLoss, current_scale
 from fnn.optim import apply_updates, global_norm
 from fnn.train.cache import cached
@@ -217,4 +217,4 @@ def make_step(model, loss, optimizer, *, grad: str | Callable = "autodiff", accu
         accuracy = metrics[0].result(out.stats[0]) if metrics else jnp.full((), jnp.nan)
         m = StepMetrics(out.loss, accuracy, out.grad_norm, out.finite)
         return (select(out.finite, new, ts) if guard else new), m
-    return jax.jit(step) if jit else step
+    return tuning.jit(step) if jit else step      # jax.jit, compiler options by fnn.tuning

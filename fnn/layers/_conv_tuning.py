@@ -1,0 +1,64 @@
+"""The convolution's kernel-gradient choice point (``kernel_grad="auto"`` of
+:mod:`fnn.layers.conv`): measured on CPU by :mod:`fnn.tuning`, branched on per platform when the
+program is lowered."""
+from __future__ import annotations
+
+import numpy as np
+
+from fnn import tuning
+
+__all__ = ["kernel_grad_choice"]
+
+
+def kernel_grad_choice(op: str, x_shape, w_shape, dtype, strides=1, padding="SAME", dilation=1,
+                       groups=1) -> str:
+    """Choice point (:mod:`fnn.tuning`): the CPU kernel-gradient formulation of ``op``
+    (``"conv"`` or ``"conv_transpose"``) at these shapes, ``"conv"`` or ``"im2col"``.
+
+    Candidates, side by side: ``KERNEL_GRAD["cpu"]`` (the default) and the other form, each
+    under every compiler-option set of :data:`fnn.tuning.OPTION_SETS` (jaxlib's defaults, and
+    convolutions taken off YNNPACK). Each is timed as the layer's whole forward and backward
+    (the options change the forward and the input gradient as well); the answer is the fastest
+    form under the options in effect for the function being traced, and :func:`fnn.tuning.jit`
+    picks those options from the same timings. With the tuner off: ``KERNEL_GRAD["cpu"]``.
+    """
+    from fnn.layers import conv as C
+    default = C.KERNEL_GRAD.get("cpu", "conv")
+    if not tuning.enabled():
+        return default
+    fwd, bwd, out_shape = {"conv": (C.conv, C.conv_backward, C.conv_output_shape),
+                           "conv_transpose": (C.conv_transpose, C.conv_transpose_backward,
+                                              C.conv_transpose_output_shape)}[op]
+    opts = dict(strides=strides, padding=padding, dilation=dilation, groups=groups)
+    dy_shape = out_shape(x_shape, w_shape, **opts)
+
+    def candidate(form, options):
+        def run(x, w, dy):
+            return fwd(x, w, **opts), bwd(x, w, dy, **opts, kernel_grad=form)
+        name = form if options == "default" else f"{form}, {options}"
+        return tuning.Candidate(name, run, options, form)
+
+    def make_args():
+        r = np.random.default_rng(0)
+        return tuple(r.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, dy_shape))
+    key = {"op": op, "x": list(x_shape), "w": list(w_shape), "dtype": str(np.dtype(dtype)),
+           **{k: repr(v) for k, v in opts.items()}}
+    forms = (default, "im2col" if default == "conv" else "conv")
+    return tuning.choose("conv.kernel_grad", key,
+                         [candidate(f, o) for o in tuning.options.OPTION_SETS for f in forms], make_args)
+
+
+_PLATFORM_NAMES = {"gpu": ("cuda", "rocm")}
+
+
+def _auto_kernel_grad(op, x, w, strides, padding, dilation, groups) -> dict:
+    """``kernel_grad="auto"`` as ``{platform: form}``, branched on at lowering time: the
+    tuner's (or the table's) CPU choice, the table's other entries, ``"conv"`` elsewhere."""
+    from fnn.layers import conv as C
+    forms = {"default": "conv"}
+    for platform, form in C.KERNEL_GRAD.items():
+        for name in _PLATFORM_NAMES.get(platform, (platform,)):
+            forms[name] = form
+    forms["cpu"] = kernel_grad_choice(op, x.shape, w.shape, x.dtype, strides, padding, dilation,
+                                      groups)
+    return forms

@@ -1,0 +1,201 @@
+"""The tuner itself: :func:`choose` times a choice point's candidates on the shapes at hand,
+keeps those whose results agree with the default's, and remembers the fastest.
+
+A choice point is one function that lists its candidate formulations side by side
+(:class:`Candidate`: a name, the function to time, the compiler options to compile it with, and
+the value the choice point returns when it wins) and calls :func:`choose`. The first candidate is
+the default: the formulation used when the tuner is off, when nothing else is measurably faster,
+and the reference every other candidate's result is checked against. Measuring happens once per
+machine, jaxlib and key: the choice is kept in memory and in the on-disk cache
+(:mod:`fnn.tuning.cache`).
+
+Measuring runs in a helper thread: a choice point is usually reached while JAX traces the user's
+function, and the thread starts outside that trace, so its compiled candidates really run.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import numpy as np
+
+from fnn.tuning import cache
+from fnn.tuning._settings import STATE, enabled, median
+from fnn.tuning import options
+from fnn.tuning.options import accepted, in_effect, record
+
+__all__ = ["Candidate", "choose", "agree", "measured", "best", "memo_entries"]
+
+
+class Candidate(NamedTuple):
+    """One formulation of a choice point: ``name`` (unique within the point), ``run`` (a pure
+    function of the measurement's arguments, jitted by the tuner), ``options``: the name of the
+    compiler-option set (:data:`fnn.tuning.OPTION_SETS`) to compile it with, and ``value``: what
+    the choice point returns when this candidate wins (``None``: the name)."""
+    name: str
+    run: Callable
+    options: str = "default"
+    value: Any = None
+
+
+_MEMO: dict[str, dict] = {}
+_LOCK = threading.Lock()
+
+
+def agree(ref, out) -> str | None:
+    """``None`` if ``out`` equals ``ref`` within floating-point rounding (same tree, shapes and
+    dtypes; the same non-finite entries; per leaf ``max|out - ref| <= sqrt(eps) · max|ref|``,
+    eps of the leaf's dtype), else why not."""
+    r_leaves, r_tree = jax.tree.flatten(ref)
+    o_leaves, o_tree = jax.tree.flatten(out)
+    if r_tree != o_tree:
+        return f"a different result structure ({o_tree} instead of {r_tree})"
+    for i, (r, o) in enumerate(zip(r_leaves, o_leaves)):
+        r, o = np.asarray(r), np.asarray(o)
+        if r.shape != o.shape or r.dtype != o.dtype:
+            return f"leaf {i}: {o.dtype}{list(o.shape)} instead of {r.dtype}{list(r.shape)}"
+        if not np.issubdtype(r.dtype, np.inexact):
+            if not np.array_equal(r, o):
+                return f"leaf {i}: different integer values"
+            continue
+        r64, o64 = r.astype(np.float64), o.astype(np.float64)
+        fin = np.isfinite(r64)
+        if not np.array_equal(fin, np.isfinite(o64)) or not np.array_equal(r64[~fin], o64[~fin],
+                                                                         equal_nan=True):
+            return f"leaf {i}: different non-finite entries"
+        if fin.any():
+            scale = float(np.max(np.abs(r64[fin])))
+            err = float(np.max(np.abs(r64[fin] - o64[fin])))
+            tol = float(np.sqrt(np.finfo(r.dtype).eps)) * max(scale, np.finfo(r.dtype).tiny)
+            if err > tol:
+                return f"leaf {i}: max difference {err:.3g} > {tol:.3g} (scale {scale:.3g})"
+    return None
+
+
+def memo_entries() -> list[dict]:
+    """The entries measured or read by this process."""
+    with _LOCK:
+        return list(_MEMO.values())
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+def _measure(candidates: list[Candidate], make_args: Callable[[], tuple]) -> dict:
+    """Compile, verify and time the candidates (the first is the reference); the entry."""
+    t0 = time.perf_counter()
+    args = make_args()
+    compiled, times, rejected = {}, {}, {}
+    ref = None
+    for i, c in enumerate(candidates):
+        if i and time.perf_counter() - t0 > STATE.budget:
+            rejected[c.name] = "not measured: over the time budget"
+            continue
+        opts = options.OPTION_SETS.get(c.options)
+        if opts is None or not accepted(c.options):
+            rejected[c.name] = f"compiler options {c.options!r} not accepted by this jaxlib"
+            continue
+        try:
+            fn = jax.jit(c.run, compiler_options=dict(opts) or None).lower(*args).compile()
+            out = jax.device_get(_block(fn(*args)))
+        except Exception as e:          # a candidate that fails to compile or run is not chosen
+            rejected[c.name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            continue
+        if ref is None:
+            if i:                       # the default itself failed: nothing is comparable
+                rejected[c.name] = "not measured: the default failed"
+                continue
+            ref = out
+        else:
+            why = agree(ref, out)
+            if why:
+                rejected[c.name] = f"result differs from the default's: {why}"
+                continue
+        compiled[c.name] = fn
+    for r in range(STATE.rounds):       # interleaved rounds; medians
+        spent = time.perf_counter() - t0
+        if (r >= 3 and spent > STATE.budget) or (r >= 1 and spent > 2 * STATE.budget):
+            break
+        for name, fn in compiled.items():
+            times.setdefault(name, []).append(float(STATE.timer(name, lambda: _block(fn(*args)))))
+    return {"times_ms": {n: median(t) * 1e3 for n, t in times.items()}, "rejected": rejected,
+            "options": {c.name: c.options for c in candidates},
+            "seconds": round(time.perf_counter() - t0, 3),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _in_thread(fn, *args):
+    box = {}
+
+    def target():
+        try:
+            box["out"] = fn(*args)
+        except BaseException as e:     # noqa: BLE001 -- re-raised in the caller's thread
+            box["err"] = e
+    t = threading.Thread(target=target, name="fnn-tuning", daemon=True)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def measured(point: str, key, candidates: list[Candidate],
+             make_args: Callable[[], tuple]) -> dict | None:
+    """The cached entry of ``point`` at ``key`` (measured now if it is new); ``None`` when the
+    tuner is off. Never raises: a failure to measure warns and yields ``None``."""
+    if not enabled():
+        return None
+    k = cache.full_key(point, key)
+    kk = cache.canonical(k)
+    names = {c.name for c in candidates}
+    with _LOCK:
+        entry = _MEMO.get(kk)
+        if entry is None or not set(entry.get("times_ms", {})) <= names:
+            entry = cache.load(k)
+            if entry is None or not set(entry.get("times_ms", {})) <= names:
+                try:
+                    entry = _in_thread(_measure, candidates, make_args)
+                except Exception as e:           # noqa: BLE001 -- never crash a user's trace
+                    warnings.warn(f"fnn.tuning: measuring {point} failed ({type(e).__name__}: "
+                                  f"{e}); using its default", RuntimeWarning, stacklevel=3)
+                    return None
+                entry["path"] = cache.store(k, entry)
+                entry["key"] = k
+            _MEMO[kk] = entry
+    record(point, entry)
+    return entry
+
+
+def best(entry: Mapping | None, candidates: list[Candidate], options: str | None) -> Candidate:
+    """The fastest measured candidate compiled with option set ``options`` (``None``: any),
+    unless it beats that set's first candidate by less than the margin; the first candidate of
+    the set when nothing was measured. ``options`` that no candidate names: all candidates."""
+    pool = [c for c in candidates if options is None or c.options == options] or candidates
+    if entry is None:
+        return pool[0]
+    times = entry.get("times_ms", {})
+    default = pool[0]
+    ok = [c for c in pool if c.name in times]
+    if not ok:
+        return default
+    fastest = min(ok, key=lambda c: times[c.name])
+    base = times.get(default.name)
+    if base is not None and times[fastest.name] > base * (1 - STATE.margin):
+        return default
+    return fastest
+
+
+def choose(point: str, key, candidates: list[Candidate], make_args: Callable[[], tuple]):
+    """The choice point's answer: the winning candidate's ``value`` (or name) among those
+    compiled with the compiler options in effect (:func:`fnn.tuning.options.in_effect`); the
+    first candidate's when the tuner is off. ``key``: JSON-able, what the timings depend on
+    (shapes, dtypes, static arguments); ``make_args()``: the measurement's arguments (random
+    arrays of those shapes)."""
+    c = best(measured(point, key, candidates, make_args), candidates, in_effect())
+    return c.name if c.value is None else c.value
