@@ -144,7 +144,7 @@ def part_a(name, rounds):
 
 
 def part_b(name, rounds, new=128):
-    hf, model, params, state, n = build(name)
+    hf, model, params, _, _ = build(name)
     hf.eval()
     prompt = np.random.default_rng(1).integers(0, CONFIGS[name][3]["vocab_size"], (1, 8))
     pt = torch.from_numpy(prompt)
@@ -188,7 +188,8 @@ def main():
             ref = med["PyTorch eager"]
             for k, v in med.items():
                 print(f"  {k:16s} {v * 1e3:8.1f} ms   {v / ref:5.2f}x PyTorch")
-            print(f"  hand / autodiff  {med['fnn hand'] / med['fnn autodiff']:.2f}")
+            print(f"  hand / autodiff  {med['fnn hand'] / med['fnn autodiff']:.2f}   (first "
+                  f"steps after compiling: {warm:.1f} s)")
         if "b" in args.parts:
             tps, compile_s, agree = part_b(name, args.rounds)
             print(f"## {name} greedy generation, batch 1, 8 + 128 tokens (fnn compile "

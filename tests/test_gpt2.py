@@ -46,7 +46,7 @@ def numpy_gpt2(p, ids, n_head, eps):
     causal = np.tril(np.ones((t, t), bool))
     blk = p["blocks"]
     for i in range(blk["attn"]["norm"]["scale"].shape[0]):
-        at, ml = jax.tree.map(lambda a: a[i], blk["attn"]), jax.tree.map(lambda a: a[i], blk["mlp"])
+        at, ml = (jax.tree.map(lambda a, i=i: a[i], blk[n]) for n in ("attn", "mlp"))
         a = layer_norm(h, at["norm"]["scale"], at["norm"]["offset"], eps)
         q, k, v = (a @ at["mha"][n]["w"] + at["mha"][n]["b"] for n in "qkv")
         split = lambda z: z.reshape(b, t, n_head, -1).transpose(0, 2, 1, 3)    # (b, h, t, d)
@@ -55,7 +55,8 @@ def numpy_gpt2(p, ids, n_head, eps):
         s = np.where(causal, s, -np.inf)
         w = np.exp(s - s.max(-1, keepdims=True))
         o = (w / w.sum(-1, keepdims=True)) @ v
-        h = h + o.transpose(0, 2, 1, 3).reshape(b, t, -1) @ at["mha"]["o"]["w"] + at["mha"]["o"]["b"]
+        o = o.transpose(0, 2, 1, 3).reshape(b, t, -1)
+        h = h + o @ at["mha"]["o"]["w"] + at["mha"]["o"]["b"]
         m = layer_norm(h, ml["norm"]["scale"], ml["norm"]["offset"], eps)
         f = ml["mlp"]
         h = h + gelu_new(m @ f["fc1"]["w"] + f["fc1"]["b"]) @ f["fc2"]["w"] + f["fc2"]["b"]

@@ -49,7 +49,7 @@ def numpy_llama(p, ids, heads, kv_heads, eps, theta):
     causal = np.tril(np.ones((t, t), bool))
     blk = p["blocks"]
     for i in range(blk["attn"]["norm"]["scale"].shape[0]):
-        at, ml = jax.tree.map(lambda a: a[i], blk["attn"]), jax.tree.map(lambda a: a[i], blk["mlp"])
+        at, ml = (jax.tree.map(lambda a, i=i: a[i], blk[n]) for n in ("attn", "mlp"))
         a = rms_norm(h, at["norm"]["scale"], eps)
         split = lambda z, n: z.reshape(b, t, n, d).transpose(0, 2, 1, 3)      # (b, n, t, d)
         q = split(a @ at["mha"]["q"]["w"], heads)

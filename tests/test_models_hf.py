@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fnn import models                                                    # noqa: E402
-from fnn.models import generate, gpt2, llama, value_and_grad             # noqa: E402
-from fnn.torch_weights import StateDictError, load_state_dict, state_dict  # noqa: E402
+from fnn import models                                                  
+from fnn.models import generate, gpt2, llama, value_and_grad           
+from fnn.torch_weights import StateDictError, load_state_dict, state_dict
 
 V = 50
 GPT2_CFG = dict(vocab_size=V, n_positions=32, n_embd=16, n_layer=2, n_head=4, n_inner=24,
@@ -121,7 +121,7 @@ def test_greedy_generation_matches_transformers(case):
     included (a row of each reaches it): transformers stops once every row is done, fnn keeps
     the length and pads."""
     module, hf, config = reference(case)
-    model, params, state, _ = to_fnn(module, hf, config)
+    model, params, _, _ = to_fnn(module, hf, config)
     prompt = ids((3, 4), seed=3)
     want = hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones(3, 4, dtype=int),
                        do_sample=False, max_new_tokens=12).numpy()
@@ -150,7 +150,7 @@ def test_hub_directory_round_trip(tmp_path):
                                    .detach().numpy(), want, rtol=0, atol=1e-12)
         for sub, shard in (("one", "5GB"), ("sharded", "20KB")):
             hf.save_pretrained(tmp_path / f"{case}-{sub}", max_shard_size=shard)
-            m2, p2, s2 = models.from_pretrained(tmp_path / f"{case}-{sub}")
+            m2, p2, _ = models.from_pretrained(tmp_path / f"{case}-{sub}")
             assert module.hf_config(m2) == module.hf_config(model)
             jax.tree.map(np.testing.assert_array_equal, p2, params)
 

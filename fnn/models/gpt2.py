@@ -4,7 +4,7 @@ assembled from fnn layers, with ``GPT2Config``'s field names and PyTorch's param
 ::
 
     h₀ = drop(wte[ids] + wpe[0..T-1])                               (embd_pdrop)
-    h  = h + drop(Attn(LN₁(h))),  h = h + drop(MLP(LN₂(h)))          × n_layer (pre-norm, causal)
+    h  = h + drop(Attn(LN₁(h))),  h = h + drop(MLP(LN₂(h)))      × n_layer (pre-norm, causal)
     MLP(x) = gelu_new(x W_fc + b_fc) W_proj + b_proj                 (n_inner = 4·n_embd)
     logits = LN_f(h) wteᵀ                                            (tied head)
 
