@@ -310,7 +310,7 @@ def class_token(c) -> list:
 CONVERTERS = {
     "Dense": dense, "Conv": conv, "ConvTranspose": conv_transpose, "BatchNorm": batch_norm,
     "LayerNorm": norm, "RMSNorm": norm, "GroupNorm": norm, "InstanceNorm": norm,
-    "Embedding": embedding, "SimpleRNN": recurrent, "LSTM": recurrent, "GRU": recurrent,
+    "Embedding": embedding, "TokenTypeEmbedding": embedding, "SimpleRNN": recurrent, "LSTM": recurrent, "GRU": recurrent,
     "MultiHeadAttention": attention, "MLP": mlp, "GatedMLP": gated_mlp,
     "PatchEmbedding": patch_embedding, "PositionalEmbedding": positional_embedding,
     "ClassToken": class_token, "PRelu": single,
