@@ -136,8 +136,6 @@ def test_greedy_generation_matches_transformers(case):
 def test_hub_directory_round_trip(tmp_path):
     """fnn writes a hub directory transformers loads (equal logits), and reads the one
     transformers writes (one file and sharded)."""
-    if not hasattr(models, "save_pretrained"):
-        pytest.skip("fnn.models.save_pretrained/from_pretrained (fnn/models/hub.py) not merged")
     x = ids((1, 7))
     for case in ("gpt2", "llama"):
         module, hf, config = reference(case)
