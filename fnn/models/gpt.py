@@ -35,7 +35,8 @@ from fnn.layers.norm import LayerNorm, RMSNorm
 from fnn.layers.positional import PositionalEmbedding, SinusoidalPositions
 from fnn.layers.transformer import TransformerBlock
 
-__all__ = ["GPT", "init_cache", "decode_step", "sample", "value_and_grad", "lm_loss"]
+__all__ = ["GPT", "init_cache", "decode_step", "sample", "generate", "value_and_grad",
+           "lm_loss"]
 
 lm_loss = losses.softmax_cross_entropy_with_integer_labels
 
@@ -180,8 +181,9 @@ def value_and_grad(model: Layer, *, unroll: bool = False):
     residuals, then the loss's gradient ``(softmax − onehot)/N`` back through the hand rules.
     ``unroll=True`` loops over the blocks in Python instead of ``lax.scan`` (same params,
     stacked; compile time grows with depth; see ``benchmarks/RESULTS.md`` for when it pays)."""
-    if not isinstance(model, Layer) or model.kind != "GPT":
-        raise TypeError(f"value_and_grad: expected a model built by fnn.models.GPT, got {model!r}")
+    if not isinstance(model, Layer) or "unrolled" not in model.meta:
+        raise TypeError(f"value_and_grad: expected a model built by fnn.models.GPT (or GPT2, "
+                        f"Llama), got {model!r}")
     return backprop.value_and_grad(model.meta["unrolled"] if unroll else model, lm_loss)
 
 
@@ -199,23 +201,33 @@ def _pick(key, logits, temperature, top_k):
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(model, steps, max_len, temperature, top_k):
-    return _make_sampler(model, steps, max_len, temperature, top_k)
+def _sampler(model, steps, max_len, temperature, top_k, eos=(), pad=0):
+    return _make_sampler(model, steps, max_len, temperature, top_k, eos, pad)
 
 
-def _make_sampler(model, steps, max_len, temperature, top_k):
+def _make_sampler(model, steps, max_len, temperature, top_k, eos=(), pad=0):
+    """One compiled loop: the prompt through the model filling the cache, then ``steps - 1``
+    single-token steps. With ``eos`` ids, a row that has emitted one emits ``pad`` after it."""
+    def finish(tok, done):
+        if not eos:
+            return tok, done
+        tok = jnp.where(done, pad, tok)
+        return tok, done | jnp.isin(tok, jnp.asarray(eos, tok.dtype))
+
     @jax.jit
     def run(params, state, key, prompt):
         logits, cache = model.apply(params, state, prompt, cache_len=max_len)
         first = _pick(jax.random.fold_in(key, 0), logits[:, -1], temperature, top_k)
+        first, done = finish(first, jnp.zeros(first.shape, bool))
 
         def body(carry, i):
-            tok, cache = carry
+            tok, done, cache = carry
             logits, cache = model.apply(params, cache, tok[:, None], cache_len=max_len)
             nxt = _pick(jax.random.fold_in(key, i), logits[:, -1], temperature, top_k)
-            return (nxt, cache), tok
-        (last, _), toks = lax.scan(body, (first, cache), jnp.arange(1, steps))
-        return jnp.concatenate([prompt, toks.T, last[:, None]], axis=1)
+            return (*finish(nxt, done), cache), tok
+        (last, _, _), toks = lax.scan(body, (first, done, cache), jnp.arange(1, steps))
+        return jnp.concatenate([prompt, toks.T.reshape(prompt.shape[0], steps - 1),
+                                last[:, None]], axis=1)
     return run
 
 
@@ -240,3 +252,59 @@ def sample(model: Layer, params, state, key, prompt, steps: int, *, temperature:
     if top_k is not None and not 1 <= top_k <= params["embed"]["w"].shape[0]:
         raise ValueError(f"sample: top_k must be in [1, vocab], got {top_k}")
     return _sampler(model, steps, max_len, float(temperature), top_k)(params, state, key, prompt)
+
+
+def generate(model: Layer, params, prompt_ids, max_new_tokens: int, *, state=None,
+             temperature: float = 0.0, top_k: int | None = None, key=None,
+             eos_token_id=None, pad_token_id=None, max_len: int | None = None):
+    """``max_new_tokens`` tokens after ``prompt_ids: [batch, p]`` (or ``[p]``) with the KV cache,
+    the whole decode loop one compiled function (cached per model and settings): greedy by
+    default, as ``transformers``' ``model.generate(do_sample=False)``; ``temperature > 0``
+    samples (``top_k`` keeps the ``k`` most likely; needs ``key``). ``eos_token_id`` (an id or
+    a list): a row that emits one then emits ``pad_token_id`` (default the first eos id), as
+    ``transformers`` pads a finished row (it also stops once every row is done; the output here
+    keeps its full length). ``state``: the model's state (default: built from ``model.init``'s
+    structure; the GPTs have none). Works for :func:`GPT`, :func:`fnn.models.GPT2`,
+    :func:`fnn.models.Llama` and any model taking ``cache_len``. **Returns:** ``[batch, p +
+    max_new_tokens]`` int32 ids (``[p + max_new_tokens]`` for a 1-D prompt).
+
+    >>> model = GPT(20, 16, 2, depth=1, max_len=16)
+    >>> params, state, _ = model.init(jax.random.PRNGKey(0), (1, 4))
+    >>> generate(model, params, jnp.array([[1, 2, 3]]), 5).shape
+    (1, 8)
+    """
+    prompt = jnp.asarray(prompt_ids)
+    flat = prompt.ndim == 1
+    prompt = prompt[None] if flat else prompt
+    if not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.ndim != 2:
+        raise ValueError(f"generate: expected integer prompt_ids of shape (batch, p) or (p,), "
+                         f"got {prompt.dtype} {tuple(jnp.shape(prompt_ids))}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got "
+                         f"{max_new_tokens!r}")
+    if temperature and key is None:
+        raise ValueError("generate: sampling (temperature > 0) needs key=jax.random.PRNGKey(...)")
+    eos = () if eos_token_id is None else tuple(
+        int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else
+                         [eos_token_id]))
+    pad = int(eos[0] if pad_token_id is None and eos else pad_token_id or 0)
+    if state is None:
+        shapes = jax.eval_shape(lambda k: model.init(k, prompt.shape)[1], jax.random.PRNGKey(0))
+        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    prompt = prompt.astype(jnp.int32)
+    steps = max_new_tokens
+    _check_tokens(prompt)
+    p = prompt.shape[1]
+    max_len = max_len or p + steps
+    table = params.get("pos", {}).get("w") if isinstance(params.get("pos"), dict) else None
+    if table is not None and p + steps > table.shape[0]:
+        raise ValueError(f"generate: {p} + {steps} positions exceed the model's learned "
+                         f"positions ({table.shape[0]})")
+    if p + steps > max_len:
+        raise ValueError(f"generate: prompt {p} + max_new_tokens {steps} > max_len {max_len}")
+    if top_k is not None and not 1 <= top_k <= params["embed"]["w"].shape[0]:
+        raise ValueError(f"generate: top_k must be in [1, vocab], got {top_k}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    run = _sampler(model, steps, max_len, float(temperature), top_k, eos, pad)
+    out = run(params, state, key, prompt)
+    return out[0] if flat else out
