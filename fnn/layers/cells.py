@@ -313,18 +313,17 @@ def _lstm_fwd_step(p, carry, xp):
     i, f, g, o = _split(jnp.tanh(u), 4)
     c_new = (0.5 + 0.5 * f) * c + (0.5 + 0.5 * i) * g
     h_new = (0.5 + 0.5 * o) * jnp.tanh(c_new)
-    return (h_new, c_new), (u, c_new)
+    return (h_new, c_new), (u, h_new, c_new)
 
 
 def _lstm_output(emitted):
-    u, c = emitted
-    hs = (0.5 + 0.5 * jnp.tanh(_split(u, 4)[3])) * jnp.tanh(c)
-    return hs, (hs, c)
+    _, h, c = emitted
+    return h, (h, c)
 
 
 def _lstm_back_inputs(emitted, prevs):
     """The reverse step's inputs: gate pre-activations ``u``, ``c'``, the previous ``c``."""
-    return emitted[0], emitted[1], prevs[1]
+    return emitted[0], emitted[2], prevs[1]
 
 
 def _lstm_step_back(k, dcarry):
