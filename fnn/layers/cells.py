@@ -345,12 +345,17 @@ lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0), _ls
 # --------------------------------------------------------------------------- GRU
 
 def _gru_gates(p, h, xp):
+    """Full-width forms: ``s = σ(xp + gh)`` over all ``3H`` columns (its ``n`` block unused),
+    then ``v = xp + [1, 1, r] ⊙ gh = [u_r, u_z, u_n]`` — the same values as per-gate slices of
+    ``xp``, but XLA:CPU runs a fusion that slices columns of the step's input ``xp_t`` (itself
+    a slice of the projection) ~10× slower per element (benchmarks/RESULTS.md, recurrent)."""
     gh = h @ p["wh"] + bias(p["bh"], 2)                          # (B, 3H): r, z, n
-    (xr, xz, xn), (hr, hz, hn) = _split(xp, 3), _split(gh, 3)
-    ur, uz = xr + hr, xz + hz
-    un = xn + sigmoid(ur) * hn
-    z, n = sigmoid(uz), jnp.tanh(un)
-    return (ur, uz, un, hn), n + z * (h - n)                     # h' = (1 - z) n + z h
+    H = h.shape[-1]
+    s = sigmoid(xp + gh)                                         # σ(u_r), σ(u_z), unused
+    v = xp + jnp.concatenate([jnp.ones_like(s[:, :2 * H]), s[:, :H]], axis=-1) * gh
+    ur, uz, un = _split(v, 3)
+    z, n = s[:, H:2 * H], jnp.tanh(un)
+    return (ur, uz, un, gh[:, 2 * H:]), n + z * (h - n)          # h' = (1 - z) n + z h
 
 
 def _gru_step(p, carry, xp):
