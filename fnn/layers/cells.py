@@ -303,8 +303,9 @@ def _lstm_fast(p):
 
 def _lstm_fwd_step(p, carry, xp):
     """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`).
-    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)`` and ``c'``, rather than ``a =
-    tanh u`` and ``tanh c'``, since a saturated gate's derivative ``(1 − a²)/4`` from a stored
+    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)``, ``h'`` and ``c'`` (``h'`` stored
+    rather than recomputed as ``σ(o) tanh c'`` for the outputs and the backward's ``h_{t-1}``),
+    and ``u``, ``c'`` rather than ``a = tanh u`` and ``tanh c'``, since a saturated gate's derivative ``(1 − a²)/4`` from a stored
     ``a`` is rounding noise in float32 once ``|a|`` is within an ulp of 1 (0, or 3e-8
     where the truth is 1e-14; ``z`` below about −18, where autodiff's ``σ(1 − σ)`` is right),
     and ``e/(1 + e)²``, ``e = exp(−2|u|)``, is accurate on both sides."""
