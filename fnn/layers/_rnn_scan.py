@@ -86,8 +86,7 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
     if dys is not None and mask is not None:
         dys = jnp.where(mask, dys, 0)                            # padded outputs are constants
 
-    def body(d, inp):
-        k, dy_t, m_t = inp
+    def body(d, k, dy_t, m_t):
         dcar = d if dy_t is None else (d[0] + dy_t,) + d[1:]
         dxp, dgh, dprev = cell.step_back(k, dcar)
         dprev = with_recurrent(dprev, (dxp if dgh is None else dgh) @ wh_t)
@@ -96,7 +95,7 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
             dxp = jnp.where(m_t, dxp, 0)
         return dprev, dxp
 
-    d0, dxp = jax.lax.scan(body, dcarry, (inputs, dys, mask), reverse=not reverse)
+    d0, dxp = _reverse_scan(body, dcarry, inputs, dys, mask, reverse, params["wi"].shape[1])
     xt = jnp.swapaxes(xs, 0, 1)                                  # (T, B, F)
     dgh = dxp if cell.rec_grad is None else cell.rec_grad(emitted, dxp)   # (T, B, G·H)
     grads = {"wi": _gather(xt, dxp), "wh": _gather(prevs[0], dgh)}
@@ -104,6 +103,31 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
         grads[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
     grads[cell.bias] = jnp.sum(dxp, axis=(0, 1))
     return grads, jnp.swapaxes(jnp.einsum("tbg,fg->tbf", dxp, params["wi"]), 0, 1), d0
+
+
+def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width):
+    """``lax.scan`` of ``body(d, inputs_t, dy_t, m_t) -> (d, dxp_t)`` against the forward's
+    direction; returns ``(d0, dxp [T, B, G·H])``. When ``inputs[0]`` has ``dxp``'s shape (the
+    LSTM's gate pre-activations, the Elman cell's derivatives), each step reads its slice and
+    writes ``dxp_t`` over it: the scan carries that one buffer instead of stacking its outputs
+    into a zero-filled one (an 8 MB fill and copy per call at the benchmark's shape), and each
+    write goes to memory the step has just read (benchmarks/RESULTS.md, recurrent)."""
+    first, T = inputs[0], inputs[0].shape[0]
+    if first.shape[1:] != (dcarry[0].shape[0], width) or first.dtype != dcarry[0].dtype:
+        return jax.lax.scan(lambda d, i: body(d, *i), dcarry, (inputs, dys, mask),
+                            reverse=not reverse)
+
+    def step(carry, inp):
+        d, buf, t = carry
+        k = (jax.lax.dynamic_index_in_dim(buf, t, keepdims=False),) + inp[0]
+        d, dxp = body(d, k, *inp[1:])
+        return (d, jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0),
+                t + (1 if reverse else -1)), None
+
+    t0 = jnp.asarray(0 if reverse else T - 1, jnp.int32)
+    (d0, dxp, _), _ = jax.lax.scan(step, (dcarry, first, t0), (inputs[1:], dys, mask),
+                                   length=T, reverse=not reverse)
+    return d0, dxp
 
 
 def _gather(a, b):

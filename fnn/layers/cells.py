@@ -303,8 +303,9 @@ def _lstm_fast(p):
 
 def _lstm_fwd_step(p, carry, xp):
     """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`).
-    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)`` and ``c'``, rather than ``a =
-    tanh u`` and ``tanh c'``, since a saturated gate's derivative ``(1 − a²)/4`` from a stored
+    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)``, ``h'`` and ``c'`` (``h'`` stored
+    rather than recomputed as ``σ(o) tanh c'`` for the outputs and the backward's ``h_{t-1}``),
+    and ``u``, ``c'`` rather than ``a = tanh u`` and ``tanh c'``, since a saturated gate's derivative ``(1 − a²)/4`` from a stored
     ``a`` is rounding noise in float32 once ``|a|`` is within an ulp of 1 (0, or 3e-8
     where the truth is 1e-14; ``z`` below about −18, where autodiff's ``σ(1 − σ)`` is right),
     and ``e/(1 + e)²``, ``e = exp(−2|u|)``, is accurate on both sides."""
@@ -313,18 +314,17 @@ def _lstm_fwd_step(p, carry, xp):
     i, f, g, o = _split(jnp.tanh(u), 4)
     c_new = (0.5 + 0.5 * f) * c + (0.5 + 0.5 * i) * g
     h_new = (0.5 + 0.5 * o) * jnp.tanh(c_new)
-    return (h_new, c_new), (u, c_new)
+    return (h_new, c_new), (u, h_new, c_new)
 
 
 def _lstm_output(emitted):
-    u, c = emitted
-    hs = (0.5 + 0.5 * jnp.tanh(_split(u, 4)[3])) * jnp.tanh(c)
-    return hs, (hs, c)
+    _, h, c = emitted
+    return h, (h, c)
 
 
 def _lstm_back_inputs(emitted, prevs):
     """The reverse step's inputs: gate pre-activations ``u``, ``c'``, the previous ``c``."""
-    return emitted[0], emitted[1], prevs[1]
+    return emitted[0], emitted[2], prevs[1]
 
 
 def _lstm_step_back(k, dcarry):
@@ -346,16 +346,27 @@ lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0), _ls
 # --------------------------------------------------------------------------- GRU
 
 def _gru_gates(p, h, xp):
+    """Full-width forms: ``s = σ(xp + gh)`` over all ``3H`` columns (its ``n`` block unused),
+    then ``v = xp + [1, 1, r] ⊙ gh = [u_r, u_z, u_n]`` — the same values as per-gate slices of
+    ``xp``, but XLA:CPU runs a fusion that slices columns of the step's input ``xp_t`` (itself
+    a slice of the projection) ~10× slower per element (benchmarks/RESULTS.md, recurrent)."""
     gh = h @ p["wh"] + bias(p["bh"], 2)                          # (B, 3H): r, z, n
-    (xr, xz, xn), (hr, hz, hn) = _split(xp, 3), _split(gh, 3)
-    ur, uz = xr + hr, xz + hz
-    un = xn + sigmoid(ur) * hn
-    z, n = sigmoid(uz), jnp.tanh(un)
-    return (ur, uz, un, hn), n + z * (h - n)                     # h' = (1 - z) n + z h
+    H = h.shape[-1]
+    s = sigmoid(xp + gh)                                         # σ(u_r), σ(u_z), unused
+    v = xp + jnp.concatenate([jnp.ones_like(s[:, :2 * H]), s[:, :H]], axis=-1) * gh
+    ur, uz, un = _split(v, 3)
+    z, n = s[:, H:2 * H], jnp.tanh(un)
+    return (ur, uz, un, gh[:, 2 * H:]), n + z * (h - n)          # h' = (1 - z) n + z h
 
 
 def _gru_step(p, carry, xp):
-    _, h_new = _gru_gates(p, carry[0], xp)
+    """The plain step, per-gate slices: autodiff of the full-width form of :func:`_gru_gates`
+    measured 59 -> 88 ms per training step (benchmarks/RESULTS.md, recurrent)."""
+    h = carry[0]
+    gh = h @ p["wh"] + bias(p["bh"], 2)                          # (B, 3H): r, z, n
+    (xr, xz, xn), (hr, hz, hn) = _split(xp, 3), _split(gh, 3)
+    z, n = sigmoid(xz + hz), jnp.tanh(xn + sigmoid(xr + hr) * hn)
+    h_new = n + z * (h - n)
     return (h_new,), h_new
 
 
