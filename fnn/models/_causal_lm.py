@@ -17,7 +17,7 @@ from fnn.core import Layer
 from fnn.layers.dense import Dense, Embedding
 from fnn.layers.dropout import Dropout
 from fnn.layers.positional import PositionalEmbedding
-from fnn.models.gpt import _lm, _unrolled
+from fnn.models.gpt import language_model, unrolled_stack
 
 __all__ = ["ACTIVATIONS", "activation", "check_ints", "check_rate", "check_choice", "decoder",
            "named_block", "config_of", "fields_of"]
@@ -82,10 +82,10 @@ def decoder(*, name: str, vocab: int, d_model: int, depth: int, block: Layer, in
         parts += [("blocks", blocks), ("norm", final_norm)]
         if not tie:
             parts.append(("head", Dense(vocab, use_bias=False, w_init=normal)))
-        return _lm(serial(*parts), tie, name, stochastic)
+        return language_model(serial(*parts), tie, name, stochastic)
 
     model = compose(stack(block, depth, remat=remat))
-    return model._replace(meta={"unrolled": compose(_unrolled(block, depth)),
+    return model._replace(meta={"unrolled": compose(unrolled_stack(block, depth)),
                                 "torch_names": torch_names, "torch_tied": torch_tied,
                                 "hf_config": dict(config)})
 

@@ -85,8 +85,8 @@ def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
         return serial(("embed", Embedding(vocab, d_model, w_init=inits.normal(0.02))), *pos,
                       ("blocks", blocks), *final, *head)
     name = f"GPT(vocab={vocab}, d={d_model}, heads={num_heads}, depth={depth}, {positions})"
-    model = _lm(compose(stack(block, depth, remat=remat)), tie, name, dropout > 0)
-    unrolled = _lm(compose(_unrolled(block, depth)), tie, name, dropout > 0)
+    model = language_model(compose(stack(block, depth, remat=remat)), tie, name, dropout > 0)
+    unrolled = language_model(compose(unrolled_stack(block, depth)), tie, name, dropout > 0)
     return model._replace(meta={"unrolled": unrolled})   # for value_and_grad
 
 
@@ -95,7 +95,7 @@ def _final_norm(norm_type, eps):
     return norm() if eps is None else norm(eps)
 
 
-def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
+def language_model(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
     """``body`` (ids → features, or logits with a head) followed by the tied projection."""
     def init(key, input_shape):
         if not is_shape(input_shape) or len(input_shape) != 2:
@@ -131,7 +131,7 @@ def _lm(body: Layer, tie: bool, name: str, stochastic: bool) -> Layer:
                  children=body.children, stochastic=stochastic)
 
 
-def _unrolled(block: Layer, depth: int) -> Layer:
+def unrolled_stack(block: Layer, depth: int) -> Layer:
     """``stack(block, depth)`` run as a Python loop over the stacked params (same params, state,
     keys and results): XLA then sees every block at once, at the price of compile time growing
     with depth. Used by :func:`value_and_grad` with ``unroll=True``."""
