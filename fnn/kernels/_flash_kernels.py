@@ -10,7 +10,8 @@ are masked, padded query rows are computed and thrown away by the caller. With `
     forward      m' = max(m, rowmax S_ij),  l' = e^{m−m'} l + rowsum e^{S_ij−m'},
                  acc' = e^{m−m'} acc + e^{S_ij−m'} V_j;   O = acc / l,  keeping m and l
     query pass   P = e^{S−m}/l,  dP = dO Vᵀ,  dS = P ⊙ (dP − δ),  dQ = scale·dS (K − k̄)
-    key pass     Pᵀ = e^{Sᵀ−m}/l,  dV = Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ⊙ (dPᵀ − δ),  dK = scale·dSᵀ Q
+    key pass     Pᵀ = e^{Sᵀ−m}/l,  dV = Pᵀ dO,  dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ⊙ (dPᵀ − δ),
+                 dK = scale·dSᵀ Q
 
 with ``δ = rowsum(dO ⊙ O)``. ``m`` starts at the lowest finite float, so ``e^{S−m}`` never needs an
 ``isfinite`` guard; ``l`` is stored as ``max(l, 1)`` (a row allowed no key has ``l = 0``: its ``O``
@@ -26,10 +27,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-F32 = jnp.float32
+F32, I32 = jnp.float32, np.int32              # int32 throughout, also under jax_enable_x64
 LOW = float(jnp.finfo(jnp.float32).min)
 
 
@@ -60,7 +62,16 @@ def _masked(x, q0, k0, *, causal, s_len, s_pad, mask, q_axis):
 
 def _causal_hi(q0, bq, bk, nk):
     """Number of key blocks a query block starting at ``q0`` sees (causal)."""
-    return jnp.minimum(lax.div(q0 + bq + bk - 1, bk), nk)          # (no signed //: Mosaic)
+    return jnp.minimum(lax.div(q0 + I32(bq + bk - 1), I32(bk)), I32(nk))   # no signed //: Mosaic
+
+
+def _loop(lo, hi, body, carry):
+    """``fori_loop`` with an int32 index under any ``jax_enable_x64`` (with static bounds,
+    ``fori_loop`` becomes a scan whose counter is int64 there, which Mosaic cannot lower)."""
+    def step(c):
+        i, x = c
+        return i + I32(1), body(i, x)
+    return lax.while_loop(lambda c: c[0] < hi, step, (jnp.asarray(lo, jnp.int32), carry))[1]
 
 
 def forward_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
@@ -70,12 +81,12 @@ def forward_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
     o_ref, m_ref, l_ref = refs[-3:]
     s_pad = k_ref.shape[0]
     nk = s_pad // bk
-    q0 = lax.rem(pl.program_id(2), nq) * bq
+    q0 = lax.rem(pl.program_id(2), I32(nq)) * I32(bq)
     q = q_ref[...]
 
     def body(j, carry):
         acc, m, l = carry
-        k0 = pl.multiple_of(j * bk, bk)
+        k0 = pl.multiple_of(j * I32(bk), bk)
         k = k_ref[pl.ds(k0, bk), :]
         s = _nt(q, k) * scale
         mask = None if mask_ref is None else mask_ref[:, pl.ds(k0, bk)]
@@ -89,8 +100,8 @@ def forward_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
 
     init = (jnp.zeros((bq, o_ref.shape[-1]), F32), jnp.full((bq, 1), LOW, F32),
             jnp.zeros((bq, 1), F32))
-    hi = _causal_hi(q0, bq, bk, nk) if causal else nk
-    acc, m, l = lax.fori_loop(0, hi, body, init)
+    hi = _causal_hi(q0, bq, bk, nk) if causal else I32(nk)
+    acc, m, l = _loop(I32(0), hi, body, init)
     l = jnp.maximum(l, 1.0)
     o_ref[...] = (acc * (1.0 / l)).astype(o_ref.dtype)
     m_ref[...] = m
@@ -104,13 +115,13 @@ def query_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
     dq_ref = refs[-1]
     s_pad = k_ref.shape[0]
     nk = s_pad // bk
-    q0 = lax.rem(pl.program_id(2), nq) * bq
+    q0 = lax.rem(pl.program_id(2), I32(nq)) * I32(bq)
     q, do = q_ref[...], do_ref[...]
     m, inv_l, delta = m_ref[...], 1.0 / l_ref[...], d_ref[...]
 
     def body(j, carry):
         dq, rs = carry
-        k0 = pl.multiple_of(j * bk, bk)
+        k0 = pl.multiple_of(j * I32(bk), bk)
         k, v = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
         s = _nt(q, k) * scale
         mask = None if mask_ref is None else mask_ref[:, pl.ds(k0, bk)]
@@ -120,8 +131,8 @@ def query_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
         return dq + _nn(ds, k), rs + jnp.sum(ds.astype(F32), axis=1, keepdims=True)
 
     init = (jnp.zeros((bq, dq_ref.shape[-1]), F32), jnp.zeros((bq, 1), F32))
-    hi = _causal_hi(q0, bq, bk, nk) if causal else nk
-    dq, rs = lax.fori_loop(0, hi, body, init)
+    hi = _causal_hi(q0, bq, bk, nk) if causal else I32(nk)
+    dq, rs = _loop(I32(0), hi, body, init)
     dq_ref[...] = ((dq - rs * kbar_ref[...]) * scale).astype(dq_ref.dtype)
 
 
@@ -131,20 +142,20 @@ def key_kernel(*refs, scale, causal, bq, bk, nq, g, s_len, s_pad, has_mask):
     q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, d_ref = refs[:7]
     mask_ref = refs[7] if has_mask else None
     dk_ref, dv_ref = refs[-2:]
-    k0 = pl.program_id(2) * bk
+    k0 = pl.program_id(2) * I32(bk)
     k, v = k_ref[...], v_ref[...]
-    first = lax.div(k0, bq) if causal else 0
+    first = lax.div(k0, I32(bq)) if causal else I32(0)
 
     def head(hh, carry):
         def body(ip, carry):
             dk, dv = carry
-            r0 = pl.multiple_of((hh * nq + ip) * bq, bq)
+            r0 = pl.multiple_of((hh * I32(nq) + ip) * I32(bq), bq)
             q, do = q_ref[pl.ds(r0, bq), :], do_ref[pl.ds(r0, bq), :]
             st = _nt(k, q) * scale                                            # Sᵀ (bk, bq)
             mask = None
             if mask_ref is not None:
-                mask = mask_ref[hh if mask_ref.shape[0] > 1 else 0, :, pl.ds(ip * bq, bq)]
-            st = _masked(st, ip * bq, k0, causal=causal, s_len=s_len, s_pad=s_pad, mask=mask,
+                mask = mask_ref[hh if mask_ref.shape[0] > 1 else 0, :, pl.ds(ip * I32(bq), bq)]
+            st = _masked(st, ip * I32(bq), k0, causal=causal, s_len=s_len, s_pad=s_pad, mask=mask,
                          q_axis=1)
             m, l = m_ref[:, pl.ds(r0, bq)], l_ref[:, pl.ds(r0, bq)]
             pt = jnp.exp(st - m) * (1.0 / l)                                  # Pᵀ
@@ -152,9 +163,9 @@ def key_kernel(*refs, scale, causal, bq, bk, nq, g, s_len, s_pad, has_mask):
             dst = pt * (_nt(v, do) - d_ref[:, pl.ds(r0, bq)])                 # dSᵀ
             return dk + _nn(dst.astype(q.dtype), q), dv                       # dK += dSᵀ Q
 
-        return lax.fori_loop(first, nq, body, carry)
+        return _loop(first, I32(nq), body, carry)
 
     init = (jnp.zeros((bk, dk_ref.shape[-1]), F32), jnp.zeros((bk, dv_ref.shape[-1]), F32))
-    dk, dv = lax.fori_loop(0, g, head, init)
+    dk, dv = _loop(I32(0), I32(g), head, init)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)

@@ -41,6 +41,10 @@ __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd", "vme
 _NAME = "flash_attention"
 BACKENDS = ("mosaic", "triton")
 BLOCKS = {"mosaic": 128, "triton": 64}
+# Each pallas_call declares its FLOPs, exponentials and bytes (``pl.CostEstimate``): XLA cannot
+# look inside a custom call, so without it ``compiled.cost_analysis()`` counts none of the
+# kernel's work. False drops the declarations (benchmarks/bench_flash_tpu.py compares).
+DECLARE_COST = True
 
 
 # --------------------------------------------------------------------------- checks, layout
@@ -59,6 +63,13 @@ def _dims(q, k, v):
         raise ValueError(f"{_NAME}: empty sequence (q {q.shape}, k {k.shape}); use "
                          f"fnn.layers.attention.dot_product_attention")
     return b, t, h, d, s, kh, v.shape[3]
+
+
+def _spec(block, index_map):
+    """``pl.BlockSpec`` whose block indices are int32 also under ``jax_enable_x64`` (a Python
+    ``0`` there is int64, which Mosaic cannot return)."""
+    as32 = lambda x: np.int32(x) if isinstance(x, int) else x
+    return pl.BlockSpec(block, lambda *ids: tuple(as32(x) for x in index_map(*ids)))
 
 
 class _Plan:
@@ -144,10 +155,24 @@ class _Plan:
         return plgpu.CompilerParams(num_warps=4 if max(self.dp, self.dvp) <= 64 else 8,
                                     num_stages=2)
 
-    def pairs(self, causal):
-        """(query, key) pairs visited: the causal triangle or the whole rectangle."""
-        n = self.b * self.h * self.t * self.s
-        return n // 2 if causal and self.t == self.s else n
+    def cost(self, causal, matmul_width, arrays, mask, row_floats, extra=0):
+        """The kernel's declared cost: ``matmul_width`` (FLOPs per (query, key) pair / 2) over
+        the pairs visited (the causal triangle or the rectangle), one exponential per pair,
+        ``arrays`` (bytes read and written once each: the kernels fetch one (batch, kv head)'s
+        whole keys or queries once) and ``extra`` bytes, the mask's bytes and ``row_floats``
+        float32 per row."""
+        t, s = self.t, self.s
+        per = (t * (t + 1) // 2 if t <= s else s * (s + 1) // 2 + (t - s) * s) if causal \
+            else t * s
+        pairs = self.b * self.h * per
+        byts = extra + sum(a.size * a.dtype.itemsize for a in arrays) + 4 * row_floats * self.b * \
+            self.h * t + (0 if mask is None else mask.size)
+        return _cost(flops=2 * pairs * matmul_width, transcendentals=pairs,
+                     bytes_accessed=int(byts))
+
+
+def _cost(**kw):
+    return pl.CostEstimate(**kw) if DECLARE_COST else None
 
 
 def vmem_bytes(q_shape, k_shape, v_shape, dtype, masked=False, block=BLOCKS["mosaic"]):
@@ -166,6 +191,12 @@ def vmem_bytes(q_shape, k_shape, v_shape, dtype, masked=False, block=BLOCKS["mos
 
 # --------------------------------------------------------------------------- the op
 
+# Jitted (static: everything but the arrays) so that a program tracing the same call again — the
+# kernel branches of every platform are traced wherever a layer is, also on CPU — reuses the trace.
+_STATIC = ("causal", "scale", "backend", "block_q", "block_k", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def flash_attention_fwd(q, k, v, mask=None, *, causal=False, scale=None, backend="mosaic",
                         block_q=None, block_k=None, interpret=False):
     """``(out, (m, l))``: attention ``softmax(scale·QKᵀ, allowed keys) V`` by the Pallas kernel
@@ -183,35 +214,34 @@ def flash_attention_fwd(q, k, v, mask=None, *, causal=False, scale=None, backend
     rows_mask, _ = pn.masks(mask)
     has_mask = rows_mask is not None
     bq, nq, g = pn.bq, pn.nq, pn.g
-    q_spec = pl.BlockSpec((None, None, bq, pn.dp), lambda b, j, i: (b, j, i, 0))
-    kv_spec = lambda w: pl.BlockSpec((None, None, pn.sp, w), lambda b, j, i: (b, j, 0, 0))
-    col = pl.BlockSpec((None, None, bq, 1), lambda b, j, i: (b, j, i, 0))
+    q_spec = _spec((None, None, bq, pn.dp), lambda b, j, i: (b, j, i, 0))
+    kv_spec = lambda w: _spec((None, None, pn.sp, w), lambda b, j, i: (b, j, 0, 0))
+    col = _spec((None, None, bq, 1), lambda b, j, i: (b, j, i, 0))
     in_specs, args = [q_spec, kv_spec(pn.dp), kv_spec(pn.dvp)], [
         pn.stack_q(q, pn.dp), pn.stack_kv(k, pn.dp), pn.stack_kv(v, pn.dvp)]
     if has_mask:
         bm, hm = rows_mask.shape[:2]
-        in_specs.append(pl.BlockSpec((None, None, bq, pn.sp), lambda b, j, i: (
-            b if bm > 1 else 0, j * g + lax.div(i, nq) if hm > 1 else 0, lax.rem(i, nq), 0)))
+        in_specs.append(_spec((None, None, bq, pn.sp), lambda b, j, i: (
+            b if bm > 1 else 0, j * g + lax.div(i, np.int32(nq)) if hm > 1 else 0,
+            lax.rem(i, np.int32(nq)), 0)))
         args.append(rows_mask)
     rows = (pn.b, pn.kh, g * pn.tp)
-    isz = jnp.dtype(q.dtype).itemsize
     kernel = functools.partial(K.forward_kernel, scale=scale, causal=causal, bq=bq, bk=pn.bk,
                                nq=nq, s_len=pn.s, has_mask=has_mask)
     o, m, l = pl.pallas_call(
         kernel, grid=(pn.b, pn.kh, g * nq), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bq, pn.dvp), lambda b, j, i: (b, j, i, 0)), col, col],
+        out_specs=[_spec((None, None, bq, pn.dvp), lambda b, j, i: (b, j, i, 0)), col, col],
         out_shape=[jax.ShapeDtypeStruct(rows + (pn.dvp,), q.dtype),
                    jax.ShapeDtypeStruct(rows + (1,), jnp.float32),
                    jax.ShapeDtypeStruct(rows + (1,), jnp.float32)],
         compiler_params=pn.params(("parallel",) * 3), interpret=interpret,
-        cost_estimate=pl.CostEstimate(
-            flops=2 * pn.pairs(causal) * (pn.d + pn.dv), transcendentals=pn.pairs(causal),
-            bytes_accessed=int(isz * (q.size + k.size + v.size + q.size // pn.d * pn.dv)
-                               + 8 * q.size // pn.d)),
+        cost_estimate=pn.cost(causal, pn.d + pn.dv, (q, k, v), rows_mask, 2,
+                              extra=q.size // pn.d * pn.dv * q.dtype.itemsize),      # + out
         name="fnn_flash_forward")(*args)
     return pn.unstack_q(o, pn.dv), (pn.unrows(m[..., 0]), pn.unrows(l[..., 0]))
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, scale=None,
                         backend="mosaic", block_q=None, block_k=None, interpret=False):
     """``(dq, dk, dv)``: the hand-derived VJP of :func:`flash_attention_fwd` (same arguments)
@@ -237,19 +267,18 @@ def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, s
     ks, vs = pn.stack_kv(k, pn.dp), pn.stack_kv(v, pn.dvp)
     kbar = jnp.mean(k.astype(jnp.float32), axis=1).reshape(pn.b, pn.kh, 1, pn.d)
     kbar = jnp.pad(kbar, [(0, 0)] * 3 + [(0, pn.dp - pn.d)])
-    isz = jnp.dtype(q.dtype).itemsize
-    byts = int(isz * (2 * q.size + 2 * k.size + 2 * v.size + 2 * out.size) + 12 * q.size // pn.d)
 
     # dQ: one query block per program, walking the key blocks
-    blk = lambda w: pl.BlockSpec((None, None, bq, w), lambda b, j, i: (b, j, i, 0))
-    whole = lambda w: pl.BlockSpec((None, None, pn.sp, w), lambda b, j, i: (b, j, 0, 0))
+    blk = lambda w: _spec((None, None, bq, w), lambda b, j, i: (b, j, i, 0))
+    whole = lambda w: _spec((None, None, pn.sp, w), lambda b, j, i: (b, j, 0, 0))
     specs = [blk(pn.dp), whole(pn.dp), whole(pn.dvp), blk(pn.dvp), blk(1), blk(1), blk(1),
-             pl.BlockSpec((None, None, 1, pn.dp), lambda b, j, i: (b, j, 0, 0))]
+             _spec((None, None, 1, pn.dp), lambda b, j, i: (b, j, 0, 0))]
     args = [qs, ks, vs, dos, m[..., None], l[..., None], delta[..., None], kbar]
     if has_mask:
         bm, hm = rows_mask.shape[:2]
-        specs.append(pl.BlockSpec((None, None, bq, pn.sp), lambda b, j, i: (
-            b if bm > 1 else 0, j * g + lax.div(i, nq) if hm > 1 else 0, lax.rem(i, nq), 0)))
+        specs.append(_spec((None, None, bq, pn.sp), lambda b, j, i: (
+            b if bm > 1 else 0, j * g + lax.div(i, np.int32(nq)) if hm > 1 else 0,
+            lax.rem(i, np.int32(nq)), 0)))
         args.append(rows_mask)
     kernel = functools.partial(K.query_kernel, scale=scale, causal=causal, bq=bq, bk=bk, nq=nq,
                                s_len=pn.s, has_mask=has_mask)
@@ -257,19 +286,18 @@ def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, s
         kernel, grid=(pn.b, pn.kh, g * nq), in_specs=specs, out_specs=blk(pn.dp),
         out_shape=jax.ShapeDtypeStruct(qs.shape, q.dtype),
         compiler_params=pn.params(("parallel",) * 3), interpret=interpret,
-        cost_estimate=pl.CostEstimate(flops=2 * pn.pairs(causal) * (pn.d + 2 * pn.dv),
-                                      transcendentals=pn.pairs(causal), bytes_accessed=byts),
+        cost_estimate=pn.cost(causal, 2 * pn.d + pn.dv, (q, k, v, dout, q), rows_mask, 3),
         name="fnn_flash_dq")(*args)
 
     # dK, dV: one key block per program, walking the query blocks of its g heads
-    allq = lambda w: pl.BlockSpec((None, None, g * pn.tp, w), lambda b, j, i: (b, j, 0, 0))
-    kblk = lambda w: pl.BlockSpec((None, None, bk, w), lambda b, j, i: (b, j, i, 0))
-    row = pl.BlockSpec((None, None, 1, g * pn.tp), lambda b, j, i: (b, j, 0, 0))
+    allq = lambda w: _spec((None, None, g * pn.tp, w), lambda b, j, i: (b, j, 0, 0))
+    kblk = lambda w: _spec((None, None, bk, w), lambda b, j, i: (b, j, i, 0))
+    row = _spec((None, None, 1, g * pn.tp), lambda b, j, i: (b, j, 0, 0))
     specs = [allq(pn.dp), kblk(pn.dp), kblk(pn.dvp), allq(pn.dvp), row, row, row]
     args = [qs, ks, vs, dos, m[:, :, None], l[:, :, None], delta[:, :, None]]
     if has_mask:
         bm, km, gm = cols_mask.shape[:3]
-        specs.append(pl.BlockSpec((None, None, gm, bk, pn.tp), lambda b, j, i: (
+        specs.append(_spec((None, None, gm, bk, pn.tp), lambda b, j, i: (
             b if bm > 1 else 0, j if km > 1 else 0, 0, i, 0)))
         args.append(cols_mask)
     kernel = functools.partial(K.key_kernel, scale=scale, causal=causal, bq=bq, bk=bk, nq=nq,
@@ -280,8 +308,7 @@ def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, s
         out_shape=[jax.ShapeDtypeStruct(ks.shape, k.dtype), jax.ShapeDtypeStruct(vs.shape,
                                                                                  v.dtype)],
         compiler_params=pn.params(("parallel",) * 3), interpret=interpret,
-        cost_estimate=pl.CostEstimate(flops=2 * pn.pairs(causal) * (2 * pn.d + 2 * pn.dv),
-                                      transcendentals=pn.pairs(causal), bytes_accessed=byts),
+        cost_estimate=pn.cost(causal, 2 * pn.d + 2 * pn.dv, (q, k, v, dout, k, v), cols_mask, 3),
         name="fnn_flash_dkv")(*args)
     dk = pn.unstack_kv(dk, pn.d)
     dk = (dk - jnp.mean(dk.astype(jnp.float32), axis=1, keepdims=True)).astype(k.dtype)

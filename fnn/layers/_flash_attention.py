@@ -36,11 +36,16 @@ from fnn.layers.attention import (_prepare, _spans, dot_product_attention_bwd,
 VMEM_BUDGET = 12 << 20
 
 
-def usable(q, k, rate, q_offset) -> bool:
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def usable(q, k, v, rate, q_offset) -> bool:
     """Can this call take the flash form? Not when the mode is ``"never"``, with dropout, in
-    decoding (a traced ``q_offset``) or on an empty sequence. Decided at trace time."""
+    decoding (a traced ``q_offset``), on an empty sequence or in float64 (the jnp forms keep
+    its precision). Decided at trace time."""
     return (current_mode() != "never" and not rate and isinstance(q_offset, (int, np.integer))
-            and q_offset == 0 and q.shape[1] > 0 and k.shape[1] > 0)
+            and q_offset == 0 and q.shape[1] > 0 and k.shape[1] > 0
+            and q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_DTYPES)
 
 
 # --------------------------------------------------------------------------- jnp forms' stats
@@ -91,8 +96,12 @@ def _jnp_bwd(q, k, v, o, m, l, do, mask, causal, chunk_size):
 # --------------------------------------------------------------------------- kernel branches
 
 def _fits(backend, q, k, v, mask):
-    return backend != "mosaic" or vmem_bytes(q.shape, k.shape, v.shape, q.dtype,
-                                             mask is not None) <= VMEM_BUDGET
+    """Does the kernel take this call? Mosaic: float32/bfloat16 (float16 does not lower for
+    TPU) and the VMEM estimate within :data:`VMEM_BUDGET`."""
+    if backend != "mosaic":
+        return True
+    return q.dtype in (jnp.float32, jnp.bfloat16) and vmem_bytes(
+        q.shape, k.shape, v.shape, q.dtype, mask is not None) <= VMEM_BUDGET
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -235,7 +235,7 @@ def attend(cfg: Config, q, k, v, mask=None, *, key=None, train=False, q_offset=0
     ``dot_product_attention_fwd``); queries sit at positions ``q_offset + 0..T-1``. The flash
     kernels on TPU/GPU where they apply (``fnn/layers/_flash_attention.py``)."""
     opts = attention_options(cfg, key, train)
-    if flash.usable(q, k, opts["dropout_rate"], q_offset):
+    if flash.usable(q, k, v, opts["dropout_rate"], q_offset):
         return flash.attend(q, k, v, mask, causal=cfg.causal, chunk_size=cfg.chunk_size)
     return dot_product_attention_fwd(q, k, v, mask, q_offset=q_offset, **opts)
 
