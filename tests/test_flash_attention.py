@@ -124,7 +124,7 @@ def test_bad_inputs_name_the_op():
 LAYER = MultiHeadAttention(4, num_kv_heads=2, causal=True)
 
 
-def layer_step(layer, x, dy):
+def layer_step(layer, x, dy, with_vjp=True):
     """The layer's hand forward + backward, and jax.vjp of its apply: one program."""
     params, state, _ = layer.init(jax.random.PRNGKey(1), x.shape)
     params = jax.tree.map(lambda a: a.astype(x.dtype), params)
@@ -132,6 +132,8 @@ def layer_step(layer, x, dy):
     def step(params, x, dy):
         y, _, res = layer.fwd(params, state, x)
         hand = layer.bwd(params, state, res, dy)
+        if not with_vjp:
+            return y, hand
         y2, vjp = jax.vjp(lambda p, x: layer.apply(p, state, x)[0], params, x)
         return y, hand, y2, vjp(dy)
     return step, params
@@ -171,7 +173,7 @@ def test_cpu_program_unchanged_and_the_kernel_in_the_layer(monkeypatch):
             for name, layer in (("plain", LAYER), ("chunked", chunked)):
                 if mode == "always" and name == "chunked":
                     continue
-                step, params = layer_step(layer, x, dy)
+                step, params = layer_step(layer, x, dy, with_vjp=name == "plain")
                 results[mode, name] = jax.jit(step)(params, x, dy)
     for name in ("plain", "chunked"):
         jax.tree.map(np.testing.assert_array_equal, results["auto", name],

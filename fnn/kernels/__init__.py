@@ -5,9 +5,9 @@
 pair; :func:`flash_attention` wires them into ``jax.custom_vjp``. :func:`flash_attention_mode`
 reads or sets where layers use them (``"auto"``: on TPU and CUDA, chosen when lowering).
 """
+from fnn.kernels._flash import (flash_attention, flash_attention_bwd, flash_attention_fwd,
+                                vmem_bytes)
 from fnn.kernels._switch import flash_attention_mode
-from fnn.kernels.flash_attention import (flash_attention, flash_attention_bwd,
-                                         flash_attention_fwd, vmem_bytes)
 
 __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd", "vmem_bytes",
            "flash_attention_mode"]

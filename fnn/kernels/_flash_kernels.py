@@ -65,6 +65,15 @@ def _causal_hi(q0, bq, bk, nk):
     return jnp.minimum(lax.div(q0 + I32(bq + bk - 1), I32(bk)), I32(nk))   # no signed //: Mosaic
 
 
+def _transpose_vector(x, axis):
+    """A ``(n, 1)`` column as a ``(1, n)`` row (``axis=0``) or back (``axis=1``), through a
+    masked sum with the identity: a relayout neither compiler has to support (n² work, small
+    beside a block's n²·d)."""
+    n = max(x.shape)
+    eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, x, 0.0), axis=axis, keepdims=True)
+
+
 def _loop(lo, hi, body, carry):
     """``fori_loop`` with an int32 index under any ``jax_enable_x64`` (with static bounds,
     ``fori_loop`` becomes a scan whose counter is int64 there, which Mosaic cannot lower)."""
@@ -104,8 +113,8 @@ def forward_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
     acc, m, l = _loop(I32(0), hi, body, init)
     l = jnp.maximum(l, 1.0)
     o_ref[...] = (acc * (1.0 / l)).astype(o_ref.dtype)
-    m_ref[...] = m
-    l_ref[...] = l
+    m_ref[...] = _transpose_vector(m, 0)                      # rows: lane-dense in memory
+    l_ref[...] = _transpose_vector(l, 0)
 
 
 def query_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
@@ -117,7 +126,8 @@ def query_kernel(*refs, scale, causal, bq, bk, nq, s_len, has_mask):
     nk = s_pad // bk
     q0 = lax.rem(pl.program_id(2), I32(nq)) * I32(bq)
     q, do = q_ref[...], do_ref[...]
-    m, inv_l, delta = m_ref[...], 1.0 / l_ref[...], d_ref[...]
+    m, l, delta = (_transpose_vector(r[...], 1) for r in (m_ref, l_ref, d_ref))   # columns
+    inv_l = 1.0 / l
 
     def body(j, carry):
         dq, rs = carry

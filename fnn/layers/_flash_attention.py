@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from fnn.kernels._switch import current_mode
-from fnn.kernels.flash_attention import flash_attention_bwd, flash_attention_fwd, vmem_bytes
+from fnn.kernels._flash import flash_attention_bwd, flash_attention_fwd, vmem_bytes
 from fnn.layers.attention import (_prepare, _spans, dot_product_attention_bwd,
                                   dot_product_attention_fwd)
 

@@ -117,10 +117,11 @@ class _Plan:
         return a[:, :, :self.s, :e].transpose(0, 2, 1, 3)
 
     def rows(self, r, fill):
-        """Per-row statistics ``(b, h, T)`` → ``(b, kh, g·Tp)`` (padded rows ``fill``)."""
+        """Per-row statistics ``(b, h, T)`` → ``(b, kh, 1, g·Tp)`` (padded rows ``fill``): one
+        row per kv head, lane-dense (a ``(…, 1)`` column would take 128 lanes a float on TPU)."""
         r = r.reshape(self.b, self.kh, self.g, self.t).astype(jnp.float32)
         r = jnp.pad(r, [(0, 0)] * 3 + [(0, self.tp - self.t)], constant_values=fill)
-        return r.reshape(self.b, self.kh, self.g * self.tp)
+        return r.reshape(self.b, self.kh, 1, self.g * self.tp)
 
     def unrows(self, r):
         return r.reshape(self.b, self.kh, self.g, self.tp)[..., :self.t].reshape(
@@ -216,7 +217,7 @@ def flash_attention_fwd(q, k, v, mask=None, *, causal=False, scale=None, backend
     bq, nq, g = pn.bq, pn.nq, pn.g
     q_spec = _spec((None, None, bq, pn.dp), lambda b, j, i: (b, j, i, 0))
     kv_spec = lambda w: _spec((None, None, pn.sp, w), lambda b, j, i: (b, j, 0, 0))
-    col = _spec((None, None, bq, 1), lambda b, j, i: (b, j, i, 0))
+    row = _spec((None, None, 1, bq), lambda b, j, i: (b, j, 0, i))
     in_specs, args = [q_spec, kv_spec(pn.dp), kv_spec(pn.dvp)], [
         pn.stack_q(q, pn.dp), pn.stack_kv(k, pn.dp), pn.stack_kv(v, pn.dvp)]
     if has_mask:
@@ -230,15 +231,15 @@ def flash_attention_fwd(q, k, v, mask=None, *, causal=False, scale=None, backend
                                nq=nq, s_len=pn.s, has_mask=has_mask)
     o, m, l = pl.pallas_call(
         kernel, grid=(pn.b, pn.kh, g * nq), in_specs=in_specs,
-        out_specs=[_spec((None, None, bq, pn.dvp), lambda b, j, i: (b, j, i, 0)), col, col],
+        out_specs=[_spec((None, None, bq, pn.dvp), lambda b, j, i: (b, j, i, 0)), row, row],
         out_shape=[jax.ShapeDtypeStruct(rows + (pn.dvp,), q.dtype),
-                   jax.ShapeDtypeStruct(rows + (1,), jnp.float32),
-                   jax.ShapeDtypeStruct(rows + (1,), jnp.float32)],
+                   jax.ShapeDtypeStruct(rows[:2] + (1,) + rows[2:], jnp.float32),
+                   jax.ShapeDtypeStruct(rows[:2] + (1,) + rows[2:], jnp.float32)],
         compiler_params=pn.params(("parallel",) * 3), interpret=interpret,
         cost_estimate=pn.cost(causal, pn.d + pn.dv, (q, k, v), rows_mask, 2,
                               extra=q.size // pn.d * pn.dv * q.dtype.itemsize),      # + out
         name="fnn_flash_forward")(*args)
-    return pn.unstack_q(o, pn.dv), (pn.unrows(m[..., 0]), pn.unrows(l[..., 0]))
+    return pn.unstack_q(o, pn.dv), (pn.unrows(m), pn.unrows(l))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -269,11 +270,12 @@ def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, s
     kbar = jnp.pad(kbar, [(0, 0)] * 3 + [(0, pn.dp - pn.d)])
 
     # dQ: one query block per program, walking the key blocks
+    row = _spec((None, None, 1, bq), lambda b, j, i: (b, j, 0, i))
     blk = lambda w: _spec((None, None, bq, w), lambda b, j, i: (b, j, i, 0))
     whole = lambda w: _spec((None, None, pn.sp, w), lambda b, j, i: (b, j, 0, 0))
-    specs = [blk(pn.dp), whole(pn.dp), whole(pn.dvp), blk(pn.dvp), blk(1), blk(1), blk(1),
+    specs = [blk(pn.dp), whole(pn.dp), whole(pn.dvp), blk(pn.dvp), row, row, row,
              _spec((None, None, 1, pn.dp), lambda b, j, i: (b, j, 0, 0))]
-    args = [qs, ks, vs, dos, m[..., None], l[..., None], delta[..., None], kbar]
+    args = [qs, ks, vs, dos, m, l, delta, kbar]
     if has_mask:
         bm, hm = rows_mask.shape[:2]
         specs.append(_spec((None, None, bq, pn.sp), lambda b, j, i: (
@@ -292,9 +294,9 @@ def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, s
     # dK, dV: one key block per program, walking the query blocks of its g heads
     allq = lambda w: _spec((None, None, g * pn.tp, w), lambda b, j, i: (b, j, 0, 0))
     kblk = lambda w: _spec((None, None, bk, w), lambda b, j, i: (b, j, i, 0))
-    row = _spec((None, None, 1, g * pn.tp), lambda b, j, i: (b, j, 0, 0))
-    specs = [allq(pn.dp), kblk(pn.dp), kblk(pn.dvp), allq(pn.dvp), row, row, row]
-    args = [qs, ks, vs, dos, m[:, :, None], l[:, :, None], delta[:, :, None]]
+    rows = _spec((None, None, 1, g * pn.tp), lambda b, j, i: (b, j, 0, 0))
+    specs = [allq(pn.dp), kblk(pn.dp), kblk(pn.dvp), allq(pn.dvp), rows, rows, rows]
+    args = [qs, ks, vs, dos, m, l, delta]
     if has_mask:
         bm, km, gm = cols_mask.shape[:3]
         specs.append(_spec((None, None, gm, bk, pn.tp), lambda b, j, i: (
