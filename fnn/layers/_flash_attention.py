@@ -27,8 +27,7 @@ from jax import lax
 
 from fnn.kernels._switch import current_mode
 from fnn.kernels._flash import flash_attention_bwd, flash_attention_fwd, vmem_bytes
-from fnn.layers.attention import (_prepare, _spans, dot_product_attention_bwd,
-                                  dot_product_attention_fwd)
+from fnn.layers.attention import dot_product_attention_bwd, dot_product_attention_fwd
 
 # The Mosaic kernels hold one (batch, kv head)'s keys and values (and, in the key pass, its
 # queries) in VMEM: above this estimate (a v5e core's default scoped VMEM is 16 MiB) the TPU
@@ -74,13 +73,22 @@ def _from_stats(m, l, q, k, causal, chunk_size):
     m, l = m.reshape(b, kh, g, t).astype(dt), l.reshape(b, kh, g, t).astype(dt)
     if chunk_size is None:
         col = lambda a, lo, hi: a[..., lo:hi].reshape(b, kh, g * (hi - lo), 1)
+        cuts = np.cumsum([0] + [sp[0].shape[2] // g for sp in _span_shapes(q, k, causal)])
         return {"spans": [(col(m, lo, hi), col(l, lo, hi), None)
-                          for lo, hi, _ in _spans(t, s, causal, 0)]}
+                          for lo, hi in zip(cuts, cuts[1:])]}
     c = min(chunk_size, t)
     nq = -(-t // c)
     pad = lambda a, fill: jnp.pad(a, [(0, 0)] * 3 + [(0, nq * c - t)], constant_values=fill)
     ml = jnp.stack([pad(m, 0), pad(l, 1)], axis=-1).reshape(b, kh, g, nq, c, 2)
     return {"ml": ml.transpose(3, 0, 1, 2, 4, 5).reshape(nq, b, kh, g * c, 2)}
+
+
+def _span_shapes(q, k, causal):
+    """The plain form's per-span residual shapes (its query spans, from its own forward traced
+    abstractly: the spans are that form's choice)."""
+    fwd = lambda q, k: dot_product_attention_fwd(q, k, k, causal=causal)[1]["spans"]
+    return jax.eval_shape(fwd, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                          jax.ShapeDtypeStruct(k.shape, k.dtype))
 
 
 def _jnp_fwd(q, k, v, mask, causal, chunk_size):
@@ -158,7 +166,7 @@ def attend(q, k, v, mask=None, *, causal=False, chunk_size=None):
     """``(out, res)``: attention of ``q: [b, T, h, d]`` over ``k, v: [b, S, kv_heads, ·]`` (scale
     ``1/√d``, no dropout, queries from position 0) and the residuals of :func:`attend_backward`:
     ``q, k, v, o`` and the float32 row statistics ``m, l`` ``(b, h, T)``."""
-    _prepare(q, k, v, mask, None, None, chunk_size, 0.0, None)     # the jnp form's checks first
+    jax.eval_shape(lambda *a: _jnp_fwd(*a, causal, chunk_size), q, k, v, mask)  # its checks first
     branch = lambda backend, interpret: _fwd_branch(backend, interpret, causal, chunk_size)
     jnp_form = lambda q, k, v, mask: _jnp_fwd(q, k, v, mask, causal, chunk_size)
     out, m, l = _choose((q, k, v, mask), branch, jnp_form)
