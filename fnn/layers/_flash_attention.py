@@ -14,7 +14,8 @@ the forward and the hand backward compute what they computed before.
 Autodiff of ``apply`` (``jax.vjp``) differentiates the jnp branch as before and the kernel
 branches through ``jax.custom_vjp`` with the hand backward (Pallas calls have no transpose); the
 statistics are cut from the graph (``stop_gradient``). Forward-mode autodiff (``jax.jvp``) cannot
-go through a ``custom_vjp``: under ``"auto"`` it needs ``flash_attention_mode("never")``.
+go through a ``custom_vjp``: in a program for TPU/GPU it needs ``flash_attention_mode("never")``
+(on CPU it differentiates the jnp branch).
 """
 from __future__ import annotations
 
