@@ -8,10 +8,10 @@ Needs libtpu (``pip install 'fnn[tpu]'``); no TPU. Run::
    bfloat16, causal), forward + backward: fnn's jnp form vs the Pallas kernels, the kernels with
    and without their declared cost (``pl.CostEstimate``): what ``cost_analysis()`` sees.
 2. The 111M GPT (``mixed_precision(GPT(32768, 768, 12, 12, 3072, 1024), "bfloat16")``, batch
-   8 × 1024) training gradient (hand backward, ``fnn.backprop.value_and_grad``; and autodiff,
-   ``jax.value_and_grad`` of ``apply``), with ``flash_attention_mode`` "never" vs "auto": temp
-   memory from the scanned model (what runs), FLOPs and bytes accessed from the model with its
-   blocks unrolled (XLA counts a loop body once).
+   8 × 1024) training gradient (hand backward, ``fnn.backprop.value_and_grad``; ``--autodiff``:
+   also ``jax.value_and_grad`` of ``apply``), with ``flash_attention_mode`` "never" vs "auto":
+   temp memory from the scanned model (what runs); FLOPs and bytes accessed from builds with the
+   blocks unrolled, depth 1 and 2, extrapolated to 12 (XLA counts a loop body once).
 
 Compiles only (nothing runs); prints one line per build. ``--small``: a 2-block, 256-token GPT
 (a quick check of the script).
@@ -55,9 +55,12 @@ def report(label, fn, *args):
     secs = time.perf_counter() - t0
     cost, mem = compiled.cost_analysis(), compiled.memory_analysis()
     kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-    print(f"{label:58s} flops {cost.get('flops', 0):.3e}  bytes {cost.get('bytes accessed', 0):.3e}"
-          f"  temp {mem.temp_size_in_bytes / GIB:6.3f} GiB  kernels {kernels}  "
-          f"compile {secs:5.1f} s", flush=True)
+    out = {"flops": cost.get("flops", 0), "bytes": cost.get("bytes accessed", 0),
+           "temp": mem.temp_size_in_bytes}
+    print(f"{label:58s} flops {out['flops']:.3e}  bytes {out['bytes']:.3e}"
+          f"  temp {out['temp'] / GIB:6.3f} GiB  kernels {kernels}  compile {secs:5.1f} s",
+          flush=True)
+    return out
 
 
 def attention_op(sh, b=8, t=1024, h=12, d=64):
@@ -80,38 +83,50 @@ def attention_op(sh, b=8, t=1024, h=12, d=64):
     jax.clear_caches()
 
 
-def gpt(sh, small):
-    if small:
-        model, b, t = GPT(32768, 768, 12, 2, 3072, 256), 2, 256
-    else:
-        model, b, t = GPT(32768, 768, 12, 12, 3072, 1024), 8, 1024
+def gpt(sh, small, autodiff):
+    """Temp memory from the scanned model at full depth; FLOPs and bytes from unrolled builds of
+    depth 1 and 2, extrapolated to the full depth (XLA counts a loop body once)."""
+    vocab, d, heads, mlp = 32768, 768, 12, 3072
+    depth, b, t = (2, 2, 256) if small else (12, 8, 1024)
     tokens = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sh)
-    forms = {"scan": model, "unrolled": model.meta["unrolled"]}
-    key = jax.random.PRNGKey(0)
-    params, state, _ = jax.eval_shape(lambda k: model.init(k, (b, t)), key)
-    params, state = abstract(params, sh), abstract(state, sh)
+
+    def build(n, unrolled):
+        model = GPT(vocab, d, heads, n, mlp, t)
+        model = model.meta["unrolled"] if unrolled else model
+        params, state, _ = jax.eval_shape(lambda k: model.init(k, (b, t)), jax.random.PRNGKey(0))
+        return mixed_precision(model, "bfloat16"), abstract(params, sh), abstract(state, sh)
+
+    def hand_step(n, unrolled, label):
+        mp, params, state = build(n, unrolled)
+        hand = backprop.value_and_grad(mp, lm_loss)
+        return report(label, lambda p, s, x, y: hand(p, s, x, y, train=True), params, state,
+                      tokens, tokens)
+
+    name = f"GPT d{d} {b}x{t} bf16"
     for mode in ("never", "auto"):
         with flash_attention_mode(mode):
-            for form, m in forms.items():
-                mp = mixed_precision(m, "bfloat16")
-                hand = backprop.value_and_grad(mp, lm_loss)
-                step = lambda p, s, x, y: hand(p, s, x, y, train=True)
-                report(f"GPT 111M {b}x{t} bf16 hand, {form}, flash {mode}", step, params, state,
+            hand_step(depth, False, f"{name} hand, depth {depth} scan, flash {mode}")
+            one = hand_step(1, True, f"{name} hand, depth 1 unrolled, flash {mode}")
+            two = hand_step(2, True, f"{name} hand, depth 2 unrolled, flash {mode}")
+            full = {k: one[k] + (depth - 1) * (two[k] - one[k]) for k in ("flops", "bytes")}
+            print(f"{name} hand, depth {depth} extrapolated, flash {mode}: flops "
+                  f"{full['flops']:.3e}  bytes {full['bytes']:.3e}", flush=True)
+            if autodiff:
+                mp, params, state = build(depth, False)
+                grad = jax.value_and_grad(lambda p, s, x, y: lm_loss(
+                    mp.apply(p, s, x, train=True)[0], y))
+                report(f"{name} autodiff, depth {depth} scan, flash {mode}", grad, params, state,
                        tokens, tokens)
-            mp = mixed_precision(model, "bfloat16")
-            auto = jax.value_and_grad(lambda p, s, x, y: lm_loss(
-                mp.apply(p, s, x, train=True)[0], y))
-            report(f"GPT 111M {b}x{t} bf16 autodiff, scan, flash {mode}", auto, params, state,
-                   tokens, tokens)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--skip-op", action="store_true")
+    ap.add_argument("--autodiff", action="store_true", help="also jax.value_and_grad's step")
     a = ap.parse_args()
     print(f"jax {jax.__version__}, TPU v5e (deviceless), {time.strftime('%Y-%m-%d %H:%M')}")
     sharding = v5e()
     if not a.skip_op:
         attention_op(sharding)
-    gpt(sharding, a.small)
+    gpt(sharding, a.small, a.autodiff)
