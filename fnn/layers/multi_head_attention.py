@@ -74,7 +74,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
     ``head_dim`` defaults to ``F / num_heads``; ``num_kv_heads`` (default ``num_heads``) gives
     grouped-query attention; ``rope`` rotates q and k by their positions (cache offset included);
     ``dropout`` drops attention probabilities when ``train=True`` (needs a ``key``, as PyTorch);
-    ``chunk_size`` selects the memory-efficient form. ``fwd`` keeps the input(s) and the
+    ``chunk_size`` selects the memory-efficient form (on TPU/GPU the op runs as Pallas flash
+    kernels instead, see ``fnn.kernels.flash_attention_mode``). ``fwd`` keeps the input(s) and the
     attention op's residuals (``q, k, v``, the heads' output and each row's log-sum-exp);
     ``bwd`` starts from them, so the forward runs once.
     **Params:** ``{"q", "k", "v", "o"}``, each ``{"w": (in, out), "b": (out,)}``: ``q.w: (F, heads·d)``,
