@@ -75,7 +75,7 @@ def test_kernels_match_attention_and_its_vjp(name, monkeypatch):
                        f64(q), f64(k), f64(v))
     _, m_ref, l_ref = jnp_attention(f64(q), f64(k), f64(v), mask, causal)
     np.testing.assert_allclose(ref, np_attention(q, k, v, mask, causal), atol=1e-12)
-    tol = 1e-5 if dtype == jnp.float32 else 3e-2              # bf16: inputs/outputs rounded
+    tol = 2e-6 if dtype == jnp.float32 else 1e-2      # measured 3e-7, 4e-3 (bf16: P, dS rounded)
     err = lambda a, r: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(r))) /
                              np.max(np.abs(np.asarray(r))))
     assert out.dtype == dtype and err(out, ref) < tol
