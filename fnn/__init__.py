@@ -4,8 +4,8 @@ Every layer is ``Layer(init, apply, fwd, bwd)``: a forward pass and a hand-deriv
 its residuals, checked against ``jax.vjp``. See ``docs/design.md`` and the README.
 """
 from fnn import (activations, augment, backprop, checkpoint, checks, compilation, data, debug,
-                 gradcheck, initializers, layers, losses, models, optim, precision, regularizers,
-                 sharding, torch_weights, train, tuning)
+                 gradcheck, initializers, kernels, layers, losses, models, optim, precision,
+                 regularizers, sharding, torch_weights, train, tuning)
 from fnn.combinators import parallel, residual, serial, stack, tied
 from fnn.core import (Example, Layer, cast, constructor, count_params, examples, from_backward,
                       summary)
@@ -16,6 +16,6 @@ __all__ = [
     "Layer", "from_backward", "constructor", "Example", "examples", "serial", "parallel",
     "residual", "stack", "tied", "count_params", "summary", "cast", "activations", "augment",
     "backprop", "checkpoint", "checks", "compilation", "data", "debug", "gradcheck",
-    "initializers", "layers", "losses", "models", "optim", "precision", "regularizers",
+    "initializers", "kernels", "layers", "losses", "models", "optim", "precision", "regularizers",
     "sharding", "torch_weights", "train", "tuning",
 ]

@@ -35,6 +35,7 @@ from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
+from fnn.layers import _flash_attention as flash
 from fnn.layers.attention import dot_product_attention_bwd, dot_product_attention_fwd
 from fnn.layers.dense import dense, dense_backward
 from fnn.layers.positional import check_room, rope as rope_op, rope_backward
@@ -73,7 +74,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
     ``head_dim`` defaults to ``F / num_heads``; ``num_kv_heads`` (default ``num_heads``) gives
     grouped-query attention; ``rope`` rotates q and k by their positions (cache offset included);
     ``dropout`` drops attention probabilities when ``train=True`` (needs a ``key``, as PyTorch);
-    ``chunk_size`` selects the memory-efficient form. ``fwd`` keeps the input(s) and the
+    ``chunk_size`` selects the memory-efficient form (on TPU/GPU the op runs as Pallas flash
+    kernels instead, see ``fnn.kernels.flash_attention_mode``). ``fwd`` keeps the input(s) and the
     attention op's residuals (``q, k, v``, the heads' output and each row's log-sum-exp);
     ``bwd`` starts from them, so the forward runs once.
     **Params:** ``{"q", "k", "v", "o"}``, each ``{"w": (in, out), "b": (out,)}``: ``q.w: (F, heads·d)``,
@@ -231,13 +233,18 @@ def attention_options(cfg: Config, key, train):
 
 def attend(cfg: Config, q, k, v, mask=None, *, key=None, train=False, q_offset=0):
     """The heads' output ``A: [b, T, heads, d]`` and the attention op's residuals (see
-    ``dot_product_attention_fwd``); queries sit at positions ``q_offset + 0..T-1``."""
-    return dot_product_attention_fwd(q, k, v, mask, q_offset=q_offset,
-                                     **attention_options(cfg, key, train))
+    ``dot_product_attention_fwd``); queries sit at positions ``q_offset + 0..T-1``. The flash
+    kernels on TPU/GPU where they apply (``fnn/layers/_flash_attention.py``)."""
+    opts = attention_options(cfg, key, train)
+    if flash.usable(q, k, v, opts["dropout_rate"], q_offset):
+        return flash.attend(q, k, v, mask, causal=cfg.causal, chunk_size=cfg.chunk_size)
+    return dot_product_attention_fwd(q, k, v, mask, q_offset=q_offset, **opts)
 
 
 def attend_backward(cfg: Config, res, da, mask=None, *, key=None, train=False):
     """VJP of :func:`attend` (``q_offset = 0``) from its residuals: ``(dq, dk, dv)``."""
+    if "l" in res:                                          # the flash form's residuals
+        return flash.attend_backward(res, da, mask, causal=cfg.causal, chunk_size=cfg.chunk_size)
     return dot_product_attention_bwd(res, da, mask, **attention_options(cfg, key, train))
 
 
