@@ -148,13 +148,16 @@ def custom_calls(step, args, platform):
 
 def test_the_lowering_platform_chooses_the_kernel():
     """A program exported for TPU carries the Mosaic kernels (forward, dq, dkv; jax.vjp of apply
-    runs the same three through the custom VJP), for CUDA the Triton ones, for CPU none."""
+    runs the same three through the custom VJP), for CPU none; CUDA takes the Triton ones only
+    when asked ("always": never yet compiled or run on a GPU)."""
     x = jnp.ones((2, 40, 16), jnp.float32)
     step, params = layer_step(LAYER, x, x)
     kernels = lambda p: [c for c in custom_calls(step, (params, x, x), p) if c != "Sharding"]
     assert kernels("tpu") == ["tpu_custom_call"] * 6
-    assert kernels("cuda") == ["__gpu$xla.gpu.triton"] * 6
+    assert kernels("cuda") == []
     assert kernels("cpu") == []
+    with flash_attention_mode("always"):
+        assert kernels("cuda") == ["__gpu$xla.gpu.triton"] * 6
     with flash_attention_mode("never"):
         assert kernels("tpu") == []
 

@@ -3,7 +3,8 @@
 
 :func:`flash_attention_fwd` → ``(out, (m, l))`` and :func:`flash_attention_bwd` are the residual
 pair; :func:`flash_attention` wires them into ``jax.custom_vjp``. :func:`flash_attention_mode`
-reads or sets where layers use them (``"auto"``: on TPU and CUDA, chosen when lowering).
+reads or sets where layers use them (``"auto"``: on TPU, chosen when lowering; on CUDA only with
+``"always"`` until the Triton kernel has run on a GPU).
 """
 from fnn.kernels._flash import (flash_attention, flash_attention_bwd, flash_attention_fwd,
                                 vmem_bytes)

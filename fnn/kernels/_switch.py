@@ -19,7 +19,7 @@ def _register():
         from jax._src import config as jax_config
         return jax_config.enum_state(
             _NAME, list(MODES), "auto", "Where fnn's MultiHeadAttention runs the Pallas flash "
-            "kernels: auto (TPU, CUDA), always, never.", include_in_jit_key=True,
+            "kernels: auto (TPU), always (TPU, CUDA, interpreted elsewhere), never.", include_in_jit_key=True,
             include_in_trace_context=True)
     except Exception:                                 # noqa: BLE001 - any JAX without it
         return None

@@ -154,11 +154,14 @@ def _bwd_branch(backend, interpret, causal, chunk_size):
 
 
 def _choose(args, branch, jnp_form):
-    """``platform_dependent`` over the kernels (TPU: Mosaic, CUDA: Triton) and ``jnp_form``
-    elsewhere (``"always"``: the interpreted kernel elsewhere)."""
-    default = branch("mosaic", True) if current_mode() == "always" else jnp_form
-    return lax.platform_dependent(*args, default=default, tpu=branch("mosaic", False),
-                                  cuda=branch("triton", False))
+    """``platform_dependent`` over the kernels and ``jnp_form``: ``"auto"`` takes the Mosaic
+    kernel on TPU (compiled deviceless for v5e in the suite) and ``jnp_form`` elsewhere — the
+    Triton kernel has only been lowered, never compiled or run on a GPU, so CUDA takes it only
+    with ``"always"`` (which also runs the interpreted kernel on other platforms)."""
+    always = current_mode() == "always"
+    default = branch("mosaic", True) if always else jnp_form
+    cuda = branch("triton", False) if always else jnp_form
+    return lax.platform_dependent(*args, default=default, tpu=branch("mosaic", False), cuda=cuda)
 
 
 # --------------------------------------------------------------------------- the op
