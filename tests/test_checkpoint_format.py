@@ -186,3 +186,38 @@ def test_arrays_that_share_or_skip_bytes_are_refused(tmp_path):
                        b"\0" * 16))
     with pytest.raises(CheckpointError, match=r"needs 8 bytes at offset 0, the header says 8\.\.16"):
         checkpoint.load(gap)
+
+
+def _refusal(tmp_path, entry, data=b""):
+    path = _write(tmp_path / "bad.safetensors", _join({"layer.w": entry}, data))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    return str(info.value)
+
+
+def test_a_bad_entry_is_named_and_shown(tmp_path):
+    """The refusal names the entry and shows what the file holds (here ~110 characters of it:
+    shown whole)."""
+    entry = {"dtype": "F99", "shape": [2, 3], "data_offsets": [0, 48], "note": "n" * 40}
+    msg = _refusal(tmp_path, entry, b"\0" * 48)
+    assert f"bad entry for 'layer.w': {entry!r} (need a dtype of" in msg, msg
+    offsets = {"dtype": "F64", "shape": [2], "data_offsets": [0, "16"]}
+    msg = _refusal(tmp_path, offsets, b"\0" * 16)
+    assert "bad data_offsets for 'layer.w': [0, '16']" in msg, msg
+    huge = {"dtype": "U8", "shape": [2 ** 40] * 3, "data_offsets": [0, 8]}
+    msg = _refusal(tmp_path, huge, b"\0" * 8)
+    assert f"'layer.w' has the absurd shape {[2 ** 40] * 3!r}" in msg, msg
+
+
+def test_the_header_is_padded_to_a_multiple_of_8_whatever_its_length(tmp_path):
+    """safetensors aligns the data on 8 bytes: header lengths of every residue mod 8 are padded
+    with spaces (and the arrays follow right after)."""
+    residues = set()
+    for k in range(1, 9):
+        path = checkpoint.save(tmp_path / f"p{k}.safetensors", {"w" * k: np.arange(2.0)})
+        raw = open(path, "rb").read()
+        (n,) = struct.unpack("<Q", raw[:8])
+        unpadded = len(raw[8:8 + n].rstrip(b" "))
+        residues.add(unpadded % 8)
+        assert n % 8 == 0 and n - unpadded < 8 and raw[8 + n:] == np.arange(2.0).tobytes()
+    assert len(residues) == 8, residues
