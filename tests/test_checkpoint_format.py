@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_plain_safetensors_metadata_without_an_fnn_format_is_read(tmp_path):
 
 def test_a_tree_description_nested_too_deep_says_so(tmp_path):
     good = checkpoint.save(tmp_path / "good.safetensors", {"w": np.arange(3.0)})
-    raw = open(good, "rb").read()
+    raw = Path(good).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     depth = 100_000
@@ -215,7 +216,7 @@ def test_the_header_is_padded_to_a_multiple_of_8_whatever_its_length(tmp_path):
     residues = set()
     for k in range(1, 9):
         path = checkpoint.save(tmp_path / f"p{k}.safetensors", {"w" * k: np.arange(2.0)})
-        raw = open(path, "rb").read()
+        raw = Path(path).read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
         unpadded = len(raw[8:8 + n].rstrip(b" "))
         residues.add(unpadded % 8)
