@@ -222,3 +222,16 @@ def test_the_header_is_padded_to_a_multiple_of_8_whatever_its_length(tmp_path):
         residues.add(unpadded % 8)
         assert n % 8 == 0 and n - unpadded < 8 and raw[8 + n:] == np.arange(2.0).tobytes()
     assert len(residues) == 8, residues
+
+
+def test_metadata_refusals_show_the_value(tmp_path):
+    w = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}
+    future = _write(tmp_path / "v2.safetensors",
+                    _join({"__metadata__": {"fnn.format": "fnn-checkpoint/2"}, "w": w}, b"\1"))
+    with pytest.raises(CheckpointError, match="unknown checkpoint format 'fnn-checkpoint/2' "
+                                              r"\(this fnn reads fnn-checkpoint/1\)"):
+        checkpoint.load(future)
+    typed = _write(tmp_path / "typed.safetensors", _join({"__metadata__": {"epoch": 3}, "w": w},
+                                                         b"\1"))
+    with pytest.raises(CheckpointError, match=r"must map strings to strings, got \{'epoch': 3\}"):
+        checkpoint.load(typed)
