@@ -18,7 +18,9 @@ eager step (PyTorch):
     fnn hand, jax.jit           the same step under a plain ``jax.jit`` (the tuner still picks
                                 the kernel-gradient form; jaxlib's default compiler options)
     fnn autodiff  ``jax.value_and_grad`` of ``model.apply`` under ``fnn.tuning.jit``
-    PyTorch eager ``zero_grad``, forward, ``backward``, ``SGD.step``
+    PyTorch eager ``zero_grad``, forward, ``backward``, ``SGD.step``, with torch's default
+                  threads and with one (on a shared machine OpenMP's barriers can cost more than
+                  the second core gives); ratios are to the faster of the two
 
 Timings: interleaved rounds (the order rotates each round), medians, the ratio to PyTorch. The
 load average is printed before and after (the machine may be shared). ``--profile`` adds a
@@ -287,15 +289,24 @@ def main():
           f"rounding of 0 may take the other branch in one of the two)")
     assert max(abs(v - t_loss) for v in first.values()) < 1e-3 * abs(t_loss), (first, t_loss)
     assert rel < 1e-2, rel
+    threads = torch.get_num_threads()
+
+    def tstep_1():                      # one OpenMP thread: spares a loaded machine's barriers
+        torch.set_num_threads(1)
+        try:
+            return tstep()
+        finally:
+            torch.set_num_threads(threads)
     cases["PyTorch eager"] = tstep
-    tstep()                                                             # warm up
+    cases["PyTorch eager, 1 thread"] = tstep_1
+    tstep(), tstep_1()                                                  # warm up
     print(f"timing: {load()}")
     med, _ = interleaved(cases, args.rounds)
-    base = med["PyTorch eager"]
+    base = min(med["PyTorch eager"], med["PyTorch eager, 1 thread"])
     print(f"\nResNet-18 training step, batch {B} x {HW}x{HW}x3, float32, SGD; {args.rounds} "
           f"interleaved rounds, medians ({load()})")
     for n, t in med.items():
-        print(f"  {n:32s} {t * 1e3:9.1f} ms   {t / base:5.2f}x PyTorch")
+        print(f"  {n:32s} {t * 1e3:9.1f} ms   {t / base:5.2f}x PyTorch (its faster variant)")
     hand, auto = med["fnn hand (fnn.tuning.jit)"], med["fnn autodiff (fnn.tuning.jit)"]
     print(f"  hand / autodiff: {hand / auto:.2f}x")
     if args.profile:
