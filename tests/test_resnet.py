@@ -261,7 +261,10 @@ def test_matches_torchvision():
     statistics, float64, eval mode: logits within 1e-9 and the hand gradient of the mean
     cross-entropy within 1e-8 of torch autograd's."""
     torch = pytest.importorskip("torch")
-    tv = pytest.importorskip("torchvision")
+    try:
+        tv = pytest.importorskip("torchvision")
+    except RuntimeError as e:    # a CUDA torchvision wheel beside CPU torch: its ops do not load
+        pytest.skip(f"torchvision does not import: {type(e).__name__}: {e}")
     for block, tv_block in (("basic", tv.models.resnet.BasicBlock),
                             ("bottleneck", tv.models.resnet.Bottleneck)):
         torch.manual_seed(0)

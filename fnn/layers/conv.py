@@ -44,6 +44,7 @@ from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
+from fnn.layers._conv_im2col import conv_im2col
 from fnn.layers._conv_tuning import _auto_kernel_grad, kernel_grad_choice
 from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._spatial import (LAYOUTS, explicit_padding, int_tuple, padding_mode,
@@ -113,9 +114,19 @@ def _dims(n):
 
 
 def _conv_raw(x, w, strides, pads, lhs_dilation, dilation, groups):
-    return lax.conv_general_dilated(x, w, strides, pads, lhs_dilation, dilation,
-                                    dimension_numbers=_dims(w.ndim - 2),
-                                    feature_group_count=groups)
+    """The convolution (forward, and the input gradient: ``lhs_dilation`` = the strides). On
+    CPU, when the kernel is larger than the input along an axis (ResNet's last stage: 2x2 maps,
+    3x3 kernels), XLA's convolution is 25-75x slower than an im2col matmul, whose patches are
+    small exactly then (``benchmarks/RESULTS.md``, ResNet-18): that one is used there."""
+    xla = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=pads,
+                            lhs_dilation=lhs_dilation, rhs_dilation=dilation,
+                            dimension_numbers=_dims(w.ndim - 2), feature_group_count=groups)
+    k_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[:-2], dilation)]
+    if groups != 1 or all(m >= k for m, k in zip(x.shape[1:-1], k_eff)):
+        return xla(x, w)
+    small = functools.partial(conv_im2col, strides=strides, pads=pads,
+                              lhs_dilation=lhs_dilation, dilation=dilation)
+    return lax.platform_dependent(x, w, cpu=small, default=xla)
 
 
 def _flip_swap(w, groups):

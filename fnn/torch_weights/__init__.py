@@ -49,7 +49,13 @@ tied alias that differs from its source, every wrong layout and every unused ``m
 ``layout`` entry is reported at once in a :class:`StateDictError`. fnn's ``Conv`` pads
 ``SAME`` by default, PyTorch's ``Conv2d`` not at all (``padding=0``): the weights fit either
 way, so when a tensor further on is mis-shaped (the ``Linear`` after a ``Flatten``), the error
-adds a hint naming each such ``Conv``, its padding and its output shape under both paddings.
+adds a hint naming each such ``Conv``, its padding and its output shape under both paddings. A
+load that succeeds gives one :class:`PaddingWarning` naming every ``Conv``/``ConvTranspose``
+that pads ``SAME`` with a kernel larger than 1 (the state_dict cannot say whether PyTorch's
+layer padded that way), with the numbers ``SAME`` pads there, the PyTorch padding they are, if
+any, and the ``padding=`` that keeps them or gives PyTorch's default; a convolution whose
+padding is declared (``"VALID"`` or numbers, as :func:`fnn.models.ResNet` declares its own) is
+taken at its word.
 
 :func:`state_dict` runs the same walk and rules backwards: fnn ``params``/``state`` to the
 ``state_dict`` PyTorch's module has (aliases included), bit-exact both ways.
@@ -75,9 +81,11 @@ import numpy as np
 
 from fnn import checkpoint
 from fnn.torch_weights import _run, _sinks
+from fnn.torch_weights._padding import PaddingWarning
 from fnn.torch_weights._run import StateDictError
 
-__all__ = ["load_state_dict", "state_dict", "read_state_dict", "StateDictError"]
+__all__ = ["load_state_dict", "state_dict", "read_state_dict", "StateDictError",
+           "PaddingWarning"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 
@@ -153,7 +161,9 @@ def load_state_dict(model, state_dict: Mapping[str, Any], input_shape, *,
     PyTorch's layout), every integer or boolean tensor where a float one belongs, every tied
     alias that differs from its source, every unused ``mapping``/``layout`` entry and every
     layer with parameters fnn cannot match (a ``GroupNorm`` and the like load; a
-    ``WeightNorm`` does not).
+    ``WeightNorm`` does not). **Warns:** :class:`PaddingWarning` (once per call) when a
+    ``Conv``/``ConvTranspose`` pads ``"SAME"`` (fnn's default) with a kernel larger than 1:
+    declare its padding as the PyTorch layer has it (``padding="VALID"`` for ``padding=0``).
 
     >>> import numpy as np
     >>> from fnn.layers import Dense, Relu, serial

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.torch_weights import _sinks, _walk
+from fnn.torch_weights import _padding, _sinks, _walk
 
 
 class StateDictError(ValueError):
@@ -78,6 +78,7 @@ def load(model, sd, input_shape, mapping=None, layout=None, dtype=None):
     raise_problems(walk, model, "load_state_dict",
                    [f"unexpected: {k!r} {tuple(sd[k].shape)} is not used by the model"
                     for k in sd if k not in sink.used])
+    _padding.warn(walk)                      # a SAME-padded conv: its outputs may not be torch's
     dtype = dtype or jnp.zeros(()).dtype
     arrays = sink.arrays
 
