@@ -92,7 +92,7 @@ def _kernel_geometry(name, x_shape, w_shape, strides, dilation, groups):
     return n, strides, dilation, [(k - 1) * d + 1 for k, d in zip(w_shape[:n], dilation)]
 
 
-def _geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
+def conv_geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
     """Check shapes; return ``(n, strides, dilation, pads, k_eff, out_sizes)``."""
     n, strides, dilation, k_eff = _kernel_geometry(name, x_shape, w_shape, strides, dilation,
                                                    groups)
@@ -182,7 +182,8 @@ def _kernel_grad(xp, dy, ksize, strides, dilation, groups, method):
 
 def conv_output_shape(x_shape, w_shape, strides=1, padding="SAME", dilation=1, groups=1):
     """Output shape of :func:`conv`, with the same checks (``ValueError`` on bad shapes)."""
-    *_, out = _geometry("conv", tuple(x_shape), tuple(w_shape), strides, padding, dilation, groups)
+    *_, out = conv_geometry("conv", tuple(x_shape), tuple(w_shape), strides, padding, dilation,
+                            groups)
     return (x_shape[0], *out, w_shape[-1])
 
 
@@ -194,7 +195,7 @@ def conv(x, w, strides=1, padding="SAME", dilation=1, groups=1):
     XLA/TF's split), ``"VALID"``, an int, ints or ``(lo, hi)`` pairs; ``groups``: feature groups
     (``groups == C`` is depthwise). **Returns:** ``[batch, *out, O]``.
     """
-    _, strides, dilation, pads, _, _ = _geometry("conv", x.shape, w.shape, strides, padding,
+    _, strides, dilation, pads, _, _ = conv_geometry("conv", x.shape, w.shape, strides, padding,
                                                  dilation, groups)
     return _conv_raw(x, w, strides, pads, None, dilation, groups)
 
@@ -206,8 +207,8 @@ def conv_backward(x, w, dy, strides=1, padding="SAME", dilation=1, groups=1, ker
     ``k_eff - 1 - lo`` and ``n + lo - ((out - 1)·s + 1)``) with the flipped, in/out-swapped
     kernel; ``dw`` is the correlation of the padded input with ``dy`` (see module docstring).
     """
-    _, strides, dilation, pads, k_eff, out = _geometry("conv", x.shape, w.shape, strides, padding,
-                                                       dilation, groups)
+    _, strides, dilation, pads, k_eff, out = conv_geometry("conv", x.shape, w.shape, strides,
+                                                           padding, dilation, groups)
     sizes, ksize = x.shape[1:-1], w.shape[:-2]
     span = [(o - 1) * s + 1 for o, s in zip(out, strides)]             # dilated error length
     dx_pads = [(k - 1 - lo, m + lo - L) for k, (lo, _), m, L in zip(k_eff, pads, sizes, span)]
@@ -222,7 +223,7 @@ def conv_backward(x, w, dy, strides=1, padding="SAME", dilation=1, groups=1, ker
 
 # --------------------------------------------------------------------------- conv_transpose
 
-def _transpose_geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
+def transpose_geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
     """Check shapes; return ``(n, strides, dilation, pads, k_eff, out_sizes)`` of the
     lhs-dilated convolution that a transposed convolution is."""
     n, strides, dilation, k_eff = _kernel_geometry(name, x_shape, w_shape, strides, dilation,
@@ -248,7 +249,7 @@ def _transpose_geometry(name, x_shape, w_shape, strides, padding, dilation, grou
 
 def conv_transpose_output_shape(x_shape, w_shape, strides=1, padding="SAME", dilation=1, groups=1):
     """Output shape of :func:`conv_transpose` (``ValueError`` on bad shapes)."""
-    *_, out = _transpose_geometry("conv_transpose", tuple(x_shape), tuple(w_shape), strides,
+    *_, out = transpose_geometry("conv_transpose", tuple(x_shape), tuple(w_shape), strides,
                                   padding, dilation, groups)
     return (x_shape[0], *out, w_shape[-1])
 
@@ -264,7 +265,7 @@ def conv_transpose(x, w, strides=1, padding="SAME", dilation=1, groups=1):
     ``output_padding`` ``q`` is explicit ``(k_eff-1-p, k_eff-1-p+q)`` with its weight flipped
     spatially. **Returns:** ``[batch, *out, O]``.
     """
-    _, strides, dilation, pads, _, _ = _transpose_geometry("conv_transpose", x.shape, w.shape,
+    _, strides, dilation, pads, _, _ = transpose_geometry("conv_transpose", x.shape, w.shape,
                                                            strides, padding, dilation, groups)
     return _conv_raw(x, w, (1,) * len(strides), pads, strides, dilation, groups)
 
@@ -276,7 +277,7 @@ def conv_transpose_backward(x, w, dy, strides=1, padding="SAME", dilation=1, gro
     ``dx`` is the strided convolution of ``dy`` (padded by ``k_eff - 1 - lo``) with the flipped,
     in/out-swapped kernel; ``dw`` the correlation of the dilated, padded input with ``dy``.
     """
-    _, strides, dilation, pads, k_eff, out = _transpose_geometry(
+    _, strides, dilation, pads, k_eff, out = transpose_geometry(
         "conv_transpose", x.shape, w.shape, strides, padding, dilation, groups)
     sizes, ones = x.shape[1:-1], (1,) * len(strides)
     span = [(m - 1) * s + 1 for m, s in zip(sizes, strides)]           # dilated input length
@@ -391,5 +392,5 @@ def ConvTranspose(features: int, kernel_size, strides=1, padding="SAME", dilatio
     ``[batch, *out, features]``.
     """
     return _conv_layer("ConvTranspose", conv_transpose, conv_transpose_backward,
-                       _transpose_geometry, features, kernel_size, strides, padding, dilation,
+                       transpose_geometry, features, kernel_size, strides, padding, dilation,
                        groups, use_bias, w_init, b_init, kernel_grad)

@@ -86,7 +86,7 @@ def describe(path, layer, shape, args):
     if max(k_eff) == 1:
         return None                                   # SAME pads nothing at any input size
     w_shape = (*ksize, shape[-1] // args.get("groups", 1), args["features"])
-    geometry = C._geometry if kind == "Conv" else C._transpose_geometry
+    geometry = C.conv_geometry if kind == "Conv" else C.transpose_geometry
     pads = tuple(tuple(p) for p in geometry(kind, tuple(shape), w_shape, strides, "SAME",
                                             dilation, args.get("groups", 1))[3])
     torch = (_conv_line(kind, n, pads, strides, k_eff) if kind == "Conv"
