@@ -372,7 +372,7 @@ def Conv(features: int, kernel_size, strides=1, padding="SAME", dilation=1, grou
     (channels-last, default ``"SAME"``); PyTorch's ``ConvNd`` is channels-first with default
     padding 0 (``"VALID"``) and a uniform Kaiming init.
     """
-    return _conv_layer("Conv", conv, conv_backward, _geometry, features, kernel_size, strides,
+    return _conv_layer("Conv", conv, conv_backward, conv_geometry, features, kernel_size, strides,
                        padding, dilation, groups, use_bias, w_init, b_init, kernel_grad)
 
 
