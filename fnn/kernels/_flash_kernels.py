@@ -25,7 +25,6 @@ broadcast along lanes on TPU instead of needing a transpose.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-import jax
-
 MODES = ("auto", "always", "never")
 _NAME = "fnn_flash_attention"
 

@@ -69,7 +69,7 @@ def _to_stats(res, q, k, causal, chunk_size):
 def _from_stats(m, l, q, k, causal, chunk_size):
     """Inverse of :func:`_to_stats`: the jnp form's residual entries (``spans`` or ``ml``)."""
     b, t, h, _ = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh = k.shape[2]
     g, dt = h // kh, jnp.result_type(q, k)
     m, l = m.reshape(b, kh, g, t).astype(dt), l.reshape(b, kh, g, t).astype(dt)
     if chunk_size is None:
