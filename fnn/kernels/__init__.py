@@ -5,6 +5,12 @@
 pair; :func:`flash_attention` wires them into ``jax.custom_vjp``. :func:`flash_attention_mode`
 reads or sets where layers use them (``"auto"``: on TPU, chosen when lowering; on CUDA only with
 ``"always"`` until the Triton kernel has run on a GPU).
+
+>>> flash_attention_mode()
+'auto'
+>>> with flash_attention_mode("never"):
+...     flash_attention_mode()
+'never'
 """
 from fnn.kernels._flash import (flash_attention, flash_attention_bwd, flash_attention_fwd,
                                 vmem_bytes)

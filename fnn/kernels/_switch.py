@@ -56,24 +56,19 @@ def flash_attention_mode(mode: str | None = None):
     """Read, or set for a ``with`` block, where ``MultiHeadAttention`` (and so every transformer
     block and the GPT) runs attention through the Pallas flash kernels of :mod:`fnn.kernels`.
 
-    ``"auto"`` (the default): the kernels on TPU (Mosaic) and CUDA GPUs (Triton), chosen per
-    platform when the program is lowered (``jax.lax.platform_dependent``), so a program
-    exported or compiled for TPU/GPU from a CPU host carries them; fnn's jnp forms on CPU and
-    other platforms. ``"always"``: the kernels on every platform (Pallas' interpreter on CPU:
-    slow; for tests). ``"never"``: the jnp forms everywhere. Layers use the jnp forms for what
+    ``"auto"`` (the default): the kernel on TPU (Mosaic), chosen per platform when the program
+    is lowered (``jax.lax.platform_dependent``), so a program exported or compiled for TPU from
+    a CPU host carries it; fnn's jnp forms on CPU, CUDA (the Triton kernel has not yet been
+    compiled or run on a GPU) and other platforms. ``"always"``: the kernels on every platform
+    (Triton on CUDA; Pallas' interpreter on CPU: slow, for tests). ``"never"``: the jnp forms everywhere. Layers use the jnp forms for what
     the kernels do not do (dropout while training, decoding with a cache, an empty sequence,
     keys too long for a TPU core's VMEM).
 
     With no argument: the mode in force. With ``mode``: a context manager that sets it inside
     its block. The process-wide default is the environment variable ``FNN_FLASH_ATTENTION`` or
     ``jax.config.update("fnn_flash_attention", mode)``. The mode is part of ``jax.jit``'s cache
-    key: a jitted function is traced again when it is called under another mode.
-
-    >>> flash_attention_mode()
-    'auto'
-    >>> with flash_attention_mode("never"):
-    ...     flash_attention_mode()
-    'never'
+    key: a jitted function is traced again when it is called under another mode (example:
+    :mod:`fnn.kernels`).
     """
     if mode is None:
         return current_mode()
