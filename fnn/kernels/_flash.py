@@ -172,6 +172,16 @@ class _Plan:
                      bytes_accessed=int(byts))
 
 
+def _query_rows_mask_spec(pn, rows_mask):
+    """The mask's block for a query-block program ``(b, j, i)``: the rows of query block
+    ``i mod nq`` of head ``j·g + i div nq`` (broadcast batch/head axes read index 0)."""
+    bm, hm = rows_mask.shape[:2]
+    g, nq = pn.g, pn.nq
+    return _spec((None, None, pn.bq, pn.sp), lambda b, j, i: (
+        b if bm > 1 else 0, j * g + lax.div(i, np.int32(nq)) if hm > 1 else 0,
+        lax.rem(i, np.int32(nq)), 0))
+
+
 def _cost(**kw):
     return pl.CostEstimate(**kw) if DECLARE_COST else None
 
@@ -221,10 +231,7 @@ def flash_attention_fwd(q, k, v, mask=None, *, causal=False, scale=None, backend
     in_specs, args = [q_spec, kv_spec(pn.dp), kv_spec(pn.dvp)], [
         pn.stack_q(q, pn.dp), pn.stack_kv(k, pn.dp), pn.stack_kv(v, pn.dvp)]
     if has_mask:
-        bm, hm = rows_mask.shape[:2]
-        in_specs.append(_spec((None, None, bq, pn.sp), lambda b, j, i: (
-            b if bm > 1 else 0, j * g + lax.div(i, np.int32(nq)) if hm > 1 else 0,
-            lax.rem(i, np.int32(nq)), 0)))
+        in_specs.append(_query_rows_mask_spec(pn, rows_mask))
         args.append(rows_mask)
     rows = (pn.b, pn.kh, g * pn.tp)
     kernel = functools.partial(K.forward_kernel, scale=scale, causal=causal, bq=bq, bk=pn.bk,
@@ -277,10 +284,7 @@ def flash_attention_bwd(q, k, v, out, stats, dout, mask=None, *, causal=False, s
              _spec((None, None, 1, pn.dp), lambda b, j, i: (b, j, 0, 0))]
     args = [qs, ks, vs, dos, m, l, delta, kbar]
     if has_mask:
-        bm, hm = rows_mask.shape[:2]
-        specs.append(_spec((None, None, bq, pn.sp), lambda b, j, i: (
-            b if bm > 1 else 0, j * g + lax.div(i, np.int32(nq)) if hm > 1 else 0,
-            lax.rem(i, np.int32(nq)), 0)))
+        specs.append(_query_rows_mask_spec(pn, rows_mask))
         args.append(rows_mask)
     kernel = functools.partial(K.query_kernel, scale=scale, causal=causal, bq=bq, bk=bk, nq=nq,
                                s_len=pn.s, has_mask=has_mask)
