@@ -183,3 +183,14 @@ class CrashAt:
     def __call__(self, epoch, train_state, logs):
         if epoch == self.at:
             raise RuntimeError(f"crash after epoch {epoch}")
+
+
+def random_params(model, shape, seed=0, scale=0.4):
+    """``model``'s params with every leaf random: ``scale``·N(0, 1), plus the initial value for
+    vectors (biases and norm offsets nonzero, norm scales away from 1); and its state."""
+    params, state, _ = model.init(jax.random.PRNGKey(seed), shape)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [scale * jax.random.normal(k, a.shape, a.dtype) + (a if a.ndim == 1 else 0)
+              for k, a in zip(keys, leaves)]
+    return jax.tree.unflatten(tree, leaves), state

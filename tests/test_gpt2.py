@@ -12,20 +12,10 @@ import pytest
 from fnn.models import GPT2, generate, lm_loss, value_and_grad
 from fnn.models import gpt2
 
-from helpers import no_autodiff, tree_rel_err
+from helpers import no_autodiff, random_params, tree_rel_err
 
 CFG = dict(vocab_size=23, n_positions=12, n_embd=8, n_layer=2, n_head=2, n_inner=12,
            layer_norm_epsilon=1e-4)
-
-
-def random_params(model, shape, seed=0):
-    """Every parameter random (biases and norm offsets nonzero, norm scales away from 1)."""
-    params, state, _ = model.init(jax.random.PRNGKey(seed), shape)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [0.4 * jax.random.normal(k, a.shape, a.dtype) + (a if a.ndim == 1 else 0)
-              for k, a in zip(keys, leaves)]
-    return jax.tree.unflatten(tree, leaves), state
 
 
 def gelu_new(x):

@@ -12,20 +12,10 @@ import pytest
 from fnn.models import Llama, generate, lm_loss, value_and_grad
 from fnn.models import llama
 
-from helpers import no_autodiff, tree_rel_err
+from helpers import no_autodiff, random_params, tree_rel_err
 
 CFG = dict(vocab_size=29, hidden_size=16, intermediate_size=20, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500.0)
-
-
-def random_params(model, shape, seed=0):
-    """Every parameter random (norm scales away from 1)."""
-    params, state, _ = model.init(jax.random.PRNGKey(seed), shape)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [0.5 * jax.random.normal(k, a.shape, a.dtype) + (a if a.ndim == 1 else 0)
-              for k, a in zip(keys, leaves)]
-    return jax.tree.unflatten(tree, leaves), state
 
 
 def rms_norm(x, w, eps):
@@ -77,7 +67,7 @@ def test_logits_match_numpy_reference(tie, kv):
     cfg = {**CFG, "tie_word_embeddings": tie, "num_key_value_heads": kv}
     model = Llama(**cfg)
     x = ids((2, 7))
-    params, state = random_params(model, x.shape)
+    params, state = random_params(model, x.shape, scale=0.5)
     assert ("head" in params) == (not tie)
     got = jax.jit(model.apply)(params, state, x)[0]
     want = numpy_llama(params, np.asarray(x), 4, kv, cfg["rms_norm_eps"], cfg["rope_theta"])
@@ -89,7 +79,7 @@ def test_hand_gradient_matches_autodiff(monkeypatch):
     jax.value_and_grad of the same next-token loss."""
     model = Llama(**CFG)
     x, y = ids((2, 6)), ids((2, 6), seed=4)
-    params, state = random_params(model, x.shape, seed=5)
+    params, state = random_params(model, x.shape, seed=5, scale=0.5)
     real_vg = jax.value_and_grad
 
     def run(params):
@@ -106,7 +96,7 @@ def test_greedy_generation_equals_full_recompute():
     of the full causal forward over the sequence so far, at every step."""
     model = Llama(**CFG)
     prompt = ids((2, 4), seed=8)
-    params, state = random_params(model, (2, 12), seed=2)
+    params, state = random_params(model, (2, 12), seed=2, scale=0.5)
     full = jax.jit(lambda s: model.apply(params, state, s)[0])
     seq = np.zeros((2, 12), np.int32)
     seq[:, :4] = np.asarray(prompt)
