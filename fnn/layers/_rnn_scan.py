@@ -27,8 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnn.layers.cells import (Cell, bias, check_carry, check_lengths, check_sequence,
-                              from_tuple, previous, with_recurrent, zeros_carry)
+from fnn.layers._rnn_checks import check_carry, check_lengths, check_sequence, zeros_carry
+from fnn.layers.cells import Cell, bias, from_tuple, previous, with_recurrent
 
 __all__ = ["scan_rnn", "scan_rnn_backward"]
 

@@ -19,8 +19,8 @@ from fnn.core import Example, Layer, constructor, default_dtype, examples, is_sh
 from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._rnn_scan import (prepare, run_apply, run_bwd, run_fwd, scan_rnn,
                                   scan_rnn_backward)
-from fnn.layers.cells import (Cell, check_carry, from_tuple, gru_cell, lstm_cell, make_rnn_cell,
-                              rnn_cell, zeros_carry)
+from fnn.layers._rnn_checks import check_carry, zeros_carry
+from fnn.layers.cells import Cell, from_tuple, gru_cell, lstm_cell, make_rnn_cell, rnn_cell
 
 __all__ = ["rnn_cell", "lstm_cell", "gru_cell", "make_rnn_cell", "Cell", "scan_rnn",
            "scan_rnn_backward", "SimpleRNN", "LSTM", "GRU", "Bidirectional"]
