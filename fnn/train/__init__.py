@@ -33,11 +33,13 @@ One concern per module:
   across ``fit`` calls whose model, loss and optimizer compute the same thing.
 
 NaN/Inf guard: the loop leaves the epoch at the first step whose loss (and, with
-``Step(grad_norm=True)``, gradient norm) is not finite; ``fit`` then replays the same compiled
-call up to the step before it (same program, same inputs, so the same state bit for bit: the
-last good state) and stops with a message naming the epoch and the step, and whether that
-batch's inputs were finite. A NaN gradient whose loss is finite shows in the next step's loss;
-the replay then backs off to the last finite state. The replay costs only when it fires.
+``Step(grad_norm=True)``, gradient norm) is not finite, and the epoch is bad too when the
+params or optimizer state it ends with are not finite (one check per epoch); ``fit`` then
+replays the epoch from its start (same program, same inputs, so the same state bit for bit)
+with every step's gradient checked as well, up to the step before the first non-finite one
+(the last good state), and stops with a message naming the epoch and the step, and whether
+that batch's inputs were finite. So a NaN gradient whose loss is finite is found in the step it
+appears, and the check of every gradient is paid only when the replay runs.
 """
 from fnn.train.epoch import evaluate
 from fnn.train.predicting import predict

@@ -26,7 +26,7 @@ from fnn.precision import current_scale
 from fnn.train._batches import as_data, select
 from fnn.train.predicting import with_precision
 from fnn.train.progress import tick
-from fnn.train.step import TrainState, step_core
+from fnn.train.step import TrainState, all_finite, step_core
 
 __all__ = ["evaluate"]
 
@@ -145,10 +145,13 @@ class Runner:
     opt_state)`` and ``small = (step, key)``: donating the first argument (:data:`DONATE`)
     reuses the train state's buffers and keeps the step and key of the state launched from
     readable (the host needs them after a non-finite step). ``donates``: whether ``jit``
-    donates (else the state launched from stays whole: it is the replay's copy)."""
+    donates (else the state launched from stays whole: it is the replay's copy).
+    ``strict()``: the runner that checks every step's gradient (itself, unless it was built
+    ``strict=False``: see :func:`make_epoch_runner`), the one a replay runs."""
 
     def __init__(self, fn, jit=jax.jit, ticks=False):
         self.tree, self.specs, self.ticks = None, None, ticks
+        self.strict = lambda: self
         self.donates = bool(getattr(jit, "keywords", {}).get("donate_argnums"))
 
         def packed(big, small, data, limit):
@@ -203,25 +206,38 @@ def _rate(opt_state):
                        else node.hyperparams["learning_rate"])
 
 
+def _end_check(ts, bad):
+    """A run built ``strict=False`` judged each step by its loss only: it is bad too when the
+    state it ends with is not finite (one check per run, not one per step)."""
+    return bad | ~all_finite((ts.params, ts.opt_state))
+
+
 @cached
 def make_chunk_runner(model, loss, update, grad, metrics, regularizer, grad_norm, augment,
-                      jit=tuning.jit):
+                      jit=tuning.jit, strict=True):
     """A :class:`Runner` over a chunk of ``K`` stacked batches ``(K, batch, ...)``
     (streaming: one call per chunk). ``jit``: on a mesh, one with its shardings
     (:func:`fnn.train.distributed.chunk_jit`); the state is not donated (the streamed epoch
-    keeps the state before each chunk for the replay)."""
-    core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+    keeps the state before each chunk for the replay). ``strict``: as
+    :func:`make_epoch_runner`."""
+    core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment,
+                     strict)
 
     def chunk(ts, stacked, limit):
         count = jax.tree.leaves(stacked)[0].shape[0]
         i, ts, acc, bad = _loop(core, ts, stacked, limit, count)
-        return ts, i, bad, acc
-    return Runner(chunk, jit)
+        return ts, i, _end_check(ts, bad) if not strict else bad, acc
+    run = Runner(chunk, jit)
+    if not strict:
+        run.strict = lambda: make_chunk_runner(model, loss, update, grad, metrics, regularizer,
+                                               grad_norm, augment, jit, True)
+    return run
 
 
 @cached
 def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm, augment, n,
-                      batch_size, drop_last, shuffle, shards=None, jit=DONATE, ticks=False):
+                      batch_size, drop_last, shuffle, shards=None, jit=DONATE, ticks=False,
+                      strict=True):
     """One epoch as a :class:`Runner` ``(ts, data, limit) -> (ts, packed report)``, and the
     batch sizes. Shuffles (with a key split from ``ts.key``), runs the full batches, then the
     partial one (a real smaller batch, not padding) unless ``drop_last``.
@@ -231,12 +247,21 @@ def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm
     (:func:`fnn.sharding.shard_shuffle`) so no batch gathers the data set; ``jit`` then
     compiles with the mesh's shardings (:func:`fnn.train.distributed.epoch_jit`). The train
     state given to the runner is donated (``jit``: :data:`DONATE`). ``ticks``: the epoch
-    reports its steps from inside (see :class:`Runner`)."""
+    reports its steps from inside (see :class:`Runner`).
+
+    ``strict=False`` (for a runner that does not donate, so the state it starts from is kept
+    for a replay): each step is judged by its loss alone (and gradient norm, when computed),
+    and the epoch is bad too when its final params or optimizer state are not finite; the
+    host then replays it with ``runner.strict()``, which also checks each step's gradient
+    (:func:`fnn.train.step.all_finite`) and so stops at the step where a non-finite value
+    first appears. The per-step check costs a few reductions per step, a tenth of a small
+    model's step on XLA:CPU; the end check one per epoch."""
     full, tail = divmod(n, batch_size)
     tail = 0 if drop_last else tail
     if full + (tail > 0) == 0:
         raise ValueError(f"fit: {n} examples make no batch of {batch_size} with drop_last=True")
-    core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment)
+    core = step_core(model, loss, update, grad, metrics, regularizer, grad_norm, augment,
+                     strict)
 
     def epoch(ts, data, limit):
         limit, every = limit if ticks else (limit, None)
@@ -264,8 +289,13 @@ def make_epoch_runner(model, loss, update, grad, metrics, regularizer, grad_norm
             ok = go & out.finite
             ts, acc = select(ok, new, ts), select(ok, _add(acc, out), acc)
             i, bad = i + go, bad | (go & ~out.finite)
-        return ts, i, bad, acc
-    return Runner(epoch, jit, ticks), (batch_size,) * full + ((tail,) if tail else ())
+        return ts, i, _end_check(ts, bad) if not strict else bad, acc
+    run = Runner(epoch, jit, ticks)
+    if not strict:
+        run.strict = lambda: make_epoch_runner(model, loss, update, grad, metrics, regularizer,
+                                               grad_norm, augment, n, batch_size, drop_last,
+                                               shuffle, shards, jit, False, True)[0]
+    return run, (batch_size,) * full + ((tail,) if tail else ())
 
 
 def batch_order(ts, n, shuffle):

@@ -193,7 +193,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
     train state whole (see ``docs/scaling.md``).
 
     NaN/Inf guard: the epoch stops before the first step whose loss or gradient is not finite
-    (a NaN gradient with a finite loss included) and keeps the last finite state;
+    (a NaN gradient with a finite loss included; with ``Step(grad_norm=False)`` found by a
+    replay of the epoch when its end state is not finite) and keeps the last finite state;
     ``fit`` warns (or raises, ``Loop(on_nonfinite="raise")``) naming the epoch, the step and
     whether that batch's inputs were finite.
 
@@ -241,7 +242,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         train_state = on.place_state(train_state)
     if stream:
         if on is None:
-            runner, put = make_chunk_runner(*parts), jax.device_put
+            # steps judged by their loss, the chunk's end state checked (a replay finds the step)
+            runner, put = make_chunk_runner(*parts, KEEP, step.grad_norm), jax.device_put
             put_batch, get = jax.device_put, jax.device_get
         else:
             runner, put, put_batch = stream_on_mesh(on, first, parts)
@@ -250,7 +252,9 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
                               pending)
     else:
         # with grad_norm=False the replay needs each epoch's start: the epoch does not
-        # donate its input, which is that copy; else it donates (updates in place)
+        # donate its input, which is that copy; else it donates (updates in place). The start
+        # kept, the steps are judged by their loss alone and the epoch's end state checked
+        # (strict=False): a replay with the per-step gradient check finds the step
         keep = not step.grad_norm
         # steps shown from inside: XLA:CPU then runs the epoch in the calling thread (a
         # host callback), so no epoch is launched ahead of the bookkeeping
@@ -258,7 +262,7 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         if on is None:
             runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,
                                               loop.shuffle, None, KEEP if keep else DONATE,
-                                              ticks)
+                                              ticks, not keep)
             limit = jax.device_put(np.int32(len(sizes)))
             bad_inputs = batch_inputs_finite(data, sizes, loop.shuffle)
         else:

@@ -70,6 +70,20 @@ def _replay(run, kept, data, good):
         good -= 1
 
 
+def recover(run, kept, data, steps):
+    """The last good state of a run of ``steps`` steps from ``kept`` that went bad: replayed
+    with ``run.strict()`` (which leaves at the first step whose loss or gradient is not
+    finite, keeping the state from before it), then backed off as :func:`_replay` while that
+    state is not finite. ``(ts, flat, good)``; ``flat`` is the strict runner's report."""
+    strict = run.strict()
+    ts, flat, _ = strict(copy_state(kept) if strict.donates else kept, data, np.int32(steps))
+    report = strict.unpack(flat)
+    good = report.steps - 1 if report.bad else report.steps
+    if good == 0 or _finite(ts):
+        return ts, flat, good
+    return _replay(strict, kept, data, good - 1)
+
+
 def _add(a, b):
     return b if a is None else jax.tree.map(np.add, a, b)
 
@@ -117,7 +131,11 @@ def memory_finish(run_epoch, sizes, launched, data, bad_inputs, last=None):
     ts, good = launched.ts, report.steps - 1
     if _deleted(ts) and last is not None:
         ts = last.ts._replace(step=ts.step, key=ts.key)
-    if not _finite(ts) and launched.kept is not None and good > 0:
+    strict = getattr(run_epoch, "strict", lambda: run_epoch)()
+    if strict is not run_epoch and launched.kept is not None:     # steps judged by loss only
+        ts, flat, good = recover(run_epoch, launched.kept, data, report.steps)
+        report = strict.unpack(flat)
+    elif not _finite(ts) and launched.kept is not None and good > 0:
         ts, flat, good = _replay(run_epoch, launched.kept, data, good - 1)
         report = run_epoch.unpack(flat)
     before = launched.before
@@ -171,8 +189,12 @@ def stream_epoch(run_chunk, ts, batches, k, check, where, put=jax.device_put):
     if bad is None:
         return ts, report._replace(sums=total), None
     before, chunk, res = bad
-    ts, flat, good = _replay(run_chunk, before, chunk.stacked, report.steps - 1)
-    report = run_chunk.unpack(flat)._replace(steps=good)
+    strict = getattr(run_chunk, "strict", lambda: run_chunk)()
+    if strict is not run_chunk:                                 # steps judged by loss only
+        ts, flat, good = recover(run_chunk, before, chunk.stacked, report.steps)
+    else:
+        ts, flat, good = _replay(run_chunk, before, chunk.stacked, report.steps - 1)
+    report = strict.unpack(flat)._replace(steps=good)
     return ts, report._replace(sums=_add(total, report.sums)), Bad(
         int(before.step) + good, chunk.first + good, inputs_finite(chunk.host[good]),
         _finite(ts))

@@ -158,14 +158,17 @@ step, a tenth of a small model's step; above it the copy is not worth it."""
 
 
 def step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None,
-              grad_norm=False, augment=None):
+              grad_norm=False, augment=None, check_grads=True):
     """The unguarded step ``(train_state, (x, t, kw)) -> (train_state, StepOut)`` that
     :func:`make_step`, ``fit``'s compiled epochs and :func:`fnn.train.lr_find` run.
 
     ``update`` is the optimizer's ``update``; ``metrics`` a tuple of
     :class:`fnn.train.metrics.Metric`; ``finite`` judges the loss and the gradient (its norm
-    when ``grad_norm``, else ``all_finite``), so a NaN gradient with a finite loss (e.g.
-    through a ReLU, which maps NaN to 0) is seen in the step it appears."""
+    when ``grad_norm``, else ``all_finite`` unless ``check_grads=False``), so a NaN gradient
+    with a finite loss is seen in the step it appears. ``check_grads=False`` judges the loss
+    alone (the norm when ``grad_norm``): ``fit``'s epochs check the state once at their end
+    instead and replay with the check on when it is not finite
+    (:func:`fnn.train.epoch.make_epoch_runner`)."""
     vg = _grad_fn(model, loss, grad, regularizer, bool(metrics))
     stochastic = getattr(model, "stochastic", True)
 
@@ -187,8 +190,11 @@ def step_core(model, loss, update, grad="autodiff", metrics=(), regularizer=None
         w = jnp.ones((size,), jnp.result_type(float))
         stats = tuple(m.stats(pred, t, w) for m in metrics)
         # with loss scaling the optimizer itself skips a step whose gradient overflowed
-        finite = jnp.isfinite(value) & (True if ls is not None else jnp.isfinite(gnorm)
-                                        if grad_norm else all_finite(grads))
+        finite = jnp.isfinite(value)
+        if ls is None and grad_norm:
+            finite = finite & jnp.isfinite(gnorm)
+        elif ls is None and check_grads:
+            finite = finite & all_finite(grads)
         return new, StepOut(value, finite, gnorm, size, stats)
     return step
 
