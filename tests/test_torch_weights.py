@@ -253,9 +253,9 @@ def test_stack_reads_numbered_copies(rng):
 
 
 def test_layer_without_correspondence_is_named():
-    model = serial(L.WeightNorm(L.Dense(3)))
+    model = serial(L.WeightNorm(L.ConvTranspose(3, (2, 2))))   # torch's dim=0 is its input
     with pytest.raises(StateDictError, match=r"unsupported: fnn layer '0' \(WeightNorm"):
-        load_state_dict(model, {}, (1, 4))
+        load_state_dict(model, {}, (1, 4, 4, 2))
 
 
 def test_torch_save_needs_torch_only_to_read(tmp_path, monkeypatch):

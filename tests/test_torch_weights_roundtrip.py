@@ -194,15 +194,10 @@ def _layer_examples():
 
 @pytest.mark.parametrize("name,ex", list(_layer_examples()))
 def test_every_layer_with_parameters_round_trips(name, ex, rng):
-    """The layer sweep's examples: each layer with parameters saves and loads back exactly (or,
-    WeightNorm, is named as having no PyTorch correspondence)."""
+    """The layer sweep's examples: each layer with parameters saves and loads back exactly."""
     layer = getattr(L, name)(*ex.args, **ex.kwargs)
     params, state = _random_params(layer, ex.input_shape, rng)
     if not jax.tree.leaves((params, state)):
-        return
-    if name == "WeightNorm":
-        with pytest.raises(StateDictError, match="unsupported: fnn layer '<root>'"):
-            state_dict(layer, params, state, ex.input_shape)
         return
     sd = state_dict(layer, params, state, ex.input_shape)
     if name in ("SimpleRNN", "LSTM", "GRU"):          # a stateful layer's carry: not a weight

@@ -44,6 +44,9 @@ fnn                   PyTorch
 ``ClassToken``        ``token = cls_token.reshape(-1)`` from ``(1, 1, F)``: ``"embedding"``
                       (``<name>.weight``) or ``"parameter"`` (the name itself)
 ``PRelu``             ``alpha = weight`` (``nn.PReLU(num_parameters=F)``)
+``WeightNorm``        of a ``Dense``/``Conv`` (``weight_norm(..., dim=0)``): ``g`` =
+                      ``original0`` (``(out, 1, ...)``), ``v`` = ``original1`` laid out as the
+                      kernel (``"parametrizations"``); ``"weight_g"``: ``weight_g``, ``weight_v``
 any one-leaf layer    with a declared ``"embedding"``/``"parameter"`` layout: the leaf as is
 ====================  =====================================================================
 """
@@ -54,7 +57,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-__all__ = ["CONVERTERS", "Rule", "LayoutError", "recurrent", "single"]
+__all__ = ["CONVERTERS", "Rule", "LayoutError", "recurrent", "single", "weight_norm"]
 
 
 class LayoutError(ValueError):
@@ -142,6 +145,36 @@ def conv(c) -> list:
 
 def _bias(c) -> list:
     return [one(c.key("bias"), _t(c.pt["b"]), ("p", "b"))] if "b" in c.pt else []
+
+
+WEIGHT_NORM = {"parametrizations": ("parametrizations.weight.original0",
+                                     "parametrizations.weight.original1"),
+               "weight_g": ("weight_g", "weight_v")}
+
+
+def weight_norm(c, inner) -> list:
+    """``WeightNorm(layer)``: PyTorch's weight normalization of ``weight`` with ``dim=0`` (the
+    output axis of ``nn.Linear`` and ``nn.ConvNd``, the norm over the rest: fnn's ``g`` and
+    ``v``). ``inner``: the wrapped layer's rules, its kernel at ``("p", "w")``; that rule becomes
+    two, ``g`` (PyTorch ``(out, 1, ...)``) and ``v`` (laid out as the kernel). Layout
+    ``"parametrizations"`` (the default: ``torch.nn.utils.parametrizations.weight_norm``,
+    ``<name>.parametrizations.weight.original0``/``original1``) or ``"weight_g"`` (the older
+    ``torch.nn.utils.weight_norm``: ``<name>.weight_g``/``weight_v``)."""
+    fmt = c.layout or "parametrizations"
+    if fmt not in WEIGHT_NORM:
+        raise LayoutError(f"a WeightNorm layout is one of {sorted(WEIGHT_NORM)}, got {fmt!r}")
+    g_name, v_name = WEIGHT_NORM[fmt]
+    rules = []
+    for r in inner:
+        if r.refs != (("p", "w"),):
+            rules.append(r)
+            continue
+        (shape,) = r.shapes
+        g_shape = (shape[0],) + (1,) * (len(shape) - 1)
+        rules.append(one(c.key(g_name), g_shape, ("p", "g"), lambda t: t.reshape(-1),
+                         lambda g, s=g_shape: g.reshape(s)))
+        rules.append(Rule((c.key(v_name),), r.shapes, (("p", "v"),), r.to_fnn, r.to_torch))
+    return rules
 
 
 def conv_transpose(c) -> list:

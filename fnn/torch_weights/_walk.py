@@ -170,6 +170,8 @@ class Walk:
             if names is not None and not more and not (isinstance(pt, dict) and first in pt):
                 return self.node(child, *args, flat_from)      # a model wrapping its child
             return self.children(layer, *args, kind != "parallel")
+        if kind == "WeightNorm":
+            return self.weight_norm(layer, *args, flat_from)
         if kind == "Bidirectional":
             for (name, child), suffix in zip(layer.children, (f"_l{level or 0}",
                                                               f"_l{level or 0}_reverse")):
@@ -227,6 +229,29 @@ class Walk:
             self.expand(path, i)
             name = prefix.replace("{i}", str(i)) if "{i}" in prefix else join(prefix, i, ".")
             self.node(child, shape, cpt, cst, join(path, i), keys, index + (i,), name)
+
+    def weight_norm(self, layer, shape, pt, st, path, keys, index, prefix, flat_from):
+        """``WeightNorm(layer)``: the wrapped layer's rules (its kernel ``w`` shaped as ``v``;
+        its own layout declared at ``<path>/layer``), the kernel's rule split in ``g``, ``v``."""
+        child = layer.children[0][1]
+        lay = self.layout_of(join(path, "layer"))
+        if child.kind not in ("Dense", "Conv") or lay not in (None, "linear"):
+            self.problems.append(
+                f"unsupported: {where(path, layer)}: PyTorch's weight_norm (dim=0) normalises "
+                f"the output axis of an nn.Linear or nn.ConvNd weight; this WeightNorm wraps a "
+                f"{child.kind}{'' if lay is None else f' laid out {lay!r}'}")
+            return
+        self.note_padding(child, shape, path)
+        inner = {**{k: v for k, v in pt.items() if k not in ("v", "g")}, "w": pt["v"]}
+        ctx = Ctx(self, inner, st, shape, join(path, "layer"), prefix,
+                  flat_from if child.kind == "Dense" else None)
+        try:
+            rules = tl.weight_norm(Ctx(self, pt, st, shape, path, prefix),
+                                   tl.CONVERTERS[child.kind](ctx))
+        except tl.LayoutError as e:
+            self.problems.append(f"layout: {where(path, layer)}: {e}")
+            return
+        self.emit(rules, layer, path, keys, index)
 
     def tied(self, layer, shape, pt, st, path, keys, index, prefix, flat_from):
         """``tied(layer, target, source)``: walk ``layer`` with the target put back; the target's
