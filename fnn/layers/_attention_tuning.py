@@ -6,8 +6,8 @@ on: ``MultiHeadAttention``, ``TransformerBlock``, ``GPT``, ...): measured on CPU
 Candidates, side by side (all exact; the same maths in another order of summation):
 
 - ``None`` (the default): the whole score matrix at once (per causal query span);
-- ``64``, ``128``, ``256``, ``512`` (:data:`BLOCKS`, those below both the query and the key
-  length): the chunked online-softmax form in blocks of that many queries and keys
+- ``128``, ``256``, ``64``, ``512`` (:data:`BLOCKS`, those below both the query and the key
+  length, in the order they are measured): the chunked online-softmax form in blocks of that many queries and keys
   (``fnn/layers/_chunked_attention.py``): memory linear in the length, fewer bytes moved per
   block, a loop instead of one big product.
 
@@ -30,8 +30,10 @@ from fnn import tuning
 __all__ = ["BLOCKS", "chunk_size_choice", "resolve_chunk_size", "check_chunk_size"]
 
 #: The block sizes ``"auto"`` chooses between (besides ``None``), kept where they are below both
-#: the query and the key length (so a chunk is never the whole sequence).
-BLOCKS = (64, 128, 256, 512)
+#: the query and the key length (so a chunk is never the whole sequence), in the order they are
+#: measured: the likeliest winners first, so that a measurement cut short by the time budget
+#: (``FNN_TUNE_BUDGET``, on a busy machine) has timed those (benchmarks/RESULTS.md).
+BLOCKS = (128, 256, 64, 512)
 
 
 def check_chunk_size(chunk_size, where: str = "dot_product_attention") -> None:
