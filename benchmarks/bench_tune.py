@@ -9,11 +9,16 @@
 (b) The causal LM of ``bench_attention.py`` with ``stack(TransformerBlock, 12)``, hand backward:
     ``stack`` with the tuner's choice (``remat="auto"``), ``stack`` with stored residuals
     (``remat=False``), and the 12 blocks unrolled (``serial``).
+(c) The causal LM of ``bench_attention.py`` (``GPT``, depth 4, blocks in a ``stack``) at a longer
+    sequence (``--length``, default 1024; batch ``--batch``, default 2), hand backward, one SGD
+    step: attention's block size chosen by the tuner (``chunk_size="auto"``), the whole score
+    matrix (``None``, the default) and a fixed block (``--chunk``, default 256).
 
 Timings are interleaved rounds, medians; the tuner measures into a fresh cache directory first
 (its choices are printed). Run under ``flock /tmp/fnn_bench.lock``::
 
-    python benchmarks/bench_tune.py [--parts ab] [--rounds N] [--budget S]
+    python benchmarks/bench_tune.py [--parts abc] [--rounds N] [--budget S]
+        [--length T] [--batch B] [--chunk C]
 """
 from __future__ import annotations
 
@@ -83,12 +88,46 @@ def part_b(rounds, depth=12):
         print(f"  {n:28s} {v * 1e3:8.1f} ms   {v / med['unrolled (serial)']:.2f}x unrolled")
 
 
+def part_c(rounds, length=1024, batch=2, chunk=256):
+    from fnn.models import GPT, value_and_grad
+    from fnn.layers import _attention_tuning
+    toks = jax.random.randint(jax.random.PRNGKey(1), (batch, length + 1), 0, BA.V)
+    x, y = toks[:, :-1], toks[:, 1:]
+    print(f"\n(c) causal LM, vocab {BA.V}, d {BA.D}, {BA.H} heads, MLP {BA.MLP}, depth "
+          f"{BA.DEPTH}, seq {length}, batch {batch}, hand backward; blocks tried by "
+          f"chunk_size='auto': None and {[c for c in _attention_tuning.BLOCKS if c < length]}")
+    runs, losses = {}, {}
+    for name, c in (("chunk_size='auto' (tuner)", "auto"), ("chunk_size=None (default)", None),
+                    (f"chunk_size={chunk} (fixed)", chunk)):
+        model = GPT(BA.V, BA.D, BA.H, BA.DEPTH, BA.MLP, length, chunk_size=c)
+        params, state, _ = model.init(jax.random.PRNGKey(0), (batch, length))
+        vg = value_and_grad(model)
+
+        def step(p, x, y, vg=vg, s=state):
+            (loss, _), g = vg(p, s, x, y, train=False)
+            return BA.sgd(p, g), loss
+        t0 = time.perf_counter()
+        comp, _ = BA.compiled(step, params, x, y)
+        losses[name] = float(comp(params, x, y)[1])
+        print(f"  {name}: tuning (if any) + compile {time.perf_counter() - t0:.1f} s; "
+              f"loss {losses[name]:.6f}")
+        runs[name] = (lambda c=comp, p=params: c(p, x, y))
+    med = BA.interleaved(runs, rounds)
+    base = med["chunk_size=None (default)"]
+    print(f"\n(c) step ms (interleaved medians of {rounds})")
+    for n, v in med.items():
+        print(f"  {n:30s} {v * 1e3:8.1f} ms   {v / base:.2f}x None")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="ab")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--budget", type=float, default=60.0, help="tuner seconds per choice")
     ap.add_argument("--cache", default=None, help="tuner cache directory (default: a new one)")
+    ap.add_argument("--length", type=int, default=1024, help="(c) sequence length")
+    ap.add_argument("--batch", type=int, default=2, help="(c) batch")
+    ap.add_argument("--chunk", type=int, default=256, help="(c) the fixed block size")
     args = ap.parse_args()
     print(f"CPU: {BC.cpu_model()}   cores: {os.cpu_count()}   jax {jax.__version__}   "
           f"load avg: {os.getloadavg()[0]:.1f}")
@@ -98,6 +137,8 @@ def main():
             part_a(args.rounds)
         if "b" in args.parts:
             part_b(max(3, args.rounds // 2))
+        if "c" in args.parts:
+            part_c(args.rounds, args.length, args.batch, args.chunk)
         print("\n" + tuning.report())
     print(f"load avg at the end: {os.getloadavg()[0]:.1f}")
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fnn.layers._attention_tuning import check_chunk_size, resolve_chunk_size
 from fnn.layers._chunked_attention import (Tiles, additive, allowed, chunked_backward,
                                            chunked_forward)
 from fnn.layers.dropout import dropout_mask
@@ -252,8 +253,7 @@ def _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key):
     b, t, h, d, s, kh, dv = _dims(q, k, v)
     mask5 = _as5("mask", mask, b, h, kh, t, s)
     bias5 = _as5("bias", bias, b, h, kh, t, s)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{_NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size, _NAME)
     if not 0 <= rate < 1:
         raise ValueError(f"{_NAME}: dropout_rate must be in [0, 1), got {rate!r}")
     if rate and key is None:
@@ -271,7 +271,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
     ``i`` (at position ``q_offset + i``) sees keys ``0 .. q_offset + i`` (top-left aligned, as
     ``jax.nn`` and PyTorch's ``is_causal``); ``bias``: additive float, same broadcast;
     ``scale``: default ``1/√d``; ``chunk_size``: blocks of this many queries/keys with an online
-    softmax (memory linear in length); ``dropout_rate``/``dropout_key``: dropout on ``P``
+    softmax (memory linear in length), or ``"auto"``: the tuner's choice for these shapes
+    (``fnn/layers/_attention_tuning.py``; ``None`` with the tuner off or off the CPU); ``dropout_rate``/``dropout_key``: dropout on ``P``
     (chunked: one mask per block from ``fold_in(fold_in(key, i), j)``; plain and causal over 64
     or more queries: one per query block from ``fold_in(key, i)``).
     **Returns:** ``[batch, T, heads, dv]``; rows allowed no key are zero.
@@ -286,6 +287,8 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
                                           dropout_key)
     if empty:
         return jnp.zeros(q.shape[:3] + v.shape[3:], jnp.result_type(q, v))
+    chunk_size = resolve_chunk_size(chunk_size, q, k, v, mask, bias, causal=causal,
+                                    q_offset=q_offset, dropout_rate=dropout_rate)
     if chunk_size is None:
         return _plain_fwd(q, k, v, mask5, bias5, causal, scale, q_offset, dropout_rate,
                           dropout_key)[0]
@@ -304,6 +307,8 @@ def dot_product_attention_fwd(q, k, v, mask=None, *, causal=False, bias=None, sc
     rate, key = dropout_rate, dropout_key
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key)
     res = {"q": q, "k": k, "v": v}
+    chunk_size = resolve_chunk_size(chunk_size, q, k, v, mask, bias, causal=causal,
+                                    q_offset=q_offset, dropout_rate=rate)
     if empty:
         out = jnp.zeros(q.shape[:3] + v.shape[3:], jnp.result_type(q, v))
     elif chunk_size is None:
@@ -320,7 +325,8 @@ def dot_product_attention_bwd(res, dout, mask=None, *, causal=False, bias=None, 
                               chunk_size=None, q_offset=0, dropout_rate=0.0, dropout_key=None):
     """``(dq, dk, dv)``: the hand-derived VJP of :func:`dot_product_attention` from the
     residuals ``res`` of :func:`dot_product_attention_fwd` called with the same arguments;
-    ``dout`` shaped like the output."""
+    ``dout`` shaped like the output. ``chunk_size="auto"`` takes the form the forward took
+    (read off ``res``)."""
     q, k, v, o = res["q"], res["k"], res["v"], res["o"]
     rate, key = dropout_rate, dropout_key
     mask5, bias5, scale, empty = _prepare(q, k, v, mask, bias, scale, chunk_size, rate, key)
@@ -329,6 +335,8 @@ def dot_product_attention_bwd(res, dout, mask=None, *, causal=False, bias=None, 
                          f"output shape {o.shape}")
     if empty:
         return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+    if isinstance(chunk_size, str):     # "auto": the form the forward took, read off res
+        chunk_size = (res["ml"].shape[3] * k.shape[2] // q.shape[2]) if "ml" in res else None
     if chunk_size is None:
         return _plain_bwd(q, k, v, o, dout, res["spans"], mask5, bias5, causal, scale, q_offset,
                           rate)

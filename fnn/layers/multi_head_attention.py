@@ -36,6 +36,7 @@ from jax import lax
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, is_shape
 from fnn.layers import _flash_attention as flash
+from fnn.layers._attention_tuning import check_chunk_size, resolve_chunk_size
 from fnn.layers.attention import dot_product_attention_bwd, dot_product_attention_fwd
 from fnn.layers.dense import dense, dense_backward
 from fnn.layers.positional import check_room, rope as rope_op, rope_backward
@@ -64,7 +65,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
                        num_kv_heads: int | None = None, out_features: int | None = None,
                        dropout: float = 0.0, use_bias: bool = True, *, causal: bool = False,
                        rope: bool = False, rope_base: float = 10000.0,
-                       chunk_size: int | None = None, w_init=None) -> Layer:
+                       chunk_size: int | str | None = None, w_init=None) -> Layer:
     """Multi-head attention ``y = concat_h(softmax(q_h k_hᵀ/√d) v_h) W_o + b_o`` (Vaswani et al.).
 
     **Input:** ``x: [batch, T, F]`` (self-attention) or a pair ``(x, context: [batch, S, Fc])``
@@ -75,7 +76,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
     grouped-query attention; ``rope`` rotates q and k by their positions (cache offset included);
     ``dropout`` drops attention probabilities when ``train=True`` (needs a ``key``, as PyTorch);
     ``chunk_size`` selects the memory-efficient form (on TPU/GPU the op runs as Pallas flash
-    kernels instead, see ``fnn.kernels.flash_attention_mode``). ``fwd`` keeps the input(s) and the
+    kernels instead, see ``fnn.kernels.flash_attention_mode``); ``"auto"``: the tuner's block
+    size for the shapes at hand (``None`` with the tuner off; :mod:`fnn.tuning`). ``fwd`` keeps the input(s) and the
     attention op's residuals (``q, k, v``, the heads' output and each row's log-sum-exp);
     ``bwd`` starts from them, so the forward runs once.
     **Params:** ``{"q", "k", "v", "o"}``, each ``{"w": (in, out), "b": (out,)}``: ``q.w: (F, heads·d)``,
@@ -93,6 +95,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None,
                          f"num_kv_heads {kv}")
     if not 0 <= dropout < 1:
         raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
+    check_chunk_size(chunk_size, "MultiHeadAttention")
     name = f"MultiHeadAttention({num_heads})"
     cfg = Config(name, num_heads, kv, head_dim, out_features, dropout, use_bias, causal, rope,
                  rope_base, chunk_size, w_init or inits.glorot_uniform())
@@ -132,7 +135,7 @@ class Config(NamedTuple):
     causal: bool = False
     rope: bool = False
     rope_base: float = 10000.0
-    chunk_size: int | None = None
+    chunk_size: int | str | None = None
     w_init: Callable | None = None
 
 
@@ -237,14 +240,17 @@ def attend(cfg: Config, q, k, v, mask=None, *, key=None, train=False, q_offset=0
     kernels on TPU/GPU where they apply (``fnn/layers/_flash_attention.py``)."""
     opts = attention_options(cfg, key, train)
     if flash.usable(q, k, v, opts["dropout_rate"], q_offset):
-        return flash.attend(q, k, v, mask, causal=cfg.causal, chunk_size=cfg.chunk_size)
+        chunk = resolve_chunk_size(cfg.chunk_size, q, k, v, mask, causal=cfg.causal)
+        return flash.attend(q, k, v, mask, causal=cfg.causal, chunk_size=chunk)
     return dot_product_attention_fwd(q, k, v, mask, q_offset=q_offset, **opts)
 
 
 def attend_backward(cfg: Config, res, da, mask=None, *, key=None, train=False):
     """VJP of :func:`attend` (``q_offset = 0``) from its residuals: ``(dq, dk, dv)``."""
     if "l" in res:                                          # the flash form's residuals
-        return flash.attend_backward(res, da, mask, causal=cfg.causal, chunk_size=cfg.chunk_size)
+        chunk = resolve_chunk_size(cfg.chunk_size, res["q"], res["k"], res["v"], mask,
+                                   causal=cfg.causal)     # "auto": the forward's (memoized) choice
+        return flash.attend_backward(res, da, mask, causal=cfg.causal, chunk_size=chunk)
     return dot_product_attention_bwd(res, da, mask, **attention_options(cfg, key, train))
 
 

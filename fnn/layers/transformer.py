@@ -132,7 +132,7 @@ def TransformerBlock(num_heads: int, mlp_features: int, dropout: float = 0.0,
                      norm: str = "pre", causal: bool = False, *, norm_type: str = "layer",
                      eps: float | None = None, head_dim: int | None = None,
                      num_kv_heads: int | None = None, rope: bool = False,
-                     rope_base: float = 10000.0, chunk_size: int | None = None,
+                     rope_base: float = 10000.0, chunk_size: int | str | None = None,
                      activation=acts.gelu, use_bias: bool = True, mlp="dense") -> Layer:
     """Transformer block: self-attention and MLP sublayers with residuals and normalization.
 

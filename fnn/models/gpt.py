@@ -45,7 +45,7 @@ lm_loss = losses.softmax_cross_entropy_with_integer_labels
 def GPT(vocab: int, d_model: int = 128, num_heads: int = 4, depth: int = 4,
         mlp_features: int | None = None, max_len: int = 256, *, positions: str = "learned",
         tie: bool = True, dropout: float = 0.0, norm_type: str = "layer",
-        num_kv_heads: int | None = None, chunk_size: int | None = None, remat: bool = False,
+        num_kv_heads: int | None = None, chunk_size: int | str | None = None, remat: bool = False,
         use_bias: bool = True, activation=acts.gelu, mlp="dense", rope_base: float = 10000.0,
         eps: float | None = None, head_dim: int | None = None, norm: str = "pre") -> Layer:
     """A decoder-only causal language model over integer tokens.

@@ -48,7 +48,7 @@ def GPT2(*, vocab_size: int = 50257, n_positions: int = 1024, n_embd: int = 768,
          add_cross_attention: bool = False, tie_word_embeddings: bool = True,
          bos_token_id: int | None = 50256, eos_token_id: int | None = 50256,
          pad_token_id: int | None = None, remat: bool = False,
-         chunk_size: int | None = None) -> Layer:
+         chunk_size: int | str | None = None) -> Layer:
     """GPT-2 language model: ``transformers.GPT2LMHeadModel(GPT2Config(**same keywords))``.
 
     **Arguments** (``GPT2Config``'s fields and defaults, GPT-2 small): ``vocab_size``,

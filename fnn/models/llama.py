@@ -49,7 +49,7 @@ def Llama(*, vocab_size: int = 32000, hidden_size: int = 4096, intermediate_size
           attention_dropout: float = 0.0, mlp_bias: bool = False, head_dim: int | None = None,
           pretraining_tp: int = 1, bos_token_id: int | None = 1, eos_token_id=2,
           pad_token_id: int | None = None, remat: bool = False,
-          chunk_size: int | None = None) -> Layer:
+          chunk_size: int | str | None = None) -> Layer:
     """Llama language model: ``transformers.LlamaForCausalLM(LlamaConfig(**same keywords))``.
 
     **Arguments** (``LlamaConfig``'s fields and defaults, Llama-7B): ``vocab_size``,

@@ -14,6 +14,7 @@ function, and the thread starts outside that trace, so its compiled candidates r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
@@ -44,6 +45,14 @@ class Candidate(NamedTuple):
 
 _MEMO: dict[str, dict] = {}
 _LOCK = threading.Lock()
+_THREAD = "fnn-tuning"
+
+
+def _memo_lock():
+    """The memo's lock; none in a measuring thread: a choice point reached while another's
+    candidate compiles (attention's inside ``stack``'s) is measured there, while the outer
+    one holds the lock and waits for it."""
+    return contextlib.nullcontext() if threading.current_thread().name == _THREAD else _LOCK
 
 
 def agree(ref, out) -> str | None:
@@ -137,7 +146,7 @@ def _in_thread(fn, *args):
             box["out"] = fn(*args)
         except BaseException as e:     # noqa: BLE001 -- re-raised in the caller's thread
             box["err"] = e
-    t = threading.Thread(target=target, name="fnn-tuning", daemon=True)
+    t = threading.Thread(target=target, name=_THREAD, daemon=True)
     t.start()
     t.join()
     if "err" in box:
@@ -154,7 +163,7 @@ def measured(point: str, key, candidates: list[Candidate],
     k = cache.full_key(point, key)
     kk = cache.canonical(k)
     names = {c.name for c in candidates}
-    with _LOCK:
+    with _memo_lock():
         entry = _MEMO.get(kk)
         if entry is None or not set(entry.get("times_ms", {})) <= names:
             entry = cache.load(k)
