@@ -73,7 +73,9 @@ def test_fnn_train_twice_reads_the_second_run_from_the_cache(tmp_path):
     cmd = [sys.executable, "-m", "fnn", "train", "xor", "--quick", "--quiet",
            "--out", str(tmp_path / "out")]
     env = _env(tmp_path / "cache")
-    env.pop("XLA_FLAGS", None)                   # the command's own compiler settings
+    # the suite's fast-compile flags (conftest.py) as for the other children: the cache keys
+    # include them, and every program of the second run is the first run's
+    env["XLA_FLAGS"] = os.environ.get("FNN_TEST_FAST_COMPILE_FLAGS", "")
     lines = []
     for _ in range(2):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
