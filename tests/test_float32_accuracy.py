@@ -11,6 +11,8 @@ every layer's first example; these are the cases that sweep's draws missed).
 - Saturated GRU gates, tanh units (SimpleRNN, GRU's ``n``) and LSTM cell state: derivatives from
   stored outputs (autodiff's form) lose them; from pre-activations the hand path keeps them.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,10 @@ def tree_err(a, b):
                          / sum(np.sum(v ** 2) for v in lb)))
 
 
+@functools.lru_cache(maxsize=None)
 def grads_fn(layer):
+    """``(jax.vjp of apply, backward)``, jitted; one per layer (equal layers are one key), so the
+    cases of one layer share its two compilations (float64, float32)."""
     def grads(params, x, dy):
         f = lambda p, x: layer.apply(p, {}, x)[0]
         return REAL_VJP(f, params, x)[1](dy), layer.backward(params, {}, x, dy)
