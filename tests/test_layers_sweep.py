@@ -92,13 +92,31 @@ def assert_grads_close(name, what, got, want):
     assert_trees_close(got, want, rtol=1e-10, atol=1e-12 * tree_scale(want), what=f"{name} {what}")
 
 
-def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch):
+def plant_nan(x):
+    """Two NaNs in the first float input: at flat index 1 and at the last entry (one of them
+    reaches the output of a layer that reads only part of its input: ``SelectToken(-1)``, a
+    ``VALID`` window that drops the last row)."""
+    leaves, treedef = jax.tree.flatten(x)
+    for j, a in enumerate(leaves):
+        if is_float(a):
+            leaves[j] = a.ravel().at[jnp.array([1, a.size - 1])].set(jnp.nan).reshape(a.shape)
+            break
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def nonfinite(t):
+    return [bool((~np.isfinite(np.asarray(a))).any()) for a in jax.tree.leaves(t)
+            if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)]
+
+
+def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch, also=()):
     """In one jit (one compilation per case and mode; eager op-by-op dispatch compiled every
     primitive anew): ``apply``, ``jax.vjp`` of ``apply`` (the real one, taken before the patch),
     ``backward``, and ``bwd`` of ``fwd``'s residuals, the hand rules traced with
     autodiff patched to raise. Also returns the type names of residual leaves that were not
     arrays when ``fwd`` returned them (checked at trace time, where a Python number or a
-    NumPy array would still show as such)."""
+    NumPy array would still show as such), and the same call's results for each input in
+    ``also`` (same shapes: no compilation)."""
     real_vjp, not_arrays = jax.vjp, []
     float_x = all(is_float(a) for a in jax.tree.leaves(x))
 
@@ -116,20 +134,33 @@ def hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch)
         bwd = layer.bwd(params, state, res, dy, key=key, train=train, **kw)
         return out, (y2, state2), ref, back, bwd
     with no_autodiff(monkeypatch):
-        return jax.jit(run)(params, state, x, dy, kw, key), not_arrays
+        f = jax.jit(run)
+        return (f(params, state, x, dy, kw, key), not_arrays,
+                [f(params, state, a, dy, kw, key) for a in also])
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
 def test_backward_matches_vjp(name, i, ex, train, monkeypatch):
     """``backward`` and ``bwd`` of ``fwd``'s residuals against ``jax.vjp`` of ``apply``;
-    ``fwd``'s output and new state equal ``apply``'s; residuals are arrays only."""
+    ``fwd``'s output and new state equal ``apply``'s; residuals are arrays only. In eval mode
+    the same compiled call with a NaN planted in the input (:func:`plant_nan`): the output is
+    not finite, and each gradient leaf of ``backward`` and ``bwd`` is non-finite wherever
+    ``jax.vjp``'s is (no layer swallows a NaN; see tests/test_nan_propagation.py)."""
     layer, params, state, _, x, kw, key = setup(name, i, ex)
     y_shape = jax.eval_shape(lambda: layer.apply(params, state, x, key=key, train=train, **kw))[0]
     dy = jax.tree.map(lambda a: normal(jax.random.PRNGKey(7), a.shape).astype(a.dtype), y_shape)
     float_x = all(is_float(a) for a in jax.tree.leaves(x))
-    ((y, new_state), (y2, state2), (ref_p, ref_x), (dp, dx), (dp2, dx2)), not_arrays = \
-        hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch)
+    nan_x = () if train or not any(is_float(a) for a in jax.tree.leaves(x)) else (plant_nan(x),)
+    ((y, new_state), (y2, state2), (ref_p, ref_x), (dp, dx), (dp2, dx2)), not_arrays, nans = \
+        hand_and_reference(layer, params, state, x, kw, key, dy, train, monkeypatch, nan_x)
+    for (yn, _), _, ref, *hands in nans:
+        assert any(nonfinite(yn)), f"{name}: a NaN input entry gives a finite output"
+        for hand, how in zip(hands, ("backward", "bwd")):
+            for what, r, h in (("dparams", ref[0], hand[0]), ("dx", ref[1], hand[1])):
+                for j, (rn, hn) in enumerate(zip(nonfinite(r), nonfinite(h))):
+                    assert hn or not rn, (f"{name}: jax.vjp's {what} leaf {j} is non-finite, "
+                                          f"{how}'s is finite (it swallowed the NaN)")
 
     assert_trees_close((y2, state2), (y, new_state), rtol=1e-12, atol=1e-12,
                        what=f"{name}: fwd != apply")

@@ -4,8 +4,9 @@ Every activation (function, ``.grad``, ``.vjp``) is held against its ``jax.nn`` 
 where the reference gives NaN, fnn gives NaN. fnn's own hand derivatives go further: a NaN input
 or a NaN ``dy`` entry gives a NaN derivative there (``relu``'s ``where(z > 0, ...)`` used to turn
 a NaN into a finite 0 or slope). Every layer in ``fnn.layers.__all__`` (through its
-``@examples``, as tests/test_layers_sweep.py): a NaN input entry makes the output non-finite, and
-the hand backward is non-finite wherever ``jax.vjp`` of ``apply`` is.
+``@examples``) is checked in tests/test_layers_sweep.py's ``test_backward_matches_vjp``, in the
+same compiled call as its gradient check: a NaN input entry makes the output non-finite, and the
+hand backward is non-finite wherever ``jax.vjp`` of ``apply`` is.
 """
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,6 @@ import pytest
 
 from fnn import activations as A
 
-from test_layers_sweep import CASES, is_float, normal, setup
 
 ALPHA = np.array([0.1, 0.2, 0.3, -0.5, 2.0])
 
@@ -93,49 +93,3 @@ def test_prelu_layer_backward_keeps_nan():
     params, state, _ = layer.init(jax.random.PRNGKey(0), (5, 5))
     dp, dx = layer.backward(params, state, jnp.asarray(Z), jnp.asarray(DY))
     assert (nans(dx) == nans(Z)).all() and nans(dp["alpha"]).all()
-
-
-def plant_nan(x):
-    """Two NaNs in the first float input: at flat index 1 and at the last entry (one of them
-    reaches the output of a layer that reads only part of its input: ``SelectToken(-1)``, a
-    ``VALID`` window that drops the last row)."""
-    leaves, treedef = jax.tree.flatten(x)
-    for j, a in enumerate(leaves):
-        if is_float(a):
-            leaves[j] = a.ravel().at[jnp.array([1, a.size - 1])].set(jnp.nan).reshape(a.shape)
-            break
-    return jax.tree.unflatten(treedef, leaves)
-
-
-def nonfinite(t):
-    return [bool((~np.isfinite(np.asarray(a))).any()) for a in jax.tree.leaves(t)
-            if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)]
-
-
-@pytest.mark.parametrize("name,i,ex", CASES, ids=[f"{n}-{i}" for n, i, _ in CASES])
-def test_layer_output_and_backward_keep_nan(name, i, ex):
-    """Eval mode, one compiled call per case: a NaN input entry makes ``apply``'s output
-    non-finite, and each gradient leaf (dparams, dx) of the hand ``backward`` is non-finite
-    wherever ``jax.vjp`` of ``apply`` gives a non-finite one."""
-    layer, params, state, _, x, kw, key = setup(name, i, ex)
-    if not any(is_float(a) for a in jax.tree.leaves(x)):
-        pytest.skip(f"{name}: integer input, no NaN to plant")
-    x = plant_nan(x)
-    float_x = all(is_float(a) for a in jax.tree.leaves(x))
-    f = lambda p, x, kw: layer.apply(p, state, x, key=key, **kw)[0]
-    dy = jax.tree.map(lambda a: normal(jax.random.PRNGKey(7), a.shape).astype(a.dtype),
-                      jax.eval_shape(f, params, x, kw))
-
-    def run(params, x, dy, kw):
-        if float_x:
-            ref = jax.vjp(lambda p, x: f(p, x, kw), params, x)[1](dy)
-        else:
-            ref = (jax.vjp(lambda p: f(p, x, kw), params)[1](dy)[0], None)
-        return f(params, x, kw), ref, layer.backward(params, state, x, dy, key=key, **kw)
-
-    y, ref, hand = jax.jit(run)(params, x, dy, kw)
-    assert any(nonfinite(y)), f"{name}: a NaN input entry gives a finite output"
-    for what, r, h in (("dparams", ref[0], hand[0]), ("dx", ref[1], hand[1])):
-        for j, (rn, hn) in enumerate(zip(nonfinite(r), nonfinite(h))):
-            assert hn or not rn, (f"{name}: jax.vjp's {what} leaf {j} is non-finite, the hand "
-                                  f"backward's is finite (it swallowed the NaN)")
