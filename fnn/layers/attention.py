@@ -272,9 +272,10 @@ def dot_product_attention(q, k, v, mask=None, *, causal=False, bias=None, scale=
     ``jax.nn`` and PyTorch's ``is_causal``); ``bias``: additive float, same broadcast;
     ``scale``: default ``1/√d``; ``chunk_size``: blocks of this many queries/keys with an online
     softmax (memory linear in length), or ``"auto"``: the tuner's choice for these shapes
-    (``fnn/layers/_attention_tuning.py``; ``None`` with the tuner off or off the CPU); ``dropout_rate``/``dropout_key``: dropout on ``P``
-    (chunked: one mask per block from ``fold_in(fold_in(key, i), j)``; plain and causal over 64
-    or more queries: one per query block from ``fold_in(key, i)``).
+    (``fnn/layers/_attention_tuning.py``; ``None`` with the tuner off or off the CPU);
+    ``dropout_rate``/``dropout_key``: dropout on ``P`` (chunked: one mask per block from
+    ``fold_in(fold_in(key, i), j)``; plain and causal over 64 or more queries: one per query
+    block from ``fold_in(key, i)``).
     **Returns:** ``[batch, T, heads, dv]``; rows allowed no key are zero.
 
     >>> q = k = v = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 8))  # [batch, T, heads, d]
