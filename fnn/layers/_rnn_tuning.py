@@ -1,0 +1,82 @@
+"""The recurrent layers' loop-form choice point, ``recurrent.loop`` (:mod:`fnn.tuning`): how the
+hand path (``fwd``'s scan and ``bwd``'s reverse scan) walks over time, for ``SimpleRNN``,
+``LSTM`` and ``GRU`` with ``loop="auto"`` (the default).
+
+Candidates, side by side (the same maths; :data:`LOOPS` maps each name to the runner's
+``(unroll, split)``, :mod:`fnn.layers._rnn_scan`):
+
+- ``"scan"`` (the default, and the form with the tuner off): one ``lax.scan`` step per time
+  step, the whole batch in one recurrent matmul and one elementwise chain;
+- ``"chains2"``: each step runs the batch as two independent halves (two recurrent matmuls and
+  two elementwise chains, results stacked): XLA:CPU's thunk executor may run the halves on
+  two cores at once, where one chain leaves a core waiting on the loop's elementwise work
+  (each half's rows are the same sums in the same order: equal bit for bit on XLA:CPU);
+- ``"unroll2"``: two time steps per loop iteration in both scans (``lax.scan(..., unroll=2)``):
+  half the loop's iterations, larger loop bodies (equal to rounding: XLA fuses the two steps'
+  elementwise work differently).
+
+Each is timed as the layer's hand forward and backward (``fwd`` then ``bwd``) at the shapes at
+hand; the winner is the fastest unless the default is within the tuner's margin. A form can
+also be named outright (``LSTM(256, loop="chains2")``), which skips the tuner.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from fnn import tuning
+
+__all__ = ["LOOPS", "check_loop", "loop_form"]
+
+LOOPS = {"scan": (1, 1), "chains2": (1, 2), "unroll2": (2, 1)}     # name -> (unroll, split)
+
+
+def check_loop(label: str, loop) -> None:
+    """``loop`` must be ``"auto"`` or a name in :data:`LOOPS`, else ``ValueError``."""
+    if not isinstance(loop, str) or (loop != "auto" and loop not in LOOPS):
+        raise ValueError(f"{label}: loop must be 'auto' or one of {sorted(LOOPS)}, "
+                         f"got {loop!r}")
+
+
+def _offered(batch: int) -> list[str]:
+    """The forms that apply to a batch of ``batch`` sequences (``split`` must divide it)."""
+    return [n for n, (_, split) in LOOPS.items() if batch % split == 0]
+
+
+def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) -> tuple:
+    """Choice point: the ``(unroll, split)`` of the recurrent layer's hand path for input ``x``
+    (``[batch, time, in]``), ``mask`` (``lengths`` given or not), ``reverse`` and whether
+    ``bwd`` receives every step's output gradient (``sequences``). A named ``loop``: that form;
+    ``"auto"``: the tuner's choice on a CPU host, ``"scan"`` with the tuner off."""
+    from fnn.layers._rnn_scan import _bwd_scan, _fwd_scan
+    if loop != "auto":
+        return LOOPS[loop]
+    B, T, F = x.shape
+    names = _offered(B)
+    if not tuning.enabled() or len(names) < 2 or T < 2:
+        return LOOPS["scan"]
+    H = params["wh"].shape[0]
+    dtype = np.dtype(x.dtype)
+    key = {"cell": cell.name, "x": [B, T, F], "hidden": H, "dtype": str(dtype),
+           "lengths": mask is not None, "reverse": bool(reverse), "sequences": bool(sequences)}
+
+    def candidate(name):
+        unroll, split = LOOPS[name]
+
+        def run(params, x, dys, dcarry, carry0, mask):
+            final, hs, emitted = _fwd_scan(cell, params, x, carry0, mask, reverse, unroll, split)
+            grads, dx, _ = _bwd_scan(cell, params, x, emitted, dys, dcarry, carry0, mask,
+                                     reverse, unroll, split)
+            return final, hs, grads, dx
+        return tuning.Candidate(name, run, value=LOOPS[name])
+
+    def make_args():                    # fresh parameters and data of the traced ones' dtype
+        r = np.random.default_rng(0)
+        p = jax.tree.map(lambda a: np.asarray(a).astype(dtype),
+                         cell.init(jax.random.PRNGKey(0), F, H, dtype))
+        normal = lambda *s: r.standard_normal(s).astype(dtype)
+        carry = lambda: tuple(normal(B, H) for _ in range(cell.n_carry))
+        m = None if mask is None else (np.arange(T)[:, None] < (T - np.arange(B) % T)[None, :]
+                                       )[:, :, None]
+        return (p, normal(B, T, F), normal(T, B, H) if sequences else None, carry(), carry(), m)
+    return tuning.choose("recurrent.loop", key, [candidate(n) for n in names], make_args)
