@@ -21,6 +21,8 @@ also be named outright (``LSTM(256, loop="chains2")``), which skips the tuner.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -58,7 +60,8 @@ def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) 
     H = params["wh"].shape[0]
     dtype = np.dtype(x.dtype)
     key = {"cell": cell.name, "x": [B, T, F], "hidden": H, "dtype": str(dtype),
-           "lengths": mask is not None, "reverse": bool(reverse), "sequences": bool(sequences)}
+           "lengths": mask is not None, "reverse": bool(reverse), "sequences": bool(sequences),
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}  # thread settings change the winner
 
     def candidate(name):
         unroll, split = LOOPS[name]
