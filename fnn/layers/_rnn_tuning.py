@@ -3,17 +3,19 @@ hand path (``fwd``'s scan and ``bwd``'s reverse scan) walks over time, for ``Sim
 ``LSTM`` and ``GRU`` with ``loop="auto"`` (the default).
 
 Candidates, side by side (the same maths; :data:`LOOPS` maps each name to the runner's
-``(unroll, split)``, :mod:`fnn.layers._rnn_scan`):
+``split``, the number of independent batch chains per step, :mod:`fnn.layers._rnn_scan`):
 
 - ``"scan"`` (the default, and the form with the tuner off): one ``lax.scan`` step per time
   step, the whole batch in one recurrent matmul and one elementwise chain;
 - ``"chains2"``: each step runs the batch as two independent halves (two recurrent matmuls and
-  two elementwise chains, results stacked): XLA:CPU's thunk executor may run the halves on
-  two cores at once, where one chain leaves a core waiting on the loop's elementwise work
-  (each half's rows are the same sums in the same order: equal bit for bit on XLA:CPU);
-- ``"unroll2"``: two time steps per loop iteration in both scans (``lax.scan(..., unroll=2)``):
-  half the loop's iterations, larger loop bodies (equal to rounding: XLA fuses the two steps'
-  elementwise work differently).
+  two elementwise chains, results stacked): XLA:CPU's thunk executor runs the halves' kernels
+  on two threads at once (seen in profiles), where one chain leaves a core waiting on the
+  loop's elementwise work; each half's rows are the same sums in the same order, so the
+  results equal the default's bit for bit on XLA:CPU.
+
+Not candidates: the scan unrolled by 2, 4 or 8 (``lax.scan(..., unroll=n)``, in the forward
+and the reverse scan): equal to rounding but slower at every shape measured, one thread or two
+(benchmarks/RESULTS.md, "the recurrent layers' loop form").
 
 Each is timed as the layer's hand forward and backward (``fwd`` then ``bwd``) at the shapes at
 hand; the winner is the fastest unless the default is within the tuner's margin. A form can
@@ -30,7 +32,7 @@ from fnn import tuning
 
 __all__ = ["LOOPS", "check_loop", "loop_form"]
 
-LOOPS = {"scan": (1, 1), "chains2": (1, 2), "unroll2": (2, 1)}     # name -> (unroll, split)
+LOOPS = {"scan": 1, "chains2": 2}                     # name -> batch chains per step (split)
 
 
 def check_loop(label: str, loop) -> None:
@@ -42,11 +44,11 @@ def check_loop(label: str, loop) -> None:
 
 def _offered(batch: int) -> list[str]:
     """The forms that apply to a batch of ``batch`` sequences (``split`` must divide it)."""
-    return [n for n, (_, split) in LOOPS.items() if batch % split == 0]
+    return [n for n, split in LOOPS.items() if batch % split == 0]
 
 
-def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) -> tuple:
-    """Choice point: the ``(unroll, split)`` of the recurrent layer's hand path for input ``x``
+def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) -> int:
+    """Choice point: the ``split`` of the recurrent layer's hand path for input ``x``
     (``[batch, time, in]``), ``mask`` (``lengths`` given or not), ``reverse`` and whether
     ``bwd`` receives every step's output gradient (``sequences``). A named ``loop``: that form;
     ``"auto"``: the tuner's choice on a CPU host, ``"scan"`` with the tuner off."""
@@ -64,12 +66,12 @@ def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) 
            "xla_flags": os.environ.get("XLA_FLAGS", "")}  # thread settings change the winner
 
     def candidate(name):
-        unroll, split = LOOPS[name]
+        split = LOOPS[name]
 
         def run(params, x, dys, dcarry, carry0, mask):
-            final, hs, emitted = _fwd_scan(cell, params, x, carry0, mask, reverse, unroll, split)
+            final, hs, emitted = _fwd_scan(cell, params, x, carry0, mask, reverse, split)
             grads, dx, _ = _bwd_scan(cell, params, x, emitted, dys, dcarry, carry0, mask,
-                                     reverse, unroll, split)
+                                     reverse, split)
             return final, hs, grads, dx
         return tuning.Candidate(name, run, value=LOOPS[name])
 

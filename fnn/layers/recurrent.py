@@ -72,8 +72,8 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
 
     def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
-        form = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
-        final, hs, emitted = run_fwd(cell, params, x, c0, mask, reverse, *form)
+        split = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
+        final, hs, emitted = run_fwd(cell, params, x, c0, mask, reverse, split)
         return (*finish(hs, final, state), {"x": x, "gates": emitted})
 
     def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
@@ -89,8 +89,8 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
         if not return_sequences:                                 # the last output is the carry's h
             d = (d[0] + dy,) + d[1:]
         dys = jnp.swapaxes(dy, 0, 1) if return_sequences else None
-        form = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
-        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse, *form)
+        split = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
+        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse, split)
         return grads, dx
 
     meta = MappingProxyType({"twin": twin, "return_carry": return_carry, "reverse": reverse,
@@ -109,10 +109,10 @@ _OPTIONS = """
     the state. ``wi_init``/``wh_init``: per-gate initializers (default Glorot uniform and
     orthogonal, as the lesson advises). ``loop``: how the hand path (``fwd``/``bwd``) walks
     over time: ``"auto"`` (default) lets the tuner (:mod:`fnn.tuning`, choice point
-    ``recurrent.loop``) time the exact forms ``"scan"``, ``"chains2"`` (the batch as two
-    independent halves per step) and ``"unroll2"`` (two steps per loop iteration) on the
-    shapes at hand and keep the fastest; with the tuner off (``FNN_TUNE=off``) and off the CPU
-    it is ``"scan"``. ``apply`` (autodiff's path) always scans one step at a time.
+    ``recurrent.loop``) time the exact forms ``"scan"`` and ``"chains2"`` (the batch as two
+    independent halves per step, for an even batch) on the shapes at hand and keep the
+    fastest; with the tuner off (``FNN_TUNE=off``) and off the CPU it is ``"scan"``. ``apply``
+    (autodiff's path) always scans one step at a time.
     **Call keywords:** ``lengths: int[batch]`` (real steps per sequence; checked against the
     time axis outside ``jit``, clamped inside it); ``initial_carry`` (overrides the state's;
     in a ``serial`` every recurrent layer receives the same one — use ``stateful`` for stacks).
