@@ -85,7 +85,9 @@ def test_every_form_equals_the_default_and_vjp(kind, rng, monkeypatch):
         assert tree_rel_err(grads, want[1]) < 1e-9, name
 
 
-def test_the_tuners_choice_is_run_cached_and_reported(tune, rng, capsys):
+def test_the_tuners_choice_is_run_cached_and_reported(tune, rng, capsys, monkeypatch):
+    from fnn.layers import _rnn_tuning
+    monkeypatch.setattr(_rnn_tuning, "_threads", lambda: 2)       # a one-CPU host has no chains2
     winner = "chains2"
     params, state, x, dy, kw = _data("lstm", rng)
     auto, forced = LSTM(H, reverse=True), LSTM(H, reverse=True, loop=winner)
@@ -106,9 +108,14 @@ def test_the_tuners_choice_is_run_cached_and_reported(tune, rng, capsys):
     assert "recurrent.loop" in out and f"{winner} " in out and "fastest" in out
 
 
-def test_loop_argument_and_the_forms_a_batch_allows():
+def test_loop_argument_and_the_forms_a_batch_allows(monkeypatch):
+    from fnn.layers._rnn_tuning import _threads
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                       "intra_op_parallelism_threads=1")
+    assert _threads() == 1
     for ctor in (SimpleRNN, LSTM, GRU):
         with pytest.raises(ValueError, match=f"{ctor.__name__}: loop must be"):
             ctor(3, loop="fast")
-    assert _offered(3) == ["scan"] and _offered(4) == list(LOOPS) == ["scan", "chains2"]
+    assert _offered(4, 2) == list(LOOPS) == ["scan", "chains2"]
+    assert _offered(3, 2) == _offered(4, 1) == ["scan"]            # odd batch; one XLA thread
     assert LSTM(3) == LSTM(3, loop="auto") != LSTM(3, loop="scan")
