@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import no_autodiff, tree_rel_err
 
 from fnn import tuning
 from fnn.layers import GRU, LSTM, SimpleRNN
 from fnn.layers._rnn_tuning import LOOPS, _offered
-
-from helpers import no_autodiff, tree_rel_err
 
 B, T, F, H = 4, 5, 2, 3
 LENGTHS = np.array([5, 2, 0, 3])

@@ -82,7 +82,7 @@ def _chunked(body, k):
         return body
 
     def run(*args):
-        outs = [body(*jax.tree.map(lambda a: a[j], args)) for j in range(k)]
+        outs = [body(*jax.tree.map(lambda a, j=j: a[j], args)) for j in range(k)]
         return jax.tree.map(lambda *o: jnp.stack(o), *outs)
     return run
 
