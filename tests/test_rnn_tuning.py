@@ -118,3 +118,28 @@ def test_loop_argument_and_the_forms_a_batch_allows(monkeypatch):
     assert _offered(4, 2) == list(LOOPS) == ["scan", "chains2"]
     assert _offered(3, 2) == _offered(4, 1) == ["scan"]            # odd batch; one XLA thread
     assert LSTM(3) == LSTM(3, loop="auto") != LSTM(3, loop="scan")
+
+
+def test_inside_another_choice_points_measurement(tune, monkeypatch):
+    """``stack(LSTM, 2)`` (``remat="auto"``): the stack's candidates trace the LSTM in the
+    tuner's thread, where the loop form is the default (measuring there would wait forever on
+    the lock the stack's measurement holds); the LSTM's own trace then measures its form."""
+    import threading
+    from fnn.combinators import stack
+    from fnn.layers import _rnn_tuning
+    from fnn.tuning import measure
+    monkeypatch.setattr(_rnn_tuning, "_threads", lambda: 2)
+    model = stack(LSTM(2), 2)
+    params, state, _ = model.init(jax.random.PRNGKey(0), (2, 2, 2))
+    box = {}
+
+    def run():
+        with tune(lambda name, run: 1.0):
+            box["y"] = model.fwd(params, state, jnp.ones((2, 2, 2)))[0]
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the nested choice point deadlocked"
+    assert box["y"].shape == (2, 2, 2)
+    assert sorted(e["key"]["point"] for e in measure.memo_entries()) == \
+        ["recurrent.loop", "stack.form"]

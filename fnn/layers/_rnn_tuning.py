@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 import jax
 import numpy as np
@@ -59,6 +60,14 @@ def _offered(batch: int, threads: int) -> list[str]:
     return [n for n, split in LOOPS.items() if batch % split == 0 and (split == 1 or threads > 1)]
 
 
+def _measuring() -> bool:
+    """Whether this trace is one of another choice point's candidates, compiled in the tuner's
+    measuring thread (a recurrent layer inside ``stack(..., remat="auto")``): measuring here
+    would wait on the tuner's lock that the outer measurement holds, so the default is used
+    (exact; the layer's own trace outside the measurement chooses for itself)."""
+    return threading.current_thread().name == "fnn-tuning"
+
+
 def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) -> int:
     """Choice point: the ``split`` of the recurrent layer's hand path for input ``x``
     (``[batch, time, in]``), ``mask`` (``lengths`` given or not), ``reverse`` and whether
@@ -69,7 +78,7 @@ def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) 
         return LOOPS[loop]
     B, T, F = x.shape
     names = _offered(B, _threads())
-    if not tuning.enabled() or len(names) < 2 or T < 2:
+    if not tuning.enabled() or len(names) < 2 or T < 2 or _measuring():
         return LOOPS["scan"]
     H = params["wh"].shape[0]
     dtype = np.dtype(x.dtype)
