@@ -125,6 +125,7 @@ def test_inside_another_choice_points_measurement(tune, monkeypatch):
     tuner's thread, where the loop form is the default (measuring there would wait forever on
     the lock the stack's measurement holds); the LSTM's own trace then measures its form."""
     import threading
+
     from fnn.combinators import stack
     from fnn.layers import _rnn_tuning
     from fnn.tuning import measure
