@@ -11,7 +11,7 @@ Candidates, side by side (the same maths; :data:`LOOPS` maps each name to the ru
   two elementwise chains, results stacked): XLA:CPU's thunk executor runs the halves' kernels
   on two threads at once (seen in profiles), where one chain leaves a core waiting on the
   loop's elementwise work; each half's rows are the same sums in the same order, so the
-  results equal the default's bit for bit on XLA:CPU.
+  results equal the default's (bit for bit in every measurement on XLA:CPU).
 
 Not candidates: the scan unrolled by 2, 4 or 8 (``lax.scan(..., unroll=n)``, in the forward
 and the reverse scan): equal to rounding but slower at every shape measured, one thread or two
