@@ -10,8 +10,11 @@ Compared, per cell, in one run with interleaved repetitions (medians):
 - ``fnn-ad``:   ``serial(LSTM(256, return_sequences=False), Dense(1))`` with ``jax.value_and_grad``
                 of its ``apply`` (goal: at most 1.05x the reference);
 - ``fnn-hand``: the same model with ``fnn.backprop.value_and_grad``: the layers' ``fwd`` (fast
-                forward keeping the gate activations) and ``bwd`` (BPTT by hand from them)
-                (goals: at most the autodiff step, at most PyTorch);
+                forward keeping the gate activations) and ``bwd`` (BPTT by hand from them),
+                ``loop="auto"``: the loop form the tuner chose (``recurrent.loop``, printed;
+                the scan with ``FNN_TUNE=off``) (goals: at most the autodiff step, at most
+                PyTorch);
+- ``fnn-scan``: the hand step with ``loop="scan"``, the untuned form (before the tuner);
 - ``torch``:    PyTorch eager ``nn.LSTM``/``nn.GRU`` + ``nn.Linear``, when torch is importable.
 
     python benchmarks/bench_recurrent.py [--quick] [--reps N] [--cells lstm,gru] [--threads 1]
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import backprop, losses
+from fnn import backprop, losses, tuning
 from fnn.combinators import serial
 from fnn.layers import GRU, LSTM, Dense
 
@@ -160,6 +163,16 @@ def check_agree(fnn_ad, fnn_hand, p, s, x, t):
     return float(la), float(lh), err
 
 
+def _loop_choice():
+    """The tuner's latest ``recurrent.loop`` entry in this process: its timings and choice."""
+    from fnn.tuning.measure import memo_entries
+    entries = [e for e in memo_entries() if e["key"]["point"] == "recurrent.loop"]
+    if not entries:
+        return "scan (not measured)"
+    times = entries[-1]["times_ms"]
+    return ", ".join(f"{n} {t:.1f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+
+
 def run(cell, reps, inner, threads=None):
     key = jax.random.PRNGKey(0)
     kx, kt, kp = jax.random.split(key, 3)
@@ -169,10 +182,17 @@ def run(cell, reps, inner, threads=None):
     model = serial(rnn(H, return_sequences=False), Dense(OUT))
     p, s, _ = model.init(kp, (B, T, F))
     ad, hand = fnn_steps(model)
+    _, scan = fnn_steps(serial(rnn(H, return_sequences=False, loop="scan"), Dense(OUT)))
     ref = jax_step(jax_lstm_last if cell == "lstm" else jax_gru_last)
+    t0 = time.perf_counter()
+    jax.block_until_ready(hand(p, s, x, t))                    # the tuner measures here, once
+    print(f"\n{cell.upper()}: recurrent.loop {_loop_choice()} (tuner "
+          f"{'on' if tuning.enabled() else 'off'}; first hand step "
+          f"{time.perf_counter() - t0:.1f} s, measuring and compiling)")
     la, lh, err = check_agree(ad, hand, p, s, x, t)
     lr = float(ref(p, x, t)[1])
-    fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t))}
+    fns = {"jax": (ref, (p, x, t)), "fnn-ad": (ad, (p, s, x, t)), "fnn-hand": (hand, (p, s, x, t)),
+           "fnn-scan": (scan, (p, s, x, t))}
     tstep = torch_step(cell, threads)
     if tstep is not None:
         fns["torch"] = (tstep, (None, x, t))

@@ -41,11 +41,12 @@ def _project(params, xs):
     return jnp.einsum("tbf,fg->tbg", jnp.swapaxes(xs, 0, 1), params["wi"])
 
 
-def _scan(cell, step, params, xs, carry0, mask, reverse):
+def _scan(cell, step, params, xs, carry0, mask, reverse, split=1):
     """Scan ``step(params, carry, xp_t) -> (carry, out)`` over time, ``xp_t = x_t wi + b``;
     padding keeps the carry. The bias is added inside the step, where it fuses with the
     recurrent term, rather than over the whole projection (measured in
-    benchmarks/RESULTS.md, recurrent)."""
+    benchmarks/RESULTS.md, recurrent). ``split``: the batch as that many independent chains
+    in each step (:func:`_chunked`)."""
     b = bias(params[cell.bias], 2)
 
     def body(carry, inp):
@@ -54,7 +55,36 @@ def _scan(cell, step, params, xs, carry0, mask, reverse):
         if m_t is not None:
             new = tuple(jnp.where(m_t, n, c) for n, c in zip(new, carry))
         return new, out
-    return jax.lax.scan(body, carry0, (_project(params, xs), mask), reverse=reverse)
+    final, ys = jax.lax.scan(_chunked(body, split), _chunks(carry0, split, 0),
+                             _chunks((_project(params, xs), mask), split, 1), reverse=reverse)
+    return _unchunk(final, split, 0), _unchunk(ys, split, 1)
+
+
+def _chunks(tree, k, axis):
+    """Each leaf's batch axis ``axis`` as ``(k, batch/k)`` (a free reshape)."""
+    if k == 1:
+        return tree
+    return jax.tree.map(lambda a: a.reshape(a.shape[:axis] + (k, -1) + a.shape[axis + 1:]), tree)
+
+
+def _unchunk(tree, k, axis):
+    """The inverse of :func:`_chunks`."""
+    if k == 1:
+        return tree
+    return jax.tree.map(lambda a: a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:]), tree)
+
+
+def _chunked(body, k):
+    """``body`` over arguments whose leaves lead with ``k`` batch chunks: ``k`` calls, one per
+    chunk, their results stacked. Each chunk's matmul and elementwise work is an independent
+    chain that XLA:CPU may run beside the others (``k = 1``: ``body`` itself)."""
+    if k == 1:
+        return body
+
+    def run(*args):
+        outs = [body(*jax.tree.map(lambda a, j=j: a[j], args)) for j in range(k)]
+        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+    return run
 
 
 def _masked(hs, mask):
@@ -69,16 +99,19 @@ def _apply_scan(cell, params, xs, carry0, mask, reverse, sequences=True):
     return final, (_masked(hs, mask) if sequences else None)
 
 
-def _fwd_scan(cell, params, xs, carry0, mask, reverse):
+def _fwd_scan(cell, params, xs, carry0, mask, reverse, split=1):
     """The hand path's forward: ``(final_carry, hs, emitted)``, ``emitted`` being every step's
-    gate pre-activations ``[T, B, ...]`` (the residuals)."""
-    final, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse)
+    gate pre-activations ``[T, B, ...]`` (the residuals); ``split``: the batch as that many
+    chains per step (the loop form, :mod:`fnn.layers._rnn_tuning`)."""
+    final, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse,
+                           split)
     return final, _masked(cell.output(emitted)[0], mask), emitted
 
 
-def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
+def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse, split=1):
     """Hand BPTT from the residuals. ``dys``: ``(T, B, H)`` or ``None``; ``dcarry``: gradient of
-    the final carry (tuple). Returns ``(dparams, dxs (B, T, F), dcarry0)``."""
+    the final carry (tuple); ``split``: as in :func:`_fwd_scan`. Returns
+    ``(dparams, dxs (B, T, F), dcarry0)``."""
     carries = cell.output(emitted)[1]
     prevs = tuple(previous(s, c, mask, reverse) for s, c in zip(carries, carry0))
     inputs = cell.back_inputs(emitted, prevs)                    # in bulk, (T, B, ...)
@@ -95,7 +128,8 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
             dxp = jnp.where(m_t, dxp, 0)
         return dprev, dxp
 
-    d0, dxp = _reverse_scan(body, dcarry, inputs, dys, mask, reverse, params["wi"].shape[1])
+    d0, dxp = _reverse_scan(body, dcarry, inputs, dys, mask, reverse, params["wi"].shape[1],
+                            split)
     xt = jnp.swapaxes(xs, 0, 1)                                  # (T, B, F)
     dgh = dxp if cell.rec_grad is None else cell.rec_grad(emitted, dxp)   # (T, B, G·H)
     grads = {"wi": _gather(xt, dxp), "wh": _gather(prevs[0], dgh)}
@@ -105,29 +139,34 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
     return grads, jnp.swapaxes(jnp.einsum("tbg,fg->tbf", dxp, params["wi"]), 0, 1), d0
 
 
-def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width):
+def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width, split=1):
     """``lax.scan`` of ``body(d, inputs_t, dy_t, m_t) -> (d, dxp_t)`` against the forward's
     direction; returns ``(d0, dxp [T, B, G·H])``. When ``inputs[0]`` has ``dxp``'s shape (the
     LSTM's gate pre-activations, the Elman cell's derivatives), each step reads its slice and
     writes ``dxp_t`` over it: the scan carries that one buffer instead of stacking its outputs
     into a zero-filled one (an 8 MB fill and copy per call at the benchmark's shape), and each
-    write goes to memory the step has just read (benchmarks/RESULTS.md, recurrent)."""
+    write goes to memory the step has just read (benchmarks/RESULTS.md, recurrent).
+    ``split`` as in :func:`_scan`."""
     first, T = inputs[0], inputs[0].shape[0]
-    if first.shape[1:] != (dcarry[0].shape[0], width) or first.dtype != dcarry[0].dtype:
-        return jax.lax.scan(lambda d, i: body(d, *i), dcarry, (inputs, dys, mask),
-                            reverse=not reverse)
+    in_place = first.shape[1:] == (dcarry[0].shape[0], width) and first.dtype == dcarry[0].dtype
+    dcarry, (inputs, dys, mask) = _chunks(dcarry, split, 0), _chunks((inputs, dys, mask), split, 1)
+    chunk_body = _chunked(body, split)
+    if not in_place:
+        d0, dxp = jax.lax.scan(lambda d, i: chunk_body(d, *i), dcarry, (inputs, dys, mask),
+                               reverse=not reverse)
+        return _unchunk(d0, split, 0), _unchunk(dxp, split, 1)
 
     def step(carry, inp):
         d, buf, t = carry
         k = (jax.lax.dynamic_index_in_dim(buf, t, keepdims=False),) + inp[0]
-        d, dxp = body(d, k, *inp[1:])
+        d, dxp = chunk_body(d, k, *inp[1:])
         return (d, jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0),
                 t + (1 if reverse else -1)), None
 
     t0 = jnp.asarray(0 if reverse else T - 1, jnp.int32)
-    (d0, dxp, _), _ = jax.lax.scan(step, (dcarry, first, t0), (inputs[1:], dys, mask),
+    (d0, dxp, _), _ = jax.lax.scan(step, (dcarry, inputs[0], t0), (inputs[1:], dys, mask),
                                    length=T, reverse=not reverse)
-    return d0, dxp
+    return _unchunk(d0, split, 0), _unchunk(dxp, split, 1)
 
 
 def _gather(a, b):
@@ -153,8 +192,8 @@ def _compiled(f, static):
 # The scans the layers in recurrent.py and the functions below run: (final, hs), (final, hs, gates)
 # and (grads, dxs, dcarry0).
 run_apply = _compiled(_apply_scan, (0, 5, 6))
-run_fwd = _compiled(_fwd_scan, (0, 5))
-run_bwd = _compiled(_bwd_scan, (0, 8))
+run_fwd = _compiled(_fwd_scan, (0, 5, 6))
+run_bwd = _compiled(_bwd_scan, (0, 8, 9))
 
 
 def prepare(name, cell, params, xs, lengths, carry, what="initial_carry"):

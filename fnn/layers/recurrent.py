@@ -20,6 +20,7 @@ from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._rnn_scan import (prepare, run_apply, run_bwd, run_fwd, scan_rnn,
                                   scan_rnn_backward)
 from fnn.layers._rnn_checks import check_carry, zeros_carry
+from fnn.layers._rnn_tuning import check_loop, loop_form
 from fnn.layers.cells import Cell, from_tuple, gru_cell, lstm_cell, make_rnn_cell, rnn_cell
 
 __all__ = ["rnn_cell", "lstm_cell", "gru_cell", "make_rnn_cell", "Cell", "scan_rnn",
@@ -29,9 +30,10 @@ __all__ = ["rnn_cell", "lstm_cell", "gru_cell", "make_rnn_cell", "Cell", "scan_r
 # --------------------------------------------------------------------------- layers
 
 def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, reverse, stateful,
-                     wi_init, wh_init, twin) -> Layer:
+                     wi_init, wh_init, loop, twin) -> Layer:
     if not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"{label}: hidden must be a positive int, got {hidden!r}")
+    check_loop(label, loop)
     name = f"{label}({hidden}{', reverse' if reverse else ''})"
 
     def init(key, input_shape):
@@ -70,7 +72,8 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
 
     def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
-        final, hs, emitted = run_fwd(cell, params, x, c0, mask, reverse)
+        split = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
+        final, hs, emitted = run_fwd(cell, params, x, c0, mask, reverse, split)
         return (*finish(hs, final, state), {"x": x, "gates": emitted})
 
     def bwd(params, state, res, dy, *, key=None, train=False, lengths=None, initial_carry=None):
@@ -86,7 +89,8 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
         if not return_sequences:                                 # the last output is the carry's h
             d = (d[0] + dy,) + d[1:]
         dys = jnp.swapaxes(dy, 0, 1) if return_sequences else None
-        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse)
+        split = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
+        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse, split)
         return grads, dx
 
     meta = MappingProxyType({"twin": twin, "return_carry": return_carry, "reverse": reverse,
@@ -103,7 +107,12 @@ _OPTIONS = """
     ``state["carry"]`` (zeros at ``init``, batch size fixed by ``input_shape``) and return the
     final carry as the new state, for truncated BPTT over long text; reset by re-initializing
     the state. ``wi_init``/``wh_init``: per-gate initializers (default Glorot uniform and
-    orthogonal, as the lesson advises).
+    orthogonal, as the lesson advises). ``loop``: how the hand path (``fwd``/``bwd``) walks
+    over time: ``"auto"`` (default) lets the tuner (:mod:`fnn.tuning`, choice point
+    ``recurrent.loop``) time the exact forms ``"scan"`` and ``"chains2"`` (the batch as two
+    independent halves per step, for an even batch) on the shapes at hand and keep the
+    fastest; with the tuner off (``FNN_TUNE=off``) and off the CPU it is ``"scan"``. ``apply``
+    (autodiff's path) always scans one step at a time.
     **Call keywords:** ``lengths: int[batch]`` (real steps per sequence; checked against the
     time axis outside ``jit``, clamped inside it); ``initial_carry`` (overrides the state's;
     in a ``serial`` every recurrent layer receives the same one — use ``stateful`` for stacks).
@@ -147,7 +156,7 @@ _GRU_EXAMPLE = Example((3, 4, 2), (3,), {"return_carry": True}, call_kwargs=_len
 @examples(_RNN_EXAMPLE)
 @constructor
 def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, return_carry=False,
-              reverse=False, stateful=False, wi_init=None, wh_init=None) -> Layer:
+              reverse=False, stateful=False, wi_init=None, wh_init=None, loop="auto") -> Layer:
     """Elman RNN ``h_t = act(x_t wi + h_{t-1} wh + b)`` over ``[batch, time, in]`` sequences.
 
     **Params:** ``{"wi": (in, H), "wh": (H, H), "b": (H,)}``; carry ``h [batch, H]``.
@@ -156,7 +165,7 @@ def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, retur
     """
     cell = rnn_cell if activation is acts.tanh else make_rnn_cell(activation)
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
-              wi_init=wi_init, wh_init=wh_init)
+              wi_init=wi_init, wh_init=wh_init, loop=loop)
     return _recurrent_layer(cell, "SimpleRNN", hidden, reverse=reverse,
                             twin=lambda: SimpleRNN(hidden, activation, reverse=not reverse, **kw),
                             **kw)
@@ -165,7 +174,7 @@ def SimpleRNN(hidden: int, activation=acts.tanh, *, return_sequences=True, retur
 @examples(_LSTM_EXAMPLE, _LSTM_EXAMPLE_2)
 @constructor
 def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
-         stateful=False, wi_init=None, wh_init=None) -> Layer:
+         stateful=False, wi_init=None, wh_init=None, loop="auto") -> Layer:
     """Long short-term memory over ``[batch, time, in]`` sequences (Hochreiter & Schmidhuber).
 
     ``[i f g o] = x_t wi + h_{t-1} wh + b``; ``c_t = σ(f) c_{t-1} + σ(i) tanh(g)``;
@@ -176,7 +185,7 @@ def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=Fals
     (``σ(u) = (1 + tanh(u/2))/2``); its outputs equal ``apply``'s to rounding.
     """
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
-              wi_init=wi_init, wh_init=wh_init)
+              wi_init=wi_init, wh_init=wh_init, loop=loop)
     return _recurrent_layer(lstm_cell, "LSTM", hidden, reverse=reverse,
                             twin=lambda: LSTM(hidden, reverse=not reverse, **kw), **kw)
 
@@ -184,7 +193,7 @@ def LSTM(hidden: int, *, return_sequences=True, return_carry=False, reverse=Fals
 @examples(_GRU_EXAMPLE)
 @constructor
 def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False,
-        stateful=False, wi_init=None, wh_init=None) -> Layer:
+        stateful=False, wi_init=None, wh_init=None, loop="auto") -> Layer:
     """Gated recurrent unit over ``[batch, time, in]`` sequences (Cho et al., 2014).
 
     ``[r z n]`` gates: ``r = σ(x wi_r + bi_r + h wh_r + bh_r)``, ``z`` likewise,
@@ -194,7 +203,7 @@ def GRU(hidden: int, *, return_sequences=True, return_carry=False, reverse=False
     ``wi = weight_ih_l0.T``, ``wh = weight_hh_l0.T``, ``bi = bias_ih_l0``, ``bh = bias_hh_l0``.
     """
     kw = dict(return_sequences=return_sequences, return_carry=return_carry, stateful=stateful,
-              wi_init=wi_init, wh_init=wh_init)
+              wi_init=wi_init, wh_init=wh_init, loop=loop)
     return _recurrent_layer(gru_cell, "GRU", hidden, reverse=reverse,
                             twin=lambda: GRU(hidden, reverse=not reverse, **kw), **kw)
 

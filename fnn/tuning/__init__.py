@@ -3,7 +3,9 @@
 
 Some of fnn's computations have several exact formulations whose speed depends on the machine:
 the convolution's kernel gradient (XLA's convolution or an im2col matmul) and the compiler
-options it is compiled with, ``stack``'s stored residuals, rematerialisation or an unrolled loop.
+options it is compiled with, ``stack``'s stored residuals, rematerialisation or an unrolled loop,
+the recurrent layers' loop form (``recurrent.loop``: the batch as one chain per time step or
+as two).
 Each such **choice point** is one function that lists its candidates side by side and asks
 :func:`choose`. The first time a choice point is compiled for given shapes on a CPU, the tuner
 
