@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 import jax
 import numpy as np
@@ -65,7 +64,7 @@ def _measuring() -> bool:
     measuring thread (a recurrent layer inside ``stack(..., remat="auto")``): measuring here
     would wait on the tuner's lock that the outer measurement holds, so the default is used
     (exact; the layer's own trace outside the measurement chooses for itself)."""
-    return threading.current_thread().name == "fnn-tuning"
+    return tuning.measure.measuring()
 
 
 def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) -> int:

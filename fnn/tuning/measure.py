@@ -48,11 +48,17 @@ _LOCK = threading.Lock()
 _THREAD = "fnn-tuning"
 
 
+def measuring() -> bool:
+    """Whether this code runs in the tuner's measuring thread: traced as one of a choice
+    point's candidates (a layer inside ``stack(..., remat="auto")``'s measurement)."""
+    return threading.current_thread().name == _THREAD
+
+
 def _memo_lock():
     """The memo's lock; none in a measuring thread: a choice point reached while another's
     candidate compiles (attention's inside ``stack``'s) is measured there, while the outer
     one holds the lock and waits for it."""
-    return contextlib.nullcontext() if threading.current_thread().name == _THREAD else _LOCK
+    return contextlib.nullcontext() if measuring() else _LOCK
 
 
 def agree(ref, out) -> str | None:
