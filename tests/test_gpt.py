@@ -194,23 +194,10 @@ def test_gpt_errors():
         model.backward(params, state, prompt, jnp.ones((1, 2, 5)), cache_len=6)
 
 
-def test_char_transformer_task_quick_run(tmp_path):
-    """The bundled task end to end (tiny model, 1 epoch, the hand-derived step in ``fit``): it learns something (validation below the uniform log2(vocab) bits) and writes its
-    files."""
-    import math
-    import os
-
-    from fnn.tasks import char_transformer
-    m = char_transformer.run(quick=True, quiet=True, out=str(tmp_path))
-    vocab = len(char_transformer.load_text()[2])
-    assert np.isfinite(m["val_bpc"]) and m["val_bpc"] < math.log2(vocab)
-    assert len(m["samples"]) == len(char_transformer.PROMPTS)
-    assert {"char_transformer_curves.png", "char_transformer_attention.png",
-            "char_transformer_sample.txt", "char_transformer.safetensors"} <= set(os.listdir(tmp_path))
-
-
 def test_char_transformer_cli_ends_with_a_readable_summary(tmp_path, capsys):
-    """``fnn train char-transformer --quick``: stdout ends with a readable summary line (no
+    """``fnn train char-transformer --quick`` (the bundled task end to end: tiny model, 1 epoch,
+    the hand-derived step in ``fit``): it learns something (validation below the uniform
+    log2(vocab) bits), writes its files, and stdout ends with a readable summary line (no
     per-epoch lists or dicts, no 16-digit floats) and one JSON object of the final numbers; on
     stderr, after the epoch lines, bits/char, the same validation loss in the epoch lines' unit
     (nats/char) and the samples. The units are checked against the epoch line and against the
@@ -218,6 +205,7 @@ def test_char_transformer_cli_ends_with_a_readable_summary(tmp_path, capsys):
     ``fnn.train.predict`` on the saved params)."""
     import json
     import math
+    import os
     import re
 
     from fnn import checkpoint, cli, train
@@ -254,3 +242,9 @@ def test_char_transformer_cli_ends_with_a_readable_summary(tmp_path, capsys):
     assert f"val_loss {metrics['val_loss']:.3f} nats/char" in tail
     first = (tmp_path / "char_transformer_sample.txt").read_text()[:task.SEQ]  # 64 chars each
     assert first.startswith(task.PROMPTS[0]) and repr(first) in tail
+    assert metrics["val_bpc"] < math.log2(len(alphabet))
+    text = (tmp_path / "char_transformer_sample.txt").read_text()    # texts of SEQ, "\n\n"
+    starts = [text[i * (task.SEQ + 2):][:len(p)] for i, p in enumerate(task.PROMPTS)]
+    assert starts == list(task.PROMPTS) and len(text) == len(task.PROMPTS) * (task.SEQ + 2) - 1
+    assert {"char_transformer_curves.png", "char_transformer_attention.png",
+            "char_transformer.safetensors"} <= set(os.listdir(tmp_path))
