@@ -137,7 +137,7 @@ def test_forward_equals_numpy_reference(block):
     model = tiny(block)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
     params, state = random_weights(model, x.shape)
-    y, new_state = model.apply(params, state, x)
+    y, new_state = jax.jit(model.apply)(params, state, x)        # one compilation, not per op
     want = reference(to_torch(params, state), np.asarray(x), block, (1, 1, 1, 1))
     assert y.shape == (2, 5) and y.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-11, atol=1e-11)
