@@ -92,12 +92,13 @@ def test_composed_tied_lm_equals_gpt(config, rng, monkeypatch):
     assert jax.tree.structure(params) == jax.tree.structure(g_params)       # no "head" stored
     params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape)), params)
     x, dy = tokens((2, 6)), jnp.asarray(rng.normal(size=out))
-    y, y_gpt = model.apply(params, state, x)[0], gpt.apply(params, g_state, x)[0]
+    y, y_gpt = jax.jit(lambda p: (model.apply(p, state, x)[0], gpt.apply(p, g_state, x)[0]))(
+        params)                                           # one compilation, not one per op
     np.testing.assert_allclose(y, y_gpt, rtol=1e-12, atol=1e-12)
     ref, (dp, dx), (dp2, _) = hand_and_vjp(model, params, state, x, dy, monkeypatch)
     assert dx is None
     assert tree_rel_err(dp, ref) < 1e-9 and tree_rel_err(dp2, ref) < 1e-9
-    assert tree_rel_err(gpt.backward(params, g_state, x, dy)[0], dp) < 1e-12
+    assert tree_rel_err(jax.jit(gpt.backward)(params, g_state, x, dy)[0], dp) < 1e-12
 
 
 def test_tied_errors():
