@@ -90,7 +90,12 @@ def test_compiler_options_per_function_and_results_unchanged(tune):
     ref = jax.jit(step)(p, s, x, y)                          # float64, untuned
     untuned = jax.jit(step)(p32, s, x32, y)
     fast = {"im2col": 3.0, "conv": 3.0, "im2col, conv off YNNPACK": 2.0,
-            "conv, conv off YNNPACK": 1.0}                    # the fake timer's winner
+            "conv, conv off YNNPACK": 1.0,                    # the fake timer's winner
+            "default": 2.0, "conv off YNNPACK": 1.0}          # the whole step confirms it
+    with tune({**fast, "conv off YNNPACK": 2.5}):             # the whole step does not
+        assert tuning.jit(step).options_for(p32, s, x32, y) == "default"
+        entry = [e for e in tuning.measure.memo_entries() if e["key"]["point"] == "jit.options"]
+        assert len(entry) == 1 and entry[0]["key"]["key"]["options"] == "conv off YNNPACK"
     with tune(fast):
         tuned = tuning.jit(step)
         out = tuned(p32, s, x32, y)

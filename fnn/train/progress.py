@@ -14,6 +14,8 @@ import math
 import sys
 import threading
 
+from fnn.tuning.measure import measuring
+
 
 def say(text: str):
     """Print one line to stderr above a live tqdm bar (redrawn below it), or plainly."""
@@ -52,7 +54,7 @@ epochs are shared between calls, so their callback finds its display here."""
 def tick(steps, loss_sum, examples):
     """Called from inside a compiled epoch (``jax.debug.callback``): ``steps`` of the epoch
     done, the sums of their loss (weighted by examples) and of their examples."""
-    if _LISTENING:
+    if _LISTENING and not measuring():          # not the tuner timing a compiled epoch
         n = float(examples)
         _LISTENING[-1].step(int(steps), float(loss_sum) / n if n else math.nan)
 

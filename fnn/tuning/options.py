@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import hashlib
 import threading
 from types import MappingProxyType
 
@@ -161,8 +162,37 @@ class TunedJit:
             # whether a choice point is reached depends on fun's structure, not on the shapes:
             # none here means none for any shapes, and calls skip the signature from now on
             self._no_options = not seen and len(self._chosen) == 0
-            name = self._chosen[sig] = _option_set(seen) if seen else "default"
+            name = _option_set(seen) if seen else "default"
+            if name != "default":
+                name = self._confirm(name, args, kwargs)
+            self._chosen[sig] = name
         return name
+
+    def _confirm(self, name: str, args, kwargs) -> str:
+        """``name`` if the whole function compiled with it is faster than with jaxlib's
+        defaults (and gives the same results), else ``"default"``. The choice points time their
+        own operations, and options that speed those can slow the rest of the function
+        (measured on the digits CNN's ``fit`` epoch: "conv off YNNPACK" was chosen from its
+        convolutions' timings and made the epoch 20× slower). Timed as the choice point
+        ``jit.options``, keyed by the function's program (cached on disk); within the tuner's
+        budget, so a function whose one run takes longer keeps the defaults."""
+        from fnn.tuning.measure import Candidate, best, measured
+        if kwargs:
+            return "default"
+        program = self.plain.trace(*args).lower().as_text()
+        key = {"program": hashlib.sha256(program.encode()).hexdigest(), "options": name}
+
+        def candidate(opt):
+            def run(*a):
+                token = _IN_EFFECT.set(opt)         # its choice points trace for ``opt``
+                try:
+                    return self.fun(*a)
+                finally:
+                    _IN_EFFECT.reset(token)
+            return Candidate(opt, run, opt)
+        candidates = [candidate("default"), candidate(name)]
+        return best(measured("jit.options", key, candidates, lambda: args), candidates,
+                    None).name
 
     def _jitted(self, name):
         if name not in self._by_options:
