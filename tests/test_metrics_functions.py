@@ -68,3 +68,35 @@ def test_macro_f1_over_sequence_steps_with_one_hot_targets_and_padding():
     for target in (LABELS, np.eye(5)[LABELS]):
         s = M.macro_f1.stats(jnp.asarray(PRED), jnp.asarray(target), jnp.asarray(w))
         assert float(M.macro_f1.result(s)) == pytest.approx(want, rel=1e-12)
+
+
+def test_macro_f1_counts_a_class_seen_once():
+    """Classes 1 (one label, never predicted) and 2 (predicted once, never a label) have F1 0
+    and count in the mean."""
+    labels, guess = np.array([0, 0, 1]), np.array([0, 0, 2])
+    s = M.macro_f1.stats(jnp.asarray(np.eye(3)[guess]), jnp.asarray(labels), jnp.ones(3))
+    assert float(M.macro_f1.result(s)) == pytest.approx(_macro_f1(labels, guess)) == 1 / 3
+
+
+def test_macro_f1_of_a_single_class_seen_is_its_f1():
+    labels = np.zeros(4, int)                              # one class, always right: F1 1
+    s = M.macro_f1.stats(jnp.asarray(np.eye(3)[labels]), jnp.asarray(labels), jnp.ones(4))
+    assert float(M.macro_f1.result(s)) == 1.0
+
+
+def test_named_accuracy_needs_a_classification_loss():
+    ce = losses.softmax_cross_entropy_with_integer_labels
+    assert [m.name for m in M.resolve_metrics(ce, ["acc", "accuracy"])] == ["accuracy"]
+    with pytest.raises(ValueError, match=r"needs a classification loss .*got 'mse'"):
+        M.resolve_metrics(losses.mse, ["accuracy"])
+    def my_loss(pred, target):
+        return jnp.mean(pred)
+    with pytest.raises(ValueError, match=r"got <function .*my_loss"):
+        M.resolve_metrics(my_loss, ["accuracy"])
+
+
+def test_metric_names_and_their_aliases():
+    got = M.resolve_metrics(losses.mse, ["mean_absolute_error", "mae", "f1", "macro_f1",
+                                         "top_3_accuracy"])
+    assert [m.name for m in got] == ["mean_absolute_error", "macro_f1", "top3_accuracy"]
+    assert got[1] is M.macro_f1

@@ -47,7 +47,8 @@ def test_policy_parses_names_and_fields(spec, want):
 
 @pytest.mark.parametrize("spec,match", [
     ("bfloat17", r"precision policy 'bfloat17': unknown dtype 'bfloat17'"),
-    ("compute=int32", r"precision policy 'compute=int32': dtypes must be floating point, got int32"),
+    ("compute=int32",
+     r"precision policy 'compute=int32': dtypes must be floating point, got int32"),
     ("compute=bfloat16=float16", r"unknown dtype 'bfloat16=float16'"),
     ("params=float32,params=float32", r"each once"),
     ("compute:bfloat16,x", r"unknown dtype 'compute:bfloat16,x'"),
