@@ -1,6 +1,8 @@
 """The metric functions of ``fnn.train.metrics`` called directly (no fit, a few tiny programs)
 against NumPy: per-example shapes over sequence axes, one-hot targets, dtypes, and which accuracy
 ``"auto"`` picks for each loss."""
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -100,3 +102,19 @@ def test_metric_names_and_their_aliases():
                                          "top_3_accuracy"])
     assert [m.name for m in got] == ["mean_absolute_error", "macro_f1", "top3_accuracy"]
     assert got[1] is M.macro_f1
+
+
+def test_functions_and_metrics_in_the_list():
+    """A per-example function becomes the weighted mean named after it (a callable with no
+    __name__: "metric"); a Metric is kept as is; anything else is a TypeError naming its type."""
+    pred, target = RNG.standard_normal((4, 2)), RNG.standard_normal((4, 2))
+    w = np.array([1.0, 0.0, 1.0, 1.0])
+    unnamed = functools.partial(M.mean_absolute_error)
+    mae, other, f1 = M.resolve_metrics(losses.mse, [M.mean_absolute_error, unnamed, M.macro_f1])
+    assert (mae.name, other.name, f1) == ("mean_absolute_error", "metric", M.macro_f1)
+    per = np.abs(pred - target).mean(axis=1)
+    for m in (mae, other):
+        s = m.stats(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(w))
+        assert float(m.result(s)) == pytest.approx(np.sum(per * w) / 3, rel=1e-12)
+    with pytest.raises(TypeError, match=r"a name, a Metric or a function .*got int"):
+        M.resolve_metrics(losses.mse, [5])
