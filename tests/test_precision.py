@@ -15,6 +15,7 @@ from helpers import no_autodiff
 from test_layers_sweep import CASES, is_float, setup
 
 F32, BF16, F16 = jnp.dtype("float32"), jnp.dtype("bfloat16"), jnp.dtype("float16")
+F64 = jnp.dtype("float64")
 K = jax.random.PRNGKey(0)
 REAL_VJP = jax.vjp          # the reference, kept before no_autodiff patches jax.vjp
 
@@ -37,6 +38,7 @@ def tree_err(a, b):
     ("bfloat16", (F32, BF16, F32)), ("float16", (F32, F16, F32)), ("float32", (F32, F32, F32)),
     ("params=float32,compute=bfloat16,output=bfloat16", (F32, BF16, BF16)),
     ("compute=f16", (F32, F16, F32)), (" params = float32 , compute = bf16 ", (F32, BF16, F32)),
+    ("float64", (F64, F64, F64)), ("f64", (F64, F64, F64)),
 ])
 def test_policy_parses_names_and_fields(spec, want):
     assert tuple(policy(spec)) == want
@@ -44,8 +46,10 @@ def test_policy_parses_names_and_fields(spec, want):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("bfloat17", r"unknown dtype 'bfloat17'"),
-    ("compute=int32", r"dtypes must be floating point, got int32"),
+    ("bfloat17", r"precision policy 'bfloat17': unknown dtype 'bfloat17'"),
+    ("compute=int32",
+     r"precision policy 'compute=int32': dtypes must be floating point, got int32"),
+    ("compute=bfloat16=float16", r"unknown dtype 'bfloat16=float16'"),
     ("params=float32,params=float32", r"each once"),
     ("compute:bfloat16,x", r"unknown dtype 'compute:bfloat16,x'"),
     ("compute=bfloat16,x", r"expected comma-separated .* got 'x'"),
@@ -175,6 +179,30 @@ def test_full_precision_marks_a_layer_float32_inside_bfloat16():
     ref = jax.jit(jax.grad(lambda p: losses.mse(model.apply(p, state, x)[0],
                                                 jnp.zeros((3, 2), F32))))(params)
     assert tree_err(grads, ref) < 2e-2
+
+
+def test_full_precision_leaves_integer_inputs_integers():
+    """Token ids into a full_precision layer stay ids (not cast to float) and the output keeps
+    the params' float dtype: the rows of the table, as NumPy indexes them."""
+    from fnn.layers import Embedding
+    model = full_precision(Embedding(10, 4))
+    params, state, _ = model.init(K, (2, 3))
+    ids = jnp.asarray([[1, 7, 3], [0, 9, 9]], jnp.int32)
+    y, _ = model.apply(params, state, ids)
+    assert y.dtype == params["w"].dtype
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(params["w"])[np.asarray(ids)])
+
+
+def test_mixed_precision_residuals_hold_no_more_than_the_inner_layers():
+    """The dtype markers mixed_precision keeps for bwd are zero-size: its residuals hold as many
+    elements as the wrapped layer's own."""
+    inner = Dense(3)
+    params, state, _ = inner.init(K, (2, 4))
+    x = jnp.ones((2, 4), F32)
+    size = lambda t: sum(np.size(a) for a in jax.tree.leaves(t))
+    own = inner.fwd(jax.tree.map(lambda a: a.astype(BF16), params), state, x.astype(BF16))[2]
+    res = mixed_precision(inner, "bfloat16").fwd(params, state, x)[2]
+    assert size(res) == size(own) > 0
 
 
 # --------------------------------------------------------------------------- loss scaling
