@@ -7,9 +7,9 @@ Candidates, side by side (all exact; the same maths in another order of summatio
 
 - ``None`` (the default): the whole score matrix at once (per causal query span);
 - ``128``, ``256``, ``64``, ``512`` (:data:`BLOCKS`, those below both the query and the key
-  length, in the order they are measured): the chunked online-softmax form in blocks of that many queries and keys
-  (``fnn/layers/_chunked_attention.py``): memory linear in the length, fewer bytes moved per
-  block, a loop instead of one big product.
+  length, in the order they are measured): the chunked online-softmax form in blocks of that
+  many queries and keys (``fnn/layers/_chunked_attention.py``): memory linear in the length,
+  fewer bytes moved per block, a loop instead of one big product.
 
 Each is timed as the op's hand forward and backward (``dot_product_attention_fwd`` then
 ``_bwd``) at the shapes at hand: batch, heads, kv heads, lengths, head dims, dtypes, ``causal``,
