@@ -161,9 +161,10 @@ def load_state_dict(model, state_dict: Mapping[str, Any], input_shape, *,
     PyTorch's layout), every integer or boolean tensor where a float one belongs, every tied
     alias that differs from its source, every unused ``mapping``/``layout`` entry and every
     layer with parameters fnn cannot match (a ``GroupNorm`` and the like load, and a
-    ``WeightNorm`` of a ``Dense`` or ``Conv``, from PyTorch's ``weight_norm(..., dim=0)``). **Warns:** :class:`PaddingWarning` (once per call) when a
-    ``Conv``/``ConvTranspose`` pads ``"SAME"`` (fnn's default) with a kernel larger than 1:
-    declare its padding as the PyTorch layer has it (``padding="VALID"`` for ``padding=0``).
+    ``WeightNorm`` of a ``Dense`` or ``Conv``, from PyTorch's ``weight_norm(..., dim=0)``).
+    **Warns:** :class:`PaddingWarning` (once per call) when a ``Conv``/``ConvTranspose`` pads
+    ``"SAME"`` (fnn's default) with a kernel larger than 1: declare its padding as the PyTorch
+    layer has it (``padding="VALID"`` for ``padding=0``).
 
     >>> import numpy as np
     >>> from fnn.layers import Dense, Relu, serial
