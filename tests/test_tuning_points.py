@@ -138,3 +138,20 @@ def test_stack_forms_agree_with_stored_and_float64(tune):
             np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="remat must be True, False or 'auto'"):
         stack(layer, 3, remat="sometimes")
+
+
+def test_kernel_gradient_forms_are_timed_in_a_loop_body():
+    """The tuner times each kernel-gradient form as the body of a loop whose input changes each
+    step (fit's epochs run it so, and XLA:CPU runs the "conv" form there far slower than at
+    the top level): the timed function holds a while loop over the whole forward and backward
+    and returns what one call gives."""
+    from fnn.layers._conv_tuning import in_a_loop
+    x, w, dy = _conv_args(np.float64)
+    once = lambda x, w, dy: (C.conv(x, w), C.conv_backward(x, w, dy, kernel_grad="conv"))
+    run = in_a_loop(once)
+    eqns = jax.make_jaxpr(run)(x, w, dy).eqns
+    loops = [e for e in eqns if e.primitive.name in ("while", "scan")]   # fori_loop: a scan
+    assert len(loops) == 1 and "conv_general_dilated" in str(loops[0].params)
+    assert not any(e.primitive.name == "conv_general_dilated" for e in eqns)   # none hoisted
+    for a, b in zip(jax.tree.leaves(jax.jit(run)(x, w, dy)), jax.tree.leaves(once(x, w, dy))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
