@@ -101,6 +101,11 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
+SLOW = 10
+"""A candidate whose first run takes over this many times the default's is not timed further
+(it cannot win; a pathological form would otherwise spend the budget many times over)."""
+
+
 def _measure(candidates: list[Candidate], make_args: Callable[[], tuple]) -> dict:
     """Compile, verify and time the candidates (the first is the reference); the entry."""
     t0 = time.perf_counter()
@@ -117,11 +122,18 @@ def _measure(candidates: list[Candidate], make_args: Callable[[], tuple]) -> dic
             continue
         try:
             fn = jax.jit(c.run, compiler_options=dict(opts) or None).lower(*args).compile()
+            t_run = time.perf_counter()
             out = jax.device_get(_block(fn(*args)))
+            t_run = time.perf_counter() - t_run
         except Exception as e:          # a candidate that fails to compile or run is not chosen
             rejected[c.name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
             continue
+        if ref is not None and t_run > SLOW * first_run:       # not worth timing rounds of
+            rejected[c.name] = (f"not measured: its first run took {t_run * 1e3:.0f} ms, over "
+                                f"{SLOW}× the default's {first_run * 1e3:.0f} ms")
+            continue
         if ref is None:
+            first_run = t_run
             if i:                       # the default itself failed: nothing is comparable
                 rejected[c.name] = "not measured: the default failed"
                 continue
