@@ -90,7 +90,7 @@ def test_csv_logger_text(tmp_path):
     cb = train.CSVLogger(path)
     cb(1, None, {"epoch": 1, "loss": 0.5})
     cb(2, None, {"epoch": 2, "loss": 0.25, "lr": 0.1})
-    assert path.read_text() == "epoch,loss,lr\n1,0.5,\n2,0.25,0.1\n"
+    assert path.read_bytes() == b"epoch,loss,lr\n1,0.5,\n2,0.25,0.1\n"    # "\n", not "\r\n"
     assert not (tmp_path / "sub" / "log.csv.tmp").exists()
     again = train.CSVLogger(path)
     again.set_state(cb.get_state())
@@ -217,6 +217,9 @@ def test_early_stopping_decisions_and_finish():
     keep = train.EarlyStopping(3, restore_best=False)
     keep.start(ts, "loss")
     assert keep.watching == "loss"
+    with pytest.raises(ValueError, match=r"^fit: cannot monitor 'loss'; this run logs "
+                                         r"\['val_loss'\]$"):
+        keep(1, ts, {"val_loss": 1.0})
     keep(1, ts._replace(params={"w": jnp.ones(2)}), {"loss": 1.0})
     keep(2, t, {"loss": 2.0})
     out, best = keep.finish(t)
