@@ -241,3 +241,17 @@ def test_early_stopping_finish_before_any_epoch_and_maximised():
     out, best = es.finish(t)
     assert best == 2
     np.testing.assert_array_equal(out.params["w"], [0.0, 0.0])
+
+
+def test_early_stopping_restores_params_and_state_after_one_epoch():
+    """One epoch seen (step 1): its params and model state are the best and come back."""
+    es = train.EarlyStopping(3)
+    ts = _ts()._replace(state={"m": jnp.zeros(1)})
+    es.start(ts, "loss")
+    first = ts._replace(params={"w": jnp.full(2, 1.0)}, state={"m": jnp.full(1, 3.0)})
+    assert es(1, first, {"loss": 1.0}) is None
+    now = ts._replace(params={"w": jnp.full(2, 5.0)}, state={"m": jnp.full(1, 6.0)})
+    out, best = es.finish(now)
+    assert best == 1
+    np.testing.assert_array_equal(out.params["w"], [1.0, 1.0])
+    np.testing.assert_array_equal(out.state["m"], [3.0])
