@@ -2,6 +2,7 @@
 defaults, the argument checks, each decision against hand-worked epochs, the checkpoint files and
 their metadata, the CSV text, the messages and ``get_state``/``set_state`` in-process."""
 import math
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -255,3 +256,16 @@ def test_early_stopping_restores_params_and_state_after_one_epoch():
     assert best == 1
     np.testing.assert_array_equal(out.params["w"], [1.0, 1.0])
     np.testing.assert_array_equal(out.state["m"], [3.0])
+
+
+def test_early_stopping_default_patience_and_half_rules():
+    """The default patience is 5: a flat loss stops at the sixth epoch (five without a gain)."""
+    es = train.EarlyStopping()
+    ts = _ts()
+    es.start(ts, "val_loss")
+    assert [es(e, ts, {"val_loss": 1.0}) for e in range(1, 6)] == [None] * 5
+    assert es(6, ts, {"val_loss": 1.0}) == (
+        "fit: early stopping after epoch 6: val_loss has not improved for 5 epochs")
+    for half in (SimpleNamespace(init=lambda p: p), SimpleNamespace(update=lambda s, v, p: s)):
+        with pytest.raises(TypeError, match=r"EarlyStopping: patience must be an int"):
+            train.EarlyStopping(half)
