@@ -193,8 +193,9 @@ def test_early_stopping_checks_and_defaults():
                                             r"fnn.regularizers.early_stopping\(...\) rule, got"):
             train.EarlyStopping(bad)
     rule = regularizers.early_stopping(2)
-    with pytest.raises(ValueError, match=r"EarlyStopping: min_delta belongs to the rule given "
-                                         r"as patience"):
+    with pytest.raises(ValueError, match=r"^EarlyStopping: min_delta belongs to the rule given "
+                                         r"as patience \(fnn\.regularizers\.early_stopping"
+                                         r"\(patience, min_delta\)\)$"):
         train.EarlyStopping(rule, min_delta=0.1)
     assert train.EarlyStopping(rule).rule is rule
 
