@@ -171,9 +171,9 @@ class TunedJit:
     def _confirm(self, name: str, args, kwargs) -> str:
         """``name`` if the whole function compiled with it is faster than with jaxlib's
         defaults (and gives the same results), else ``"default"``. The choice points time their
-        own operations, and options that speed those can slow the rest of the function
-        (measured on the digits CNN's ``fit`` epoch: "conv off YNNPACK" was chosen from its
-        convolutions' timings and made the epoch 20× slower). Timed as the choice point
+        own operations, alone, and options chosen from those timings can make the whole
+        function slower (the digits CNN's ``fit`` epoch ran 20× slower under "conv off
+        YNNPACK" and the kernel-gradient forms chosen under it). Timed as the choice point
         ``jit.options``, keyed by the function's program (cached on disk); within the tuner's
         budget, so a function whose one run takes longer keeps the defaults."""
         from fnn.tuning.measure import Candidate, best, measured
