@@ -19,7 +19,8 @@ One concern per module:
   of streamed steps, :func:`evaluate`. The loop carries only the sums the history reports.
 - ``predicting``: :func:`predict`, batched eval-mode outputs (one program for every batch).
 - ``loops``: one epoch on the host, in memory or streamed, behind one interface; the replay
-  after a non-finite step; validation.
+  after a non-finite step.
+- ``validation``: validation during ``fit``, on arrays or a stream, behind one interface.
 - ``streaming``: any iterable of batches, prefetched to the device in a background thread.
 - ``data_checks``: the checks of the data before training (finite, labels, token ids).
 - ``metrics``: accuracy, top-k accuracy, mean absolute error, macro F1, your own.

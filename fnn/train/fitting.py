@@ -25,8 +25,8 @@ from fnn.train.data_checks import make_data_check
 from fnn.train.distributed import (gathered, is_writer, memory_on_mesh, on_mesh, place,
                                    stream_on_mesh, to_host)
 from fnn.train.epoch import DONATE, KEEP, make_chunk_runner, make_epoch_runner, make_eval
-from fnn.train.loops import (InMemory, InMemoryVal, Streamed, StreamedVal, batch_inputs_finite,
-                             copy_state, logs_from_sums)
+from fnn.train.loops import InMemory, Streamed, batch_inputs_finite, copy_state, logs_from_sums
+from fnn.train.validation import InMemoryVal, StreamedVal
 from fnn.train.metrics import resolve_metrics
 from fnn.train.options import Loop, Step
 from fnn.train.progress import Progress, shows_steps

@@ -1,9 +1,9 @@
 """One epoch of ``fit``: in memory (one compiled call) or streamed (compiled chunks), with the
-replay that recovers the last good state after a non-finite step, and validation.
+replay that recovers the last good state after a non-finite step.
 
 :class:`InMemory` and :class:`Streamed` are the two sources of epochs behind one interface
-(:class:`Epochs`), as :class:`InMemoryVal` and :class:`StreamedVal` are for validation: ``fit``
-runs every epoch the same way whatever the data is.
+(:class:`Epochs`) (as :mod:`fnn.train.validation`'s two are for validation): ``fit`` runs every
+epoch the same way whatever the data is.
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.train._batches import unpack
 from fnn.train.data_checks import inputs_finite
-from fnn.train.epoch import Runner, batch_order, make_eval_batch
+from fnn.train.epoch import Runner, batch_order
 from fnn.train.progress import tick, tick_every
 from fnn.train.streaming import Prefetch, epoch_batches
 
@@ -212,24 +211,6 @@ def logs_from_sums(sums, metrics, grad_norm: bool, prefix: str = "") -> dict:
     return logs
 
 
-def stream_eval(model, loss, metrics, params, state, batches, check, where,
-                put=jax.device_put, get=jax.device_get) -> dict:
-    """Validation over an iterable of batches, one compiled call per batch, summed; ``put``
-    places a host batch, ``get`` reads the sums back."""
-    run = make_eval_batch(model, loss, metrics)
-    total = None
-    for i, raw in enumerate(batches):
-        b = unpack(raw, where)
-        if check:
-            check(b, f"{where} (batch {i + 1})")
-        total = _add(total, get(run(params, state, put(b))))
-    if total is None:
-        raise ValueError(f"{where}: the validation data gave no batch")
-    lsum, stats, n = total
-    return {"val_loss": float(lsum) / float(n),
-            **{"val_" + m.name: float(m.result(s)) for m, s in zip(metrics, stats)}}
-
-
 # --------------------------------------------------------------------------- epoch sources
 
 class Epochs(Protocol):
@@ -374,38 +355,3 @@ class Streamed:
 
     def take_time(self):
         return None
-
-
-# --------------------------------------------------------------------------- validation
-
-class InMemoryVal(NamedTuple):
-    """Validation on arrays: ``run(params, state, x) -> (mean loss, metric results)`` (one
-    compiled scan) on ``data``."""
-
-    run: Callable
-    data: tuple
-    metrics: tuple
-
-    def logs(self, ts, before_read):
-        vl, results = self.run(ts.params, ts.state, self.data)
-        before_read()
-        return {"val_loss": float(vl),
-                **{"val_" + m.name: float(r) for m, r in zip(self.metrics, results)}}
-
-
-class StreamedVal(NamedTuple):
-    """Validation on a stream: each batch checked, placed with ``put``, summed with ``get``."""
-
-    source: object
-    model: object
-    loss: Callable
-    metrics: tuple
-    check: Callable | None
-    put: Callable
-    get: Callable
-
-    def logs(self, ts, before_read):
-        before_read()
-        return stream_eval(self.model, self.loss, self.metrics, ts.params, ts.state,
-                           epoch_batches(self.source, 1, None), self.check, "fit: val_data",
-                           self.put, self.get)
