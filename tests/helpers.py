@@ -194,3 +194,16 @@ def random_params(model, shape, seed=0, scale=0.4):
     leaves = [scale * jax.random.normal(k, a.shape, a.dtype) + (a if a.ndim == 1 else 0)
               for k, a in zip(keys, leaves)]
     return jax.tree.unflatten(tree, leaves), state
+
+
+def greedy_reference(model, params, state, prompt, length):
+    """Greedy decoding without a cache, the reference for ``generate``: ``prompt`` extended to
+    ``length`` tokens, each the argmax of the full causal forward's logits at the position
+    before it (one compiled forward over the whole fixed-length sequence)."""
+    full = jax.jit(lambda s: model.apply(params, state, s)[0])
+    n = prompt.shape[1]
+    seq = np.zeros((prompt.shape[0], length), np.int32)
+    seq[:, :n] = np.asarray(prompt)
+    for t in range(n, length):
+        seq[:, t] = np.argmax(np.asarray(full(seq))[:, t - 1], -1)
+    return seq

@@ -5,14 +5,13 @@ logits at each step, and the config.json round trip and errors."""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fnn.models import GPT2, generate, lm_loss, value_and_grad
 from fnn.models import gpt2
 
-from helpers import no_autodiff, random_params, tree_rel_err
+from helpers import greedy_reference, no_autodiff, random_params, tree_rel_err
 
 CFG = dict(vocab_size=23, n_positions=12, n_embd=8, n_layer=2, n_head=2, n_inner=12,
            layer_norm_epsilon=1e-4)
@@ -96,11 +95,7 @@ def test_greedy_generation_equals_full_recompute():
     prompt = ids((2, 3), seed=8)
     params, state = random_params(model, (2, 12), seed=0)
     params["pos"]["w"] = 4 * params["pos"]["w"]        # positions matter: no single repeated token
-    full = jax.jit(lambda s: model.apply(params, state, s)[0])
-    seq = np.zeros((2, 11), np.int32)
-    seq[:, :3] = np.asarray(prompt)
-    for t in range(3, 11):
-        seq[:, t] = np.argmax(np.asarray(full(jnp.asarray(seq)))[:, t - 1], -1)
+    seq = greedy_reference(model, params, state, prompt, 11)
     assert len(set(seq[0, 3:].tolist())) > 3
     eos = int(seq[0, -2])
     got = np.asarray(generate(model, params, prompt, 8, eos_token_id=eos, pad_token_id=99))

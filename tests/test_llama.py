@@ -5,14 +5,13 @@ against recomputing the full logits at each step, and the config.json round trip
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fnn.models import Llama, generate, lm_loss, value_and_grad
 from fnn.models import llama
 
-from helpers import no_autodiff, random_params, tree_rel_err
+from helpers import greedy_reference, no_autodiff, random_params, tree_rel_err
 
 CFG = dict(vocab_size=29, hidden_size=16, intermediate_size=20, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500.0)
@@ -97,11 +96,7 @@ def test_greedy_generation_equals_full_recompute():
     model = Llama(**CFG)
     prompt = ids((2, 4), seed=8)
     params, state = random_params(model, (2, 12), seed=2, scale=0.5)
-    full = jax.jit(lambda s: model.apply(params, state, s)[0])
-    seq = np.zeros((2, 12), np.int32)
-    seq[:, :4] = np.asarray(prompt)
-    for t in range(4, 12):
-        seq[:, t] = np.argmax(np.asarray(full(jnp.asarray(seq)))[:, t - 1], -1)
+    seq = greedy_reference(model, params, state, prompt, 12)
     assert len(set(seq[0, 4:].tolist())) > 2
     np.testing.assert_array_equal(generate(model, params, prompt, 8), seq)
 
