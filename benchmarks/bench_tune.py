@@ -5,7 +5,8 @@
     dense 128, dense 10), hand backward (``backprop.value_and_grad``), one SGD step:
     fnn untuned (``jax.jit``, tuner off: im2col kernel gradient, jaxlib's default options),
     fnn tuned (``fnn.tuning.jit``: kernel gradient and compiler options by measurement),
-    PyTorch eager (when ``torch`` imports).
+    PyTorch eager (when ``torch`` imports); the fnn steps also as ``fit`` runs them, 8 steps in
+    a ``fori_loop`` (time per step).
 (b) The causal LM of ``bench_attention.py`` with ``stack(TransformerBlock, 12)``, hand backward:
     ``stack`` with the tuner's choice (``remat="auto"``), ``stack`` with stored residuals
     (``remat=False``), and the 12 blocks unrolled (``serial``).
@@ -36,6 +37,9 @@ from fnn.combinators import serial, stack
 from fnn.layers import TransformerBlock
 
 
+LOOP = 8        # (a): steps per loop in the "as fit runs it" cases
+
+
 def part_a(rounds):
     model = BC.fnn_model()
     p, s, _ = model.init(jax.random.PRNGKey(0), (64, 28, 28, 1))
@@ -54,17 +58,29 @@ def part_a(rounds):
     l1 = tuned(p, x, y)[1]
     print(f"tuning + compiling the tuned step: {time.perf_counter() - t0:.1f} s; options chosen: "
           f"{tuned.options_for(p, x, y)!r}; loss untuned {float(l0):.6f} tuned {float(l1):.6f}")
+    def steps(p, x, y):                       # LOOP steps in a fori_loop, as fit's epochs run
+        return jax.lax.fori_loop(0, LOOP, lambda i, p: step(p, x, y)[0], p)
+    with tuning.settings(enabled=False):
+        untuned_loop = jax.jit(steps)
+        untuned_loop(p, x, y)
+    tuned_loop = tuning.jit(steps)
+    jax.block_until_ready(tuned_loop(p, x, y))
+    print(f"options chosen for the {LOOP}-step loop: {tuned_loop.options_for(p, x, y)!r}")
     cases = {"fnn hand, untuned (jax.jit)": lambda: untuned(p, x, y)[1],
-             "fnn hand, tuned (fnn.tuning.jit)": lambda: tuned(p, x, y)[1]}
+             "fnn hand, tuned (fnn.tuning.jit)": lambda: tuned(p, x, y)[1],
+             f"untuned, {LOOP}-step loop": lambda: untuned_loop(p, x, y),
+             f"tuned, {LOOP}-step loop": lambda: tuned_loop(p, x, y)}
     t = BC.torch_step(64)
     if t is not None:
         cases["PyTorch eager"] = t
     med = BA.interleaved(cases, rounds)
+    med = {n: v / LOOP if "loop" in n else v for n, v in med.items()}     # per step
     base = med.get("PyTorch eager")
     print("\n(a) CNN training step, batch 64, hand backward")
     for n, v in med.items():
         print(f"  {n:34s} {v * 1e3:8.1f} ms" + (f"   {v / base:.2f}x PyTorch" if base else ""))
-    print(f"  tuned / untuned: {med['fnn hand, tuned (fnn.tuning.jit)'] / med['fnn hand, untuned (jax.jit)']:.2f}x")
+    print(f"  tuned / untuned: {med['fnn hand, tuned (fnn.tuning.jit)'] / med['fnn hand, untuned (jax.jit)']:.2f}x"
+          f" alone, {med[f'tuned, {LOOP}-step loop'] / med[f'untuned, {LOOP}-step loop']:.2f}x in a loop")
 
 
 def part_b(rounds, depth=12):

@@ -105,7 +105,8 @@ def test_compiler_options_per_function_and_results_unchanged(tune):
         lowered = tuned.lower(p32, s, x32, y).as_text()
     assert not _ynn_convs(tuned_hlo) and "convolution(" in tuned_hlo   # XLA's own convolutions
     assert _ynn_convs(conv)                        # a plain jax.jit meanwhile: jaxlib's defaults
-    assert sum("-> tensor<3x3x32x32xf32>" in c    # the "conv" kernel gradient under those options
+    assert sum("-> tensor<32x3x3x32xf32>" in c    # the "conv" kernel gradient under those options
+               and "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]" in c      # laid out for XLA:CPU
                for c in re.findall(r"stablehlo\.convolution.*", lowered)) == 1
     for a, b, r in zip(jax.tree.leaves(out), jax.tree.leaves(untuned), jax.tree.leaves(ref)):
         assert tuning.agree(np.asarray(b), np.asarray(a)) is None

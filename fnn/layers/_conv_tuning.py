@@ -11,6 +11,10 @@ from fnn import tuning
 
 __all__ = ["kernel_grad_choice", "in_a_loop"]
 
+#: Part of every cached choice's key: raised when a candidate's formulation changes, so that
+#: timings of the old one are not reused (2: the CPU ``"conv"`` form in the canonical layout).
+_REVISION = 2
+
 
 def kernel_grad_choice(op: str, x_shape, w_shape, dtype, strides=1, padding="SAME", dilation=1,
                        groups=1) -> str:
@@ -22,9 +26,10 @@ def kernel_grad_choice(op: str, x_shape, w_shape, dtype, strides=1, padding="SAM
     convolutions taken off YNNPACK). Each is timed as the layer's whole forward and backward
     (the options change the forward and the input gradient as well), run as the body of a
     two-step loop whose input changes each step, as ``fit``'s compiled epochs run it: XLA:CPU
-    runs the ``"conv"`` kernel gradient far slower in a loop body than at the top level (a 3×3
-    convolution 32 → 64 on (32, 8, 8, 32): 1.6 ms alone, 111 ms per loop step; ``"im2col"``
-    2.0 and 1.7 ms), so a choice timed outside a loop could make an epoch many times slower.
+    compiles a loop body differently (it lays out convolutions only outside loops, which
+    :mod:`fnn.layers._conv_layout` now does by hand; before that the ``"conv"`` form of a 3×3
+    convolution 32 → 64 on (32, 8, 8, 32) took 1.6 ms alone and 111 ms per loop step), so a
+    choice timed outside a loop need not hold inside ``fit``.
     The answer is the fastest form under the options in effect for the function being traced,
     and :func:`fnn.tuning.jit` picks those options from the same timings. With the tuner off:
     ``KERNEL_GRAD["cpu"]``.
@@ -49,7 +54,8 @@ def kernel_grad_choice(op: str, x_shape, w_shape, dtype, strides=1, padding="SAM
         r = np.random.default_rng(0)
         return tuple(r.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, dy_shape))
     key = {"op": op, "x": list(x_shape), "w": list(w_shape), "dtype": str(np.dtype(dtype)),
-           **{k: repr(v) for k, v in opts.items()}, "timed": "in a loop"}
+           **{k: repr(v) for k, v in opts.items()}, "timed": "in a loop",
+           "revision": _REVISION}
     forms = (default, "im2col" if default == "conv" else "conv")
     return tuning.choose("conv.kernel_grad", key,
                          [candidate(f, o) for o in tuning.options.OPTION_SETS for f in forms], make_args)

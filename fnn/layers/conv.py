@@ -44,6 +44,7 @@ from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
+from fnn.layers._conv_layout import canonical_convs
 from fnn.layers._conv_im2col import conv_im2col
 from fnn.layers._conv_tuning import _auto_kernel_grad, kernel_grad_choice
 from fnn.layers._param_shapes import check_param_shapes
@@ -161,9 +162,11 @@ def _kernel_grad(xp, dy, ksize, strides, dilation, groups, method):
     ci = xp.shape[-1]
     if method == "conv":           # batch is the contracted axis, channels the "batch"
         s = _SPATIAL[n]
-        return lax.conv_general_dilated(xp, dy, dilation, [(0, 0)] * n, None, strides,
-                                        dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"),
-                                        batch_group_count=groups)
+        corr = functools.partial(lax.conv_general_dilated, window_strides=dilation,
+                                 padding=[(0, 0)] * n, rhs_dilation=strides,
+                                 dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"),
+                                 batch_group_count=groups)
+        return canonical_convs(corr)(xp, dy)    # laid out for XLA:CPU, or slow in a loop
     if method != "im2col":
         raise ValueError(f"conv: kernel_grad must be 'auto', 'conv' or 'im2col', got {method!r}")
     cols = []

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from fnn import backprop, tuning
 from fnn.precision import ScaledLoss, current_scale
 from fnn.optim import apply_updates, global_norm
+from fnn.layers._conv_layout import canonical_convs
 from fnn.train.cache import cached
 from fnn.train._batches import select, unpack
 from fnn.train.metrics import accuracy_fn, mean_metric
@@ -104,7 +105,9 @@ def _grad_fn(model, loss, grad, regularizer, need_pred):
                 value = loss(pred, t)
                 total = value + (regularizer(p) if regularizer else 0.0)
                 return total * (1 if scale is None else scale), (value, pred, new_state)
-            (_, (value, pred, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
+            # convolutions laid out for XLA:CPU (JAX's kernel gradients are slow in a loop)
+            vg = canonical_convs(jax.value_and_grad(objective, has_aux=True))
+            (_, (value, pred, new_state)), g = vg(params)
             return value, pred, new_state, g
         return f
     if grad == "manual":
