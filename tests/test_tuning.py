@@ -4,6 +4,7 @@ and the choice points' results equal to the untuned formulation and to float64. 
 timed: every test that turns the tuner on passes a fake timer (fixed seconds per candidate)."""
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,31 @@ def test_agree_is_float_rounding_not_more():
     assert "max difference" in tuning.agree(x, x * np.float32(1.001))
     assert "non-finite" in tuning.agree(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
     assert "structure" in tuning.agree((x,), [x])
+
+
+def test_agree_power_loosens_the_bound_for_whole_programs():
+    x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    off = x + np.float32(2e-3) * np.abs(x).max()     # ResNet-18's step moved 2.3e-3 of a leaf
+    assert "max difference" in tuning.agree(x, off)                  # sqrt(eps): 3.5e-4
+    assert tuning.agree(x, off, power=0.25) is None                  # eps ** 0.25: 1.9e-2
+    assert "max difference" in tuning.agree(x, x * np.float32(1.15), power=0.25)   # a wrong kernel
+    small = (x, np.float32(1e-3) * x)               # a leaf of small cancelling sums moves more
+    moved = (x, small[1] * np.float32(1.04))
+    assert "leaf 1" in tuning.agree(small, moved, power=0.25)
+    assert tuning.agree(small, moved, power=0.25, whole=True) is None
+    assert "leaf 1" in tuning.agree(small, (x, small[1] + np.float32(0.1)), power=0.25, whole=True)
+
+
+def test_the_budget_counts_from_the_defaults_result(tune):
+    """A default slower to compile than the whole budget leaves the others measured: compiling
+    it is what the program costs anyway."""
+    def slow_exp(x):
+        time.sleep(0.3)                      # while tracing: part of the default's compile
+        return jnp.exp(x)
+    cands = [tuning.Candidate("exp", slow_exp), *_candidates()[1:2]]
+    with tune({"exp": 2.0, "exp2": 1.0}, budget=0.2):
+        assert tuning.choose("test.slow_default", {}, cands, _args) == "exp2"
+    assert not memo_entries()[0]["rejected"]
 
 
 def test_fnn_tune_report_and_clear(tune, capsys):

@@ -61,14 +61,19 @@ def _memo_lock():
     return contextlib.nullcontext() if measuring() else _LOCK
 
 
-def agree(ref, out) -> str | None:
+def agree(ref, out, power: float = 0.5, whole: bool = False) -> str | None:
     """``None`` if ``out`` equals ``ref`` within floating-point rounding (same tree, shapes and
-    dtypes; the same non-finite entries; per leaf ``max|out - ref| <= sqrt(eps) · max|ref|``,
-    eps of the leaf's dtype), else why not."""
+    dtypes; the same non-finite entries; per leaf ``max|out - ref| <= eps**power · max|ref|``,
+    eps of the leaf's dtype: ``sqrt(eps)`` by default), else why not. ``whole``: ``max|ref|``
+    over every leaf, for a whole program's results (a leaf that is a small sum of cancelling
+    terms, a bias's gradient, moves by more than its own scale's rounding)."""
     r_leaves, r_tree = jax.tree.flatten(ref)
     o_leaves, o_tree = jax.tree.flatten(out)
     if r_tree != o_tree:
         return f"a different result structure ({o_tree} instead of {r_tree})"
+    overall = max((float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0))
+                   for a in map(np.asarray, r_leaves) if np.issubdtype(a.dtype, np.inexact)),
+                  default=0.0)
     for i, (r, o) in enumerate(zip(r_leaves, o_leaves)):
         r, o = np.asarray(r), np.asarray(o)
         if r.shape != o.shape or r.dtype != o.dtype:
@@ -83,9 +88,9 @@ def agree(ref, out) -> str | None:
                                                                          equal_nan=True):
             return f"leaf {i}: different non-finite entries"
         if fin.any():
-            scale = float(np.max(np.abs(r64[fin])))
+            scale = overall if whole else float(np.max(np.abs(r64[fin])))
             err = float(np.max(np.abs(r64[fin] - o64[fin])))
-            tol = float(np.sqrt(np.finfo(r.dtype).eps)) * max(scale, np.finfo(r.dtype).tiny)
+            tol = float(np.finfo(r.dtype).eps) ** power * max(scale, np.finfo(r.dtype).tiny)
             if err > tol:
                 return f"leaf {i}: max difference {err:.3g} > {tol:.3g} (scale {scale:.3g})"
     return None
@@ -106,8 +111,11 @@ SLOW = 10
 (it cannot win; a pathological form would otherwise spend the budget many times over)."""
 
 
-def _measure(candidates: list[Candidate], make_args: Callable[[], tuple]) -> dict:
-    """Compile, verify and time the candidates (the first is the reference); the entry."""
+def _measure(candidates: list[Candidate], make_args: Callable[[], tuple],
+             power: float = 0.5, whole: bool = False) -> dict:
+    """Compile, verify and time the candidates (the first is the reference); the entry. The
+    budget counts from the default's first result: compiling the default is what the program
+    costs anyway, the budget is what the others add."""
     t0 = time.perf_counter()
     args = make_args()
     compiled, times, rejected = {}, {}, {}
@@ -137,9 +145,9 @@ def _measure(candidates: list[Candidate], make_args: Callable[[], tuple]) -> dic
             if i:                       # the default itself failed: nothing is comparable
                 rejected[c.name] = "not measured: the default failed"
                 continue
-            ref = out
+            ref, t0 = out, time.perf_counter()
         else:
-            why = agree(ref, out)
+            why = agree(ref, out, power, whole)
             if why:
                 rejected[c.name] = f"result differs from the default's: {why}"
                 continue
@@ -173,9 +181,11 @@ def _in_thread(fn, *args):
 
 
 def measured(point: str, key, candidates: list[Candidate],
-             make_args: Callable[[], tuple]) -> dict | None:
+             make_args: Callable[[], tuple], power: float = 0.5,
+             whole: bool = False) -> dict | None:
     """The cached entry of ``point`` at ``key`` (measured now if it is new); ``None`` when the
-    tuner is off. Never raises: a failure to measure warns and yields ``None``."""
+    tuner is off. Never raises: a failure to measure warns and yields ``None``. Candidates must
+    agree with the default as :func:`agree` with ``power`` and ``whole`` says."""
     if not enabled():
         return None
     k = cache.full_key(point, key)
@@ -187,7 +197,7 @@ def measured(point: str, key, candidates: list[Candidate],
             entry = cache.load(k)
             if entry is None or not set(entry.get("times_ms", {})) <= names:
                 try:
-                    entry = _in_thread(_measure, candidates, make_args)
+                    entry = _in_thread(_measure, candidates, make_args, power, whole)
                 except Exception as e:           # noqa: BLE001 -- never crash a user's trace
                     warnings.warn(f"fnn.tuning: measuring {point} failed ({type(e).__name__}: "
                                   f"{e}); using its default", RuntimeWarning, stacklevel=3)

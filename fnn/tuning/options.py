@@ -130,6 +130,16 @@ def _option_set(points) -> str:
     return name if totals[name] < base * (1 - STATE.margin) else "default"
 
 
+#: How closely a whole function compiled with other options must agree with jaxlib's defaults:
+#: every result entry within ``eps**WHOLE_POWER`` (float32: 1.9e-2) of the largest entry of any
+#: result (:func:`fnn.tuning.agree` with ``whole``). A whole program's float32 rounding moves
+#: more than one operation's when its kernels change (ResNet-18's training step: a bias 4% of its
+#: own largest entry), and each option's operations were checked one by one where they were
+#: chosen (:func:`fnn.tuning.choose`): this check is for a program that comes out wrong as a
+#: whole (non-finite, garbage, the oneDNN convolution that was off by 15%).
+WHOLE_POWER = 0.25
+
+
 class TunedJit:
     """``jax.jit(fun, **jit_kwargs)`` whose compiler options are chosen per argument shapes:
     the first call with new shapes traces ``fun`` once with jaxlib's defaults, which reaches
@@ -191,8 +201,8 @@ class TunedJit:
                     _IN_EFFECT.reset(token)
             return Candidate(opt, run, opt)
         candidates = [candidate("default"), candidate(name)]
-        return best(measured("jit.options", key, candidates, lambda: args), candidates,
-                    None).name
+        return best(measured("jit.options", key, candidates, lambda: args, power=WHOLE_POWER,
+                             whole=True), candidates, None).name
 
     def _jitted(self, name):
         if name not in self._by_options:
