@@ -101,3 +101,32 @@ def test_the_terminal_bar_moves_inside_an_epoch_with_the_running_loss(monkeypatc
                                    rtol=1e-10)
         assert res.history["loss"][0] == pytest.approx(running[-1], rel=1e-10)
     assert not progress._LISTENING                  # each fit's display left the list
+
+
+def test_epochs_launched_ahead_from_a_helper_thread_train_the_same(monkeypatch):
+    """With the bar the epoch holds a host callback and runs in the call that launches it, so
+    the next epoch is launched ahead of the bookkeeping (validation, callbacks) from a helper
+    thread: the run equals the same one with nothing launched ahead, bit for bit."""
+    pytest.importorskip("tqdm")
+    import numpy as np
+    from fnn.train import loops
+    x, y = xor_data(64)
+    launched = []
+    real = loops.Pending.__init__
+    monkeypatch.setattr(loops.Pending, "__init__",
+                        lambda self, *a: (launched.append(1), real(self, *a))[1])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+
+    def run():
+        return train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=4, batch_size=8,
+                         val_data=(x[:16], y[:16]), key=jax.random.PRNGKey(0),
+                         callbacks=[train.EarlyStopping(10)])
+    a = run()
+    assert len(launched) == 3                         # epochs 2-4, each launched ahead
+    monkeypatch.setattr(loops.InMemory, "ahead", lambda self, ts: None)
+    b = run()
+    assert len(launched) == 3
+    for k in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        assert a.history[k] == b.history[k]
+    for u, v in zip(jax.tree.leaves(a.train_state), jax.tree.leaves(b.train_state)):
+        np.testing.assert_array_equal(u, v)

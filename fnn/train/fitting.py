@@ -257,7 +257,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         # (strict=False): a replay with the per-step gradient check finds the step
         keep = not step.grad_norm
         # steps shown from inside: XLA:CPU then runs the epoch in the calling thread (a
-        # host callback), so no epoch is launched ahead of the bookkeeping
+        # host callback), so an epoch launched ahead of the bookkeeping is launched from a
+        # helper thread (loops.Pending)
         ticks = is_writer() and shows_steps(loop.progress)
         if on is None:
             runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,
@@ -273,8 +274,8 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         nbytes = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(
             train_state) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
         epochs_src = InMemory(runner, sizes, data, limit, bad_inputs, keep=keep,
-                              speculate=(nbytes <= 2 ** 26 or not runner.donates)
-                              and not runner.ticks, quiet=not (
+                              speculate=nbytes <= 2 ** 26 or not runner.donates,
+                              quiet=not (
                                   callbacks or backup or val_data is not None),
                               state_bytes=nbytes, put=jax.device_put)
     val = None

@@ -281,6 +281,8 @@ class InMemory:
     def _run(self, epoch, ts, remaining):
         q = self.inflight
         if q and q[0].before is not ts:
+            for launched in q:              # from another state: not used (but waited for)
+                _ready(launched)
             q.clear()
         if not q:
             t0, last, limit = time.perf_counter(), ts, self.limit
@@ -294,8 +296,8 @@ class InMemory:
                 self.epoch_time = per
             if self.quiet:
                 self.chain = chain_length(per, self.state_bytes)
-        out = memory_finish(self.runner, self.sizes, q.popleft(), self.data, self.bad_inputs,
-                            q[-1] if q else None)
+        out = memory_finish(self.runner, self.sizes, _ready(q.popleft()), self.data,
+                            self.bad_inputs, _ready(q[-1]) if q else None)
         if out[2] is not None:
             q.clear()
         return out
@@ -304,17 +306,40 @@ class InMemory:
         """Launch the next epoch before this one's bookkeeping (validation read-back, history,
         callbacks), so the device does not wait for the host. The epoch donates its input and
         the bookkeeping reads ``ts``: it runs from a copy, made only for a small state; a
-        large one is worth its memory more than the overlap."""
+        large one is worth its memory more than the overlap. A runner that reports its steps
+        holds a host callback, and XLA:CPU runs such a program in the call that launches it:
+        it is launched from a helper thread (:class:`Pending`)."""
         if not self.inflight and self.chain == 1 and self.speculate:
-            self.inflight.append(memory_launch(self.runner, self.sizes, ts, self.data,
-                                               self.limit, copy=True))
+            args = (self.runner, self.sizes, ts, self.data, self.limit)
+            self.inflight.append(Pending(ts, *args) if self.runner.ticks
+                                 else memory_launch(*args, copy=True))
 
     def restart(self):
+        for launched in self.inflight:
+            _ready(launched)
         self.inflight.clear()
 
     def take_time(self):
         t, self.epoch_time = self.epoch_time, None
         return t
+
+
+class Pending:
+    """:func:`memory_launch` (from a copy) running in a helper thread: ``before`` is the state
+    launched from, :func:`_ready` waits for the :class:`Launch`."""
+
+    _POOL = None
+
+    def __init__(self, before, *args):
+        import concurrent.futures
+        if Pending._POOL is None:
+            Pending._POOL = concurrent.futures.ThreadPoolExecutor(1, "fnn-epoch")
+        self.before = before
+        self.future = Pending._POOL.submit(memory_launch, *args, copy=True)
+
+
+def _ready(launched) -> Launch:
+    return launched.future.result() if isinstance(launched, Pending) else launched
 
 
 def chain_length(seconds_per_epoch, state_bytes, most=64, seconds=0.25, memory=2 ** 26):
