@@ -156,3 +156,22 @@ def test_kernel_gradient_forms_are_timed_in_a_loop_body():
     assert not any(e.primitive.name == "conv_general_dilated" for e in eqns)   # none hoisted
     for a, b in zip(jax.tree.leaves(jax.jit(run)(x, w, dy)), jax.tree.leaves(once(x, w, dy))):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_jax_gradients_of_convolutions_get_options_timed_whole(tune):
+    """A function with convolutions and no choice point (``jax.grad`` of a conv) is timed
+    whole under the convolution's option set; one without convolutions is not timed."""
+    def grad(w, x):
+        return jax.grad(lambda w: jnp.sum(jnp.tanh(C.conv(x, w))))(w)
+    x, w, _ = _conv_args()
+    with tune({"default": 2.0, "conv off YNNPACK": 1.0}):
+        tuned = tuning.jit(grad)
+        assert tuned.options_for(w, x) == "conv off YNNPACK"
+        np.testing.assert_allclose(tuned(w, x), jax.jit(grad)(w, x), rtol=1e-4, atol=1e-5)
+    with tune({"default": 1.0, "conv off YNNPACK": 2.0}):
+        assert tuning.jit(grad).options_for(w, x) == "default"
+    with tune({"default": 2.0, "conv off YNNPACK": 1.0}):
+        dense = tuning.jit(lambda w, x: jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w))
+        assert dense.options_for(w[0, 0], x[:, 0, 0]) == "default"
+        assert not [e for e in tuning.measure.memo_entries()
+                    if e["key"]["point"] == "jit.options"]

@@ -140,12 +140,33 @@ def _option_set(points) -> str:
 WHOLE_POWER = 0.25
 
 
+#: The option set a function with convolutions but no choice point (``jax.grad`` of a CNN) is
+#: timed with, against jaxlib's defaults, as a whole (:meth:`TunedJit._confirm`).
+CONV_OPTIONS = "conv off YNNPACK"
+
+
+def _convolves(jaxpr) -> bool:
+    """Whether a jaxpr (or one it calls) holds a convolution."""
+    from jax.extend import core as jex
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for v in eqn.params.values():
+            for j in v if isinstance(v, (tuple, list)) else (v,):
+                inner = j.jaxpr if isinstance(j, jex.ClosedJaxpr) else j
+                if isinstance(inner, jex.Jaxpr) and _convolves(inner):
+                    return True
+    return False
+
+
 class TunedJit:
     """``jax.jit(fun, **jit_kwargs)`` whose compiler options are chosen per argument shapes:
     the first call with new shapes traces ``fun`` once with jaxlib's defaults, which reaches
     (and measures) its choice points; if an option set (:data:`OPTION_SETS`) is faster over
-    them, ``fun`` is compiled with it, and its choice points trace with that set in effect. With
-    the tuner off (or no choice point in ``fun``) it is ``jax.jit(fun, **jit_kwargs)``."""
+    them, ``fun`` is compiled with it, and its choice points trace with that set in effect. A
+    function with convolutions and no choice point (JAX's own gradient of a CNN) is timed
+    whole under :data:`CONV_OPTIONS` against the defaults. With the tuner off (or neither in
+    ``fun``) it is ``jax.jit(fun, **jit_kwargs)``."""
 
     def __init__(self, fun, **jit_kwargs):
         self.fun, self.jit_kwargs = fun, jit_kwargs
@@ -165,14 +186,19 @@ class TunedJit:
             seen = []
             token = _RECORDING.set(seen)
             try:
-                self.plain.trace(*args, **kwargs)
+                traced = self.plain.trace(*args, **kwargs)
             finally:
                 _RECORDING.reset(token)
             seen = [(p, e) for p, e in seen if set(e.get("options", {}).values()) - {"default"}]
-            # whether a choice point is reached depends on fun's structure, not on the shapes:
-            # none here means none for any shapes, and calls skip the signature from now on
-            self._no_options = not seen and len(self._chosen) == 0
-            name = _option_set(seen) if seen else "default"
+            if seen:
+                name = _option_set(seen)
+            else:           # convolutions that reach no choice point (JAX's own gradients)
+                name = CONV_OPTIONS if _convolves(traced.jaxpr.jaxpr) and accepted(
+                    CONV_OPTIONS) else "default"
+            # whether a choice point or a convolution is reached depends on fun's structure,
+            # not on the shapes: none here means none for any shapes, and calls skip the
+            # signature from now on
+            self._no_options = name == "default" and not seen and len(self._chosen) == 0
             if name != "default":
                 name = self._confirm(name, args, kwargs)
             self._chosen[sig] = name
