@@ -34,6 +34,7 @@ Run under ``flock /tmp/fnn_bench.lock``, with torch installed::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -209,11 +210,15 @@ def conv_shapes():
     return rows
 
 
+PROFILE_OPTIONS = None      # --profile-options: the compiler-option set the profile uses
+
+
 def profile(rounds, fwd_fn, params, state, x, hand_step_s):
     from fnn.layers import conv as C
     import torch
     print(f"\nProfile ({load()}): forward alone (train mode), then each distinct convolution "
-          f"timed alone, fnn (hand rules, tuner's form, jax.jit) vs PyTorch; ms per call")
+          f"timed alone, fnn (hand rules, tuner's form, jax.jit with options "
+          f"{PROFILE_OPTIONS or 'default'}) vs PyTorch; ms per call")
     med, _ = interleaved({"forward": lambda: fwd_fn(params, state, x)}, rounds, warm=True)
     print(f"  fnn forward (apply, train=True): {med['forward'] * 1e3:.1f} ms of the hand step's "
           f"{hand_step_s * 1e3:.1f} ms")
@@ -226,9 +231,10 @@ def profile(rounds, fwd_fn, params, state, x, hand_step_s):
         wj = jnp.asarray(r.standard_normal((k, k, cin, cout)) * 0.05, jnp.float32)
         opts = dict(strides=s, padding=((pad, pad), (pad, pad)))
         dy = jnp.asarray(r.standard_normal(C.conv_output_shape(xs, wj.shape, **opts)), jnp.float32)
-        fwd = jax.jit(lambda x, w: C.conv(x, w, **opts))
-        dx = jax.jit(lambda x, w, dy: C.conv_backward(x, w, dy, **opts)[1])
-        dw = jax.jit(lambda x, w, dy: C.conv_backward(x, w, dy, **opts)[0])
+        jit = functools.partial(jax.jit, compiler_options=PROFILE_OPTIONS)
+        fwd = jit(lambda x, w: C.conv(x, w, **opts))
+        dx = jit(lambda x, w, dy: C.conv_backward(x, w, dy, **opts)[1])
+        dw = jit(lambda x, w, dy: C.conv_backward(x, w, dy, **opts)[0])
         tconv = torch.nn.Conv2d(cin, cout, k, s, pad, bias=False)
         xt = torch.from_numpy(np.asarray(xj).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
         dyt = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy())
@@ -257,6 +263,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-rounds", type=int, default=5)
+    ap.add_argument("--profile-options", default="default",
+                    help="compiler-option set (fnn.tuning.OPTION_SETS) the profile's convolutions use")
     ap.add_argument("--batch", type=int, default=B, help="(smoke tests only; the goal is 32)")
     ap.add_argument("--size", type=int, default=HW, help="(smoke tests only; the goal is 64)")
     args = ap.parse_args()
@@ -310,6 +318,8 @@ def main():
     hand, auto = med["fnn hand (fnn.tuning.jit)"], med["fnn autodiff (fnn.tuning.jit)"]
     print(f"  hand / autodiff: {hand / auto:.2f}x")
     if args.profile:
+        global PROFILE_OPTIONS
+        PROFILE_OPTIONS = dict(tuning.options.OPTION_SETS[args.profile_options]) or None
         fwd = jax.jit(lambda p, s, x: model.apply(p, s, x, train=True)[0])
         profile(args.profile_rounds, fwd, params, state, x, hand)
     print(f"end: {load()}")

@@ -11,6 +11,7 @@ from fnn import backprop, losses
 from fnn.combinators import serial
 from fnn.layers import Conv, ConvTranspose, Dense, Flatten, MaxPool, Relu
 from fnn.layers import conv as C
+from fnn.layers._conv_col2im import col2im_applies
 
 from helpers import assert_trees_close, no_autodiff, rel_err, tree_scale
 
@@ -179,19 +180,35 @@ def test_backward_matches_vjp(op, xs, ws, kw, method, rng, monkeypatch):
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda: fwd(x, w, **kw)).shape))
     ref_x, ref_w = jax.jit(lambda x, w, dy: jax.vjp(lambda x, w: fwd(x, w, **kw), x, w)[1](dy))(
         x, w, dy)
+    forms = dict(kernel_grad=method)
+    if op == "conv" and method == "im2col":     # and the input gradient by col2im, where it applies
+        g = {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1, **kw}
+        pads = C.conv_geometry("conv", xs, ws, g["strides"], g["padding"], g["dilation"],
+                               g["groups"])[3]
+        forms["input_grad"] = "col2im" if col2im_applies(pads, g["groups"]) else "conv"
     with no_autodiff(monkeypatch):
-        dw, dx = jax.jit(lambda x, w, dy: bwd(x, w, dy, **kw, kernel_grad=method))(x, w, dy)
+        dw, dx = jax.jit(lambda x, w, dy: bwd(x, w, dy, **kw, **forms))(x, w, dy)
     assert dx.shape == x.shape and dw.shape == w.shape
     assert rel_err(dx, ref_x) < 1e-9
     assert rel_err(dw, ref_w) < 1e-9
+
+
+def test_col2im_covers_the_backward_cases():
+    """The col2im input gradient is checked above on most convolution cases (one group, no
+    cropping padding)."""
+    applies = [col2im_applies(C.conv_geometry("conv", xs, ws, kw.get("strides", 1),
+                                              kw.get("padding", "SAME"), kw.get("dilation", 1),
+                                              kw.get("groups", 1))[3], kw.get("groups", 1))
+               for op, xs, ws, kw in BACKWARD_CASES if op == "conv"]
+    assert sum(applies) >= 4 and not all(applies)
 
 
 def test_auto_kernel_grad_follows_the_table(monkeypatch, rng):
     x, w = (jnp.asarray(a) for a in draw(rng, (1, 4, 4, 2), (3, 3, 2, 2)))
     dy = jnp.ones((1, 4, 4, 2))
     calls = []
-    real = C.lax.conv_general_dilated
-    monkeypatch.setattr(C.lax, "conv_general_dilated",
+    real = jax.lax.conv_general_dilated
+    monkeypatch.setattr(jax.lax, "conv_general_dilated",
                         lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setitem(C.KERNEL_GRAD, jax.default_backend(), "conv")
     C.conv_backward(x, w, dy)
@@ -202,6 +219,8 @@ def test_auto_kernel_grad_follows_the_table(monkeypatch, rng):
     assert len(calls) == 1                                       # only the input gradient
     with pytest.raises(ValueError, match="kernel_grad must be 'auto', 'conv' or 'im2col'"):
         C.conv_backward(x, w, dy, kernel_grad="fft")
+    with pytest.raises(ValueError, match="input_grad must be 'auto', 'conv' or 'col2im'"):
+        C.conv_backward(x, w, dy, input_grad="fft")
 
 
 # --------------------------------------------------------------------------- layers

@@ -9,7 +9,7 @@ import numpy as np
 
 from fnn import tuning
 
-__all__ = ["kernel_grad_choice", "in_a_loop"]
+__all__ = ["kernel_grad_choice", "input_grad_choice", "in_a_loop"]
 
 #: Part of every cached choice's key: raised when a candidate's formulation changes, so that
 #: timings of the old one are not reused (2: the CPU ``"conv"`` form in the canonical layout).
@@ -59,6 +59,46 @@ def kernel_grad_choice(op: str, x_shape, w_shape, dtype, strides=1, padding="SAM
     forms = (default, "im2col" if default == "conv" else "conv")
     return tuning.choose("conv.kernel_grad", key,
                          [candidate(f, o) for o in tuning.options.OPTION_SETS for f in forms], make_args)
+
+
+def input_grad_choice(x_shape, w_shape, dtype, strides, pads, dilation) -> str:
+    """Choice point (:mod:`fnn.tuning`): the CPU input-gradient formulation of a convolution
+    with one feature group at these shapes (``strides``, ``pads`` as ``(lo, hi)`` pairs and
+    ``dilation`` as tuples), ``"conv"`` (the default: the transposed convolution with the
+    flipped, swapped kernel) or ``"col2im"`` (:mod:`fnn.layers._conv_col2im`: the kernel used as
+    it is). Candidates: both forms under every compiler-option set, each timed alone in a
+    two-step loop as :func:`kernel_grad_choice` times its own. With the tuner off: ``"conv"``."""
+    from fnn.layers import conv as C
+    from fnn.layers._conv_forms import _input_grad
+    if not tuning.enabled():
+        return "conv"
+    dy_shape = C.conv_output_shape(x_shape, w_shape, strides, pads, dilation)
+
+    def candidate(form, options):
+        def once(x, w, dy):
+            return _input_grad(dy, w, x.shape, strides, pads, dilation, 1, form)
+        name = form if options == "default" else f"{form}, {options}"
+        return tuning.Candidate(name, in_a_loop(once), options, form)
+
+    def make_args():
+        r = np.random.default_rng(0)
+        return tuple(r.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, dy_shape))
+    key = {"op": "conv", "x": list(x_shape), "w": list(w_shape), "dtype": str(np.dtype(dtype)),
+           "strides": repr(strides), "padding": repr(pads), "dilation": repr(dilation),
+           "timed": "in a loop"}
+    return tuning.choose("conv.input_grad", key,
+                         [candidate(f, o) for o in tuning.options.OPTION_SETS
+                          for f in ("conv", "col2im")], make_args)
+
+
+def _auto_input_grad(x, w, strides, pads, dilation, groups) -> dict:
+    """``input_grad="auto"`` as ``{platform: form}``: the tuner's choice on CPU where col2im
+    applies, ``"conv"`` elsewhere."""
+    from fnn.layers._conv_col2im import col2im_applies
+    pads = tuple(tuple(p) for p in pads)
+    cpu = input_grad_choice(x.shape, w.shape, x.dtype, tuple(strides), pads, tuple(dilation)) \
+        if col2im_applies(pads, groups) else "conv"
+    return {"default": "conv", "cpu": cpu}
 
 
 def in_a_loop(once):

@@ -34,19 +34,13 @@ options of fnn's own compiled functions); with the tuner off, :data:`KERNEL_GRAD
 """
 from __future__ import annotations
 
-import functools
-import itertools
-import math
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from fnn import initializers as inits
 from fnn.core import Example, Layer, constructor, default_dtype, examples, from_backward, is_shape
-from fnn.layers._conv_layout import canonical_convs
-from fnn.layers._conv_im2col import conv_im2col
-from fnn.layers._conv_tuning import _auto_kernel_grad, kernel_grad_choice
+from fnn.layers._conv_forms import _conv_raw, _flip_swap, _input_grad, _kernel_grad, _pad
+from fnn.layers._conv_tuning import _auto_input_grad, _auto_kernel_grad, kernel_grad_choice
 from fnn.layers._param_shapes import check_param_shapes
 from fnn.layers._spatial import (LAYOUTS, explicit_padding, int_tuple, padding_mode,
                                  padding_pairs, spatial_sizes)
@@ -62,8 +56,6 @@ __all__ = ["conv", "conv_backward", "conv_transpose", "conv_transpose_backward",
 #: bench_conv.py: benchmarks/RESULTS.md, "Convolution" (im2col + matmul against XLA's CPU
 #: convolution for the kernel gradient, under jaxlib's default compiler options).
 KERNEL_GRAD = {"cpu": "im2col"}
-
-_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 
 # --------------------------------------------------------------------------- argument handling
@@ -109,78 +101,6 @@ def conv_geometry(name, x_shape, w_shape, strides, padding, dilation, groups):
     return n, strides, dilation, pads, k_eff, out
 
 
-def _dims(n):
-    s = _SPATIAL[n]
-    return (f"N{s}C", f"{s}IO", f"N{s}C")
-
-
-def _conv_raw(x, w, strides, pads, lhs_dilation, dilation, groups):
-    """The convolution (forward, and the input gradient: ``lhs_dilation`` = the strides). On
-    CPU, when the kernel is larger than the input along an axis (ResNet's last stage: 2x2 maps,
-    3x3 kernels), XLA's convolution is 25-75x slower than an im2col matmul, whose patches are
-    small exactly then (``benchmarks/RESULTS.md``, ResNet-18): that one is used there."""
-    xla = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=pads,
-                            lhs_dilation=lhs_dilation, rhs_dilation=dilation,
-                            dimension_numbers=_dims(w.ndim - 2), feature_group_count=groups)
-    k_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[:-2], dilation)]
-    if groups != 1 or all(m >= k for m, k in zip(x.shape[1:-1], k_eff)):
-        return xla(x, w)
-    small = functools.partial(conv_im2col, strides=strides, pads=pads,
-                              lhs_dilation=lhs_dilation, dilation=dilation)
-    return lax.platform_dependent(x, w, cpu=small, default=xla)
-
-
-def _flip_swap(w, groups):
-    """``(*K, Ci/G, Co) -> (*K, Co/G, Ci)``: spatially flipped, in/out swapped within each group."""
-    *k, ci_g, co = w.shape
-    n = len(k)
-    w = jnp.flip(w, axis=tuple(range(n))).reshape(*k, ci_g, groups, co // groups)
-    w = jnp.transpose(w, tuple(range(n)) + (n + 2, n + 1, n))       # (*K, Co/G, G, Ci/G)
-    return w.reshape(*k, co // groups, groups * ci_g)
-
-
-# --------------------------------------------------------------------------- kernel gradient
-
-def _pad(x, pads, interior=None):
-    """Zero-pad the spatial axes of ``(B, *S, C)``; negative ``hi`` crops."""
-    interior = interior or (0,) * len(pads)
-    return lax.pad(x, jnp.zeros((), x.dtype),
-                   [(0, 0, 0)] + [(lo, hi, i) for (lo, hi), i in zip(pads, interior)] + [(0, 0, 0)])
-
-
-def _kernel_grad(xp, dy, ksize, strides, dilation, groups, method):
-    """``dw[k, c, f] = Σ_{b,o} xp[b, o·s + k·d, c] · dy[b, o, f]`` on a padded input ``xp``;
-    ``method``: ``"conv"``, ``"im2col"``, or ``{platform: method}`` (chosen at lowering)."""
-    if isinstance(method, dict):
-        forms = {p: functools.partial(_kernel_grad, ksize=ksize, strides=strides,
-                                      dilation=dilation, groups=groups, method=m)
-                 for p, m in method.items()}
-        if len(set(method.values())) == 1:
-            return forms["default"](xp, dy)
-        return lax.platform_dependent(xp, dy, **forms)
-    n, out, co = len(ksize), dy.shape[1:-1], dy.shape[-1]
-    ci = xp.shape[-1]
-    if method == "conv":           # batch is the contracted axis, channels the "batch"
-        s = _SPATIAL[n]
-        corr = functools.partial(lax.conv_general_dilated, window_strides=dilation,
-                                 padding=[(0, 0)] * n, rhs_dilation=strides,
-                                 dimension_numbers=(f"C{s}N", f"I{s}O", f"{s}NC"),
-                                 batch_group_count=groups)
-        return canonical_convs(corr)(xp, dy)    # laid out for XLA:CPU, or slow in a loop
-    if method != "im2col":
-        raise ValueError(f"conv: kernel_grad must be 'auto', 'conv' or 'im2col', got {method!r}")
-    cols = []
-    for k in itertools.product(*(range(a) for a in ksize)):    # one shifted slice per tap
-        start = [a * d for a, d in zip(k, dilation)]
-        limit = [a + (o - 1) * s + 1 for a, o, s in zip(start, out, strides)]
-        cols.append(lax.slice(xp, (0, *start, 0), (xp.shape[0], *limit, ci), (1, *strides, 1)))
-    m, kk = math.prod(dy.shape[:-1]), math.prod(ksize)
-    patches = jnp.concatenate(cols, axis=-1).reshape(m, kk, groups, ci // groups)  # (M, K, G, C/G)
-    err = dy.reshape(m, groups, co // groups)                                       # (M, G, O/G)
-    dw = jnp.einsum("mkgc,mgo->kcgo", patches, err)                           # (K, C/G, G, O/G)
-    return dw.reshape(*ksize, ci // groups, co)
-
-
 # --------------------------------------------------------------------------- conv
 
 def conv_output_shape(x_shape, w_shape, strides=1, padding="SAME", dilation=1, groups=1):
@@ -203,20 +123,24 @@ def conv(x, w, strides=1, padding="SAME", dilation=1, groups=1):
     return _conv_raw(x, w, strides, pads, None, dilation, groups)
 
 
-def conv_backward(x, w, dy, strides=1, padding="SAME", dilation=1, groups=1, kernel_grad="auto"):
+def conv_backward(x, w, dy, strides=1, padding="SAME", dilation=1, groups=1, kernel_grad="auto",
+                  input_grad="auto"):
     """Hand-derived VJP of :func:`conv`: returns ``(dw, dx)``.
 
     ``dx`` is the transposed convolution of ``dy`` (dilated by the strides, padded by
     ``k_eff - 1 - lo`` and ``n + lo - ((out - 1)·s + 1)``) with the flipped, in/out-swapped
-    kernel; ``dw`` is the correlation of the padded input with ``dy`` (see module docstring).
+    kernel (``input_grad="conv"``), or the same sums as a matmul by the kernel as it is and a
+    sum of shifted slices (``"col2im"``, one feature group); ``"auto"``: measured on CPU
+    (:func:`fnn.layers._conv_tuning.input_grad_choice`), ``"conv"`` elsewhere. ``dw`` is the
+    correlation of the padded input with ``dy`` (see module docstring).
     """
     _, strides, dilation, pads, k_eff, out = conv_geometry("conv", x.shape, w.shape, strides,
                                                            padding, dilation, groups)
     sizes, ksize = x.shape[1:-1], w.shape[:-2]
     span = [(o - 1) * s + 1 for o, s in zip(out, strides)]             # dilated error length
-    dx_pads = [(k - 1 - lo, m + lo - L) for k, (lo, _), m, L in zip(k_eff, pads, sizes, span)]
-    dx = _conv_raw(dy, _flip_swap(w, groups), (1,) * len(sizes), dx_pads, strides, dilation,
-                   groups)
+    if input_grad == "auto":
+        input_grad = _auto_input_grad(x, w, strides, pads, dilation, groups)
+    dx = _input_grad(dy, w, x.shape, strides, pads, dilation, groups, input_grad)
     used = [(lo, L + k - 1 - m - lo) for (lo, _), L, k, m in zip(pads, span, k_eff, sizes)]
     if kernel_grad == "auto":
         kernel_grad = _auto_kernel_grad("conv", x, w, strides, padding, dilation, groups)

@@ -149,7 +149,7 @@ def _convolves(jaxpr) -> bool:
     """Whether a jaxpr (or one it calls) holds a convolution."""
     from jax.extend import core as jex
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
+        if eqn.primitive is jex.primitives.conv_general_dilated_p:
             return True
         for v in eqn.params.values():
             for j in v if isinstance(v, (tuple, list)) else (v,):
