@@ -130,3 +130,22 @@ def test_epochs_launched_ahead_from_a_helper_thread_train_the_same(monkeypatch):
         assert a.history[k] == b.history[k]
     for u, v in zip(jax.tree.leaves(a.train_state), jax.tree.leaves(b.train_state)):
         np.testing.assert_array_equal(u, v)
+
+
+def test_no_helper_thread_under_a_thread_local_jax_setting(monkeypatch):
+    """``jax.default_matmul_precision`` holds in the thread that set it only: under it no epoch
+    is launched from the helper thread (it would be compiled again, without the setting)."""
+    pytest.importorskip("tqdm")
+    from fnn.train import loops
+    x, y = xor_data(32)
+    launched = []
+    real = loops.Pending.__init__
+    monkeypatch.setattr(loops.Pending, "__init__",
+                        lambda self, *a: (launched.append(1), real(self, *a))[1])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert loops.Pending.traces_alike()
+    with jax.default_matmul_precision("highest"):
+        assert not loops.Pending.traces_alike()
+        train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=3, batch_size=8,
+                  val_data=(x[:8], y[:8]), key=jax.random.PRNGKey(0))
+    assert not launched

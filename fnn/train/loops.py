@@ -311,8 +311,10 @@ class InMemory:
         it is launched from a helper thread (:class:`Pending`)."""
         if not self.inflight and self.chain == 1 and self.speculate:
             args = (self.runner, self.sizes, ts, self.data, self.limit)
-            self.inflight.append(Pending(ts, *args) if self.runner.ticks
-                                 else memory_launch(*args, copy=True))
+            if not self.runner.ticks:
+                self.inflight.append(memory_launch(*args, copy=True))
+            elif Pending.traces_alike():
+                self.inflight.append(Pending(ts, *args))
 
     def restart(self):
         for launched in self.inflight:
@@ -330,12 +332,28 @@ class Pending:
 
     _POOL = None
 
-    def __init__(self, before, *args):
+    @classmethod
+    def _pool(cls):
         import concurrent.futures
-        if Pending._POOL is None:
-            Pending._POOL = concurrent.futures.ThreadPoolExecutor(1, "fnn-epoch")
+        if cls._POOL is None:
+            cls._POOL = concurrent.futures.ThreadPoolExecutor(1, "fnn-epoch")
+        return cls._POOL
+
+    def __init__(self, before, *args):
         self.before = before
-        self.future = Pending._POOL.submit(memory_launch, *args, copy=True)
+        self.future = self._pool().submit(memory_launch, *args, copy=True)
+
+    @classmethod
+    def traces_alike(cls) -> bool:
+        """Whether the helper thread would run the epoch as this thread does: JAX's
+        thread-local settings (``with jax.default_matmul_precision(...)`` and the like) hold in
+        the thread that set them only, and under others the epoch would be compiled again,
+        differently. Not where they differ (or cannot be compared)."""
+        try:
+            from jax._src.config import trace_context
+        except ImportError:         # pragma: no cover -- a JAX without it: never in a thread
+            return False
+        return cls._pool().submit(trace_context).result() == trace_context()
 
 
 def _ready(launched) -> Launch:
