@@ -221,6 +221,9 @@ def test_auto_kernel_grad_follows_the_table(monkeypatch, rng):
         C.conv_backward(x, w, dy, kernel_grad="fft")
     with pytest.raises(ValueError, match="input_grad must be 'auto', 'conv' or 'col2im'"):
         C.conv_backward(x, w, dy, input_grad="fft")
+    with pytest.raises(ValueError, match=r"input_grad='col2im' needs one feature group .* "
+                                         r"got groups=2"):
+        C.conv_backward(x, w[..., :1, :], dy, groups=2, input_grad="col2im")
 
 
 # --------------------------------------------------------------------------- layers

@@ -13,7 +13,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.layers._conv_col2im import conv_input_grad_col2im
+from fnn.layers._conv_col2im import col2im_applies, conv_input_grad_col2im
 from fnn.layers._conv_im2col import conv_im2col
 from fnn.layers._conv_layout import canonical_convs
 
@@ -51,6 +51,10 @@ def _input_grad(dy, w, x_shape, strides, pads, dilation, groups, method):
         return lax.platform_dependent(dy, w, **forms) if len(set(method.values())) > 1 else \
             forms["default"](dy, w)
     if method == "col2im":
+        if not col2im_applies(pads, groups):
+            raise ValueError(f"conv: input_grad='col2im' needs one feature group and no "
+                             f"negative padding, got groups={groups}, padding {tuple(pads)}; "
+                             f"use 'auto' or 'conv'")
         return conv_input_grad_col2im(dy, w, x_shape, strides, pads, dilation)
     if method != "conv":
         raise ValueError(f"conv: input_grad must be 'auto', 'conv' or 'col2im', got {method!r}")
