@@ -241,7 +241,9 @@ class InMemory:
     (``grad_norm=False``: the runner then does not donate, and the start is that copy);
     ``speculate``: launching ahead is allowed (a small state, copied, or a runner that does
     not donate). A runner that reports its steps (``runner.ticks``) gets ``(limit, every)``,
-    ``every`` placed by ``put`` and paced by :func:`fnn.train.progress.tick_every`."""
+    ``every`` placed by ``put`` and paced by :func:`fnn.train.progress.tick_every`; its epochs
+    run in the call that launches them, so they are not chained but launched ahead one at a
+    time from a helper thread (:class:`Pending`)."""
 
     runner: Runner
     sizes: tuple
@@ -294,8 +296,8 @@ class InMemory:
             per = (time.perf_counter() - t0) / len(q)
             if len(q) > 1:
                 self.epoch_time = per
-            if self.quiet:
-                self.chain = chain_length(per, self.state_bytes)
+            if self.quiet and not self.runner.ticks:    # a ticking epoch runs as launched:
+                self.chain = chain_length(per, self.state_bytes)   # one at a time, ahead
         out = memory_finish(self.runner, self.sizes, _ready(q.popleft()), self.data,
                             self.bad_inputs, _ready(q[-1]) if q else None)
         if out[2] is not None:
