@@ -21,11 +21,11 @@ from fnn.train.step import StepOut
 NAN = float("nan")
 
 
-def _core(ts, x):
-    """A stand-in step: the state adds the batch ``x``; loss ``x``, gradient norm ``2x``,
-    3 examples, finite when ``x`` is; stats ``([x, 1], 1)`` (float64 and int32)."""
-    return ts + x, StepOut(x, jnp.isfinite(x), 2 * x, 3,
-                           (jnp.stack([x, jnp.ones_like(x)]), jnp.ones((), jnp.int32)))
+def _core(ts, b):
+    """A stand-in step on a batch ``b = [x, 1]`` (float32): the state adds ``x``; loss ``x``,
+    gradient norm ``2x``, 3 examples, finite when ``x`` is; stats ``(b, 1)`` (float32, int32)."""
+    x = b[0]
+    return ts + x, StepOut(x, jnp.isfinite(x), 2 * x, 3, (b, jnp.ones((), jnp.int32)))
 
 
 def _sums(s, loss, grad_norm, examples, stats0, stats1):
@@ -33,30 +33,34 @@ def _sums(s, loss, grad_norm, examples, stats0, stats1):
                                   [loss, grad_norm, examples])
     np.testing.assert_array_equal(np.asarray(s.stats[0]), stats0)
     assert int(s.stats[1]) == stats1 and s.stats[1].dtype == jnp.int32
-    assert s.stats[0].dtype == jnp.float64
+    assert s.stats[0].dtype == jnp.float32 and s.stats[0].shape == (2,)
+    assert s.loss.dtype == s.grad_norm.dtype == s.examples.dtype == jnp.float64   # x64 on
 
 
 def test_add_weights_by_the_batch_size():
     acc = Sums(jnp.float64(1.0), jnp.float64(2.0), jnp.float64(3.0),
-               (jnp.array([1.0, 2.0]), jnp.int32(4)))
+               (jnp.array([1.0, 2.0], jnp.float32), jnp.int32(4)))
     out = StepOut(jnp.float64(0.5), True, jnp.float64(0.25), 4,
-                  (jnp.array([10.0, 20.0]), jnp.int32(1)))
+                  (jnp.array([10.0, 20.0], jnp.float32), jnp.int32(1)))
     _sums(epoch._add(acc, out), 1 + 0.5 * 4, 2 + 0.25 * 4, 7, [11, 22], 5)
 
 
 def test_zero_sums_are_shaped_like_the_steps_outputs():
-    z = epoch.zero_sums(_core, jnp.float64(0), jax.ShapeDtypeStruct((), jnp.float64))
+    z = epoch.zero_sums(_core, jnp.float64(0), jax.ShapeDtypeStruct((2,), jnp.float32))
     _sums(z, 0, 0, 0, [0, 0], 0)
     assert z.loss.shape == z.grad_norm.shape == z.examples.shape == ()
-    assert z.loss.dtype == z.grad_norm.dtype == z.examples.dtype == jnp.float64   # x64 on
-    assert z.stats[0].shape == (2,)
 
 
 LOOP = jax.jit(lambda ts, s, limit: epoch._loop(_core, ts, s, limit, s.shape[0]))
 
 
+def _batches(xs):
+    """The stacked batches ``[x, 1]`` (float32) for the values ``xs``."""
+    return jnp.stack([jnp.asarray(xs, jnp.float32), jnp.ones(len(xs), jnp.float32)], 1)
+
+
 def _loop(s, limit):
-    i, ts, sums, bad = LOOP(jnp.float64(0), jnp.asarray(s, jnp.float64), np.int32(limit))
+    i, ts, sums, bad = LOOP(jnp.float64(0), _batches(s), np.int32(limit))
     assert i.dtype == jnp.int32 and bad.dtype == jnp.bool_
     return int(i), float(ts), sums, bool(bad)
 
@@ -91,8 +95,7 @@ def test_loop_reports_every_k_steps(monkeypatch):
 
     def ticks(s, limit, every, want):
         seen.clear()
-        i, ts, sums, bad = run(jnp.float64(0), jnp.asarray(s, jnp.float64), np.int32(limit),
-                               np.int32(every))
+        i, ts, sums, bad = run(jnp.float64(0), _batches(s), np.int32(limit), np.int32(every))
         jax.effects_barrier()
         assert sorted(seen) == want
         return int(i), float(ts), float(sums.loss), float(sums.examples), bool(bad)
@@ -111,17 +114,19 @@ def test_loop_reports_every_k_steps(monkeypatch):
 
 def test_packer_one_vector_per_dtype_in_name_order():
     like = {"a": jnp.zeros(2, jnp.float32), "b": jnp.zeros((), jnp.float64),
-            "c": jnp.zeros((2, 2), jnp.int32), "d": jnp.zeros((), jnp.float32)}
+            "c": jnp.zeros((2, 2), jnp.int32), "d": jnp.zeros((), jnp.float32),
+            "e": jnp.zeros(3, jnp.float32)}
     pack, unpack = epoch._packer(like)
     tree = {"a": jnp.array([1, 2], jnp.float32), "b": jnp.float64(3),
-            "c": jnp.array([[4, 5], [6, 7]], jnp.int32), "d": jnp.float32(8)}
+            "c": jnp.array([[4, 5], [6, 7]], jnp.int32), "d": jnp.float32(8),
+            "e": jnp.array([9, 10, 11], jnp.float32)}
     f32, f64, i32 = pack(tree)                 # float32 < float64 < int32, leaves in tree order
-    np.testing.assert_array_equal(f32, [1, 2, 8])
+    np.testing.assert_array_equal(f32, [1, 2, 8, 9, 10, 11])
     np.testing.assert_array_equal(f64, [3])
     np.testing.assert_array_equal(i32, [4, 5, 6, 7])
     assert (f32.dtype, f64.dtype, i32.dtype) == (jnp.float32, jnp.float64, jnp.int32)
     back = unpack((f32, f64, i32))
-    assert sorted(back) == ["a", "b", "c", "d"]
+    assert sorted(back) == ["a", "b", "c", "d", "e"]
     for k in tree:
         assert back[k].shape == tree[k].shape and back[k].dtype == tree[k].dtype
         np.testing.assert_array_equal(back[k], tree[k])
@@ -166,11 +171,17 @@ def test_runner_report_next_limit_and_state():
     np.testing.assert_array_equal(r.sums.stats[0], [2, 4])
     assert r.sums.stats[0].dtype == jnp.float32 and r.sums.stats[1].dtype == jnp.int32
     assert int(r.sums.stats[1]) == 7
+    assert r.sums.loss.shape == r.sums.examples.shape == r.sums.stats[1].shape == ()
+    assert r.sums.stats[0].shape == (2,)
     assert type(r.learning_rate) is float and r.learning_rate == pytest.approx(0.1, rel=1e-6)
     assert type(r.loss_scale) is float and np.isnan(r.loss_scale)
     assert int(nxt) == 4 and nxt.dtype == jnp.int32
     _, flat, nxt = run(ts, jnp.array([5, 6], jnp.float32), np.int32(4))   # sum 11: bad
     assert run.unpack(flat).bad is True and int(nxt) == 0 and nxt.dtype == jnp.int32
+    # a Python int limit (int64 under x64): the next limit is int32 all the same, the dtype
+    # the next epoch's program was compiled for
+    _, _, nxt = run(ts, jnp.array([1, 2], jnp.float32), 4)
+    assert int(nxt) == 4 and nxt.dtype == jnp.int32
 
 
 def test_runner_reads_the_rate_and_the_loss_scale():
