@@ -66,22 +66,22 @@ def _loop(s, limit):
 
 
 def test_loop_runs_to_the_limit_and_leaves_before_a_non_finite_step():
+    i, ts, s, bad = _loop([1, 2, NAN, 4, 5], 2)           # the limit comes first
+    assert (i, ts, bad) == (2, 3.0, False)
+    _sums(s, 9, 18, 6, [3, 2], 2)
+    i, ts, s, bad = _loop([1, 2, NAN, 4, 5], 10)          # step 3 counted, not applied
+    assert (i, ts, bad) == (3, 3.0, True)
+    _sums(s, 3 * 3, 3 * 6, 6, [3, 2], 2)
+    i, ts, s, bad = _loop([np.inf, 2, 3, 4, 5], 10)
+    assert (i, ts, bad) == (1, 0.0, True)
+    _sums(s, 0, 0, 0, [0, 0], 0)
     i, ts, s, bad = _loop([1, 2, 3, 4, 5], 10)            # all 5 steps: 1 + ... + 5 = 15
     assert (i, ts, bad) == (5, 15.0, False)
     _sums(s, 3 * 15, 3 * 30, 15, [15, 5], 5)
     i, ts, s, bad = _loop([1, 2, 3, 4, 5], 5)
     assert (i, ts, bad) == (5, 15.0, False)
-    i, ts, s, bad = _loop([1, 2, NAN, 4, 5], 10)          # step 3 counted, not applied
-    assert (i, ts, bad) == (3, 3.0, True)
-    _sums(s, 3 * 3, 3 * 6, 6, [3, 2], 2)
-    i, ts, s, bad = _loop([1, 2, NAN, 4, 5], 2)           # the limit comes first
-    assert (i, ts, bad) == (2, 3.0, False)
-    _sums(s, 9, 18, 6, [3, 2], 2)
     i, ts, s, bad = _loop([1, 2, 3, 4, 5], 0)
     assert (i, ts, bad) == (0, 0.0, False)
-    _sums(s, 0, 0, 0, [0, 0], 0)
-    i, ts, s, bad = _loop([np.inf, 2, 3, 4, 5], 10)
-    assert (i, ts, bad) == (1, 0.0, True)
     _sums(s, 0, 0, 0, [0, 0], 0)
 
 
@@ -100,16 +100,17 @@ def test_loop_reports_every_k_steps(monkeypatch):
         assert sorted(seen) == want
         return int(i), float(ts), float(sums.loss), float(sums.examples), bool(bad)
 
-    # (steps done, loss sum = 3 * (1 + ... + steps), examples = 3 * steps)
+    # (steps done, loss sum = 3 * (1 + ... + steps), examples = 3 * steps); the cases with a
+    # non-finite step first (a loop that ran on past its end would stop there)
+    assert ticks([1, 2, NAN, 4, 5], 10, 2, [(2, 9, 6)]) == (3, 3, 9, 6, True)
+    assert ticks([1, 2, 3, NAN, 5], 10, 2, [(2, 9, 6)]) == (4, 6, 18, 9, True)
     assert ticks([1, 2, 3, 4, 5], 10, 2, [(2, 9, 6), (4, 30, 12)]) == (5, 15, 45, 15, False)
     assert ticks([1, 2, 3, 4, 5], 10, 1, [(1, 3, 3), (2, 9, 6), (3, 18, 9), (4, 30, 12)]) \
         == (5, 15, 45, 15, False)
     assert ticks([1, 2, 3, 4, 5], 10, 4, [(4, 30, 12)]) == (5, 15, 45, 15, False)
     assert ticks([1, 2, 3, 4, 5], 10, 5, []) == (5, 15, 45, 15, False)
-    assert ticks([1, 2, 3, 4, 5], 10, 0, []) == (5, 15, 45, 15, False)
     assert ticks([1, 2, 3, 4, 5], 3, 2, [(2, 9, 6)]) == (3, 6, 18, 9, False)
-    assert ticks([1, 2, NAN, 4, 5], 10, 2, [(2, 9, 6)]) == (3, 3, 9, 6, True)
-    assert ticks([1, 2, 3, NAN, 5], 10, 2, [(2, 9, 6)]) == (4, 6, 18, 9, True)
+    assert ticks([1, 2, 3, 4, 5], 10, 0, []) == (5, 15, 45, 15, False)
 
 
 def test_packer_one_vector_per_dtype_in_name_order():
@@ -310,3 +311,5 @@ def test_evaluate_against_numpy():
         train.evaluate(model, loss, params, {}, (x[:0], y[:0]))
     with pytest.raises(Exception, match=r"^evaluate: "):
         train.evaluate(model, loss, params, {}, {"x": x, "y": y})
+    with pytest.raises(ValueError, match=r"^evaluate: precision='bfloat17': "):
+        train.evaluate(model, loss, params, {"0": {}, "1": {}}, (x, y), precision="bfloat17")
