@@ -18,6 +18,8 @@ from fnn.train import epoch
 from fnn.train.epoch import DONATE, KEEP, Report, Runner, Sums
 from fnn.train.step import StepOut
 
+from fake_layers import Scaled
+
 NAN = float("nan")
 
 
@@ -307,6 +309,13 @@ def test_evaluate_against_numpy():
     got = train.evaluate(model, loss, params, {"0": {}, "1": {}}, (x, y), batch_size=3,
                          metrics=())
     assert list(got) == ["loss"]
+    # the model's keywords (the data's third element) reach apply, padded rows included
+    scale = np.array([1.0, -2.0, 0.5, 3.0, -1.0])
+    zs = z * scale[:, None]
+    ce_s = np.log(np.sum(np.exp(zs), 1)) - zs[np.arange(5), y]
+    got = train.evaluate(Scaled(), loss, {}, {}, (z, y, {"scale": scale}), batch_size=3)
+    np.testing.assert_allclose(got["loss"], ce_s.mean(), rtol=1e-12)
+    np.testing.assert_allclose(got["accuracy"], np.mean(np.argmax(zs, 1) == y), rtol=1e-12)
     with pytest.raises(ValueError, match=r"^evaluate: data has 0 examples$"):
         train.evaluate(model, loss, params, {}, (x[:0], y[:0]))
     with pytest.raises(Exception, match=r"^evaluate: "):
