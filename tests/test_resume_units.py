@@ -102,8 +102,8 @@ def test_load_run_missing_round_trip_and_mismatch(tmp_path):
     saved = _ts(w=(1.5, -2.0), lr=0.25, step=7, key=(3, 4))
     es = {"best": jnp.asarray([0.5], jnp.float32), "wait": jnp.asarray(2, jnp.int32)}
     resume.save_run(tmp_path / "d", saved, es, 4, {"loss": [3.0]}, [Both({"k": 9})], "why")
-    out = resume.load_run(tmp_path / "d", _ts(), {"best": jnp.zeros(1, jnp.float32), "wait": jnp.zeros(
-        [], jnp.int32)})
+    like_es = {"best": jnp.zeros(1, jnp.float32), "wait": jnp.zeros([], jnp.int32)}
+    out = resume.load_run(tmp_path / "d", _ts(), like_es)
     assert isinstance(out, tuple) and len(out) == 3
     ts, es2, info = out
     assert isinstance(ts, train.TrainState)
