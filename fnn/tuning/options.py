@@ -135,8 +135,9 @@ def _option_set(points) -> str:
 #: result (:func:`fnn.tuning.agree` with ``whole``). A whole program's float32 rounding moves
 #: more than one operation's when its kernels change (ResNet-18's training step: a bias 4% of its
 #: own largest entry), and each option's operations were checked one by one where they were
-#: chosen (:func:`fnn.tuning.choose`): this check is for a program that comes out wrong as a
-#: whole (non-finite, garbage, the oneDNN convolution that was off by 15%).
+#: chosen (:func:`fnn.tuning.choose`, at ``sqrt(eps)``: where a wrong kernel is caught): this
+#: check is for a program that comes out wrong as a whole (non-finite, a different structure,
+#: values off by more than a few percent of the largest result).
 WHOLE_POWER = 0.25
 
 
