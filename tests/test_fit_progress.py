@@ -103,19 +103,26 @@ def test_the_terminal_bar_moves_inside_an_epoch_with_the_running_loss(monkeypatc
     assert not progress._LISTENING                  # each fit's display left the list
 
 
+def _count_thread_launches(monkeypatch) -> list:
+    """The terminal bar on (tqdm needed), and a list that grows by one per epoch launched from
+    the helper thread."""
+    pytest.importorskip("tqdm")
+    from fnn.train.launch_thread import Pending
+    launched, real = [], Pending.__init__
+    monkeypatch.setattr(Pending, "__init__",
+                        lambda self, *a, **k: (launched.append(1), real(self, *a, **k))[1])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    return launched
+
+
 def test_epochs_launched_ahead_from_a_helper_thread_train_the_same(monkeypatch):
     """With the bar the epoch holds a host callback and runs in the call that launches it, so
     the next epoch is launched ahead of the bookkeeping (validation, callbacks) from a helper
     thread: the run equals the same one with nothing launched ahead, bit for bit."""
-    pytest.importorskip("tqdm")
     import numpy as np
     from fnn.train import loops
     x, y = xor_data(64)
-    launched = []
-    real = loops.Pending.__init__
-    monkeypatch.setattr(loops.Pending, "__init__",
-                        lambda self, *a: (launched.append(1), real(self, *a))[1])
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    launched = _count_thread_launches(monkeypatch)
 
     def run():
         return train.fit(MODEL, CE, optim.adam(0.05), (x, y), epochs=4, batch_size=8,
@@ -135,17 +142,12 @@ def test_epochs_launched_ahead_from_a_helper_thread_train_the_same(monkeypatch):
 def test_no_helper_thread_under_a_thread_local_jax_setting(monkeypatch):
     """``jax.default_matmul_precision`` holds in the thread that set it only: under it no epoch
     is launched from the helper thread (it would be compiled again, without the setting)."""
-    pytest.importorskip("tqdm")
-    from fnn.train import loops
+    from fnn.train.launch_thread import Pending
     x, y = xor_data(32)
-    launched = []
-    real = loops.Pending.__init__
-    monkeypatch.setattr(loops.Pending, "__init__",
-                        lambda self, *a: (launched.append(1), real(self, *a))[1])
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    assert loops.Pending.traces_alike()
+    launched = _count_thread_launches(monkeypatch)
+    assert Pending.traces_alike()
     with jax.default_matmul_precision("highest"):
-        assert not loops.Pending.traces_alike()
+        assert not Pending.traces_alike()
         train.fit(MODEL, CE, optim.sgd(0.1), (x, y), epochs=3, batch_size=8,
                   val_data=(x[:8], y[:8]), key=jax.random.PRNGKey(0))
     assert not launched

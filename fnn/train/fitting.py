@@ -258,7 +258,7 @@ def fit(model, loss, optimizer, train_data, *, epochs, batch_size=None, val_data
         keep = not step.grad_norm
         # steps shown from inside: XLA:CPU then runs the epoch in the calling thread (a
         # host callback), so an epoch launched ahead of the bookkeeping is launched from a
-        # helper thread (loops.Pending)
+        # helper thread (launch_thread.Pending)
         ticks = is_writer() and shows_steps(loop.progress)
         if on is None:
             runner, sizes = make_epoch_runner(*parts, n, batch_size, loop.drop_last,

@@ -19,6 +19,7 @@ import numpy as np
 
 from fnn.train.data_checks import inputs_finite
 from fnn.train.epoch import Runner, batch_order
+from fnn.train.launch_thread import Pending, ready
 from fnn.train.progress import tick, tick_every
 from fnn.train.streaming import Prefetch, epoch_batches
 
@@ -243,7 +244,7 @@ class InMemory:
     not donate). A runner that reports its steps (``runner.ticks``) gets ``(limit, every)``,
     ``every`` placed by ``put`` and paced by :func:`fnn.train.progress.tick_every`; its epochs
     run in the call that launches them, so they are not chained but launched ahead one at a
-    time from a helper thread (:class:`Pending`)."""
+    time from a helper thread (:class:`fnn.train.launch_thread.Pending`)."""
 
     runner: Runner
     sizes: tuple
@@ -284,7 +285,7 @@ class InMemory:
         q = self.inflight
         if q and q[0].before is not ts:
             for launched in q:              # from another state: not used (but waited for)
-                _ready(launched)
+                ready(launched)
             q.clear()
         if not q:
             t0, last, limit = time.perf_counter(), ts, self.limit
@@ -298,8 +299,8 @@ class InMemory:
                 self.epoch_time = per
             if self.quiet and not self.runner.ticks:    # a ticking epoch runs as launched:
                 self.chain = chain_length(per, self.state_bytes)   # one at a time, ahead
-        out = memory_finish(self.runner, self.sizes, _ready(q.popleft()), self.data,
-                            self.bad_inputs, _ready(q[-1]) if q else None)
+        out = memory_finish(self.runner, self.sizes, ready(q.popleft()), self.data,
+                            self.bad_inputs, ready(q[-1]) if q else None)
         if out[2] is not None:
             q.clear()
         return out
@@ -310,56 +311,22 @@ class InMemory:
         the bookkeeping reads ``ts``: it runs from a copy, made only for a small state; a
         large one is worth its memory more than the overlap. A runner that reports its steps
         holds a host callback, and XLA:CPU runs such a program in the call that launches it:
-        it is launched from a helper thread (:class:`Pending`)."""
+        it is launched from a helper thread (:class:`fnn.train.launch_thread.Pending`)."""
         if not self.inflight and self.chain == 1 and self.speculate:
             args = (self.runner, self.sizes, ts, self.data, self.limit)
             if not self.runner.ticks:
                 self.inflight.append(memory_launch(*args, copy=True))
             elif Pending.traces_alike():
-                self.inflight.append(Pending(ts, *args))
+                self.inflight.append(Pending(ts, memory_launch, *args, copy=True))
 
     def restart(self):
         for launched in self.inflight:
-            _ready(launched)
+            ready(launched)
         self.inflight.clear()
 
     def take_time(self):
         t, self.epoch_time = self.epoch_time, None
         return t
-
-
-class Pending:
-    """:func:`memory_launch` (from a copy) running in a helper thread: ``before`` is the state
-    launched from, :func:`_ready` waits for the :class:`Launch`."""
-
-    _POOL = None
-
-    @classmethod
-    def _pool(cls):
-        import concurrent.futures
-        if cls._POOL is None:
-            cls._POOL = concurrent.futures.ThreadPoolExecutor(1, "fnn-epoch")
-        return cls._POOL
-
-    def __init__(self, before, *args):
-        self.before = before
-        self.future = self._pool().submit(memory_launch, *args, copy=True)
-
-    @classmethod
-    def traces_alike(cls) -> bool:
-        """Whether the helper thread would run the epoch as this thread does: JAX's
-        thread-local settings (``with jax.default_matmul_precision(...)`` and the like) hold in
-        the thread that set them only, and under others the epoch would be compiled again,
-        differently. Not where they differ (or cannot be compared)."""
-        try:
-            from jax._src.config import trace_context
-        except ImportError:         # pragma: no cover -- a JAX without it: never in a thread
-            return False
-        return cls._pool().submit(trace_context).result() == trace_context()
-
-
-def _ready(launched) -> Launch:
-    return launched.future.result() if isinstance(launched, Pending) else launched
 
 
 def chain_length(seconds_per_epoch, state_bytes, most=64, seconds=0.25, memory=2 ** 26):
