@@ -25,7 +25,7 @@ import jax
 from jax import lax
 from jax.extend import core as jex
 
-__all__ = ["canonical_convs", "is_canonical"]
+__all__ = ["canonical_convs", "is_canonical", "has_convolution"]
 
 _CONV = jex.primitives.conv_general_dilated_p
 
@@ -93,9 +93,15 @@ def _sub_jaxprs(eqn):
                 yield j
 
 
+def has_convolution(jaxpr, which=lambda params: True) -> bool:
+    """Whether ``jaxpr`` (or a jaxpr it calls) holds a convolution whose parameters satisfy
+    ``which``."""
+    return any((e.primitive is _CONV and which(e.params))
+               or any(has_convolution(j, which) for j in _sub_jaxprs(e)) for e in jaxpr.eqns)
+
+
 def _needs_rewrite(jaxpr) -> bool:
-    return any((e.primitive is _CONV and not is_canonical(e.params["dimension_numbers"]))
-               or any(_needs_rewrite(j) for j in _sub_jaxprs(e)) for e in jaxpr.eqns)
+    return has_convolution(jaxpr, lambda params: not is_canonical(params["dimension_numbers"]))
 
 
 _INLINED = {"pjit", "jit", "closed_call"}           # called jaxprs evaluated in place

@@ -146,20 +146,6 @@ WHOLE_POWER = 0.25
 CONV_OPTIONS = "conv off YNNPACK"
 
 
-def _convolves(jaxpr) -> bool:
-    """Whether a jaxpr (or one it calls) holds a convolution."""
-    from jax.extend import core as jex
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is jex.primitives.conv_general_dilated_p:
-            return True
-        for v in eqn.params.values():
-            for j in v if isinstance(v, (tuple, list)) else (v,):
-                inner = j.jaxpr if isinstance(j, jex.ClosedJaxpr) else j
-                if isinstance(inner, jex.Jaxpr) and _convolves(inner):
-                    return True
-    return False
-
-
 class TunedJit:
     """``jax.jit(fun, **jit_kwargs)`` whose compiler options are chosen per argument shapes:
     the first call with new shapes traces ``fun`` once with jaxlib's defaults, which reaches
@@ -194,7 +180,8 @@ class TunedJit:
             if seen:
                 name = _option_set(seen)
             else:           # convolutions that reach no choice point (JAX's own gradients)
-                name = CONV_OPTIONS if _convolves(traced.jaxpr.jaxpr) and accepted(
+                from fnn.layers._conv_layout import has_convolution
+                name = CONV_OPTIONS if has_convolution(traced.jaxpr.jaxpr) and accepted(
                     CONV_OPTIONS) else "default"
             # whether a choice point or a convolution is reached depends on fun's structure,
             # not on the shapes: none here means none for any shapes, and calls skip the
