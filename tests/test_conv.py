@@ -171,6 +171,13 @@ BACKWARD_CASES = [("conv", xs, ws, kw) for xs, ws, kw in CONV_CASES] + [
 ]
 
 
+def _col2im_applies(xs, ws, kw) -> bool:
+    g = {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1, **kw}
+    pads = C.conv_geometry("conv", xs, ws, g["strides"], g["padding"], g["dilation"],
+                           g["groups"])[3]
+    return col2im_applies(pads, g["groups"])
+
+
 @pytest.mark.parametrize("method", ["conv", "im2col"])
 @pytest.mark.parametrize("op,xs,ws,kw", BACKWARD_CASES)
 def test_backward_matches_vjp(op, xs, ws, kw, method, rng, monkeypatch):
@@ -182,10 +189,7 @@ def test_backward_matches_vjp(op, xs, ws, kw, method, rng, monkeypatch):
         x, w, dy)
     forms = dict(kernel_grad=method)
     if op == "conv" and method == "im2col":     # and the input gradient by col2im, where it applies
-        g = {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1, **kw}
-        pads = C.conv_geometry("conv", xs, ws, g["strides"], g["padding"], g["dilation"],
-                               g["groups"])[3]
-        forms["input_grad"] = "col2im" if col2im_applies(pads, g["groups"]) else "conv"
+        forms["input_grad"] = "col2im" if _col2im_applies(xs, ws, kw) else "conv"
     with no_autodiff(monkeypatch):
         dw, dx = jax.jit(lambda x, w, dy: bwd(x, w, dy, **kw, **forms))(x, w, dy)
     assert dx.shape == x.shape and dw.shape == w.shape
@@ -196,10 +200,7 @@ def test_backward_matches_vjp(op, xs, ws, kw, method, rng, monkeypatch):
 def test_col2im_covers_the_backward_cases():
     """The col2im input gradient is checked above on most convolution cases (one group, no
     cropping padding)."""
-    applies = [col2im_applies(C.conv_geometry("conv", xs, ws, kw.get("strides", 1),
-                                              kw.get("padding", "SAME"), kw.get("dilation", 1),
-                                              kw.get("groups", 1))[3], kw.get("groups", 1))
-               for op, xs, ws, kw in BACKWARD_CASES if op == "conv"]
+    applies = [_col2im_applies(xs, ws, kw) for op, xs, ws, kw in BACKWARD_CASES if op == "conv"]
     assert sum(applies) >= 4 and not all(applies)
 
 
