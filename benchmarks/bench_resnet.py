@@ -210,15 +210,12 @@ def conv_shapes():
     return rows
 
 
-PROFILE_OPTIONS = None      # --profile-options: the compiler-option set the profile uses
-
-
-def profile(rounds, fwd_fn, params, state, x, hand_step_s):
+def profile(rounds, fwd_fn, params, state, x, hand_step_s, options=None):
     from fnn.layers import conv as C
     import torch
     print(f"\nProfile ({load()}): forward alone (train mode), then each distinct convolution "
           f"timed alone, fnn (hand rules, tuner's form, jax.jit with options "
-          f"{PROFILE_OPTIONS or 'default'}) vs PyTorch; ms per call")
+          f"{options or 'default'}) vs PyTorch; ms per call")
     med, _ = interleaved({"forward": lambda: fwd_fn(params, state, x)}, rounds, warm=True)
     print(f"  fnn forward (apply, train=True): {med['forward'] * 1e3:.1f} ms of the hand step's "
           f"{hand_step_s * 1e3:.1f} ms")
@@ -231,7 +228,7 @@ def profile(rounds, fwd_fn, params, state, x, hand_step_s):
         wj = jnp.asarray(r.standard_normal((k, k, cin, cout)) * 0.05, jnp.float32)
         opts = dict(strides=s, padding=((pad, pad), (pad, pad)))
         dy = jnp.asarray(r.standard_normal(C.conv_output_shape(xs, wj.shape, **opts)), jnp.float32)
-        jit = functools.partial(jax.jit, compiler_options=PROFILE_OPTIONS)
+        jit = functools.partial(jax.jit, compiler_options=options)
         fwd = jit(lambda x, w: C.conv(x, w, **opts))
         dx = jit(lambda x, w, dy: C.conv_backward(x, w, dy, **opts)[1])
         dw = jit(lambda x, w, dy: C.conv_backward(x, w, dy, **opts)[0])
@@ -318,10 +315,9 @@ def main():
     hand, auto = med["fnn hand (fnn.tuning.jit)"], med["fnn autodiff (fnn.tuning.jit)"]
     print(f"  hand / autodiff: {hand / auto:.2f}x")
     if args.profile:
-        global PROFILE_OPTIONS
-        PROFILE_OPTIONS = dict(tuning.options.OPTION_SETS[args.profile_options]) or None
         fwd = jax.jit(lambda p, s, x: model.apply(p, s, x, train=True)[0])
-        profile(args.profile_rounds, fwd, params, state, x, hand)
+        profile(args.profile_rounds, fwd, params, state, x, hand,
+                dict(tuning.options.OPTION_SETS[args.profile_options]) or None)
     print(f"end: {load()}")
 
 
