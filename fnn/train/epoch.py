@@ -78,7 +78,11 @@ def _loop(core, ts, stacked, limit, count, every=None):
 
     def report(c):
         s = unpack(c[2])
-        jax.debug.callback(tick, c[0], s.loss, s.examples)
+        # one array to the host: JAX makes a jax.Array of each argument before the callback
+        # runs, the costliest part of a report (benchmarks/RESULTS.md, sixth session)
+        f = jnp.result_type(float)
+        jax.debug.callback(_tick_packed, jnp.stack([c[0].astype(f), s.loss.astype(f),
+                                                    s.examples.astype(f)]))
 
     def segment(c):
         end = jnp.minimum(c[0] + jnp.where(every > 0, every, n), n)
@@ -87,6 +91,12 @@ def _loop(core, ts, stacked, limit, count, every=None):
         return c
     i, ts, acc, bad = jax.lax.while_loop(lambda c: (c[0] < n) & ~c[3], segment, init)
     return i, ts, unpack(acc), bad
+
+
+def _tick_packed(v):
+    """:func:`fnn.train.progress.tick` of ``[steps, loss_sum, examples]``."""
+    steps, loss_sum, examples = np.asarray(v).tolist()
+    tick(int(steps), loss_sum, examples)
 
 
 def _packer(like):
