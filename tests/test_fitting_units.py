@@ -1,5 +1,6 @@
 """fnn.train.fitting's helpers called directly: the non-finite message, the argument checks,
 the precision wrapper, the callback split and the replication on a one-device mesh."""
+import time
 from types import SimpleNamespace
 
 import jax
@@ -74,3 +75,26 @@ def test_replicate_places_every_leaf_on_the_whole_mesh():
     for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(tree)):
         assert g.sharding == sharding.replicated(mesh)
         np.testing.assert_array_equal(np.asarray(g), want)
+
+
+def _tiny_fit(epochs=3):
+    from fnn import losses, optim, train
+    x = np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3)
+    t0 = time.perf_counter()
+    res = train.fit(Dense(1), losses.mse, optim.sgd(0.1), (x, x[:, :1]), epochs=epochs,
+                    batch_size=8, key=jax.random.PRNGKey(0), loop=train.Loop(progress=False))
+    return res.history["time"], time.perf_counter() - t0
+
+
+def test_history_time_is_the_epoch_runners_own_timing_when_it_has_one(monkeypatch):
+    from fnn.train import loops
+    monkeypatch.setattr(loops.InMemory, "take_time", lambda self: 7.25)   # a chain's mean
+    assert _tiny_fit()[0] == [7.25, 7.25, 7.25]
+
+
+def test_history_time_is_measured_on_the_host_otherwise(monkeypatch):
+    from fnn.train import loops
+    monkeypatch.setattr(loops.InMemory, "take_time", lambda self: None)
+    times, wall = _tiny_fit()
+    assert len(times) == 3 and all(isinstance(t, float) and 0 < t for t in times)
+    assert sum(times) <= wall
