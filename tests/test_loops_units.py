@@ -137,7 +137,7 @@ def test_memory_launch_copies_as_the_runner_needs():
 def _finish(run, ts, data, keep=True, last=None):
     seen = []
     launch = loops.memory_launch(run, (1,) * len(data[0]), ts, data, keep=keep)
-    out = loops.memory_finish(run, (1,) * len(data[0]), launch, data,
+    out = loops.memory_finish(run, launch, data,
                               lambda before, i: seen.append((before, i)) or i != 1, last)
     return out, seen, launch
 
@@ -172,7 +172,7 @@ def test_memory_finish_takes_the_state_from_the_last_launch_only_when_donated():
     data = rows((1, 1), (np.nan, 1))
     first = loops.memory_launch(run, (1, 1), state(), data)
     later = loops.memory_launch(run, (1, 1), state(50.0), data)
-    ts, _, bad = loops.memory_finish(run, (1, 1), first, data, lambda b, i: True, later)
+    ts, _, bad = loops.memory_finish(run, first, data, lambda b, i: True, later)
     assert ts is first.ts and _w(ts) == 1.0 and bad == loops.Bad(1, 1, True, True)
 
 
@@ -183,7 +183,7 @@ def test_a_runner_without_donates_or_strict_is_taken_as_donating_and_strict():
     assert good == 2 and all(given is not kept for given, _ in bare.calls)
     launch = loops.memory_launch(bare, (1,) * 4, kept, data, keep=True)
     assert bare.calls[-1][0] is kept and launch.kept is not kept and _w(launch.kept) == 0.0
-    ts, report, bad = loops.memory_finish(bare, (1,) * 4, launch, data, lambda b, i: True)
+    ts, report, bad = loops.memory_finish(bare, launch, data, lambda b, i: True)
     assert (_w(ts), report.steps, bad) == (B32, 2, loops.Bad(2, 2, True, True))
 
 
@@ -208,7 +208,7 @@ def test_memory_finish_takes_a_donated_state_from_the_last_launch():
     ts1 = first.ts
     later = loops.memory_launch(run, (1, 1), ts1, data, first.nxt)    # limit 0: no step
     assert int(run.calls[0][1]) == 0 and loops._deleted(ts1)
-    ts, report, bad = loops.memory_finish(run, (1, 1), first, data, lambda b, i: True, later)
+    ts, report, bad = loops.memory_finish(run, first, data, lambda b, i: True, later)
     assert ts.params is later.ts.params and _w(ts) == 1.0
     assert (int(ts.step), np.asarray(ts.key).tolist()) == (3, [0, 7])   # not later's 8
     assert bad == loops.Bad(3, 1, True, True)

@@ -80,13 +80,13 @@ def param_specs(params, mesh, rules=None, *, where="shard_params"):
     elif callable(rules):
         specs = [rules(p, jnp.shape(a), mesh) or P() for p, a in zip(paths, leaves)]
     else:
-        specs = _specs_from_list(rules, paths, mesh, where)
+        specs = _specs_from_list(rules, paths, where)
     specs = [_check_spec(p, jnp.shape(a), s, mesh, where)
              for p, a, s in zip(paths, leaves, specs)]
     return jax.tree.unflatten(treedef, specs)
 
 
-def _specs_from_list(rules, paths, mesh, where):
+def _specs_from_list(rules, paths, where):
     try:
         compiled = [(re.compile(rx), spec) for rx, spec in rules]
     except (TypeError, ValueError) as e:

@@ -118,7 +118,7 @@ def memory_launch(run_epoch, sizes, ts, data, limit=None, *, keep=False, copy=Fa
     return Launch(ts, kept, new, flat, nxt)
 
 
-def memory_finish(run_epoch, sizes, launched, data, bad_inputs, last=None):
+def memory_finish(run_epoch, launched, data, bad_inputs, last=None):
     """Wait for a launched epoch: ``(train_state, Report, Bad | None)``. The epoch itself
     stops before a non-finite step, keeping the state from before it; when that state is
     still not finite (a NaN gradient with a finite loss, seen a step late) and a copy was
@@ -299,7 +299,7 @@ class InMemory:
                 self.epoch_time = per
             if self.quiet and not self.runner.ticks:    # a ticking epoch runs as launched:
                 self.chain = chain_length(per, self.state_bytes)   # one at a time, ahead
-        out = memory_finish(self.runner, self.sizes, ready(q.popleft()), self.data,
+        out = memory_finish(self.runner, ready(q.popleft()), self.data,
                             self.bad_inputs, ready(q[-1]) if q else None)
         if out[2] is not None:
             q.clear()
