@@ -138,3 +138,19 @@ def test_saturated_lstm_cell_state_keeps_its_gradient_in_float32():
     from a stored ``tanh c`` is noise in float32; the i and f bias gradients flow through it."""
     want, auto, hand = block_grads(LSTM(2), "b", slice(0, 6), 22.0, steps=12)
     check_kept(want[:4], auto[:4], hand[:4], 1e-4)
+
+
+def test_sech2_from_u_and_tanh_u_is_relatively_accurate():
+    """``sech²u`` as the LSTM's forward step forms it, ``exp(−2|u|)(1 + |tanh u|)²`` (no
+    division), and :func:`_sech2`: within 1e-6 relative of float64 ``1/cosh²u`` for every
+    float32 ``u`` where the result is a normal float (|u| to 44), and for tiny ``u``;
+    ``1 − tanh²u`` (autodiff's form from the output) is not (0 from |u| ≈ 9 on)."""
+    from fnn.layers.cells import _sech2, _sech2_of
+    u = np.concatenate([np.linspace(-44, 44, 40001), np.geomspace(1e-30, 1, 200)])
+    u = u.astype(np.float32)
+    want = 1 / np.cosh(u.astype(np.float64)) ** 2
+    forms = jax.jit(lambda u: (_sech2_of(u, jnp.tanh(u)), _sech2(u), 1 - jnp.tanh(u) ** 2))(u)
+    ok = want > np.finfo(np.float32).tiny * 4
+    rel = [np.max(np.abs(np.asarray(f, np.float64)[ok] - want[ok]) / want[ok]) for f in forms]
+    assert rel[0] < 1e-6 and rel[1] < 1e-6, rel
+    assert rel[2] > 0.5                                  # the form both of them avoid

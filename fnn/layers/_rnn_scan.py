@@ -46,45 +46,44 @@ def _scan(cell, step, params, xs, carry0, mask, reverse, split=1):
     padding keeps the carry. The bias is added inside the step, where it fuses with the
     recurrent term, rather than over the whole projection (measured in
     benchmarks/RESULTS.md, recurrent). ``split``: the batch as that many independent chains
-    in each step (:func:`_chunked`)."""
+    (:func:`_cut`), each with its own projection, carry and outputs, stepped side by side in
+    one scan. Returns ``(finals, ys)``, one entry per chain."""
     b = bias(params[cell.bias], 2)
 
-    def body(carry, inp):
-        xp_t, m_t = inp
+    def chain_step(carry, xp_t, m_t):
         new, out = step(params, carry, xp_t + b)
         if m_t is not None:
             new = tuple(jnp.where(m_t, n, c) for n, c in zip(new, carry))
         return new, out
-    final, ys = jax.lax.scan(_chunked(body, split), _chunks(carry0, split, 0),
-                             _chunks((_project(params, xs), mask), split, 1), reverse=reverse)
-    return _unchunk(final, split, 0), _unchunk(ys, split, 1)
+
+    def body(carries, inputs):
+        steps = [chain_step(c, *i) for c, i in zip(carries, inputs)]
+        return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
+    inputs = tuple((_project(params, x), m) for x, m in zip(_cut(xs, split, 0),
+                                                            _cut(mask, split, 1)))
+    return jax.lax.scan(body, _cut(carry0, split, 0), inputs, reverse=reverse)
 
 
-def _chunks(tree, k, axis):
-    """Each leaf's batch axis ``axis`` as ``(k, batch/k)`` (a free reshape)."""
+def _cut(tree, k, axis):
+    """``tree`` as ``k`` chains: a tuple of ``k`` trees, each leaf's batch axis ``axis`` cut into
+    ``k`` equal consecutive parts (``k = 1``: ``(tree,)``). The chains share no array inside
+    the scans, so XLA:CPU's thunk executor runs each chain's matmul and elementwise kernels on
+    its own thread, where one chain leaves a core waiting on the step's elementwise work (and
+    chains stacked into one array serialise at each stack)."""
     if k == 1:
-        return tree
-    return jax.tree.map(lambda a: a.reshape(a.shape[:axis] + (k, -1) + a.shape[axis + 1:]), tree)
+        return (tree,)
+
+    def part(a, j):
+        n = a.shape[axis] // k
+        return jax.lax.slice_in_dim(a, j * n, (j + 1) * n, axis=axis)
+    return tuple(jax.tree.map(lambda a, j=j: part(a, j), tree) for j in range(k))
 
 
-def _unchunk(tree, k, axis):
-    """The inverse of :func:`_chunks`."""
-    if k == 1:
-        return tree
-    return jax.tree.map(lambda a: a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:]), tree)
-
-
-def _chunked(body, k):
-    """``body`` over arguments whose leaves lead with ``k`` batch chunks: ``k`` calls, one per
-    chunk, their results stacked. Each chunk's matmul and elementwise work is an independent
-    chain that XLA:CPU may run beside the others (``k = 1``: ``body`` itself)."""
-    if k == 1:
-        return body
-
-    def run(*args):
-        outs = [body(*jax.tree.map(lambda a, j=j: a[j], args)) for j in range(k)]
-        return jax.tree.map(lambda *o: jnp.stack(o), *outs)
-    return run
+def _join(chains, axis):
+    """The inverse of :func:`_cut`: the chains' leaves side by side along ``axis``."""
+    if len(chains) == 1:
+        return chains[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=axis), *chains)
 
 
 def _masked(hs, mask):
@@ -95,26 +94,26 @@ def _apply_scan(cell, params, xs, carry0, mask, reverse, sequences=True):
     """The plain forward: ``(final_carry, hs (T, B, H))``, ``hs`` zero at padding (``None``
     without ``sequences``: the scan then emits nothing, as a plain-JAX loop would)."""
     step = cell.step if sequences else lambda p, c, xp: (cell.step(p, c, xp)[0], None)
-    final, hs = _scan(cell, step, params, xs, carry0, mask, reverse)
+    (final,), (hs,) = _scan(cell, step, params, xs, carry0, mask, reverse)
     return final, (_masked(hs, mask) if sequences else None)
 
 
 def _fwd_scan(cell, params, xs, carry0, mask, reverse, split=1):
-    """The hand path's forward: ``(final_carry, hs, emitted)``, ``emitted`` being every step's
-    gate pre-activations ``[T, B, ...]`` (the residuals); ``split``: the batch as that many
-    chains per step (the loop form, :mod:`fnn.layers._rnn_tuning`)."""
-    final, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse,
-                           split)
-    return final, _masked(cell.output(emitted)[0], mask), emitted
+    """The hand path's forward: ``(final_carry, hs, emitted)``, ``emitted`` being, per batch
+    chain, every step's emitted values ``[T, b, ...]`` (the residuals); ``split``: the number
+    of chains (the loop form, :mod:`fnn.layers._rnn_tuning`)."""
+    finals, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse,
+                            split)
+    hs = _join(tuple(cell.output(e) for e in emitted), 1)
+    return _join(finals, 0), _masked(hs, mask), emitted
 
 
-def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse, split=1):
-    """Hand BPTT from the residuals. ``dys``: ``(T, B, H)`` or ``None``; ``dcarry``: gradient of
-    the final carry (tuple); ``split``: as in :func:`_fwd_scan`. Returns
-    ``(dparams, dxs (B, T, F), dcarry0)``."""
-    carries = cell.output(emitted)[1]
-    prevs = tuple(previous(s, c, mask, reverse) for s, c in zip(carries, carry0))
-    inputs = cell.back_inputs(emitted, prevs)                    # in bulk, (T, B, ...)
+def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
+    """Hand BPTT from the residuals (``emitted`` per chain, as :func:`_fwd_scan` returns them;
+    each chain runs its own reverse scan, side by side). ``dys``: ``(T, B, H)`` or ``None``;
+    ``dcarry``: gradient of the final carry (tuple). Returns ``(dparams, dxs (B, T, F),
+    dcarry0)``."""
+    n = len(emitted)
     wh_t = params["wh"].T
     if dys is not None and mask is not None:
         dys = jnp.where(mask, dys, 0)                            # padded outputs are constants
@@ -128,45 +127,55 @@ def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse, spl
             dxp = jnp.where(m_t, dxp, 0)
         return dprev, dxp
 
-    d0, dxp = _reverse_scan(body, dcarry, inputs, dys, mask, reverse, params["wi"].shape[1],
-                            split)
-    xt = jnp.swapaxes(xs, 0, 1)                                  # (T, B, F)
-    dgh = dxp if cell.rec_grad is None else cell.rec_grad(emitted, dxp)   # (T, B, G·H)
-    grads = {"wi": _gather(xt, dxp), "wh": _gather(prevs[0], dgh)}
-    if cell.rec_bias:
-        grads[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
-    grads[cell.bias] = jnp.sum(dxp, axis=(0, 1))
-    return grads, jnp.swapaxes(jnp.einsum("tbg,fg->tbf", dxp, params["wi"]), 0, 1), d0
+    masks, h0s = _cut(mask, n, 1), _cut(carry0[0], n, 0)
+    prevs = tuple(previous(cell.output(e), h0, m, reverse)      # h_{t-1} of each step
+                  for e, h0, m in zip(emitted, h0s, masks))
+    inputs = tuple(cell.back_inputs(e, p) for e, p in zip(emitted, prevs))  # in bulk, (T, b, ...)
+    d0, dxps = _reverse_scan(body, _cut(dcarry, n, 0), inputs, _cut(dys, n, 1), masks, reverse,
+                             params["wi"].shape[1])
+    grads, dxs = None, []
+    for e, x, prev, dxp in zip(emitted, _cut(xs, n, 0), prevs, dxps):
+        dgh = dxp if cell.rec_grad is None else cell.rec_grad(e, dxp)   # (T, b, G·H)
+        g = {"wi": _gather(jnp.swapaxes(x, 0, 1), dxp), "wh": _gather(prev, dgh)}
+        if cell.rec_bias:
+            g[cell.rec_bias] = jnp.sum(dgh, axis=(0, 1))
+        g[cell.bias] = jnp.sum(dxp, axis=(0, 1))
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        dxs.append(jnp.swapaxes(jnp.einsum("tbg,fg->tbf", dxp, params["wi"]), 0, 1))
+    return grads, _join(tuple(dxs), 0), _join(d0, 0)
 
 
-def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width, split=1):
-    """``lax.scan`` of ``body(d, inputs_t, dy_t, m_t) -> (d, dxp_t)`` against the forward's
-    direction; returns ``(d0, dxp [T, B, G·H])``. When ``inputs[0]`` has ``dxp``'s shape (the
-    LSTM's gate pre-activations, the Elman cell's derivatives), each step reads its slice and
-    writes ``dxp_t`` over it: the scan carries that one buffer instead of stacking its outputs
-    into a zero-filled one (an 8 MB fill and copy per call at the benchmark's shape), and each
-    write goes to memory the step has just read (benchmarks/RESULTS.md, recurrent).
-    ``split`` as in :func:`_scan`."""
-    first, T = inputs[0], inputs[0].shape[0]
-    in_place = first.shape[1:] == (dcarry[0].shape[0], width) and first.dtype == dcarry[0].dtype
-    dcarry, (inputs, dys, mask) = _chunks(dcarry, split, 0), _chunks((inputs, dys, mask), split, 1)
-    chunk_body = _chunked(body, split)
+def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width):
+    """One ``lax.scan`` against the forward's direction of ``body(d, inputs_t, dy_t, m_t) ->
+    (d, dxp_t)`` for every chain (``dcarry``, ``inputs``, ``dys``, ``mask``: one entry per
+    chain); returns per chain ``(d0, dxp [T, b, G·H])``. When ``inputs[0]`` has ``dxp``'s shape
+    (the LSTM's gate derivative factors, the Elman cell's derivatives), each step reads its
+    slice and writes ``dxp_t`` over it: the scan carries that one buffer instead of stacking
+    its outputs into a zero-filled one (an 8 MB fill and copy per call at the benchmark's
+    shape), and each write goes to memory the step has just read (benchmarks/RESULTS.md,
+    recurrent)."""
+    first, T = inputs[0][0], inputs[0][0].shape[0]
+    h = dcarry[0][0]                                             # the first chain's dh
+    in_place = first.shape[1:] == (h.shape[0], width) and first.dtype == h.dtype
     if not in_place:
-        d0, dxp = jax.lax.scan(lambda d, i: chunk_body(d, *i), dcarry, (inputs, dys, mask),
-                               reverse=not reverse)
-        return _unchunk(d0, split, 0), _unchunk(dxp, split, 1)
+        def each(d, i):
+            steps = [body(dj, *ij) for dj, ij in zip(d, i)]
+            return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
+        return jax.lax.scan(each, dcarry, tuple(zip(inputs, dys, mask)), reverse=not reverse)
 
-    def step(carry, inp):
-        d, buf, t = carry
-        k = (jax.lax.dynamic_index_in_dim(buf, t, keepdims=False),) + inp[0]
-        d, dxp = chunk_body(d, k, *inp[1:])
-        return (d, jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0),
-                t + (1 if reverse else -1)), None
+    def step(carry, rest):
+        d, bufs, t = carry
+        steps = [body(dj, (jax.lax.dynamic_index_in_dim(buf, t, keepdims=False),) + r[0], *r[1:])
+                 for dj, buf, r in zip(d, bufs, rest)]
+        bufs = tuple(jax.lax.dynamic_update_index_in_dim(buf, s[1], t, 0)
+                     for buf, s in zip(bufs, steps))
+        return (tuple(s[0] for s in steps), bufs, t + (1 if reverse else -1)), None
 
     t0 = jnp.asarray(0 if reverse else T - 1, jnp.int32)
-    (d0, dxp, _), _ = jax.lax.scan(step, (dcarry, inputs[0], t0), (inputs[1:], dys, mask),
-                                   length=T, reverse=not reverse)
-    return _unchunk(d0, split, 0), _unchunk(dxp, split, 1)
+    rest = tuple((i[1:], dy, m) for i, dy, m in zip(inputs, dys, mask))
+    (d0, dxps, _), _ = jax.lax.scan(step, (dcarry, tuple(i[0] for i in inputs), t0), rest,
+                                    length=T, reverse=not reverse)
+    return d0, dxps
 
 
 def _gather(a, b):
@@ -193,7 +202,7 @@ def _compiled(f, static):
 # and (grads, dxs, dcarry0).
 run_apply = _compiled(_apply_scan, (0, 5, 6))
 run_fwd = _compiled(_fwd_scan, (0, 5, 6))
-run_bwd = _compiled(_bwd_scan, (0, 8, 9))
+run_bwd = _compiled(_bwd_scan, (0, 8))
 
 
 def prepare(name, cell, params, xs, lengths, carry, what="initial_carry"):

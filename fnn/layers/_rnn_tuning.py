@@ -7,11 +7,13 @@ Candidates, side by side (the same maths; :data:`LOOPS` maps each name to the ru
 
 - ``"scan"`` (the default, and the form with the tuner off): one ``lax.scan`` step per time
   step, the whole batch in one recurrent matmul and one elementwise chain;
-- ``"chains2"``: each step runs the batch as two independent halves (two recurrent matmuls and
-  two elementwise chains, results stacked): XLA:CPU's thunk executor runs the halves' kernels
-  on two threads at once (seen in profiles), where one chain leaves a core waiting on the
-  loop's elementwise work; each half's rows are the same sums in the same order, so the
-  results equal the default's (bit for bit in every measurement on XLA:CPU).
+- ``"chains2"``: each step runs the batch as two independent halves, each with its own
+  projection, carry, residuals and outputs (two recurrent matmuls and two elementwise chains
+  that share no array inside the loops): XLA:CPU's thunk executor runs each half's kernels on
+  its own thread (seen in profiles), where one chain leaves a core waiting on the loop's
+  elementwise work and on the matmul's thread hand-over. Each half's rows are the same sums in
+  the same order; the weight gradients add the halves' products, so results equal the
+  default's to rounding.
 
 Not candidates: the scan unrolled by 2, 4 or 8 (``lax.scan(..., unroll=n)``, in the forward
 and the reverse scan): equal to rounding but slower at every shape measured, one thread or two
@@ -34,6 +36,10 @@ from fnn import tuning
 __all__ = ["LOOPS", "check_loop", "loop_form"]
 
 LOOPS = {"scan": 1, "chains2": 2}                     # name -> batch chains per step (split)
+#: The candidates' revision, part of the cache key: raised when a form's code changes, so that a
+#: choice measured on the old code is measured again (2: chains as separate arrays, the LSTM's
+#: gate factors formed in the forward step).
+FORMS = 2
 
 
 def check_loop(label: str, loop) -> None:
@@ -83,7 +89,8 @@ def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) 
     dtype = np.dtype(x.dtype)
     key = {"cell": cell.name, "x": [B, T, F], "hidden": H, "dtype": str(dtype),
            "lengths": mask is not None, "reverse": bool(reverse), "sequences": bool(sequences),
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}  # thread settings change the winner
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),  # thread settings change the winner
+           "forms": FORMS}
 
     def candidate(name):
         split = LOOPS[name]
@@ -91,7 +98,7 @@ def loop_form(cell, loop: str, params, x, mask, reverse: bool, sequences: bool) 
         def run(params, x, dys, dcarry, carry0, mask):
             final, hs, emitted = _fwd_scan(cell, params, x, carry0, mask, reverse, split)
             grads, dx, _ = _bwd_scan(cell, params, x, emitted, dys, dcarry, carry0, mask,
-                                     reverse, split)
+                                     reverse)
             return final, hs, grads, dx
         return tuning.Candidate(name, run, value=LOOPS[name])
 

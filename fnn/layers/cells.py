@@ -8,14 +8,14 @@ inside the scan, ``gh = h @ wh (+ bh)``.
 
 Each cell has two forms of its step. ``step`` is the plain form (``apply`` scans it and
 autodiff differentiates it); ``fwd_step`` is the form the hand path scans: it *emits* what the
-backward needs (the residuals: gate pre-activations, from which ``σ'`` and ``tanh'`` keep a
-saturated unit's gradient in float32, see :func:`_sech2`) and may be written for speed — the
-LSTM's applies one ``tanh`` to all four gate columns, ``σ(u) = (1 + tanh(u/2))/2``, with the
-halving folded into the weights (exact: a power of two). Its outputs equal ``step``'s to
-rounding. The backward works from the emitted values alone: ``back_inputs`` gathers, for all
-steps in bulk, what the reverse step needs (derivatives and the previous carry), and the reverse
-scan (``step_back``) turns the carry's error into the gate errors with a few multiplies and
-the recurrent matmul per step.
+backward needs (the residuals: gate pre-activations, or for the LSTM the gate derivative
+factors formed from them, from which ``σ'`` and ``tanh'`` keep a saturated unit's gradient in
+float32, see :func:`_sech2`) and may be written for speed — the LSTM's applies one ``tanh`` to
+all four gate columns, ``σ(u) = (1 + tanh(u/2))/2``, with the halving folded into the weights
+(exact: a power of two). Its outputs equal ``step``'s to rounding. The backward works from the
+emitted values alone: ``back_inputs`` gathers, for all steps in bulk, what the reverse step
+needs, and the reverse scan (``step_back``) turns the carry's error into the gate errors with a
+few multiplies and the recurrent matmul per step.
 
 Layouts follow PyTorch's gate order with the weights transposed (``x @ wi`` rather than
 ``W_ih @ x``), so that ``torch.nn.LSTM``/``GRU``/``RNN`` weights load by a transpose:
@@ -62,10 +62,9 @@ class Cell(NamedTuple):
     - ``fast(params) -> params``: the parameters ``fwd_step`` runs on (scaled weights);
     - ``fwd_step(fast_params, carry, xp_t) -> (carry, emitted)``: the hand path's step, emitting
       the residuals (gate pre-activations);
-    - ``output(emitted) -> (hs, carries)``: every step's output ``h`` and new carry, in bulk
-      (``carries[0]`` is ``hs``);
-    - ``back_inputs(emitted, carries_prev) -> inputs``: what ``step_back`` reads at each step,
-      ``[T, B, ...]``, formed in bulk;
+    - ``output(emitted) -> hs``: every step's output ``h`` (the new carry's ``h``), in bulk;
+    - ``back_inputs(emitted, h_prev) -> inputs``: what ``step_back`` reads at each step,
+      ``[T, B, ...]``, formed in bulk (``h_prev``: the ``h`` entering each step);
     - ``step_back(inputs_t, dcarry) -> (dxp, dgh, dcarry_prev)``: ``dxp`` is the gradient of the
       input projection, ``dgh`` that of ``h @ wh (+ bh)`` (``None`` when equal to ``dxp``),
       ``dcarry_prev`` that of the previous carry *except* the recurrent term ``dgh @ whᵀ``,
@@ -103,7 +102,7 @@ class Cell(NamedTuple):
         c = as_tuple(self, carry)
         fp = self.fast(params)
         _, emitted = self.fwd_step(fp, c, x_t @ fp["wi"] + bias(fp[self.bias], 2))
-        inputs = self.back_inputs(tuple(a[None] for a in emitted), tuple(a[None] for a in c))
+        inputs = self.back_inputs(tuple(a[None] for a in emitted), c[0][None])
         d = as_tuple(self, dcarry)
         d = (d[0] if dh is None else d[0] + dh,) + d[1:]
         dxp, dgh, dprev = self.step_back(tuple(a[0] for a in inputs), d)
@@ -192,6 +191,14 @@ def _sech2(u):
     return 4 * e / ((1 + e) * (1 + e))
 
 
+def _sech2_of(u, a):
+    """``sech²u`` from ``u`` and ``a = tanh u`` without a division: ``e (1 + |a|)²``, ``e =
+    exp(−2|u|)`` (since ``1 − |a| = 2e/(1 + e) = e (1 + |a|)``); accurate where ``1 − a²`` is
+    not, as :func:`_sech2` is."""
+    b = 1 + jnp.abs(a)
+    return jnp.exp(-2 * jnp.abs(u)) * b * b
+
+
 def _same(params):
     return params
 
@@ -220,10 +227,9 @@ def make_rnn_cell(activation=acts.tanh) -> Cell:
         return (act(a),), (a,)
 
     def output(emitted):
-        hs = act(emitted[0])
-        return hs, (hs,)
+        return act(emitted[0])
 
-    def back_inputs(emitted, prevs):                             # act'(a), in bulk
+    def back_inputs(emitted, h_prev):                            # act'(a), in bulk
         return (_sech2(emitted[0]) if is_tanh else activation.grad(emitted[0]),)
 
     def step_back(k, dcarry):
@@ -255,41 +261,42 @@ def _lstm_fast(p):
 
 
 def _lstm_fwd_step(p, carry, xp):
-    """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`).
-    Emits the pre-activations ``u = (z/2 | z/2 | z | z/2)``, ``h'`` and ``c'`` (``h'`` stored
-    rather than recomputed as ``σ(o) tanh c'`` for the outputs and the backward's ``h_{t-1}``),
-    and ``u``, ``c'`` rather than ``a = tanh u`` and ``tanh c'``, since a saturated gate's derivative ``(1 − a²)/4`` from a stored
-    ``a`` is rounding noise in float32 once ``|a|`` is within an ulp of 1 (0, or 3e-8
-    where the truth is 1e-14; ``z`` below about −18, where autodiff's ``σ(1 − σ)`` is right),
-    and ``e/(1 + e)²``, ``e = exp(−2|u|)``, is accurate on both sides."""
+    """One ``tanh`` over all ``4H`` gate columns (weights pre-scaled by :func:`_lstm_fast`, so
+    ``u = (z/2 | z/2 | z | z/2)``, ``a = tanh u``, ``σ = (1 + a)/2``, ``σ'(z) = sech²(u)/4``),
+    and, while ``u`` and ``c`` are at hand, the factors that turn the carry's error into the
+    gate errors (:func:`_lstm_step_back`): ``k = [g σ'_i, c σ'_f, σ_i sech²(u_g), tanh c' σ'_o]``
+    ``(B, 4H)``, ``σ_o sech² c'`` and ``σ_f``; with ``h'``, these are what it emits. The
+    reverse step is then a few multiplies beside its matmul (measured against recomputing
+    ``tanh u``, ``sech² u`` there: benchmarks/RESULTS.md, recurrent). ``sech²`` from ``u``
+    (:func:`_sech2_of`), not ``1 − a²``: a saturated gate keeps its derivative in float32."""
     h, c = carry
     u = xp + h @ p["wh"]                                         # (B, 4H)
-    i, f, g, o = _split(jnp.tanh(u), 4)
-    c_new = (0.5 + 0.5 * f) * c + (0.5 + 0.5 * i) * g
-    h_new = (0.5 + 0.5 * o) * jnp.tanh(c_new)
-    return (h_new, c_new), (u, h_new, c_new)
+    a = jnp.tanh(u)
+    (ai, af, g, ao), (si, sf, sg, so) = _split(a, 4), _split(_sech2_of(u, a), 4)
+    i, f, o = 0.5 + 0.5 * ai, 0.5 + 0.5 * af, 0.5 + 0.5 * ao   # σ of the gates
+    c_new = f * c + i * g
+    tc = jnp.tanh(c_new)
+    h_new = o * tc
+    k = jnp.concatenate([g * 0.25 * si, c * 0.25 * sf, i * sg, tc * 0.25 * so], axis=-1)
+    return (h_new, c_new), (k, o * _sech2_of(c_new, tc), f, h_new)
 
 
 def _lstm_output(emitted):
-    _, h, c = emitted
-    return h, (h, c)
+    return emitted[3]
 
 
-def _lstm_back_inputs(emitted, prevs):
-    """The reverse step's inputs: gate pre-activations ``u``, ``c'``, the previous ``c``."""
-    return emitted[0], emitted[2], prevs[1]
+def _lstm_back_inputs(emitted, h_prev):
+    """The reverse step's inputs: the gate factors ``k``, ``σ_o sech² c'``, ``σ_f``."""
+    return emitted[:3]
 
 
 def _lstm_step_back(k, dcarry):
-    """With ``a = tanh u``, ``σ = (1 + a)/2``, ``σ' = sech²(u)/4``: ``dc ← dc + dh o sech²c'``;
-    ``dz = [dc g σ'_i, dc c σ'_f, dc i sech²(u_g), dh tanh c' σ'_o]``; ``dc_prev = dc f``."""
-    u, cn, c = k
-    (ai, af, g, ao), (di, df, dg, do) = _split(jnp.tanh(u), 4), _split(_sech2(u), 4)  # (B, H)
+    """``dc ← dc + dh σ_o sech²c'``; ``dz = k ⊙ [dc, dc, dc, dh]`` (that is ``[dc g σ'_i,
+    dc c σ'_f, dc σ_i sech²(u_g), dh tanh c' σ'_o]``); ``dc_prev = dc σ_f``."""
+    gates, ko, f = k
     dh, dc = dcarry
-    dc = dc + dh * (0.5 + 0.5 * ao) * _sech2(cn)
-    dz = jnp.concatenate([dc * g * 0.25 * di, dc * c * 0.25 * df, dc * (0.5 + 0.5 * ai) * dg,
-                          dh * jnp.tanh(cn) * 0.25 * do], axis=-1)   # (B, 4H)
-    return dz, None, (None, dc * (0.5 + 0.5 * af))
+    dc = dc + dh * ko
+    return gates * jnp.concatenate([dc, dc, dc, dh], axis=-1), None, (None, dc * f)
 
 
 lstm_cell = Cell("lstm", 4, 2, "b", None, _init(4, ("b",), forget_bias=1.0), _lstm_step,
@@ -331,15 +338,15 @@ def _gru_fwd_step(p, carry, xp):
 
 
 def _gru_output(emitted):
-    return emitted[4], (emitted[4],)
+    return emitted[4]
 
 
-def _gru_back_inputs(emitted, prevs):
+def _gru_back_inputs(emitted, h_prev):
     """The reverse step's factors, in bulk from the pre-activations: ``(1 − z) tanh'(u_n)``
     (``1 − z = σ(−u_z)``), ``gh_n σ'(u_r)``, ``(h − n) σ'(u_z)``, ``z`` and ``r``."""
     ur, uz, un, hn, _ = emitted
     return (sigmoid(-uz) * _sech2(un), hn * 0.25 * _sech2(0.5 * ur),
-            (prevs[0] - jnp.tanh(un)) * 0.25 * _sech2(0.5 * uz), sigmoid(uz), sigmoid(ur))
+            (h_prev - jnp.tanh(un)) * 0.25 * _sech2(0.5 * uz), sigmoid(uz), sigmoid(ur))
 
 
 def _gru_step_back(k, dcarry):

@@ -2,10 +2,11 @@
 through time derived by hand.
 
 Each layer is defined by its residual pair: ``fwd`` scans the cell's fast step and keeps the
-input and every step's gate pre-activations as residuals; ``bwd`` runs the hand BPTT of
-``fnn.layers._rnn_scan`` from them (``backward`` is ``bwd`` of ``fwd``). ``apply`` scans the
-plain step, the form autodiff differentiates; ``fwd``'s outputs equal ``apply``'s to rounding.
-Variable lengths, reverse scans and carries are described in ``fnn.layers._rnn_scan``.
+input and what every step emits (gate pre-activations or derivative factors) as residuals;
+``bwd`` runs the hand BPTT of ``fnn.layers._rnn_scan`` from them (``backward`` is ``bwd`` of
+``fwd``). ``apply`` scans the plain step, the form autodiff differentiates; ``fwd``'s outputs
+equal ``apply``'s to rounding. Variable lengths, reverse scans and carries are described in
+``fnn.layers._rnn_scan``.
 """
 from __future__ import annotations
 
@@ -89,8 +90,7 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
         if not return_sequences:                                 # the last output is the carry's h
             d = (d[0] + dy,) + d[1:]
         dys = jnp.swapaxes(dy, 0, 1) if return_sequences else None
-        split = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
-        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse, split)
+        grads, dx, _ = run_bwd(cell, params, x, res["gates"], dys, d, c0, mask, reverse)
         return grads, dx
 
     meta = MappingProxyType({"twin": twin, "return_carry": return_carry, "reverse": reverse,
@@ -117,11 +117,12 @@ _OPTIONS = """
     time axis outside ``jit``, clamped inside it); ``initial_carry`` (overrides the state's;
     in a ``serial`` every recurrent layer receives the same one — use ``stateful`` for stacks).
     **Input:** ``[batch, time, in]``.
-    **Residuals:** ``fwd`` returns ``{"x": x, "gates": ...}``, the input and every step's gate
-    activations (``[time, batch, ...]``); ``bwd`` runs hand-derived BPTT from them (see the
-    module docstring). No gradient flows into the initial carry through ``backward`` (use
-    :func:`scan_rnn_backward` for that). ``meta``: ``twin`` (constructor of the mirrored layer,
-    for ``Bidirectional``), ``return_carry``, ``reverse``, ``cell``.
+    **Residuals:** ``fwd`` returns ``{"x": x, "gates": ...}``, the input and what every step
+    emits, per batch chain of the loop form (a tuple of one or two entries, ``[time, batch/n,
+    ...]``); ``bwd`` runs hand-derived BPTT from them (see the module docstring). No gradient
+    flows into the initial carry through ``backward`` (use :func:`scan_rnn_backward` for that).
+    ``meta``: ``twin`` (constructor of the mirrored layer, for ``Bidirectional``),
+    ``return_carry``, ``reverse``, ``cell``.
 """
 
 
