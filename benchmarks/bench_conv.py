@@ -132,13 +132,16 @@ def timed(fn):
 
 
 def run(cases, reps):
-    """Interleaved repetitions (a round runs every case once); median seconds per case."""
+    """Interleaved repetitions (a round runs every case once, the order rotating: PyTorch's
+    OpenMP threads spin for a while after its call and slow whatever runs next); median
+    seconds per case."""
     for fn in cases.values():
         fn()                                                     # compile / warm up
     times = {n: [] for n in cases}
-    for _ in range(reps):
-        for n, fn in cases.items():
-            times[n].append(timed(fn))
+    names = list(cases)
+    for r in range(reps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(timed(cases[n]))
     return {n: statistics.median(t) for n, t in times.items()}
 
 

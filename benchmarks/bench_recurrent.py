@@ -137,14 +137,18 @@ def block(out):
 
 
 def time_all(fns, reps, inner):
-    """Interleaved repetitions: each rep times ``inner`` calls of every function in turn.
+    """Interleaved repetitions: each rep times ``inner`` calls of every function in turn, the
+    order rotating from rep to rep (PyTorch's OpenMP threads keep spinning for a while after
+    its call and slow whatever runs next: 1-3 ms of a 25 ms step in a fixed order).
     Returns ``{name: (median wall seconds, median CPU seconds)}`` per call."""
     wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for k, (f, a) in fns.items():                                  # compile + warm up
         block(f(*a))
         block(f(*a))
-    for _ in range(reps):
-        for k, (f, a) in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            f, a = fns[k]
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 out = f(*a)

@@ -41,13 +41,15 @@ def _project(params, xs):
     return jnp.einsum("tbf,fg->tbg", jnp.swapaxes(xs, 0, 1), params["wi"])
 
 
-def _scan(cell, step, params, xs, carry0, mask, reverse, split=1):
+def _scan(cell, step, params, xs, carry0, mask, reverse, split=1, in_place=False):
     """Scan ``step(params, carry, xp_t) -> (carry, out)`` over time, ``xp_t = x_t wi + b``;
     padding keeps the carry. The bias is added inside the step, where it fuses with the
     recurrent term, rather than over the whole projection (measured in
     benchmarks/RESULTS.md, recurrent). ``split``: the batch as that many independent chains
     (:func:`_cut`), each with its own projection, carry and outputs, stepped side by side in
-    one scan. Returns ``(finals, ys)``, one entry per chain."""
+    one scan. Returns ``(finals, ys)``, one entry per chain. With ``in_place`` (the cell's
+    ``fwd_step`` only, where ``Cell.in_place`` says so) the step's first output is written over
+    ``xp_t`` (:func:`_in_place`)."""
     b = bias(params[cell.bias], 2)
 
     def chain_step(carry, xp_t, m_t):
@@ -56,12 +58,36 @@ def _scan(cell, step, params, xs, carry0, mask, reverse, split=1):
             new = tuple(jnp.where(m_t, n, c) for n, c in zip(new, carry))
         return new, out
 
-    def body(carries, inputs):
-        steps = [chain_step(c, *i) for c, i in zip(carries, inputs)]
+    def body(carries, xps, ms):
+        steps = [chain_step(c, xp, m) for c, xp, m in zip(carries, xps, ms)]
         return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
-    inputs = tuple((_project(params, x), m) for x, m in zip(_cut(xs, split, 0),
-                                                            _cut(mask, split, 1)))
-    return jax.lax.scan(body, _cut(carry0, split, 0), inputs, reverse=reverse)
+    xps, ms = tuple(_project(params, x) for x in _cut(xs, split, 0)), _cut(mask, split, 1)
+    carries = _cut(carry0, split, 0)
+    if in_place:
+        return _in_place(body, carries, xps, (ms,), reverse)
+    return jax.lax.scan(lambda c, i: body(c, *i), carries, (xps, ms), reverse=reverse)
+
+
+def _in_place(body, carry, bufs, xs, reverse):
+    """``lax.scan`` over time of ``body(carry, bufs_t, xs_t) -> (carry, outs)``, ``bufs`` and
+    ``outs`` one entry per chain: step ``t`` reads each chain's buffer ``[T, b, W]`` at ``t``
+    and writes the chain's first output over it. The scan carries the buffers instead of
+    stacking that output into a fresh zero-filled one (a fill and a copy of ``[T, b, W]`` per
+    call), and each write goes to memory the step has just read (benchmarks/RESULTS.md,
+    recurrent). ``reverse``: from ``t = T − 1`` down. Returns ``(carry, ys)``, each chain's
+    ``ys`` being its buffer, then its other outputs stacked."""
+    T = bufs[0].shape[0]
+
+    def step(c, x_t):
+        inner, bs, t = c
+        inner, outs = body(inner, tuple(jax.lax.dynamic_index_in_dim(b, t, keepdims=False)
+                                        for b in bs), *x_t)
+        bs = tuple(jax.lax.dynamic_update_index_in_dim(b, o[0], t, 0) for b, o in zip(bs, outs))
+        return (inner, bs, t + (-1 if reverse else 1)), tuple(tuple(o[1:]) for o in outs)
+
+    t0 = jnp.asarray(T - 1 if reverse else 0, jnp.int32)
+    (carry, bufs, _), rest = jax.lax.scan(step, (carry, bufs, t0), xs, length=T, reverse=reverse)
+    return carry, tuple((b,) + r for b, r in zip(bufs, rest))
 
 
 def _cut(tree, k, axis):
@@ -103,7 +129,7 @@ def _fwd_scan(cell, params, xs, carry0, mask, reverse, split=1):
     chain, every step's emitted values ``[T, b, ...]`` (the residuals); ``split``: the number
     of chains (the loop form, :mod:`fnn.layers._rnn_tuning`)."""
     finals, emitted = _scan(cell, cell.fwd_step, cell.fast(params), xs, carry0, mask, reverse,
-                            split)
+                            split, cell.in_place)
     hs = _join(tuple(cell.output(e) for e in emitted), 1)
     return _join(finals, 0), _masked(hs, mask), emitted
 
@@ -149,33 +175,21 @@ def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width):
     """One ``lax.scan`` against the forward's direction of ``body(d, inputs_t, dy_t, m_t) ->
     (d, dxp_t)`` for every chain (``dcarry``, ``inputs``, ``dys``, ``mask``: one entry per
     chain); returns per chain ``(d0, dxp [T, b, G·H])``. When ``inputs[0]`` has ``dxp``'s shape
-    (the LSTM's gate derivative factors, the Elman cell's derivatives), each step reads its
-    slice and writes ``dxp_t`` over it: the scan carries that one buffer instead of stacking
-    its outputs into a zero-filled one (an 8 MB fill and copy per call at the benchmark's
-    shape), and each write goes to memory the step has just read (benchmarks/RESULTS.md,
-    recurrent)."""
-    first, T = inputs[0][0], inputs[0][0].shape[0]
+    (the LSTM's gate derivative factors, the Elman cell's derivatives), each step writes
+    ``dxp_t`` over the slice it reads (:func:`_in_place`)."""
     h = dcarry[0][0]                                             # the first chain's dh
-    in_place = first.shape[1:] == (h.shape[0], width) and first.dtype == h.dtype
-    if not in_place:
+    if inputs[0][0].shape[1:] != (h.shape[0], width) or inputs[0][0].dtype != h.dtype:
         def each(d, i):
             steps = [body(dj, *ij) for dj, ij in zip(d, i)]
             return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
         return jax.lax.scan(each, dcarry, tuple(zip(inputs, dys, mask)), reverse=not reverse)
 
-    def step(carry, rest):
-        d, bufs, t = carry
-        steps = [body(dj, (jax.lax.dynamic_index_in_dim(buf, t, keepdims=False),) + r[0], *r[1:])
-                 for dj, buf, r in zip(d, bufs, rest)]
-        bufs = tuple(jax.lax.dynamic_update_index_in_dim(buf, s[1], t, 0)
-                     for buf, s in zip(bufs, steps))
-        return (tuple(s[0] for s in steps), bufs, t + (1 if reverse else -1)), None
-
-    t0 = jnp.asarray(0 if reverse else T - 1, jnp.int32)
+    def chains(d, firsts, rest):
+        steps = [body(dj, (k,) + r[0], *r[1:]) for dj, k, r in zip(d, firsts, rest)]
+        return tuple(s[0] for s in steps), tuple((s[1],) for s in steps)
     rest = tuple((i[1:], dy, m) for i, dy, m in zip(inputs, dys, mask))
-    (d0, dxps, _), _ = jax.lax.scan(step, (dcarry, tuple(i[0] for i in inputs), t0), rest,
-                                    length=T, reverse=not reverse)
-    return d0, dxps
+    d0, ys = _in_place(chains, dcarry, tuple(i[0] for i in inputs), (rest,), not reverse)
+    return d0, tuple(y[0] for y in ys)
 
 
 def _gather(a, b):
