@@ -118,6 +118,10 @@ def test_loop_argument_and_the_forms_a_batch_allows(monkeypatch):
     assert _offered(4, 2) == list(LOOPS) == ["scan", "chains2"]
     assert _offered(3, 2) == _offered(4, 1) == ["scan"]            # odd batch; one XLA thread
     assert LSTM(3) == LSTM(3, loop="auto") != LSTM(3, loop="scan")
+    layer = GRU(3, loop="chains2")                               # named: an odd batch is an error
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (3, 4, 2))
+    with pytest.raises(ValueError, match=r"GRU\(3\): loop='chains2' .* multiple of 2, got 3"):
+        layer.fwd(params, state, jnp.ones((3, 4, 2)))
 
 
 def test_inside_another_choice_points_measurement(tune, monkeypatch):

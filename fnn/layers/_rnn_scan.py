@@ -100,6 +100,8 @@ def _cut(tree, k, axis):
         return (tree,)
 
     def part(a, j):
+        if a.shape[axis] % k:
+            raise ValueError(f"a batch of {a.shape[axis]} does not cut into {k} equal chains")
         n = a.shape[axis] // k
         return jax.lax.slice_in_dim(a, j * n, (j + 1) * n, axis=axis)
     return tuple(jax.tree.map(lambda a, j=j: part(a, j), tree) for j in range(k))

@@ -74,6 +74,9 @@ def _recurrent_layer(cell, label, hidden, return_sequences, return_carry, revers
     def fwd(params, state, x, *, key=None, train=False, lengths=None, initial_carry=None):
         mask, c0 = setup(params, state, x, lengths, initial_carry)
         split = loop_form(cell, loop, params, x, mask, reverse, return_sequences)
+        if x.shape[0] % split:
+            raise ValueError(f"{name}: loop={loop!r} runs the batch as {split} chains, so the "
+                             f"batch size must be a multiple of {split}, got {x.shape[0]}")
         final, hs, emitted = run_fwd(cell, params, x, c0, mask, reverse, split)
         return (*finish(hs, final, state), {"x": x, "gates": emitted})
 
