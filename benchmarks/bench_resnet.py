@@ -293,7 +293,15 @@ def main():
           f"difference / its largest entry: {worst[0]:.1e}; float32: a ReLU input within "
           f"rounding of 0 may take the other branch in one of the two)")
     assert max(abs(v - t_loss) for v in first.values()) < 1e-3 * abs(t_loss), (first, t_loss)
-    assert rel < 1e-2, rel
+    # the last stage's BatchNorms normalize over batch × (size/32)² values per channel; with a
+    # handful (--batch 2 --size 32: 2) float32 itself is off by percents (fnn's hand and autodiff
+    # gradients alike, against float64: 2.4%; hand vs autodiff in float64: 1e-14), so the
+    # comparison with PyTorch's float32 gradients means something only with enough values
+    if B * (HW // 32) ** 2 >= 16:
+        assert rel < 1e-2, rel
+    else:
+        print(f"  (not checked: each last-stage BatchNorm sees {B * (HW // 32) ** 2} values per "
+              f"channel, where float32 gradients differ by percents from float64's)")
     threads = torch.get_num_threads()
 
     def tstep_1():                      # one OpenMP thread: spares a loaded machine's barriers
