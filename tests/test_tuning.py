@@ -154,3 +154,22 @@ def test_fnn_tune_report_and_clear(tune, capsys):
         assert "machine:" in out and "test.cli" in out and "exp2" in out
         assert main(["tune", "--clear"]) == 0
         assert "deleted 1" in capsys.readouterr().out and os.listdir(tune.dir) == []
+
+
+def test_the_measuring_thread_keeps_the_callers_thread_local_jax_settings(tune):
+    """A choice point reached inside ``with jax.default_matmul_precision(...)`` (a setting local
+    to the calling thread) is measured in a thread that has it too; the process's value is
+    untouched afterwards."""
+    from jax._src import config as jc
+    precision = jc.config_states["jax_default_matmul_precision"]
+    seen = []
+
+    def timer(name, run):
+        seen.append(precision.value)
+        return {"exp": 3.0, "exp2": 1.0}.get(name, 2.0)
+    before = precision.value
+    with tuning.settings(enabled=True, timer=timer, directory=tune.dir):
+        with jax.default_matmul_precision("highest"):
+            assert tuning.choose("test.local", {"n": 12}, _candidates(), _args) == "exp2"
+    assert seen and set(seen) == {"highest"}
+    assert precision.value == before

@@ -10,7 +10,9 @@ machine, jaxlib and key: the choice is kept in memory and in the on-disk cache
 (:mod:`fnn.tuning.cache`).
 
 Measuring runs in a helper thread: a choice point is usually reached while JAX traces the user's
-function, and the thread starts outside that trace, so its compiled candidates really run.
+function, and the thread starts outside that trace, so its compiled candidates really run. The
+thread enters the JAX settings the caller's thread has set for itself (context managers such as
+``jax.default_matmul_precision``), so its candidates compile as the caller's would.
 """
 from __future__ import annotations
 
@@ -164,12 +166,29 @@ def _measure(candidates: list[Candidate], make_args: Callable[[], tuple],
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def _local_settings() -> list:
+    """The JAX settings this thread has set for itself (``with jax.default_matmul_precision(...)``,
+    ``jax.numpy_dtype_promotion(...)``, ...) as ``(state, value)`` pairs: a new thread starts
+    from the process's settings, so the measuring thread enters these again and compiles the
+    candidates as the caller's trace would. Empty where this JAX keeps them otherwise."""
+    try:
+        from jax._src import config as jc
+        unset = jc.config_ext.unset
+        return [(st, v) for st in list(jc.config_states.values())
+                if (v := st.get_local()) is not unset]
+    except Exception:                  # noqa: BLE001 -- an internal API: the global settings
+        return []
+
+
 def _in_thread(fn, *args):
-    box = {}
+    box, settings = {}, _local_settings()
 
     def target():
         try:
-            box["out"] = fn(*args)
+            with contextlib.ExitStack() as stack:
+                for state, value in settings:
+                    stack.enter_context(state(value))
+                box["out"] = fn(*args)
         except BaseException as e:     # noqa: BLE001 -- re-raised in the caller's thread
             box["err"] = e
     t = threading.Thread(target=target, name=_THREAD, daemon=True)
