@@ -71,8 +71,10 @@ def canonical_convs(fun):
     """``fun`` with each convolution of its program computed by :func:`conv_general_dilated`
     (the same values; see the module's docstring for why): ``fun`` is traced to a jaxpr, which
     is evaluated with every non-canonical convolution rewritten, in called jaxprs too (``jit``
-    calls are inlined; the bodies of ``scan``, ``while_loop`` and ``cond`` are rewritten in
-    place). ``fun`` takes and returns pytrees of arrays."""
+    calls are inlined; the bodies of ``scan``, ``while_loop``, ``cond`` and ``jax.checkpoint``
+    are rewritten in place). Custom-derivative functions need nothing: under
+    ``jax.value_and_grad`` (what ``fit`` rewrites) their rules are traced in line. ``fun``
+    takes and returns pytrees of arrays."""
     @functools.wraps(fun)
     def rewritten(*args):
         closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
@@ -106,6 +108,7 @@ def _needs_rewrite(jaxpr) -> bool:
 
 _INLINED = {"pjit", "jit", "closed_call"}           # called jaxprs evaluated in place
 _REWRITTEN = {"scan", "while", "cond"}              # bodies rewritten, the loop kept
+_OPEN = {"remat2", "checkpoint"}                    # an open jaxpr rewritten, the remat kept
 
 
 def _rewrite_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
@@ -115,6 +118,13 @@ def _rewrite_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
              for a in closed.in_avals]
     return jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, a))(*avals)
+
+
+def _rewrite_open(jaxpr: jex.Jaxpr) -> jex.Jaxpr:
+    """An open jaxpr (a remat's body: no constants) with its convolutions rewritten; as it is
+    where the rewrite would need constants."""
+    closed = _rewrite_closed(jex.ClosedJaxpr(jaxpr, []))
+    return closed.jaxpr if not closed.consts else jaxpr
 
 
 def _eval(jaxpr, consts, args) -> list:
@@ -135,6 +145,9 @@ def _eval(jaxpr, consts, args) -> list:
             outvals = _eval(inner.jaxpr, inner.consts, invals)
         else:
             params = dict(eqn.params)
+            if name in _OPEN and isinstance(params.get("jaxpr"), jex.Jaxpr) \
+                    and not params["jaxpr"].constvars:
+                params["jaxpr"] = _rewrite_open(params["jaxpr"])
             if name in _REWRITTEN:
                 for k, v in params.items():
                     if isinstance(v, jex.ClosedJaxpr):
