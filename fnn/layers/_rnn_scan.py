@@ -138,7 +138,7 @@ def _fwd_scan(cell, params, xs, carry0, mask, reverse, split=1):
 
 def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
     """Hand BPTT from the residuals (``emitted`` per chain, as :func:`_fwd_scan` returns them;
-    each chain runs its own reverse scan, side by side). ``dys``: ``(T, B, H)`` or ``None``;
+    the chains run side by side in one reverse scan, and the weight gradients add theirs). ``dys``: ``(T, B, H)`` or ``None``;
     ``dcarry``: gradient of the final carry (tuple). Returns ``(dparams, dxs (B, T, F),
     dcarry0)``."""
     n = len(emitted)

@@ -61,7 +61,7 @@ class Cell(NamedTuple):
     - ``step(params, carry, xp_t) -> (carry, h_t)``: the plain step (``apply``'s);
     - ``fast(params) -> params``: the parameters ``fwd_step`` runs on (scaled weights);
     - ``fwd_step(fast_params, carry, xp_t) -> (carry, emitted)``: the hand path's step, emitting
-      the residuals (gate pre-activations);
+      the residuals (gate pre-activations, or factors formed from them);
     - ``output(emitted) -> hs``: every step's output ``h`` (the new carry's ``h``), in bulk;
     - ``back_inputs(emitted, h_prev) -> inputs``: what ``step_back`` reads at each step,
       ``[T, B, ...]``, formed in bulk (``h_prev``: the ``h`` entering each step);
@@ -272,7 +272,7 @@ def _lstm_fwd_step(p, carry, xp):
     gate errors (:func:`_lstm_step_back`): ``k = [g σ'_i, c σ'_f, σ_i sech²(u_g), tanh c' σ'_o]``
     ``(B, 4H)``, ``σ_o sech² c'`` and ``σ_f``; with ``h'``, these are what it emits. The
     reverse step is then a few multiplies beside its matmul (measured against recomputing
-    ``tanh u``, ``sech² u`` there: benchmarks/RESULTS.md, recurrent). ``sech²`` from ``u``
+    ``tanh u``, ``sech² u`` there: benchmarks/RESULTS.md, seventh session). ``sech²`` from ``u``
     (:func:`_sech2_of`), not ``1 − a²``: a saturated gate keeps its derivative in float32."""
     h, c = carry
     u = xp + h @ p["wh"]                                         # (B, 4H)
