@@ -33,6 +33,21 @@ def test_cell_op_and_its_backward(kind, rng, monkeypatch):
     assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_backward_without_an_output_gradient(kind, rng, monkeypatch):
+    """``dh`` omitted: the output's gradient is zero (the carry's alone flows back)."""
+    cell = CELLS[kind][1]
+    p = port(kind, torch_weights(kind, rng))
+    carry = carry_of(kind, rng.normal(size=(2, H)), rng.normal(size=(2, H)))
+    x = jnp.asarray(rng.normal(size=(2, F)))
+    dcarry = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), carry)
+    _, vjp = jax.vjp(lambda p, cr, x: cell(p, cr, x), p, carry, x)
+    want = vjp((dcarry, jnp.zeros((2, H))))
+    with no_autodiff(monkeypatch):
+        got = cell.backward(p, carry, x, dcarry)
+    assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- the fast forward
 
 @pytest.mark.parametrize("kind", list(CELLS))
