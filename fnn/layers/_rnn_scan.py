@@ -59,8 +59,7 @@ def _scan(cell, step, params, xs, carry0, mask, reverse, split=1, in_place=False
         return new, out
 
     def body(carries, xps, ms):
-        steps = [chain_step(c, xp, m) for c, xp, m in zip(carries, xps, ms)]
-        return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
+        return _per_chain(chain_step, carries, xps, ms)
     xps, ms = tuple(_project(params, x) for x in _cut(xs, split, 0)), _cut(mask, split, 1)
     carries = _cut(carry0, split, 0)
     if in_place:
@@ -88,6 +87,13 @@ def _in_place(body, carry, bufs, xs, reverse):
     t0 = jnp.asarray(T - 1 if reverse else 0, jnp.int32)
     (carry, bufs, _), rest = jax.lax.scan(step, (carry, bufs, t0), xs, length=T, reverse=reverse)
     return carry, tuple((b,) + r for b, r in zip(bufs, rest))
+
+
+def _per_chain(f, *args):
+    """``f(*chain_args) -> (carry, out)`` for each chain (``args``: one tuple per argument, an
+    entry per chain), as ``(carries, outs)``."""
+    steps = [f(*a) for a in zip(*args)]
+    return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
 
 
 def _cut(tree, k, axis):
@@ -138,9 +144,9 @@ def _fwd_scan(cell, params, xs, carry0, mask, reverse, split=1):
 
 def _bwd_scan(cell, params, xs, emitted, dys, dcarry, carry0, mask, reverse):
     """Hand BPTT from the residuals (``emitted`` per chain, as :func:`_fwd_scan` returns them;
-    the chains run side by side in one reverse scan, and the weight gradients add theirs). ``dys``: ``(T, B, H)`` or ``None``;
-    ``dcarry``: gradient of the final carry (tuple). Returns ``(dparams, dxs (B, T, F),
-    dcarry0)``."""
+    the chains run side by side in one reverse scan, and the weight gradients add theirs).
+    ``dys``: ``(T, B, H)`` or ``None``; ``dcarry``: gradient of the final carry (tuple).
+    Returns ``(dparams, dxs (B, T, F), dcarry0)``."""
     n = len(emitted)
     wh_t = params["wh"].T
     if dys is not None and mask is not None:
@@ -182,13 +188,14 @@ def _reverse_scan(body, dcarry, inputs, dys, mask, reverse, width):
     h = dcarry[0][0]                                             # the first chain's dh
     if inputs[0][0].shape[1:] != (h.shape[0], width) or inputs[0][0].dtype != h.dtype:
         def each(d, i):
-            steps = [body(dj, *ij) for dj, ij in zip(d, i)]
-            return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
+            return _per_chain(lambda dj, ij: body(dj, *ij), d, i)
         return jax.lax.scan(each, dcarry, tuple(zip(inputs, dys, mask)), reverse=not reverse)
 
     def chains(d, firsts, rest):
-        steps = [body(dj, (k,) + r[0], *r[1:]) for dj, k, r in zip(d, firsts, rest)]
-        return tuple(s[0] for s in steps), tuple((s[1],) for s in steps)
+        def one(dj, k, r):
+            dj, dxp = body(dj, (k,) + r[0], *r[1:])
+            return dj, (dxp,)
+        return _per_chain(one, d, firsts, rest)
     rest = tuple((i[1:], dy, m) for i, dy, m in zip(inputs, dys, mask))
     d0, ys = _in_place(chains, dcarry, tuple(i[0] for i in inputs), (rest,), not reverse)
     return d0, tuple(y[0] for y in ys)
